@@ -1,0 +1,3 @@
+from duomodal.cli import main
+
+raise SystemExit(main())

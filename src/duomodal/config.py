@@ -1,0 +1,236 @@
+"""Configuration: frozen dataclasses, strict JSON round trips, dotted overrides, named presets.
+
+Each component's dataclass lives beside the code that uses it (``models/vae.py`` holds
+``VAEConfig``, ``train/loop.py`` holds ``TrainConfig``); this module holds the machinery that
+every one of them shares and the presets, in one place.
+
+A run is described by a ``RunConfig``-like dataclass whose fields are component configs, e.g.
+``{"model": VAEConfig, "train": TrainConfig}``. Overrides address fields by dotted name:
+``train.lr=3e-4``, ``model.attention_types=full,axial_row``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that is not allowed."""
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain JSON-able data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert a JSON value to the annotated type; raise ConfigError naming `where`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: {value!r} is not allowed")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object for {annotation.__name__}, got {value!r}")
+        return from_dict(annotation, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_type = args[0] if args else Any
+        return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build `cls` from a dict. Unknown keys are an error; missing keys take the defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected an object, got {data!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where or cls.__name__}: unknown key(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(sorted(names))}"
+        )
+    hints = _field_types(cls)
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str, annotation: Any, where: str) -> Any:
+    """Parse a command-line string for a field of type `annotation`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _parse_scalar(text, non_none[0], where)
+    if origin is tuple:
+        item_type = args[0] if args else str
+        items = [t for t in text.split(",") if t != ""]
+        return [_parse_scalar(t.strip(), item_type, where) for t in items]
+    if annotation is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {text!r}")
+    if annotation is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {text!r}") from None
+    if annotation is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {text!r}") from None
+    return text
+
+
+def override(config: T, assignments: list[str] | tuple[str, ...]) -> T:
+    """Apply ``key=value`` assignments (dotted keys for nested configs) and return a new config."""
+    data = to_dict(config)
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ConfigError(f"override {assignment!r} must look like key=value (e.g. train.lr=3e-4)")
+        key, text = assignment.split("=", 1)
+        parts = key.strip().split(".")
+        cls: Any = type(config)
+        node = data
+        for depth, part in enumerate(parts):
+            if not dataclasses.is_dataclass(cls):
+                raise ConfigError(f"override {key!r}: {'.'.join(parts[:depth])} has no sub-keys")
+            hints = _field_types(cls)
+            if part not in hints:
+                raise ConfigError(
+                    f"override {key!r}: unknown key {part!r}; allowed: {', '.join(sorted(hints))}"
+                )
+            if depth == len(parts) - 1:
+                node[part] = _parse_scalar(text.strip(), hints[part], key)
+            else:
+                cls = hints[part]
+                node = node[part]
+    return from_dict(type(config), data)
+
+
+def merge(config: T, changes: dict[str, Any]) -> T:
+    """Return `config` with the nested `changes` (a partial dict) applied, strictly."""
+
+    def deep_update(base: dict, patch: dict) -> dict:
+        out = dict(base)
+        for k, v in patch.items():
+            if isinstance(v, dict) and isinstance(out.get(k), dict):
+                out[k] = deep_update(out[k], v)
+            else:
+                out[k] = v
+        return out
+
+    return from_dict(type(config), deep_update(to_dict(config), changes))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_json(data: Any, path: str | os.PathLike) -> None:
+    """Save a config (dataclass) or plain data as indented JSON, atomically."""
+    if dataclasses.is_dataclass(data):
+        data = to_dict(data)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+# Presets: the one place where named setups live. Each entry is a partial dict merged over the
+# run config's defaults with `merge`. Trainers register their kind here ("vae", "dalle", "clip").
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "vae": {},
+    "dalle": {},
+    "clip": {},
+}
+
+
+def preset(kind: str, name: str) -> dict[str, Any]:
+    if kind not in PRESETS:
+        raise ConfigError(f"no presets for {kind!r}; kinds: {', '.join(sorted(PRESETS))}")
+    if name not in PRESETS[kind]:
+        known = ", ".join(sorted(PRESETS[kind])) or "none yet"
+        raise ConfigError(f"unknown {kind} preset {name!r}; presets: {known}")
+    return PRESETS[kind][name]

@@ -1,0 +1,122 @@
+"""The BPE tokenizer: trained on a dataset's captions with Hugging Face `tokenizers`.
+
+Every caption goes through the same normaliser at training and at use (NFKC, lower case,
+whitespace runs collapsed, ends stripped). Encoded captions are ``[BOS] tokens [EOS]`` padded
+with ``[PAD]`` to a fixed context length. A caption longer than the context is an error naming
+it, unless truncation is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from duomodal.config import atomic_write_text
+
+PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)  # ids 0, 1, 2, 3 in this order
+
+
+class TokenizerError(ValueError):
+    """A caption that does not fit the context, or a tokenizer file that is not ours."""
+
+
+def _normalizer() -> normalizers.Normalizer:
+    return normalizers.Sequence(
+        [normalizers.NFKC(), normalizers.Lowercase(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    )
+
+
+class Tokenizer:
+    """A thin, strict wrapper over a Hugging Face BPE tokenizer."""
+
+    def __init__(self, hf_tokenizer: HFTokenizer):
+        for i, token in enumerate(SPECIAL_TOKENS):
+            if hf_tokenizer.token_to_id(token) != i:
+                raise TokenizerError(f"tokenizer must have {token} at id {i}; was it trained by duomodal?")
+        self.hf = hf_tokenizer
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = range(len(SPECIAL_TOKENS))
+
+    @classmethod
+    def train(cls, captions: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2) -> Tokenizer:
+        if vocab_size < len(SPECIAL_TOKENS) + 1:
+            raise TokenizerError(f"vocab_size {vocab_size} is too small; use at least {len(SPECIAL_TOKENS) + 1}")
+        hf = HFTokenizer(models.BPE(unk_token=UNK))
+        hf.normalizer = _normalizer()
+        hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(True)])
+        hf.decoder = decoders.BPEDecoder()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            show_progress=False,
+            end_of_word_suffix="</w>",
+        )
+        hf.model = models.BPE(unk_token=UNK, end_of_word_suffix="</w>")
+        hf.train_from_iterator(captions, trainer=trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"no tokenizer at {path}")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
+            raise TokenizerError(f"{path} is not a tokenizer file: {e}") from None
+        return cls(hf)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, self.hf.to_str(pretty=True))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def normalize(self, text: str) -> str:
+        return self.hf.normalizer.normalize_str(text)
+
+    def tokens(self, text: str) -> list[int]:
+        """Token ids of `text` alone: no BOS/EOS, no padding."""
+        return self.hf.encode(text).ids
+
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of `text` that contain characters the tokenizer has never seen."""
+        encoding = self.hf.encode(text)
+        words = set()
+        for token_id, offsets in zip(encoding.ids, encoding.offsets):
+            if token_id == self.unk_id:
+                normalized = self.normalize(text)
+                start, end = offsets
+                left = normalized.rfind(" ", 0, start) + 1
+                right = normalized.find(" ", end)
+                words.add(normalized[left : right if right != -1 else len(normalized)])
+        return sorted(words)
+
+    def encode(self, text: str, context_length: int, truncate: bool = False) -> list[int]:
+        """``[BOS] tokens [EOS]`` padded to `context_length` with PAD."""
+        ids = [self.bos_id, *self.tokens(text), self.eos_id]
+        if len(ids) > context_length:
+            if not truncate:
+                raise TokenizerError(
+                    f"caption {text!r} is {len(ids)} tokens with BOS/EOS, longer than the context of "
+                    f"{context_length}; shorten it, raise the context length, or ask for truncation"
+                )
+            ids = ids[: context_length - 1] + [self.eos_id]
+        return ids + [self.pad_id] * (context_length - len(ids))
+
+    def encode_batch(self, texts: Sequence[str], context_length: int, truncate: bool = False) -> torch.Tensor:
+        """(B, context_length) int64 tensor of encoded texts."""
+        return torch.tensor([self.encode(t, context_length, truncate) for t in texts], dtype=torch.long)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.hf.decode([i for i in ids if i >= len(SPECIAL_TOKENS)], skip_special_tokens=True)
