@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny captioned dataset of coloured shapes, seeded, made on the fly."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
+SHAPES = ("square", "circle", "triangle")
+
+
+def draw_shape(shape: str, color: tuple[int, int, int], size: int = 16) -> Image.Image:
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    m = size // 5
+    box = (m, m, size - m - 1, size - m - 1)
+    if shape == "square":
+        draw.rectangle(box, fill=color)
+    elif shape == "circle":
+        draw.ellipse(box, fill=color)
+    else:
+        draw.polygon([(size // 2, m), (m, size - m - 1), (size - m - 1, size - m - 1)], fill=color)
+    return image
+
+
+def make_shape_dataset(root: Path, size: int = 16, copies: int = 2) -> Path:
+    """Images of every (shape, colour) pair, `copies` each, with a sidecar .txt of two captions."""
+    root.mkdir(parents=True, exist_ok=True)
+    for shape in SHAPES:
+        for color_name, rgb in COLORS.items():
+            for k in range(copies):
+                stem = root / f"{color_name}_{shape}_{k}"
+                draw_shape(shape, rgb, size).save(stem.with_suffix(".png"))
+                stem.with_suffix(".txt").write_text(f"a {color_name} {shape}\n{shape}, {color_name}\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shape_dataset(tmp_path_factory) -> Path:
+    """3 shapes x 4 colours x 2 copies = 24 images, 16x16, each with two captions."""
+    return make_shape_dataset(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    torch.manual_seed(0)
+    yield
