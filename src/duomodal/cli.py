@@ -31,10 +31,18 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:
-    pass
+    train = sub.add_parser("train", help="train a VAE, DALL-E or CLIP model (also under torchrun)")
+    train_sub = train.add_subparsers(dest="model_kind", metavar="MODEL", required=True)
+    _add_train_vae(train_sub)
+    _add_train_dalle(train_sub)
+    _add_train_clip(train_sub)
 
 
 # --- vae -----------------------------------------------------------------------------------------
+
+
+def _add_train_vae(train_sub: argparse._SubParsersAction) -> None:
+    pass
 
 
 def _add_vae_commands(sub: argparse._SubParsersAction) -> None:
@@ -44,11 +52,19 @@ def _add_vae_commands(sub: argparse._SubParsersAction) -> None:
 # --- dalle ---------------------------------------------------------------------------------------
 
 
+def _add_train_dalle(train_sub: argparse._SubParsersAction) -> None:
+    pass
+
+
 def _add_dalle_commands(sub: argparse._SubParsersAction) -> None:
     pass
 
 
 # --- clip ----------------------------------------------------------------------------------------
+
+
+def _add_train_clip(train_sub: argparse._SubParsersAction) -> None:
+    pass
 
 
 def _add_clip_commands(sub: argparse._SubParsersAction) -> None:
