@@ -24,6 +24,17 @@ def _error(message: str) -> None:
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="check captioned-image datasets; build the icon dataset")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    _add_data_check(data_sub)
+    _add_data_icons(data_sub)
+
+
+def _add_data_check(data_sub: argparse._SubParsersAction) -> None:
+    pass
+
+
+def _add_data_icons(data_sub: argparse._SubParsersAction) -> None:
     pass
 
 
@@ -78,6 +89,10 @@ def _add_search_commands(sub: argparse._SubParsersAction) -> None:
     pass
 
 
+def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
+    pass
+
+
 # --- demo and eval -------------------------------------------------------------------------------
 
 
@@ -102,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dalle_commands(sub)
     _add_clip_commands(sub)
     _add_search_commands(sub)
+    _add_serve_commands(sub)
     _add_demo_commands(sub)
     return parser
 
