@@ -1,0 +1,472 @@
+"""The icon dataset of the seed: Material Design Icons rendered in a fixed palette of colours.
+
+``build_icon_dataset(out)`` writes::
+
+    out/images/<icon>__<colour>.png   RGB PNGs, the icon in one colour on a white background
+    out/captions.jsonl                one line per image: file, caption (a list of phrasings),
+                                      icon, color, split ("train" | "val" | "heldout"), heldout
+    out/dataset.json                  size, palette, counts, the options used, build time
+
+The SVGs come from the ``material-design-icons-pack`` package (every icon of the Material Design
+Icons set, viewBox 0 0 24 24, paths without a fill of their own). They are rasterised with
+``resvg-py``: it is a self-contained wheel (resvg is written in Rust), so it needs no system cairo
+library as cairosvg does, and resvg is the reference-quality SVG renderer (it passes more of the
+SVG test suite than any other). An icon takes about 1.5 ms to render at 128 px.
+
+The colour is set on the root ``<svg>`` element (``fill="#rrggbb"``) and inherited by every path.
+
+Held-out combinations, for testing compositional generalisation: a seeded fraction of the
+(icon, colour) pairs never appears in training, while every held-out icon still appears in
+training in another colour and every colour appears in training on other icons. The other images
+are split into train and validation by hashing their path (see `split_for_path`), so adding icons
+never moves an old image across the split.
+
+A build is idempotent and resumable: images are written atomically (temporary file, rename),
+existing valid images are kept, the manifest and dataset.json are written last. Nothing here
+prints: the progress bar goes to stderr through tqdm, skipped icons come back in the summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import json
+import multiprocessing
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from duomodal.config import atomic_write_text
+
+# The fixed palette, ordered so that the first few colours are the most distinct from each other
+# (``colors=k`` takes the first k). Hex values are Material Design 600/700 shades, except black.
+PALETTE: dict[str, str] = {
+    "red": "#e53935",
+    "green": "#43a047",
+    "blue": "#1e88e5",
+    "black": "#000000",
+    "yellow": "#fbc02d",
+    "purple": "#8e24aa",
+    "orange": "#fb8c00",
+    "pink": "#f06292",
+}
+
+IMAGES_DIR = "images"
+MANIFEST_FILE = "captions.jsonl"
+SUMMARY_FILE = "dataset.json"
+BACKGROUND = "#ffffff"
+_NAME_SEPARATOR = "__"
+
+
+class IconDatasetError(ValueError):
+    """An option of the icon dataset build that cannot be honoured."""
+
+
+@dataclass(frozen=True)
+class IconSource:
+    """One icon of the set: its slug (``heart-outline``) and its SVG markup."""
+
+    slug: str
+    svg: str
+    deprecated: bool = False
+
+
+@dataclass(frozen=True)
+class IconImage:
+    """One image of the dataset: an icon in a colour, with its captions and split."""
+
+    icon: str
+    color: str
+    file: str  # relative to the dataset root, with forward slashes: images/<icon>__<color>.png
+    captions: tuple[str, ...]
+    split: str  # "train" | "val" | "heldout"
+
+    @property
+    def heldout(self) -> bool:
+        return self.split == "heldout"
+
+    def manifest_line(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "caption": list(self.captions),
+            "icon": self.icon,
+            "color": self.color,
+            "split": self.split,
+            "heldout": self.heldout,
+        }
+
+
+# --- icons, palette, captions -------------------------------------------------------------------
+
+
+def load_icons(include_deprecated: bool = False, limit: int | None = None) -> list[IconSource]:
+    """The icons of material-design-icons-pack sorted by slug; the first `limit` when given."""
+    import material_design_icons_pack as mdi
+
+    icons = []
+    for name in mdi.__all__:
+        if not name.isupper():
+            continue
+        icon = getattr(mdi, name)
+        if icon.deprecated and not include_deprecated:
+            continue
+        icons.append(IconSource(slug=icon.slug, svg=icon.svg, deprecated=bool(icon.deprecated)))
+    icons.sort(key=lambda icon: icon.slug)
+    if limit is not None:
+        icons = icons[:limit]
+    return icons
+
+
+def palette(colors: int = 8) -> dict[str, str]:
+    """The first `colors` colours of PALETTE, name -> "#rrggbb"."""
+    if not 1 <= colors <= len(PALETTE):
+        raise IconDatasetError(f"colors must be between 1 and {len(PALETTE)}, got {colors}")
+    return dict(list(PALETTE.items())[:colors])
+
+
+def icon_words(slug: str) -> str:
+    """The icon's name as words: "heart-outline" -> "heart outline"."""
+    return " ".join(part for part in slug.split("-") if part)
+
+
+_A_BEFORE_U = ("uni", "usb", "use", "usu", "ura", "ure", "uro", "ubuntu", "umb", "utr")
+
+
+def _article(word: str) -> str:
+    """ "a" or "an" before `word` (good enough for icon names and colour names)."""
+    lowered = word.lower()
+    if lowered[:1] in ("a", "e", "i", "o"):
+        return "an"
+    if lowered[:1] == "u" and not lowered.startswith(_A_BEFORE_U):
+        return "an"
+    return "a"
+
+
+def captions_for(slug: str, color: str) -> tuple[str, ...]:
+    """Several phrasings of "this icon in this colour", so that models learn words, not one template."""
+    name = icon_words(slug)
+    return (
+        f"{_article(color)} {color} {name} icon",
+        f"{name}, {color}",
+        f"{color} {name}",
+        f"an icon of {_article(name)} {name} in {color}",
+        f"{_article(name)} {name} icon in {color}",
+        f"{name} in {color}",
+    )
+
+
+def image_file(slug: str, color: str) -> str:
+    return f"{IMAGES_DIR}/{slug}{_NAME_SEPARATOR}{color}.png"
+
+
+# --- splits -------------------------------------------------------------------------------------
+
+
+def _unit_hash(text: str) -> float:
+    """A number in [0, 1) that depends only on `text`."""
+    return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16) / 2**32
+
+
+def split_for_path(relative_path: str, val_fraction: float) -> str:
+    """ "val" or "train" for a file, by hashing its path relative to the dataset root.
+
+    The same rule as the captioned-image datasets use, so adding files never moves an old one.
+    """
+    return "val" if _unit_hash(relative_path) < val_fraction else "train"
+
+
+def choose_heldout(
+    icons: Sequence[str],
+    colors: Sequence[str],
+    fraction: float,
+    seed: int,
+    val_fraction: float = 0.0,
+) -> set[tuple[str, str]]:
+    """A seeded set of (icon, colour) pairs to keep out of training.
+
+    ``round(fraction * len(icons) * len(colors))`` pairs are chosen in an order fixed by a hash of
+    (seed, icon, colour), skipping any pair whose removal would leave its icon or its colour with
+    no image in the train split (images that hash into validation do not count as training).
+    Fewer pairs are held out only when those constraints leave no more candidates.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise IconDatasetError(f"heldout fraction must be in [0, 1), got {fraction}")
+    target = round(fraction * len(icons) * len(colors))
+    if target == 0:
+        return set()
+    if len(colors) < 2:
+        raise IconDatasetError(
+            f"holding out (icon, colour) pairs needs at least 2 colours, got {len(colors)}; "
+            "use more colours or a heldout fraction of 0"
+        )
+    in_train = {
+        (icon, color): split_for_path(image_file(icon, color), val_fraction) == "train"
+        for icon in icons
+        for color in colors
+    }
+    train_count_icon = Counter(icon for (icon, _), train in in_train.items() if train)
+    train_count_color = Counter(color for (_, color), train in in_train.items() if train)
+    order = sorted(in_train, key=lambda pair: hashlib.sha1(f"{seed}:{pair[0]}:{pair[1]}".encode()).digest())
+    heldout: set[tuple[str, str]] = set()
+    for icon, color in order:
+        if len(heldout) == target:
+            break
+        if in_train[icon, color]:
+            if train_count_icon[icon] < 2 or train_count_color[color] < 2:
+                continue
+            train_count_icon[icon] -= 1
+            train_count_color[color] -= 1
+        elif train_count_icon[icon] < 1 or train_count_color[color] < 1:
+            continue  # the icon (or colour) has no training image at all: nothing to generalise from
+        heldout.add((icon, color))
+    return heldout
+
+
+def plan_images(
+    icons: Sequence[IconSource],
+    colors: Sequence[str],
+    heldout_fraction: float,
+    val_fraction: float,
+    seed: int,
+) -> list[IconImage]:
+    """Every (icon, colour) image of the dataset with its captions and split, in a fixed order."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise IconDatasetError(f"val fraction must be in [0, 1), got {val_fraction}")
+    slugs = [icon.slug for icon in icons]
+    heldout = choose_heldout(slugs, colors, heldout_fraction, seed, val_fraction)
+    images = []
+    for slug in slugs:
+        for color in colors:
+            file = image_file(slug, color)
+            split = "heldout" if (slug, color) in heldout else split_for_path(file, val_fraction)
+            images.append(IconImage(slug, color, file, captions_for(slug, color), split))
+    return images
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+_ROOT_FILL = re.compile(r'(<svg\b[^>]*?)\s+fill\s*=\s*("[^"]*"|\'[^\']*\')', re.IGNORECASE)
+
+
+def colored_svg(svg: str, hex_color: str) -> str:
+    """`svg` with ``fill`` set on its root element, so that every path without a fill of its own
+    takes `hex_color`. An existing fill on the root element is replaced."""
+    if not re.fullmatch(r"#[0-9a-fA-F]{6}", hex_color):
+        raise IconDatasetError(f"colour must look like #rrggbb, got {hex_color!r}")
+    if not re.search(r"<svg\b", svg):
+        raise IconDatasetError("not an SVG document: no <svg> element")
+    svg = _ROOT_FILL.sub(r"\1", svg, count=1)
+    return re.sub(r"<svg\b", f'<svg fill="{hex_color}"', svg, count=1)
+
+
+def render_icon(svg: str, hex_color: str, size: int) -> Image.Image:
+    """The icon in `hex_color` on white, `size` x `size`, as an RGB image."""
+    import resvg_py
+
+    png = resvg_py.svg_to_bytes(
+        svg_string=colored_svg(svg, hex_color), width=size, height=size, background=BACKGROUND
+    )
+    with Image.open(io.BytesIO(bytes(png))) as image:
+        return image.convert("RGB")  # the background is opaque, so dropping alpha loses nothing
+
+
+def _is_valid_image(path: Path, size: int) -> bool:
+    """Whether `path` is a complete RGB PNG of the right size (a quick check: header + CRCs)."""
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG" or image.mode != "RGB" or image.size != (size, size):
+                return False
+            image.verify()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def _write_png(image: Image.Image, path: Path) -> None:
+    """Write atomically (temporary file, rename) so an interrupted build never leaves half a PNG.
+    No fsync per image: a file lost to a power cut fails the validity check and is rendered again."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class _RenderJob:
+    path: str
+    svg: str
+    hex_color: str
+    size: int
+
+
+def _render_job(job: _RenderJob) -> tuple[str, str | None]:
+    """Render one image to disk; (path, None) on success or (path, reason) when it failed."""
+    try:
+        _write_png(render_icon(job.svg, job.hex_color, job.size), Path(job.path))
+        return job.path, None
+    except (ValueError, OSError) as e:  # resvg raises ValueError on an SVG it cannot render
+        return job.path, f"{type(e).__name__}: {e}"
+
+
+def _run_jobs(jobs: Sequence[_RenderJob], workers: int, progress: bool) -> Iterable[tuple[str, str | None]]:
+    bar = tqdm(total=len(jobs), desc="rendering icons", unit="img", disable=not progress or not jobs)
+    try:
+        if workers <= 1 or len(jobs) < 64:
+            for job in jobs:
+                yield _render_job(job)
+                bar.update(1)
+        else:
+            # spawn, not fork: the caller may hold threads (torch) that a fork would copy mid-lock.
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(workers) as pool:
+                for result in pool.imap_unordered(_render_job, jobs, chunksize=64):
+                    yield result
+                    bar.update(1)
+    finally:
+        bar.close()
+
+
+# --- the build ----------------------------------------------------------------------------------
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    atomic_write_text(path, text)
+
+
+def build_icon_dataset(
+    out: str | os.PathLike,
+    size: int = 128,
+    colors: int = 8,
+    heldout_fraction: float = 0.05,
+    val_fraction: float = 0.05,
+    limit: int | None = None,
+    include_deprecated: bool = False,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build (or finish, or confirm) the icon dataset in `out` and return its summary.
+
+    `workers` processes render (default: up to 2, one per CPU core). Images already on disk and
+    valid are kept, so a re-run renders nothing and an interrupted build picks up where it stopped.
+    PNGs in ``out/images`` that the build does not plan (left over from other options) are removed.
+    """
+    started = time.perf_counter()
+    if not 8 <= size <= 4096:
+        raise IconDatasetError(f"size must be between 8 and 4096 pixels, got {size}")
+    if limit is not None and limit < 1:
+        raise IconDatasetError(f"limit must be at least 1, got {limit}")
+    colors_used = palette(colors)
+    out = Path(out)
+    images_dir = out / IMAGES_DIR
+    images_dir.mkdir(parents=True, exist_ok=True)
+
+    icons = load_icons(include_deprecated=include_deprecated, limit=limit)
+    svg_by_slug = {icon.slug: icon.svg for icon in icons}
+    planned = plan_images(icons, list(colors_used), heldout_fraction, val_fraction, seed)
+
+    # Clean up: temporary files of an interrupted build, PNGs this build does not plan.
+    planned_names = {Path(image.file).name for image in planned}
+    removed = 0
+    for entry in images_dir.iterdir():
+        if entry.name.endswith(".tmp") and entry.name.startswith("."):
+            entry.unlink(missing_ok=True)
+        elif entry.suffix == ".png" and _NAME_SEPARATOR in entry.name and entry.name not in planned_names:
+            entry.unlink(missing_ok=True)
+            removed += 1
+
+    jobs = [
+        _RenderJob(str(out / image.file), svg_by_slug[image.icon], colors_used[image.color], size)
+        for image in planned
+        if not _is_valid_image(out / image.file, size)
+    ]
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1)
+    skipped: list[str] = []  # one line per image that could not be rendered: which and why
+    failed: set[str] = set()
+    for path, reason in _run_jobs(jobs, workers, progress):
+        if reason is not None:
+            failed.add(Path(path).name)
+            skipped.append(f"{Path(path).name}: {reason}")
+    images = [image for image in planned if Path(image.file).name not in failed]
+
+    counts = Counter(image.split for image in images)
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "size": size,
+        "icons": len({image.icon for image in images}),
+        "colors": len(colors_used),
+        "images": len(images),
+        "train": counts["train"],
+        "val": counts["val"],
+        "heldout": counts["heldout"],
+        "rendered": len(jobs) - len(skipped),
+        "reused": len(planned) - len(jobs),
+        "removed": removed,
+        "skipped": skipped,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    manifest = "".join(json.dumps(image.manifest_line(), ensure_ascii=False) + "\n" for image in images)
+    _write_if_changed(out / MANIFEST_FILE, manifest)
+    info = {
+        "kind": "icons",
+        "size": size,
+        "background": BACKGROUND,
+        "palette": colors_used,
+        "counts": {
+            "icons": summary["icons"],
+            "images": summary["images"],
+            "train": summary["train"],
+            "val": summary["val"],
+            "heldout": summary["heldout"],
+            "skipped": len(skipped),
+        },
+        "options": {
+            "size": size,
+            "colors": colors,
+            "heldout_fraction": heldout_fraction,
+            "val_fraction": val_fraction,
+            "limit": limit,
+            "include_deprecated": include_deprecated,
+            "seed": seed,
+        },
+        "source": {
+            "icons": "material-design-icons-pack",
+            "icons_version": _package_version("material-design-icons-pack"),
+            "renderer": "resvg-py",
+            "renderer_version": _package_version("resvg-py"),
+        },
+        "manifest": MANIFEST_FILE,
+        "build_seconds": round(time.perf_counter() - started, 2),
+        "rendered": summary["rendered"],
+    }
+    atomic_write_text(out / SUMMARY_FILE, json.dumps(info, indent=2) + "\n")
+    summary["seconds"] = info["build_seconds"]
+    return summary
+
+
+def read_manifest(out: str | os.PathLike) -> list[dict[str, Any]]:
+    """The lines of an icon dataset's captions.jsonl."""
+    path = Path(out) / MANIFEST_FILE
+    if not path.is_file():
+        raise IconDatasetError(f"{Path(out)} has no {MANIFEST_FILE}; build it with `duomodal data icons`")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
