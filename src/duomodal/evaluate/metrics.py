@@ -1,0 +1,281 @@
+"""Pure metric functions: tensors, arrays and images in, numbers out. No models, no files.
+
+Every accuracy is an ``Accuracy`` (correct, total), so that a figure never travels without its
+sample count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class MetricError(ValueError):
+    """Inputs a metric cannot be computed from (empty, mismatched shapes, bad values)."""
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    correct: int  # how many were right
+    total: int  # how many were measured
+
+    @property
+    def value(self) -> float | None:
+        """correct / total, or None when nothing was measured."""
+        return self.correct / self.total if self.total else None
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {"accuracy": self.value, "correct": self.correct, "count": self.total}
+
+    def __str__(self) -> str:
+        if not self.total:
+            return "n/a (0 samples)"
+        return f"{100 * self.value:.1f}% ({self.correct}/{self.total})"
+
+
+# --- reconstruction ------------------------------------------------------------------------------
+
+
+def _check_pair(reference: torch.Tensor, reconstruction: torch.Tensor) -> None:
+    if reference.shape != reconstruction.shape:
+        raise MetricError(
+            f"reference and reconstruction differ in shape: {tuple(reference.shape)} vs "
+            f"{tuple(reconstruction.shape)}"
+        )
+    if reference.numel() == 0:
+        raise MetricError("cannot compare empty tensors")
+
+
+def mse(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    """Mean squared error over every element."""
+    _check_pair(reference, reconstruction)
+    return float(((reference.double() - reconstruction.double()) ** 2).mean())
+
+
+def psnr(reference: torch.Tensor, reconstruction: torch.Tensor, max_value: float = 1.0,
+         min_mse: float = 1e-10) -> float:
+    """Peak signal-to-noise ratio in dB of the whole tensor pair: 10 log10(max^2 / MSE).
+
+    The MSE is floored at `min_mse` so identical inputs give a finite figure (100 dB for max 1).
+    """
+    return 10.0 * math.log10(max_value**2 / max(mse(reference, reconstruction), min_mse))
+
+
+def batch_psnr(reference: torch.Tensor, reconstruction: torch.Tensor, max_value: float = 1.0,
+               min_mse: float = 1e-10) -> torch.Tensor:
+    """Per-image PSNR (B,) in dB of two (B, C, H, W) batches."""
+    _check_pair(reference, reconstruction)
+    if reference.dim() != 4:
+        raise MetricError(f"expected (B, C, H, W) batches, got shape {tuple(reference.shape)}")
+    per_image = ((reference.double() - reconstruction.double()) ** 2).flatten(1).mean(1)  # (B,)
+    return 10.0 * torch.log10(max_value**2 / per_image.clamp_min(min_mse))
+
+
+# --- codebook ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CodebookUsage:
+    used: int  # codes that occur at least once
+    size: int  # codebook size
+    token_count: int  # tokens counted
+    perplexity: float  # exp(entropy of the code distribution): the effective number of codes
+
+    @property
+    def fraction(self) -> float:
+        return self.used / self.size
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"used": self.used, "size": self.size, "fraction": self.fraction,
+                "perplexity": self.perplexity, "token_count": self.token_count}
+
+
+def token_counts(tokens: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """How often each code occurs in `tokens` (any shape): LongTensor (codebook_size,)."""
+    flat = tokens.reshape(-1).long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= codebook_size):
+        raise MetricError(
+            f"token ids must lie in [0, {codebook_size}); got min {int(flat.min())}, max {int(flat.max())}"
+        )
+    return torch.bincount(flat.cpu(), minlength=codebook_size)
+
+
+def codebook_usage(counts: torch.Tensor) -> CodebookUsage:
+    """Usage and perplexity of a codebook from its per-code counts (K,)."""
+    counts = torch.as_tensor(counts).reshape(-1).double()
+    if counts.numel() == 0:
+        raise MetricError("codebook counts are empty")
+    if bool((counts < 0).any()):
+        raise MetricError("codebook counts must not be negative")
+    total = float(counts.sum())
+    if total == 0:
+        raise MetricError("no tokens were counted; encode at least one image")
+    p = counts[counts > 0] / total
+    entropy = float(-(p * p.log()).sum())
+    return CodebookUsage(used=int((counts > 0).sum()), size=counts.numel(),
+                         token_count=int(round(total)), perplexity=math.exp(entropy))
+
+
+# --- language-model figures ------------------------------------------------------------------------
+
+
+def bits_per_token(mean_cross_entropy_nats: float) -> float:
+    """Mean cross-entropy in nats per token -> bits per token."""
+    if not math.isfinite(mean_cross_entropy_nats) or mean_cross_entropy_nats < 0:
+        raise MetricError(f"mean cross-entropy must be a finite number >= 0 nats, got {mean_cross_entropy_nats}")
+    return mean_cross_entropy_nats / math.log(2)
+
+
+def mean_score(scores: Sequence[float] | torch.Tensor) -> float:
+    """Mean of scores (e.g. CLIP cosine similarities)."""
+    values = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    if values.numel() == 0:
+        raise MetricError("no scores to average")
+    return float(values.mean())
+
+
+# --- colour --------------------------------------------------------------------------------------
+
+
+def parse_color(value: str | Sequence[int]) -> tuple[int, int, int]:
+    """'#rrggbb' or (r, g, b) -> (r, g, b)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if len(text) != 7 or not text.startswith("#"):
+            raise MetricError(f"colour {value!r} is not of the form #rrggbb")
+        try:
+            return tuple(int(text[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+        except ValueError:
+            raise MetricError(f"colour {value!r} is not of the form #rrggbb") from None
+    rgb = tuple(int(v) for v in value)
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise MetricError(f"colour {value!r} must be three integers in 0..255")
+    return rgb  # type: ignore[return-value]
+
+
+def dominant_color(
+    image: Image.Image | np.ndarray,
+    palette: Mapping[str, str | Sequence[int]],
+    background: str | Sequence[int] = (255, 255, 255),
+    min_coverage: float = 0.5,
+) -> str | None:
+    """The palette name of the dominant non-background colour of an image, or None if it is blank.
+
+    Each pixel is explained as a palette colour painted over the background with some coverage
+    ``a``: pixel = a * colour + (1 - a) * background. The colour whose line through the background
+    passes closest to the pixel wins that pixel. Anti-aliased fringe pixels lie on the same line as
+    the shape they border, so they are not mistaken for a paler palette colour; pixels with coverage
+    below `min_coverage` (near-background and the faint outer fringe) do not vote. The most frequent
+    colour among the voting pixels is the answer.
+    Palette colours equal to the background cannot be told from it and never win.
+    """
+    if not palette:
+        raise MetricError("the palette is empty; pass at least one colour")
+    if isinstance(image, Image.Image):
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    else:
+        pixels = np.asarray(image, dtype=np.float64)
+        if pixels.ndim != 3 or pixels.shape[-1] != 3:
+            raise MetricError(f"expected an (H, W, 3) array of 0..255 values, got shape {pixels.shape}")
+    names = [n for n in palette]
+    colors = np.array([parse_color(palette[n]) for n in names], dtype=np.float64)  # (K, 3)
+    bg = np.array(parse_color(background), dtype=np.float64)  # (3,)
+    directions = colors - bg  # (K, 3)
+    length2 = (directions**2).sum(1)  # (K,)
+    usable = length2 > 1e-6
+    if not usable.any():
+        raise MetricError("every palette colour equals the background colour")
+    directions, length2 = directions[usable], length2[usable]
+    names = [n for n, ok in zip(names, usable) if ok]
+
+    offsets = pixels.reshape(-1, 3) - bg  # (M, 3)
+    coverage = np.clip(offsets @ directions.T / length2, 0.0, 1.0)  # (M, K)
+    fitted = coverage[:, :, None] * directions[None]  # (M, K, 3)
+    residual = np.linalg.norm(offsets[:, None, :] - fitted, axis=2)  # (M, K)
+    best = residual.argmin(1)  # (M,)
+    best_coverage = coverage[np.arange(len(best)), best]  # (M,)
+    votes = np.bincount(best[best_coverage >= min_coverage], minlength=len(names))
+    if votes.sum() == 0:
+        return None
+    return names[int(votes.argmax())]
+
+
+def accuracy(predicted: Sequence[object], expected: Sequence[object]) -> Accuracy:
+    """How many predictions equal their expected label (None never matches)."""
+    if len(predicted) != len(expected):
+        raise MetricError(f"{len(predicted)} predictions but {len(expected)} expected labels")
+    correct = sum(1 for p, e in zip(predicted, expected) if p is not None and p == e)
+    return Accuracy(correct=correct, total=len(expected))
+
+
+def color_accuracy(
+    images: Sequence[Image.Image],
+    expected_colors: Sequence[str],
+    palette: Mapping[str, str | Sequence[int]],
+    background: str | Sequence[int] = (255, 255, 255),
+) -> tuple[Accuracy, list[str | None]]:
+    """Does each image's dominant colour match its expected colour name? -> (accuracy, predictions)."""
+    if len(images) != len(expected_colors):
+        raise MetricError(f"{len(images)} images but {len(expected_colors)} expected colours")
+    unknown = sorted({c for c in expected_colors if c not in palette})
+    if unknown:
+        raise MetricError(f"colour(s) {', '.join(unknown)} are not in the palette ({', '.join(palette)})")
+    predicted = [dominant_color(im, palette, background) for im in images]
+    return accuracy(predicted, expected_colors), predicted
+
+
+# --- retrieval and zero-shot -----------------------------------------------------------------------
+
+
+def recall_at_k(similarity: torch.Tensor, relevant: torch.Tensor, k: int) -> Accuracy:
+    """Share of queries with at least one relevant item among their k most similar items.
+
+    similarity: (Q, N) query-by-item scores; relevant: (Q, N) bool, True where the item answers the
+    query. For image->text recall pass both matrices transposed. k larger than N counts all items.
+    """
+    similarity = torch.as_tensor(similarity)
+    relevant = torch.as_tensor(relevant, dtype=torch.bool)
+    if similarity.dim() != 2 or similarity.shape != relevant.shape:
+        raise MetricError(
+            f"similarity {tuple(similarity.shape)} and relevant {tuple(relevant.shape)} must be the same (Q, N) shape"
+        )
+    if k < 1:
+        raise MetricError(f"k must be >= 1, got {k}")
+    no_answer = (~relevant.any(1)).nonzero().flatten().tolist()
+    if no_answer:
+        raise MetricError(f"queries {no_answer[:10]} have no relevant item; every query needs one")
+    if similarity.shape[0] == 0:
+        return Accuracy(0, 0)
+    top = similarity.topk(min(k, similarity.shape[1]), dim=1).indices  # (Q, k)
+    hits = relevant.gather(1, top).any(1)  # (Q,)
+    return Accuracy(correct=int(hits.sum()), total=int(hits.numel()))
+
+
+def zero_shot_predictions(image_embeddings: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+    """Index of the most similar class embedding for each image: (N,)."""
+    if image_embeddings.dim() != 2 or class_embeddings.dim() != 2 or \
+            image_embeddings.shape[1] != class_embeddings.shape[1]:
+        raise MetricError(
+            f"image embeddings {tuple(image_embeddings.shape)} and class embeddings "
+            f"{tuple(class_embeddings.shape)} must be (N, D) and (C, D)"
+        )
+    if class_embeddings.shape[0] == 0:
+        raise MetricError("there are no classes to choose from")
+    return (image_embeddings.float() @ class_embeddings.float().T).argmax(1)
+
+
+def zero_shot_accuracy(image_embeddings: torch.Tensor, class_embeddings: torch.Tensor,
+                       labels: Sequence[int] | torch.Tensor) -> Accuracy:
+    """Does the most similar class embedding belong to each image's label (an index into classes)?"""
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if labels.numel() != image_embeddings.shape[0]:
+        raise MetricError(f"{image_embeddings.shape[0]} images but {labels.numel()} labels")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= class_embeddings.shape[0]):
+        raise MetricError(f"labels must lie in [0, {class_embeddings.shape[0]}), got {labels.tolist()[:10]}")
+    predicted = zero_shot_predictions(image_embeddings, class_embeddings)
+    return Accuracy(correct=int((predicted == labels).sum()), total=int(labels.numel()))
