@@ -1,0 +1,95 @@
+"""The torch Dataset of captioned images that every trainer uses.
+
+`ds[i]` is a dict {"image": (3, S, S) float in [0, 1], "caption": str, "tokens": (T,) long (when a
+`tokenize` callable is given), "index": i}, or None when the file cannot be read: training skips
+and counts it instead of crashing (the training loop drops the Nones before collating).
+The dataset knows no model and no tokenizer: it is handed a `tokenize` function.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from duomodal.data.images import DEFAULT_MAX_PIXELS, WHITE, ImageError, load_image, parse_color, to_tensor
+from duomodal.data.records import Record, filter_split, load_records
+
+log = logging.getLogger(__name__)
+
+Tokenize = Callable[[str], Any]  # caption -> LongTensor (T,) (a list of ints is accepted too)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    image_size: int = 32  # images are resized (shortest side) and centre-cropped to this square
+    val_fraction: float = 0.05  # share of images in "val" when the manifest gives no split
+    background: str = "#ffffff"  # colour that transparent pixels are composited on
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise ValueError(f"data.image_size must be at least 1, got {self.image_size}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        parse_color(self.background)
+
+    @property
+    def background_rgb(self) -> tuple[int, int, int]:
+        return parse_color(self.background)
+
+
+class CaptionedImageDataset(Dataset):
+    def __init__(
+        self,
+        records: Sequence[Record],
+        image_size: int,
+        tokenize: Tokenize | None = None,
+        background: tuple[int, int, int] | str = WHITE,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        if image_size < 1:
+            raise ValueError(f"image_size must be at least 1, got {image_size}")
+        self.records = list(records)
+        self.image_size = image_size
+        self.tokenize = tokenize
+        self.background = parse_color(background) if isinstance(background, str) else tuple(background)
+        self.max_pixels = max_pixels
+        self._reported: set[int] = set()  # indices already logged as bad (in this process)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        record = self.records[index]
+        try:
+            image = load_image(record.path, self.background, self.max_pixels)
+        except ImageError as e:
+            if index not in self._reported:
+                self._reported.add(index)
+                log.warning("skipping %s", e)
+            return None
+        caption = record.captions[int(torch.randint(len(record.captions), ()))]
+        item: dict[str, Any] = {"image": to_tensor(image, self.image_size), "caption": caption, "index": index}
+        if self.tokenize is not None:
+            tokens = self.tokenize(caption)
+            item["tokens"] = torch.as_tensor(tokens, dtype=torch.long)  # (T,)
+        return item
+
+
+def open_split(
+    root: str | os.PathLike,
+    config: DataConfig,
+    split: str,
+    tokenize: Tokenize | None = None,
+    records: Sequence[Record] | None = None,
+) -> CaptionedImageDataset:
+    """The dataset of one split ("train", "val" or "heldout") of the folder `root`.
+    Pass `records` (from load_records) to avoid scanning the folder again for each split."""
+    if records is None:
+        records = load_records(root, config.val_fraction)
+    return CaptionedImageDataset(filter_split(records, split), config.image_size, tokenize, config.background_rgb)
