@@ -31,7 +31,52 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_data_check(data_sub: argparse._SubParsersAction) -> None:
-    pass
+    from duomodal.data.images import DEFAULT_MAX_PIXELS
+
+    check = data_sub.add_parser(
+        "check",
+        help="scan a captioned-image folder and report what is wrong in it",
+        description="Scan DIR (sub-folders too) for images (jpg, jpeg, png, webp, bmp, gif) and their "
+        "captions (a sidecar .txt per image, or a captions.jsonl / captions.csv manifest with 'file' and "
+        "'caption'), decode every image, and print one line per bad item (image without caption, caption "
+        "without image, unreadable/corrupt/truncated or zero-byte file, image over the pixel limit, "
+        "duplicate content) and a summary. Exit status 0 when at least one captioned image decodes "
+        "(the dataset is usable), 1 when none does, 2 when DIR is not a folder.",
+    )
+    check.add_argument("dir", metavar="DIR", help="the dataset folder")
+    check.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="refuse images whose header claims more pixels than this, before decoding "
+        f"(decompression-bomb guard; default {DEFAULT_MAX_PIXELS})",
+    )
+    check.add_argument("--json", action="store_true", help="print the report as one JSON object instead")
+    check.set_defaults(func=_data_check)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    import json
+
+    from duomodal.data.scan import check_dataset, report_lines
+
+    report = check_dataset(args.dir, max_pixels=args.max_pixels, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print("\n".join(report_lines(report)))
+    return 0 if report.usable else 1
 
 
 def _add_data_icons(data_sub: argparse._SubParsersAction) -> None:
