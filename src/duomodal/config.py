@@ -66,8 +66,13 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item_type = args[0] if args else Any
-        return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
+        if not args or (len(args) == 2 and args[1] is Ellipsis):  # tuple[X, ...]: any length
+            item_types = [args[0] if args else Any] * len(value)
+        else:  # tuple[X, Y]: exactly that many items
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)} ({value!r})")
+            item_types = list(args)
+        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected an object, got {value!r}")
@@ -121,9 +126,12 @@ def _parse_scalar(text: str, annotation: Any, where: str) -> Any:
         non_none = [a for a in args if a is not type(None)]
         return _parse_scalar(text, non_none[0], where)
     if origin is tuple:
-        item_type = args[0] if args else str
         items = [t for t in text.split(",") if t != ""]
-        return [_parse_scalar(t.strip(), item_type, where) for t in items]
+        if not args or (len(args) == 2 and args[1] is Ellipsis) or len(args) != len(items):
+            item_types = [args[0] if args else str] * len(items)  # a wrong length is caught later
+        else:
+            item_types = list(args)
+        return [_parse_scalar(t.strip(), item_type, where) for t, item_type in zip(items, item_types)]
     if annotation is bool:
         lowered = text.lower()
         if lowered in ("true", "1", "yes", "on"):
@@ -190,11 +198,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # leave no half-written temporary file behind
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
