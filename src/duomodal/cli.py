@@ -153,15 +153,123 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     _add_train_clip(train_sub)
 
 
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """The options every `duomodal train KIND` shares."""
+    parser.add_argument("--data", required=True, help="folder of captioned images (see `duomodal data check`)")
+    parser.add_argument("--out", required=True, help="run directory: checkpoints, metrics, samples, final weights")
+    parser.add_argument("--preset", default=None, help="named setup to start from: quick or seed")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.steps=2000 --set model.codebook_size=256 "
+                        "(repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+
+
+def _resolve_run_config(cls: type, kind: str, args: argparse.Namespace):
+    """The run config: dataclass defaults, then --preset, then each --set, in that order."""
+    from duomodal.config import merge, override, preset
+
+    config = cls()
+    if args.preset:
+        config = merge(config, preset(kind, args.preset))
+    return override(config, args.overrides)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _run_training(task, train_config, args: argparse.Namespace, run_config: dict | None = None) -> int:
+    """Run the training loop for `task` into args.out and print a summary (rank 0 only)."""
+    from pathlib import Path
+
+    from duomodal.train.loop import train
+
+    result = train(task, train_config, Path(args.out), resume=args.resume, run_config=run_config,
+                   device=args.device)
+    if not _is_main_process():
+        return 0
+    if result["interrupted"]:
+        print(
+            f"interrupted ({result['interrupted']}) at step {result['step']}; checkpoint saved to "
+            f"{result['checkpoint']}; continue with the same command plus --resume",
+            file=sys.stderr,
+        )
+        return 130
+    val = ", ".join(f"{k[4:]} {v:.4g}" for k, v in result.items() if k.startswith("val_"))
+    print(
+        f"trained {task.kind} for {result['step']} steps in {result['wall_time_s']:.0f} s "
+        f"({result['items_per_s']:.0f} items/s, {result['world_size']} process(es), {result['precision']}); "
+        f"final train loss {result['loss']:.4g}"
+    )
+    if val:
+        print(f"validation: {val}")
+    if result["dropped"]:
+        print(f"skipped {result['dropped']} unreadable image(s) during training")
+    print(f"run directory: {result['run_dir']} (weights, metrics.jsonl, samples/, loss.png)")
+    return 0
+
+
 # --- vae -----------------------------------------------------------------------------------------
 
 
 def _add_train_vae(train_sub: argparse._SubParsersAction) -> None:
-    pass
+    parser = train_sub.add_parser(
+        "vae", help="train the discrete VAE (image <-> grid of codebook tokens)",
+        description="Train the discrete VAE. Presets: quick (32 px, 8x8 grid, minutes on a CPU), "
+        "seed (128 px, 512 codes, 16x16 grid). Run under `torchrun --nproc_per_node N` for DDP.",
+    )
+    _add_train_options(parser)
+    parser.set_defaults(func=_cmd_train_vae)
+
+
+def _cmd_train_vae(args: argparse.Namespace) -> int:
+    from duomodal.config import to_dict
+    from duomodal.train.vae_task import VAERunConfig, VAETask
+
+    config = _resolve_run_config(VAERunConfig, "vae", args)
+    run_config = {"kind": "vae", "data_dir": str(args.data), **to_dict(config)}
+    return _run_training(VAETask(config, args.data), config.train, args, run_config)
 
 
 def _add_vae_commands(sub: argparse._SubParsersAction) -> None:
-    pass
+    parser = sub.add_parser(
+        "reconstruct", help="encode images to VAE tokens and decode them back into a comparison grid",
+        description="Originals (top rows) above their reconstructions through the VAE's codebook.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a VAE run or model directory")
+    parser.add_argument("images", metavar="IMAGES", nargs="+", help="image files")
+    parser.add_argument("--out", required=True, help="grid picture to write (.png or .jpg)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
+    parser.set_defaults(func=_cmd_reconstruct)
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from duomodal.data.images import ImageError, load_image
+    from duomodal.models.vae import load_vae
+    from duomodal.reconstruct import reconstruct, save_reconstruction_grid
+    from duomodal.train.distributed import resolve_device
+
+    vae = load_vae(args.run_dir, resolve_device(args.device))
+    images, names = [], []
+    for path in args.images:
+        try:
+            images.append(load_image(path))
+            names.append(path)
+        except ImageError as e:
+            print(f"skipping {e}", file=sys.stderr)
+    if not images:
+        _error("none of the images could be read")
+        return 1
+    result = reconstruct(vae, images)
+    save_reconstruction_grid(result, args.out)
+    for name, value in zip(names, result.psnr):
+        print(f"{value:6.2f} dB  {name}")
+    mean = sum(result.psnr) / len(result.psnr)
+    skipped = len(args.images) - len(images)
+    print(f"wrote {args.out}: {len(images)} image(s), mean PSNR {mean:.2f} dB"
+          + (f", skipped {skipped}" if skipped else ""))
+    return 0
 
 
 # --- dalle ---------------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""Process-group set-up for training under torchrun (DDP), and the single-process case."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # True when this process created the group (and must destroy it)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
+    """'auto'/None -> cuda:<local_rank> when CUDA is there, else cpu; anything else as given."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device: str | torch.device | None = None) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1 in the environment):
+    NCCL on CUDA, gloo on CPU. Without torchrun, a single process on `device`."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = resolve_device(device, local_rank)
+    if world_size <= 1:
+        return DistInfo(device=resolved)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if resolved.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        owns = True
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved, owns_group=owns)
+
+
+def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(values)
+    return values
+
+
+def all_gather_objects(obj: object, info: DistInfo) -> list[object]:
+    """Every rank's `obj` (in rank order); the rank's own in a list of one without DDP."""
+    if not info.enabled:
+        return [obj]
+    gathered: list[object] = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
