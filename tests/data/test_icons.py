@@ -306,3 +306,19 @@ def test_cli_reports_a_bad_option(tmp_path, capsys):
     status = main(["data", "icons", str(tmp_path), "--colors", "9", "--no-progress"])
     assert status == 2
     assert capsys.readouterr().err == "duomodal: error: colors must be between 1 and 8, got 9\n"
+
+
+def test_the_dataset_reads_as_captioned_records(small_dataset):
+    from duomodal.data.records import hash_split, load_records
+
+    out, summary = small_dataset
+    records = load_records(out)
+    assert len(records) == summary["images"]
+    by_file = {line["file"]: line for line in read_manifest(out)}
+    for record in records:
+        line = by_file[record.path.relative_to(out).as_posix()]
+        assert record.split == line["split"]
+        assert record.captions == tuple(line["caption"])
+        assert record.labels == {"icon": line["icon"], "color": line["color"]}
+        if record.split != "heldout":  # the validation images are the ones the shared hash rule picks
+            assert record.split == hash_split(line["file"], 0.05)

@@ -171,17 +171,17 @@ def image_file(slug: str, color: str) -> str:
 # --- splits -------------------------------------------------------------------------------------
 
 
-def _unit_hash(text: str) -> float:
-    """A number in [0, 1) that depends only on `text`."""
-    return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16) / 2**32
-
-
 def split_for_path(relative_path: str, val_fraction: float) -> str:
     """ "val" or "train" for a file, by hashing its path relative to the dataset root.
 
-    The same rule as the captioned-image datasets use, so adding files never moves an old one.
+    The rule of every captioned-image dataset (`records.hash_split`), so adding files never moves
+    an old one and a manifest without splits would give the same validation images.
     """
-    return "val" if _unit_hash(relative_path) < val_fraction else "train"
+    # Imported here, not at the top: records imports torch, which the spawned render workers
+    # (that import this module) would otherwise load for nothing, seconds each.
+    from duomodal.data.records import hash_split
+
+    return hash_split(relative_path, val_fraction)
 
 
 def choose_heldout(
