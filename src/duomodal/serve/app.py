@@ -1,0 +1,221 @@
+"""The FastAPI application: `create_app(index, embedder, generator=None)`.
+
+Routes live in `routes_search.py` and `routes_generate.py`; this file wires them together with the
+error handling every route shares (bad input is a 4xx with a one-line `detail`, never a 500), the
+request-size limit, the health check and the web page in `static/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from duomodal import __version__
+from duomodal.serve.jobs import JobQueue, QueueFullError
+from duomodal.serve.media import MAX_UPLOAD_BYTES, ThumbnailCache, UploadError, human_bytes
+from duomodal.serve.routes_generate import make_generate_router
+from duomodal.serve.routes_search import make_search_router
+from duomodal.serve.schemas import MAX_K, HealthResponse
+from duomodal.serve.state import Generator, ServerState, VectorCache
+
+logger = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).parent / "static"
+FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and the small form fields beside a file
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    # The page loads nothing from elsewhere; the browser enforces it.
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+        b"object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    ),
+]
+
+
+def _json_error(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
+    """Pydantic's error list as one line: `k: Input should be less than or equal to 200; ...`."""
+    parts = []
+    for error in errors:
+        loc = [str(p) for p in error.get("loc", ())]
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if len(loc) > 1 and loc[0] in ("body", "query", "path", "form", "header", "cookie"):
+            loc = loc[1:]
+        elif error.get("type") == "value_error":  # a check across fields: its message says it all
+            parts.append(message)
+            continue
+        parts.append(f"{'.'.join(loc) or 'body'}: {message}")
+    return "; ".join(parts)
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with 413 before reading them (or as soon as the
+    streamed body passes the limit), so an upload can't fill the disk or memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self) -> str:
+        return f"request body is larger than the {human_bytes(self.max_bytes)} limit"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    too_large = int(value) > self.max_bytes
+                except ValueError:
+                    too_large = False
+                if too_large:
+                    await _json_error(413, self._message())(scope, receive, send)
+                    return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # An HTTPException passes through FastAPI's body parsing to the handlers.
+                    raise StarletteHTTPException(status_code=413, detail=self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class SecurityHeaders:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _json_error(422, describe_validation_errors(list(exc.errors())))
+
+    @app.exception_handler(pydantic.ValidationError)
+    async def model_invalid(request: Request, exc: pydantic.ValidationError) -> JSONResponse:
+        return _json_error(422, describe_validation_errors(list(exc.errors())))
+
+    @app.exception_handler(UploadError)
+    async def upload_refused(request: Request, exc: UploadError) -> JSONResponse:
+        return _json_error(exc.status, str(exc))
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
+        return _json_error(429, str(exc))
+
+    @app.exception_handler(ValueError)
+    async def library_refused(request: Request, exc: ValueError) -> JSONResponse:
+        # The library raises ValueError for input it can't use (a query of only negatives, a
+        # box outside the image): the message says what was wrong, so it goes to the client.
+        return _json_error(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return _json_error(500, f"internal error: {type(exc).__name__}")
+
+
+def create_app(
+    index: Any,
+    embedder: Any,
+    generator: Generator | None = None,
+    *,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    thumb_size: int = 256,
+    thumb_cache_bytes: int = 64 * 1024 * 1024,
+    query_cache_size: int = 256,
+    max_pending_jobs: int = 4,
+) -> FastAPI:
+    """The web app over an opened index and a CLIP embedder (and a generator, for /api/generate).
+
+    Raises ValueError when the embedder is not the CLIP model the index was built with.
+    """
+    if embedder.model_id != index.clip_model_id:
+        raise ValueError(
+            f"the index was built with CLIP model {index.clip_model_id!r} but the server was given "
+            f"{embedder.model_id!r}: pass the CLIP the index was built with (--clip), "
+            "or rebuild the index"
+        )
+    if embedder.dim != index.dim:
+        raise ValueError(f"the CLIP embeds {embedder.dim}-d vectors but the index holds {index.dim}-d")
+    if max_upload_bytes < 1 or thumb_size < 16:
+        raise ValueError(
+            f"max_upload_bytes={max_upload_bytes}, thumb_size={thumb_size}: need >= 1 and >= 16"
+        )
+    state = ServerState(
+        index=index,
+        embedder=embedder,
+        generator=generator,
+        max_upload_bytes=max_upload_bytes,
+        thumb_size=thumb_size,
+        thumbnails=ThumbnailCache(thumb_cache_bytes),
+        query_vectors=VectorCache(query_cache_size),
+        jobs=JobQueue(max_pending=max_pending_jobs, max_kept=max(32, max_pending_jobs)),
+    )
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        state.jobs.shutdown()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="duomodal",
+        version=__version__,
+        description="Search an image collection by what it shows, and generate images from text.",
+    )
+    app.state.duomodal = state
+    _add_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES)
+    app.add_middleware(SecurityHeaders)
+    app.include_router(make_search_router(state))
+    if generator is not None:
+        app.include_router(make_generate_router(state))
+
+    @app.get("/health", response_model=HealthResponse, tags=["meta"])
+    def health() -> HealthResponse:
+        """Whether the server is up, what it serves, and its limits."""
+        return HealthResponse(
+            status="ok",
+            images=int(index.count),
+            dim=int(index.dim),
+            clip_model_id=str(index.clip_model_id),
+            generation=generator is not None,
+            max_k=MAX_K,
+            max_upload_bytes=max_upload_bytes,
+            max_generate=0 if generator is None else int(generator.max_num),
+        )
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,118 @@
+"""Request and response bodies of the HTTP API (pydantic), with the bounds every request obeys."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+MAX_K = 200  # most results one search may ask for
+MAX_QUERY_CHARS = 500  # longest text query / prompt accepted
+MAX_ID = 2**63 - 1  # ids are int64 in the vector index
+MAX_SEED = 2**31 - 1
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+def _strip_nonempty(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("should contain words, not only spaces: type what the image shows")
+    if "\x00" in value:
+        raise ValueError("should not contain a NUL character")
+    return value
+
+
+# A text field holding words: stripped; only spaces, or a NUL character, is an error.
+Words = AfterValidator(_strip_nonempty)
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx answer: one human-readable line."""
+
+    detail: str = Field(description="what was wrong with the request and what to do instead")
+
+
+class TextSearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: Annotated[str, Words] = Field(
+        min_length=1,
+        max_length=MAX_QUERY_CHARS,
+        description='words describing the image; "-word" subtracts, "2*word" weights',
+        examples=["a red heart icon"],
+    )
+    k: int = Field(default=24, ge=1, le=MAX_K, description="number of results")
+
+
+class SearchHit(BaseModel):
+    id: int = Field(description="the image's id in the index; use it for /api/image/{id}")
+    score: float = Field(description="cosine similarity to the query, higher is closer")
+    path: str = Field(description="the file's path as recorded in the index")
+    width: int
+    height: int
+    caption: str | None = None
+    image_url: str
+    thumb_url: str
+
+
+class SearchResponse(BaseModel):
+    kind: Literal["text", "image", "similar"]
+    query: str = Field(description="the text query, the uploaded file's name, or the source id")
+    took_ms: float = Field(description="time spent embedding and searching, in milliseconds")
+    results: list[SearchHit]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    images: int = Field(description="number of images in the index")
+    dim: int
+    clip_model_id: str
+    generation: bool = Field(description="whether /api/generate and /api/edit are available")
+    max_k: int
+    max_upload_bytes: int
+    max_generate: int = Field(description="largest `num` /api/generate accepts (0 when off)")
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Annotated[str, Words] = Field(min_length=1, max_length=MAX_QUERY_CHARS, examples=["a red heart icon"])
+    num: int = Field(default=16, ge=1, description="images to sample (at most /health max_generate)")
+    keep: int | None = Field(
+        default=None, ge=1, description="keep the best `keep` by CLIP score (default: all)"
+    )
+    guidance: float = Field(
+        default=1.0, ge=0.0, le=20.0, description="classifier-free guidance scale; 1 = off"
+    )
+    temperature: float = Field(default=1.0, gt=0.0, le=5.0)
+    top_k: int | None = Field(default=None, ge=1, le=65536, description="sample among the top k tokens")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+
+    @model_validator(mode="after")
+    def _keep_at_most_num(self) -> GenerateRequest:
+        if self.keep is not None and self.keep > self.num:
+            raise ValueError(f"keep ({self.keep}) is larger than num ({self.num}): keep at most num")
+        return self
+
+
+class GeneratedImage(BaseModel):
+    index: int = Field(description="position in the result, best first when scored")
+    url: str = Field(description="PNG of the image")
+    score: float | None = Field(description="CLIP similarity to the prompt (None when not scored)")
+
+
+class JobResult(BaseModel):
+    prompt: str
+    images: list[GeneratedImage]
+
+
+class JobResponse(BaseModel):
+    id: str
+    kind: Literal["generate", "edit"]
+    status: Literal["queued", "running", "done", "failed"]
+    done: int = Field(description="steps finished so far")
+    total: int = Field(description="steps in all (0 until known)")
+    progress: float = Field(ge=0.0, le=1.0)
+    error: str | None = None
+    result: JobResult | None = None
+    url: str = Field(description="poll this for progress and the result")

@@ -1,0 +1,196 @@
+"""Small stand-ins for the index, the CLIP embedder and the generator, with the same methods the
+server uses, over the shared shape dataset. The fake CLIP embeds what the shapes really are
+(colour and shape features), so searches have right answers to check."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from duomodal.serve.app import create_app
+from duomodal.serve.jobs import JobOutput
+
+COLOR_RGB = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
+SHAPE_NAMES = ("square", "circle", "triangle")
+FEATURES = (*COLOR_RGB, *SHAPE_NAMES, "bias")
+
+
+def _normalise(vectors: np.ndarray) -> torch.Tensor:
+    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return torch.from_numpy(vectors.astype(np.float32))
+
+
+class FakeClip:
+    """Text -> which colour/shape words it names; image -> its colour and shape (by fill ratio)."""
+
+    model_id = "fake-clip-8d"
+    dim = len(FEATURES)
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        vectors = np.zeros((len(texts), self.dim))
+        for row, text in enumerate(texts):
+            words = text.lower().replace(",", " ").split()
+            for col, feature in enumerate(FEATURES[:-1]):
+                vectors[row, col] = float(feature in words)
+            vectors[row, -1] = 0.1
+        return _normalise(vectors)
+
+    def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
+        vectors = np.zeros((len(images), self.dim))
+        for row, image in enumerate(images):
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+            ink = pixels.min(axis=2) < 200
+            vectors[row, -1] = 0.1
+            if not ink.any():
+                continue
+            mean = pixels[ink].mean(axis=0)
+            names = list(COLOR_RGB)
+            nearest = min(names, key=lambda n: float(np.sum((np.array(COLOR_RGB[n]) - mean) ** 2)))
+            vectors[row, names.index(nearest)] = 1.0
+            ys, xs = np.nonzero(ink)
+            fill = ink.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+            shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+            vectors[row, len(COLOR_RGB) + SHAPE_NAMES.index(shape)] = 1.0
+        return _normalise(vectors)
+
+    def score(self, images: list[Image.Image], texts: list[str]) -> torch.Tensor:
+        return (self.embed_images(images) * self.embed_texts(texts)).sum(dim=1)
+
+
+@dataclass(frozen=True)
+class FakeHit:
+    id: int
+    path: str
+    score: float
+    width: int
+    height: int
+    caption: str | None
+
+
+class FakeIndex:
+    """Exact search over the images of a directory, ids 100, 101, ... (not 0-based on purpose)."""
+
+    def __init__(self, root: Path, embedder: FakeClip, names: list[str] | None = None):
+        self.root = root
+        self.clip_model_id = embedder.model_id
+        self.dim = embedder.dim
+        self.paths = names or sorted(p.name for p in root.glob("*.png"))
+        images = [Image.open(root / name).convert("RGB") for name in self.paths]
+        self.vectors = embedder.embed_images(images).numpy()
+        self.ids = [100 + n for n in range(len(self.paths))]
+        self.captions = [(root / n).with_suffix(".txt").read_text().splitlines()[0] for n in self.paths]
+        self.sizes = [image.size for image in images]
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    def _hit(self, row: int, score: float) -> FakeHit:
+        width, height = self.sizes[row]
+        return FakeHit(self.ids[row], self.paths[row], score, width, height, self.captions[row])
+
+    def search(self, vector: np.ndarray, k: int) -> list[FakeHit]:
+        scores = self.vectors @ np.asarray(vector, dtype=np.float32)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [self._hit(int(row), float(scores[row])) for row in order]
+
+    def get(self, image_id: int) -> FakeHit | None:
+        if image_id not in self.ids:
+            return None
+        return self._hit(self.ids.index(image_id), 0.0)
+
+    def vector(self, image_id: int) -> np.ndarray:
+        return self.vectors[self.ids.index(image_id)]
+
+
+class FakeGenerator:
+    """'Samples' dataset images (seeded), reranks them with the fake CLIP, reports progress."""
+
+    max_num = 8
+
+    def __init__(self, root: Path, scorer: FakeClip, seconds_per_image: float = 0.02):
+        self.images = [Image.open(p).convert("RGB") for p in sorted(root.glob("*.png"))]
+        self.scorer = scorer
+        self.seconds_per_image = seconds_per_image
+        self.calls: list[dict] = []
+
+    def _rerank(self, images, prompt, keep) -> JobOutput:
+        scores = self.scorer.score(images, [prompt] * len(images))
+        order = torch.argsort(scores, descending=True, stable=True)[: keep or len(images)]
+        return JobOutput([images[i] for i in order], [float(scores[i]) for i in order])
+
+    def generate(self, prompt, *, num, keep, guidance, temperature, top_k, seed, progress):
+        self.calls.append(dict(prompt=prompt, num=num, keep=keep, guidance=guidance, seed=seed))
+        if "explode" in prompt:
+            raise ValueError("prompt 'explode' has a word the tokenizer refuses")
+        rng = np.random.default_rng(seed)
+        images = []
+        for n in range(num):
+            time.sleep(self.seconds_per_image)
+            images.append(self.images[int(rng.integers(len(self.images)))])
+            progress(n + 1, num)
+        return self._rerank(images, prompt, keep)
+
+    def edit(self, image, box, prompt, *, num, keep, seed, progress):
+        self.calls.append(dict(prompt=prompt, box=box, num=num, keep=keep, seed=seed))
+        words = prompt.split()
+        color = next((COLOR_RGB[w] for w in words if w in COLOR_RGB), (0, 0, 0))
+        images = []
+        for n in range(num):
+            edited = image.copy()
+            edited.paste(color, box)
+            images.append(edited)
+            progress(n + 1, num)
+        return self._rerank(images, prompt, keep)
+
+
+@pytest.fixture(scope="session")
+def fake_clip() -> FakeClip:
+    return FakeClip()
+
+
+@pytest.fixture(scope="session")
+def fake_index(shape_dataset, fake_clip) -> FakeIndex:
+    return FakeIndex(shape_dataset, fake_clip)
+
+
+@pytest.fixture(scope="session")
+def make_fake_index():
+    return FakeIndex
+
+
+@pytest.fixture
+def fake_generator(shape_dataset, fake_clip) -> FakeGenerator:
+    return FakeGenerator(shape_dataset, fake_clip)
+
+
+@pytest.fixture
+def app(fake_index, fake_clip, fake_generator):
+    return create_app(fake_index, fake_clip, fake_generator, max_upload_bytes=64 * 1024)
+
+
+@pytest.fixture
+def client(app):
+    with TestClient(app) as client:
+        yield client
+
+
+def wait_for_job(client: TestClient, url: str, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get(url).json()
+        if body["status"] in ("done", "failed") or time.monotonic() > deadline:
+            return body
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def job_waiter():
+    return wait_for_job
