@@ -510,6 +510,77 @@ def _add_demo_commands(sub: argparse._SubParsersAction) -> None:
     pass
 
 
+def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    from pathlib import Path
+
+    ev = sub.add_parser(
+        "eval",
+        help="measure the trained models on a dataset and write a report (Markdown, HTML, JSON, figures)",
+        description="Evaluate whichever of --vae, --dalle, --clip are given on the dataset --data and write "
+        "REPORT_DIR/report.md, report.html, metrics.json and PNG figures. Components not given are skipped.",
+    )
+    ev.add_argument("--data", type=Path, required=True, help="dataset folder (an icon dataset gives colour/shape labels)")
+    ev.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR", help="where the report goes")
+    ev.add_argument("--vae", type=Path, help="VAE model or run directory")
+    ev.add_argument("--dalle", type=Path, help="DALL-E run directory")
+    ev.add_argument("--clip", type=Path, help="CLIP directory: the CLIP figures, and the reranker of DALL-E samples")
+    ev.add_argument("--judge-clip", type=Path, help="an independent CLIP (not --clip) that judges the shape "
+                    "of generated images; without it shape accuracy is reported as not measured")
+    ev.add_argument("--prompts", type=_positive_int, default=8, metavar="N", help="prompts per split (train, held-out); default 8")
+    ev.add_argument("--samples-per-prompt", type=_positive_int, default=4, metavar="M", help="images kept per prompt; default 4")
+    ev.add_argument("--rerank-from", type=_positive_int, default=16, metavar="R",
+                    help="images generated per prompt, of which CLIP reranking keeps the best M; default 16")
+    ev.add_argument("--max-images", type=_positive_int, default=256, metavar="N",
+                    help="at most N images per split for the VAE, likelihood and CLIP figures; default 256")
+    ev.add_argument("--batch-size", type=_positive_int, default=32)
+    ev.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and the sampling; default 0")
+    ev.add_argument("--device", help="cpu, cuda, cuda:1... (default: CUDA when available)")
+    ev.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from duomodal.evaluate import EvalOptions, run_evaluation
+
+    options = EvalOptions(
+        data=args.data, out=args.out, vae=args.vae, dalle=args.dalle, clip=args.clip, judge_clip=args.judge_clip,
+        prompts=args.prompts, samples_per_prompt=args.samples_per_prompt, rerank_from=args.rerank_from,
+        seed=args.seed, max_images=args.max_images, batch_size=args.batch_size, device=args.device,
+    )
+    result = run_evaluation(options, log=lambda message: print(message, file=sys.stderr))
+    for line in _eval_summary(result.metrics):
+        print(line)
+    print(f"report: {result.paths['html']}")
+    print(f"        {result.paths['markdown']}")
+    print(f"metrics: {result.paths['metrics']}")
+    return 0
+
+
+def _eval_summary(metrics: dict) -> list[str]:
+    """A few headline figures of an evaluation, one line each."""
+    from duomodal.evaluate.report import fmt, fmt_accuracy
+
+    lines = []
+    vae = metrics.get("vae", {})
+    if "psnr_db" in vae:
+        lines.append(f"VAE: val PSNR {fmt(vae['psnr_db'], 2, ' dB')}, codes used "
+                     f"{vae['codebook']['used']}/{vae['codebook']['size']}")
+    dalle = metrics.get("dalle", {})
+    for split, entry in dalle.get("bits_per_image_token", {}).items():
+        if entry.get("bits") is not None:
+            lines.append(f"DALL-E: {split} {entry['bits']:.3f} bits/image token ({entry['images']} images)")
+    for split, entry in dalle.get("samples", {}).items():
+        if isinstance(entry, dict) and "color_accuracy" in entry:
+            lines.append(f"DALL-E {split} prompts: colour {fmt_accuracy(entry['color_accuracy'])}, "
+                         f"shape {fmt_accuracy(entry.get('shape_accuracy'))}")
+    clip = metrics.get("clip", {})
+    for split in ("val", "heldout"):
+        entry = clip.get(split, {})
+        if entry.get("images"):
+            lines.append(f"CLIP {split}: text->image R@1 {fmt_accuracy(entry.get('text_to_image_recall@1'))}, "
+                         f"zero-shot colour {fmt_accuracy(entry.get('zero_shot_color'))}")
+    return lines
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -529,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_commands(sub)
     _add_serve_commands(sub)
     _add_demo_commands(sub)
+    _add_eval_commands(sub)
     return parser
 
 

@@ -1,0 +1,397 @@
+"""`duomodal eval`: measure the trained models on a dataset and write the report.
+
+Each component (VAE, DALL-E, CLIP) is optional; a missing one is said so in the report and its
+sections are skipped. The DALL-E part (prompt samples, colour and shape accuracy, reranking) lives
+in ``samples.py``; this module holds the options, the data side, the VAE and CLIP figures, the
+training curves and the assembly of the report.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from duomodal.data.images import ImageError, load_image, to_pil, to_tensor
+from duomodal.data.records import Record, load_records
+from duomodal.evaluate import metrics as M
+from duomodal.evaluate.report import Section, fmt, fmt_accuracy, plot_image_rows, plot_training_curves, write_report
+
+Log = Callable[[str], None]
+RECALL_KS = (1, 5, 10)
+EVAL_SPLITS = ("val", "heldout")
+
+
+class EvalError(ValueError):
+    """Options or inputs the evaluation cannot work with."""
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    data: Path  # the captioned-image dataset (an icon dataset gives colour/shape labels)
+    out: Path  # the report directory
+    vae: Path | None = None  # a VAE model or run directory
+    dalle: Path | None = None  # a DALL-E run directory
+    clip: Path | None = None  # the CLIP used for reranking and the CLIP figures
+    judge_clip: Path | None = None  # an independent CLIP that judges the shape of generated images
+    prompts: int = 8  # prompts per split (train, heldout) for the DALL-E samples
+    samples_per_prompt: int = 4  # images kept per prompt (k)
+    rerank_from: int = 16  # images generated per prompt when reranking (R >= k)
+    seed: int = 0  # prompt choice and sampling seed
+    max_images: int = 256  # at most this many images per split for the VAE/CLIP/likelihood figures
+    batch_size: int = 32
+    val_fraction: float = 0.05  # for datasets whose manifest does not give splits
+    device: str | None = None  # "cpu", "cuda"...; default: CUDA when available
+
+    def __post_init__(self) -> None:
+        for name in ("prompts", "samples_per_prompt", "rerank_from", "max_images", "batch_size"):
+            if getattr(self, name) < 1:
+                raise EvalError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.rerank_from < self.samples_per_prompt:
+            raise EvalError(
+                f"rerank-from ({self.rerank_from}) must be at least samples-per-prompt "
+                f"({self.samples_per_prompt}): reranking keeps the best k of R"
+            )
+        if self.vae is None and self.dalle is None and self.clip is None:
+            raise EvalError("nothing to evaluate: give at least one of --vae, --dalle, --clip")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    metrics: dict[str, Any]
+    paths: dict[str, Path]  # "markdown", "html", "metrics"
+
+
+def _device(options: EvalOptions) -> torch.device:
+    if options.device:
+        return torch.device(options.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedImages:
+    records: list[Record]
+    images: list[Image.Image]
+
+
+def sample_records(records: Sequence[Record], limit: int, seed: int) -> list[Record]:
+    """At most `limit` records, a seeded choice, in path order."""
+    ordered = sorted(records, key=lambda r: str(r.path))
+    if len(ordered) <= limit:
+        return ordered
+    chosen = random.Random(seed).sample(range(len(ordered)), limit)
+    return [ordered[i] for i in sorted(chosen)]
+
+
+def load_images(records: Sequence[Record], log: Log, skipped: list[str]) -> LoadedImages:
+    """Decode the images; an unreadable one is skipped with one line saying which and why."""
+    kept, images = [], []
+    for record in records:
+        try:
+            images.append(load_image(record.path))
+        except ImageError as e:
+            log(f"skipped {record.path}: {e}")
+            skipped.append(str(record.path))
+            continue
+        kept.append(record)
+    return LoadedImages(kept, images)
+
+
+def dataset_palette(root: Path) -> dict[str, str]:
+    """The colour palette of an icon dataset (dataset.json), else the icon recipe's PALETTE."""
+    from duomodal.config import load_json
+    from duomodal.data.icons import PALETTE, SUMMARY_FILE
+
+    summary = root / SUMMARY_FILE
+    if summary.is_file():
+        palette = load_json(summary).get("palette")
+        if isinstance(palette, dict) and palette and all(isinstance(v, str) for v in palette.values()):
+            return dict(palette)
+    return dict(PALETTE)
+
+
+def _labelled(records: Sequence[Record], key: str) -> bool:
+    return any(key in r.labels for r in records)
+
+
+# --- VAE ---------------------------------------------------------------------------------------
+
+
+def evaluate_vae(vae: Any, loaded: LoadedImages, batch_size: int, out: Path) -> tuple[dict[str, Any], Section]:
+    """Validation PSNR, codebook usage and a reconstruction grid."""
+    section = Section("VAE")
+    if not loaded.images:
+        section.text("No readable validation images: nothing to measure.")
+        return {"skipped": "no validation images"}, section
+    device = next(vae.parameters()).device
+    psnrs, counts, originals, recons = [], torch.zeros(vae.codebook_size, dtype=torch.long), [], []
+    batches = range(0, len(loaded.images), batch_size)
+    for start in tqdm(batches, desc="VAE reconstructions", file=sys.stderr, leave=False):
+        pixels = torch.stack([to_tensor(im, vae.image_size) for im in loaded.images[start : start + batch_size]])
+        tokens = vae.encode(pixels.to(device))  # (B, h, w)
+        recon = vae.decode(tokens).float().cpu()  # (B, 3, H, W)
+        psnrs.append(M.batch_psnr(pixels, recon))
+        counts += M.token_counts(tokens, vae.codebook_size)
+        if len(originals) < 8:
+            originals += [to_pil(p) for p in pixels[: 8 - len(originals)]]
+            recons += [to_pil(r) for r in recon[: 8 - len(recons)]]
+    per_image = torch.cat(psnrs)
+    usage = M.codebook_usage(counts)
+    grid = "vae_reconstructions.png"
+    plot_image_rows([("original", originals), ("reconstruction", recons)], out / grid)
+    result = {
+        "images": len(loaded.images),
+        "psnr_db": float(per_image.mean()),
+        "psnr_db_min": float(per_image.min()),
+        "codebook": usage.to_dict(),
+        "grid_size": vae.grid_size,
+        "image_size": vae.image_size,
+    }
+    section.text(
+        f"Validation images: **{len(loaded.images)}** at {vae.image_size}x{vae.image_size} px, "
+        f"{vae.grid_size}x{vae.grid_size} tokens each, codebook of {vae.codebook_size}."
+    )
+    section.table(
+        ("figure", "value"),
+        [
+            ("PSNR (mean over images)", fmt(result["psnr_db"], 2, " dB")),
+            ("PSNR (worst image)", fmt(result["psnr_db_min"], 2, " dB")),
+            ("codes used", f"{usage.used} / {usage.size} ({100 * usage.fraction:.1f}%)"),
+            ("code perplexity", f"{usage.perplexity:.1f} (over {usage.token_count} tokens)"),
+        ],
+    )
+    section.figure(grid, "Validation images (top) and their reconstructions (bottom).")
+    return result, section
+
+
+# --- CLIP --------------------------------------------------------------------------------------
+
+
+def _caption_key(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def relevance_matrix(records: Sequence[Record]) -> torch.Tensor:
+    """(N texts, N images): text i (the first caption of record i) answers image j when j has that caption."""
+    keys = [{_caption_key(c) for c in r.captions} for r in records]
+    texts = [_caption_key(r.captions[0]) for r in records]
+    return torch.tensor([[text in image_keys for image_keys in keys] for text in texts], dtype=torch.bool)
+
+
+def color_class_texts(color: str, icons: Sequence[str]) -> list[str]:
+    """Prompts for one colour: the dataset's first caption template over the given icons, or a plain
+    "a {colour} icon" when the data has no icon names."""
+    from duomodal.data.icons import captions_for
+
+    if not icons:
+        return [f"a {color} icon"]
+    return [captions_for(icon, color)[0] for icon in icons]
+
+
+def class_embeddings(embed_texts: Callable[[list[str]], torch.Tensor], prompt_sets: Sequence[list[str]]) -> torch.Tensor:
+    """(C, D): for each class, the normalised mean of its prompts' embeddings (prompt ensembling)."""
+    flat = [p for prompts in prompt_sets for p in prompts]
+    embedded = torch.nn.functional.normalize(embed_texts(flat).float(), dim=-1)
+    rows, start = [], 0
+    for prompts in prompt_sets:
+        rows.append(embedded[start : start + len(prompts)].mean(0))
+        start += len(prompts)
+    return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+
+def evaluate_clip_split(clip: Any, loaded: LoadedImages, palette: dict[str, str], icons: list[str],
+                        seed: int) -> dict[str, Any]:
+    """Recall@k both ways and zero-shot colour (and icon) accuracy on one split."""
+    records = loaded.records
+    result: dict[str, Any] = {"images": len(records)}
+    if not records:
+        return result
+    image_features = clip.embed_images(loaded.images)  # (N, D)
+    text_features = clip.embed_texts([r.captions[0] for r in records])  # (N, D)
+    similarity = text_features.float() @ image_features.float().T  # (N texts, N images)
+    relevant = relevance_matrix(records)
+    for k in RECALL_KS:
+        result[f"text_to_image_recall@{k}"] = M.recall_at_k(similarity, relevant, k).to_dict()
+        result[f"image_to_text_recall@{k}"] = M.recall_at_k(similarity.T, relevant.T, k).to_dict()
+    ensemble_icons = sample_strings(icons, 32, seed)
+    colored = [i for i, r in enumerate(records) if r.labels.get("color") in palette]
+    if colored:
+        colors = list(palette)
+        classes = class_embeddings(clip.embed_texts, [color_class_texts(c, ensemble_icons) for c in colors])
+        labels = [colors.index(records[i].labels["color"]) for i in colored]
+        result["zero_shot_color"] = M.zero_shot_accuracy(image_features[colored], classes, labels).to_dict()
+        result["zero_shot_color"]["classes"] = len(colors)
+    with_icon = [i for i, r in enumerate(records) if r.labels.get("icon") in icons]
+    if with_icon and len(icons) > 1:
+        from duomodal.data.icons import captions_for
+
+        colors = list(palette)
+        classes = class_embeddings(clip.embed_texts, [[captions_for(icon, c)[0] for c in colors] for icon in icons])
+        labels = [icons.index(records[i].labels["icon"]) for i in with_icon]
+        result["zero_shot_icon"] = M.zero_shot_accuracy(image_features[with_icon], classes, labels).to_dict()
+        result["zero_shot_icon"]["classes"] = len(icons)
+    return result
+
+
+def sample_strings(items: Sequence[str], limit: int, seed: int) -> list[str]:
+    items = sorted(items)
+    if len(items) <= limit:
+        return items
+    return sorted(random.Random(seed).sample(items, limit))
+
+
+def clip_section(results: dict[str, dict[str, Any]], clip_path: Path, model_id: str) -> Section:
+    section = Section("CLIP")
+    section.text(f"`{clip_path}` (model id `{model_id}`). Each image is paired with its first caption.")
+    rows = []
+    for split, r in results.items():
+        if not r.get("images"):
+            rows.append((split, "0", *(["n/a"] * 8)))
+            continue
+        rows.append((
+            split, str(r["images"]),
+            *(fmt_accuracy(r.get(f"text_to_image_recall@{k}")) for k in RECALL_KS),
+            *(fmt_accuracy(r.get(f"image_to_text_recall@{k}")) for k in RECALL_KS),
+            fmt_accuracy(r.get("zero_shot_color")),
+            fmt_accuracy(r.get("zero_shot_icon")),
+        ))
+    section.table(
+        ("split", "images", "T→I R@1", "T→I R@5", "T→I R@10", "I→T R@1", "I→T R@5", "I→T R@10",
+         "zero-shot colour", "zero-shot icon"),
+        rows,
+        caption="Recall@k: share of queries whose match is among the k most similar items of the split "
+        "(k larger than the split counts every item).",
+    )
+    section.text(
+        "Zero-shot colour: each palette colour becomes a text classifier, the mean embedding of the "
+        "dataset's first caption template over up to 32 icon names (\"a red heart icon\", \"a red star icon\"...); "
+        "an image is right when its own colour's classifier is the most similar. Zero-shot icon: the same "
+        "with one classifier per icon name, averaged over the palette colours."
+    )
+    return section
+
+
+# --- training curves ------------------------------------------------------------------------------
+
+
+def curves_section(runs: dict[str, Path | None], out: Path) -> tuple[dict[str, Any], Section]:
+    section = Section("Training curves")
+    result: dict[str, Any] = {}
+    for name, run_dir in runs.items():
+        if run_dir is None:
+            continue
+        log_path = Path(run_dir) / "metrics.jsonl"
+        if not log_path.is_file():
+            section.text(f"{name}: no `metrics.jsonl` in `{run_dir}` (not a training run directory).")
+            result[name] = {"skipped": f"no metrics.jsonl in {run_dir}"}
+            continue
+        file = f"curves_{name.lower().replace(' ', '_').replace('-', '_')}.png"
+        drawn = plot_training_curves(log_path, out / file, f"{name}: {run_dir}")
+        if not drawn:
+            section.text(f"{name}: `{log_path}` holds no numeric series.")
+            result[name] = {"skipped": f"{log_path} holds no numeric series"}
+            continue
+        section.figure(file, f"{name} training run `{run_dir}`: {', '.join(drawn)}.")
+        result[name] = {"figure": file, "series": drawn}
+    if not section.blocks:
+        section.text("No runs given.")
+    return result, section
+
+
+# --- the whole evaluation --------------------------------------------------------------------------
+
+
+def run_evaluation(options: EvalOptions, log: Log | None = None) -> EvalResult:
+    """Measure every given component on the dataset and write report.md, report.html, metrics.json."""
+    from duomodal.evaluate.samples import evaluate_dalle
+
+    log = log or (lambda message: None)
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(options)
+    records = load_records(options.data, options.val_fraction)
+    palette = dataset_palette(Path(options.data))
+    by_split = {s: [r for r in records if r.split == s] for s in ("train", "val", "heldout")}
+    icons = sorted({r.labels["icon"] for r in records if "icon" in r.labels})
+    skipped: list[str] = []
+    metrics: dict[str, Any] = {
+        "data": {
+            "root": str(Path(options.data).absolute()),
+            "counts": {s: len(v) for s, v in by_split.items()},
+            "icons": len(icons),
+            "palette": palette,
+            "has_color_labels": _labelled(records, "color"),
+        },
+        "settings": {
+            "prompts_per_split": options.prompts, "samples_per_prompt": options.samples_per_prompt,
+            "rerank_from": options.rerank_from, "seed": options.seed, "max_images": options.max_images,
+            "device": str(device),
+        },
+    }
+    overview = Section("Overview")
+    overview.text(
+        f"Dataset `{metrics['data']['root']}`: {len(records)} captioned images "
+        f"(train {len(by_split['train'])}, val {len(by_split['val'])}, held-out {len(by_split['heldout'])}), "
+        f"{len(icons)} icon names, palette of {len(palette)} colours."
+    )
+    components = {"VAE": options.vae, "DALL-E": options.dalle, "CLIP": options.clip, "judge CLIP": options.judge_clip}
+    overview.table(("component", "directory"), [(k, f"`{v}`" if v else "not given: its sections are skipped")
+                                               for k, v in components.items()])
+    sections = [overview]
+
+    loaded: dict[str, LoadedImages] = {}
+
+    def split_images(split: str) -> LoadedImages:
+        if split not in loaded:
+            chosen = sample_records(by_split[split], options.max_images, options.seed)
+            loaded[split] = load_images(chosen, log, skipped)
+        return loaded[split]
+
+    if options.vae is not None:
+        from duomodal.models.vae import load_vae
+
+        vae = load_vae(options.vae, device=device)
+        metrics["vae"], section = evaluate_vae(vae, split_images("val"), options.batch_size, out)
+        metrics["vae"]["path"] = str(options.vae)
+        sections.append(section)
+        del vae
+    else:
+        metrics["vae"] = {"skipped": "no --vae given"}
+
+    if options.dalle is not None:
+        metrics["dalle"], dalle_sections = evaluate_dalle(options, device, split_images, by_split, palette,
+                                                          icons, out, log)
+        sections += dalle_sections
+    else:
+        metrics["dalle"] = {"skipped": "no --dalle given"}
+
+    if options.clip is not None:
+        from duomodal.models.clip import load_clip
+
+        clip = load_clip(options.clip, device=device)
+        clip_results = {}
+        for split in tqdm(EVAL_SPLITS, desc="CLIP figures", file=sys.stderr, leave=False):
+            clip_results[split] = evaluate_clip_split(clip, split_images(split), palette, icons, options.seed)
+        metrics["clip"] = {"path": str(options.clip), "model_id": clip.model_id, **clip_results}
+        sections.append(clip_section(clip_results, options.clip, clip.model_id))
+    else:
+        metrics["clip"] = {"skipped": "no --clip given"}
+
+    runs = {"VAE": options.vae, "DALL-E": options.dalle, "CLIP": options.clip, "judge CLIP": options.judge_clip}
+    metrics["curves"], section = curves_section(runs, out)
+    sections.append(section)
+    metrics["skipped_images"] = skipped
+    if skipped:
+        overview.text(f"{len(skipped)} unreadable image(s) were skipped (listed in metrics.json).")
+    paths = write_report(out, "duomodal evaluation report", sections, metrics)
+    return EvalResult(metrics, paths)

@@ -1,0 +1,375 @@
+"""The DALL-E part of the evaluation: likelihood of real images, and what it draws for a fixed prompt set.
+
+Prompts are a seeded sample of (icon, colour) pairs from the training split and from the held-out
+split (combinations the models never saw); each prompt is the dataset's first caption of that pair.
+For every prompt R images are generated (image i from seed + i). "Without reranking" keeps the first
+k, "with reranking" the k that the reranking CLIP (--clip) scores best: same generations, only the
+choice differs, so the difference is reranking alone.
+
+Colour accuracy: the dominant non-background colour of each kept image (``metrics.dominant_color``)
+against the colour word of its prompt. Shape accuracy: an independent judge CLIP (--judge-clip, a
+different model from the reranker) must rank the prompted icon name first among all icon names of
+the dataset (prompts "a <colour> <icon> icon", colour fixed to the prompt's, so only the shape
+decides). Without an independent judge, shape accuracy is reported as not measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from duomodal.data.images import to_tensor
+from duomodal.data.records import Record
+from duomodal.evaluate import metrics as M
+from duomodal.evaluate.report import Section, fmt, fmt_accuracy, plot_image_rows
+
+PROMPT_SPLITS = ("train", "heldout")
+LIKELIHOOD_SPLITS = ("train", "val", "heldout")
+SEED_STRIDE = 100_003  # prompt p samples from seeds options.seed + p * SEED_STRIDE + i
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str  # the dataset's first caption of the pair
+    icon: str
+    color: str
+    record: Record  # the dataset image of the pair (a reference in the grid)
+
+
+def choose_prompts(records: Sequence[Record], count: int, seed: int, palette: dict[str, str]) -> list[Prompt]:
+    """A seeded sample of distinct (icon, colour) pairs among labelled records, in a fixed order."""
+    pairs: dict[tuple[str, str], Record] = {}
+    for r in sorted(records, key=lambda r: str(r.path)):
+        icon, color = r.labels.get("icon"), r.labels.get("color")
+        if icon and color in palette:
+            pairs.setdefault((icon, color), r)
+    keys = sorted(pairs)
+    if len(keys) > count:
+        keys = sorted(random.Random(seed).sample(keys, count))
+    return [Prompt(pairs[k].captions[0], k[0], k[1], pairs[k]) for k in keys]
+
+
+# --- likelihood -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def image_token_nats(dalle: Any, images: Sequence[Image.Image], captions: Sequence[str], batch_size: int) -> tuple[float, int]:
+    """(mean cross-entropy in nats per image token, tokens counted) of real images given their captions."""
+    if not images:
+        raise M.MetricError("no images to measure the likelihood of")
+    was_training = dalle.training
+    dalle.eval()
+    device = next(dalle.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = torch.stack([to_tensor(im, dalle.vae.image_size) for im in chunk]).to(device)
+            tokens = dalle.vae.encode(pixels).flatten(1).to(device)  # (B, N)
+            text = dalle.tokenizer.encode_batch(list(captions[start : start + batch_size]),
+                                                dalle.config.text_seq_len, truncate=True).to(device)  # (B, T)
+            _, image_logits = dalle(text, tokens[:, :-1])  # (B, N, V)
+            total += float(F.cross_entropy(image_logits.float().flatten(0, 1), tokens.flatten(), reduction="sum"))
+            count += tokens.numel()
+    finally:
+        dalle.train(was_training)
+    return total / count, count
+
+
+# --- judging ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Judge:
+    """Shape judge: which icon name an independent CLIP ranks first for an image, the colour held fixed."""
+
+    clip: Any
+    icons: list[str]
+    _classes: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def class_embeddings(self, color: str) -> torch.Tensor:
+        from duomodal.data.icons import captions_for
+
+        if color not in self._classes:
+            texts = [captions_for(icon, color)[0] for icon in self.icons]
+            self._classes[color] = F.normalize(self.clip.embed_texts(texts).float(), dim=-1)  # (C, D)
+        return self._classes[color]
+
+    def predict(self, images: Sequence[Image.Image], color: str) -> list[str]:
+        features = self.clip.embed_images(list(images))  # (N, D)
+        indices = M.zero_shot_predictions(features, self.class_embeddings(color))
+        return [self.icons[i] for i in indices.tolist()]
+
+
+def run_info(directory: Path | None) -> dict[str, Any]:
+    """Seed and data of a training run, from its run.json (empty when absent)."""
+    if directory is None:
+        return {}
+    path = Path(directory) / "run.json"
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    train = run.get("train", {}) if isinstance(run, dict) else {}
+    data = run.get("data", {}) if isinstance(run, dict) else {}
+    info = {}
+    if isinstance(train, dict) and "seed" in train:
+        info["seed"] = train["seed"]
+    for key in ("root", "path", "dir", "data"):
+        if isinstance(data, dict) and isinstance(data.get(key), str):
+            info["data"] = data[key]
+    return info
+
+
+def independence(options: Any, reranker_id: str | None, judge_id: str | None) -> tuple[bool, str]:
+    """(is the judge independent of the reranker, the sentence that says why or why not)."""
+    if options.judge_clip is None:
+        return False, ("no --judge-clip given; the reranking CLIP would be judging its own choices, "
+                       "which flatters reranking")
+    if reranker_id is not None and judge_id == reranker_id:
+        return False, (f"--judge-clip has the same weights as --clip (model id {judge_id}); give a CLIP "
+                       "trained separately (another seed or another dataset) or a pretrained one")
+    judge_run, rerank_run = run_info(options.judge_clip), run_info(options.clip)
+    how = [f"judge `{options.judge_clip}` (model id `{judge_id}`) has different weights from the reranker"
+           + (f" `{options.clip}` (model id `{reranker_id}`)" if reranker_id else " (no reranker given)")]
+    if "seed" in judge_run and "seed" in rerank_run:
+        how.append(f"trained with seed {judge_run['seed']} vs {rerank_run['seed']}")
+        if judge_run["seed"] == rerank_run["seed"] and judge_run.get("data") == rerank_run.get("data"):
+            how.append("(same seed and data: weak independence)")
+    if not judge_run:
+        how.append("the judge is not a duomodal training run (e.g. a pretrained CLIP)")
+    return True, "; ".join(how)
+
+
+# --- samples ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptSamples:
+    prompt: Prompt
+    images: list[Image.Image]  # all R generated
+    colors: list[str | None]  # dominant colour of each generated image
+    shapes: list[str] | None  # judge's icon for each generated image (None without a judge)
+    rerank_scores: list[float] | None  # reranking CLIP score of each image
+    judge_scores: list[float] | None  # judge CLIP score of each image with the prompt
+    first: list[int]  # indices kept without reranking
+    best: list[int] | None  # indices kept with reranking, best first
+
+
+def sample_prompt(dalle: Any, prompt: Prompt, index: int, options: Any, palette: dict[str, str],
+                  reranker: Any, judge: Judge | None, generated: int) -> PromptSamples:
+    from duomodal.generate import generate_images
+
+    result = generate_images(dalle, prompt.text, num=generated, seed=options.seed + index * SEED_STRIDE,
+                             batch_size=min(generated, options.batch_size))
+    images = result.images
+    colors = [M.dominant_color(im, palette) for im in images]
+    shapes = judge.predict(images, prompt.color) if judge is not None else None
+    k = options.samples_per_prompt
+    rerank_scores = best = None
+    if reranker is not None:
+        rerank_scores = [float(s) for s in reranker.score(images, [prompt.text])]
+        best = sorted(range(len(images)), key=lambda i: -rerank_scores[i])[:k]
+    judge_scores = [float(s) for s in judge.clip.score(images, [prompt.text])] if judge is not None else None
+    return PromptSamples(prompt, images, colors, shapes, rerank_scores, judge_scores, list(range(k)), best)
+
+
+def summarise(samples: Sequence[PromptSamples], choice: str) -> dict[str, Any]:
+    """Accuracies and mean scores over the kept images of every prompt; choice: "first" or "best"."""
+    colors_predicted, colors_expected, shapes_predicted, shapes_expected = [], [], [], []
+    rerank, judge = [], []
+    for s in samples:
+        kept = s.first if choice == "first" else (s.best or [])
+        colors_predicted += [s.colors[i] for i in kept]
+        colors_expected += [s.prompt.color] * len(kept)
+        if s.shapes is not None:
+            shapes_predicted += [s.shapes[i] for i in kept]
+            shapes_expected += [s.prompt.icon] * len(kept)
+        if s.rerank_scores is not None:
+            rerank += [s.rerank_scores[i] for i in kept]
+        if s.judge_scores is not None:
+            judge += [s.judge_scores[i] for i in kept]
+    out: dict[str, Any] = {
+        "prompts": len(samples),
+        "images": len(colors_expected),
+        "color_accuracy": M.accuracy(colors_predicted, colors_expected).to_dict(),
+    }
+    if shapes_expected:
+        out["shape_accuracy"] = M.accuracy(shapes_predicted, shapes_expected).to_dict()
+    if rerank:
+        out["clip_score"] = M.mean_score(rerank)
+    if judge:
+        out["judge_clip_score"] = M.mean_score(judge)
+    return out
+
+
+def _grid(samples: Sequence[PromptSamples], choice: str, path: Path) -> None:
+    rows, titles = [], []
+    for s in samples:
+        kept = s.first if choice == "first" else (s.best or [])
+        reference = [load_reference(s.prompt) or Image.new("RGB", s.images[0].size, "white")]
+        rows.append(("\n".join(textwrap.wrap(s.prompt.text, 28)), reference + [s.images[i] for i in kept]))
+        titles.append(["dataset"] + [str(s.colors[i]) + ("" if s.shapes is None else f"\n{s.shapes[i]}")
+                                     for i in kept])
+    plot_image_rows(rows, path, cell_titles=titles)
+
+
+# --- the DALL-E section ---------------------------------------------------------------------------------
+
+
+def evaluate_dalle(options: Any, device: torch.device, split_images: Callable[[str], Any],
+                   by_split: dict[str, list[Record]], palette: dict[str, str], icons: list[str], out: Path,
+                   log: Callable[[str], None]) -> tuple[dict[str, Any], list[Section]]:
+    from duomodal.models.dalle import load_dalle
+
+    dalle = load_dalle(options.dalle, device=device)
+    result: dict[str, Any] = {"path": str(options.dalle)}
+    likelihood = Section("DALL-E: likelihood of real images")
+    rows = []
+    result["bits_per_image_token"] = {}
+    for split in tqdm(LIKELIHOOD_SPLITS, desc="DALL-E likelihood", file=sys.stderr, leave=False):
+        loaded = split_images(split)
+        if not loaded.images:
+            result["bits_per_image_token"][split] = {"bits": None, "images": 0}
+            rows.append((split, "0", "n/a", "n/a"))
+            continue
+        nats, tokens = image_token_nats(dalle, loaded.images, [r.captions[0] for r in loaded.records],
+                                        options.batch_size)
+        bits = M.bits_per_token(nats)
+        result["bits_per_image_token"][split] = {"bits": bits, "nats": nats, "images": len(loaded.images),
+                                                 "tokens": tokens}
+        rows.append((split, str(len(loaded.images)), fmt(bits, 3), fmt(nats, 3)))
+    likelihood.table(("split", "images", "bits / image token", "nats / image token"), rows,
+                     caption=f"Cross-entropy of the VAE tokens of real images given their first caption "
+                     f"(uniform guessing would be {M.bits_per_token(math.log(dalle.vae.codebook_size)):.2f} bits).")
+    sections = [likelihood]
+
+    samples_section = Section("DALL-E: samples, colour and shape accuracy")
+    sections.append(samples_section)
+    if not _has_labels(by_split):
+        reason = "the dataset has no icon/color labels (an icon dataset from `duomodal data icons` has them)"
+        samples_section.text(f"Not measured: {reason}.")
+        result["samples"] = {"skipped": reason}
+        return result, sections
+
+    reranker = judge = None
+    reranker_id = judge_id = None
+    if options.clip is not None:
+        from duomodal.models.clip import load_clip
+
+        reranker = load_clip(options.clip, device=device)
+        reranker_id = reranker.model_id
+    if options.judge_clip is not None:
+        from duomodal.models.clip import load_clip
+
+        judge_clip = load_clip(options.judge_clip, device=device)
+        judge_id = judge_clip.model_id
+    independent, how = independence(options, reranker_id, judge_id)
+    if independent and len(icons) > 1:
+        judge = Judge(judge_clip, icons)
+    elif independent:
+        independent, how = False, f"the dataset has {len(icons)} icon name(s); ranking needs at least 2"
+    result["judge"] = {"path": str(options.judge_clip) if options.judge_clip else None, "model_id": judge_id,
+                       "independent": independent, "how": how}
+    generated = options.rerank_from if reranker is not None else options.samples_per_prompt
+    k = options.samples_per_prompt
+    result["samples"], result["reranking"], result["prompts"] = {}, {}, {}
+    table_rows, rerank_rows, judge_rows = [], [], []
+    for split in PROMPT_SPLITS:
+        prompts = choose_prompts(by_split[split], options.prompts, options.seed, palette)
+        result["prompts"][split] = [{"prompt": p.text, "icon": p.icon, "color": p.color} for p in prompts]
+        if not prompts:
+            result["samples"][split] = {"prompts": 0, "images": 0}
+            table_rows.append((split, "0", "0", "n/a", "n/a"))
+            continue
+        samples = [sample_prompt(dalle, p, i, options, palette, reranker, judge, generated)
+                   for i, p in enumerate(tqdm(prompts, desc=f"sampling {split} prompts", file=sys.stderr, leave=False))]
+        first = summarise(samples, "first")
+        result["samples"][split] = first
+        if judge is None:
+            first["shape_accuracy"] = {"accuracy": None, "correct": 0, "count": 0, "reason": how}
+        table_rows.append((split, str(first["prompts"]), str(first["images"]),
+                           fmt_accuracy(first["color_accuracy"]), _shape_cell(first, judge)))
+        grid = f"dalle_samples_{split}.png"
+        _grid(samples, "first", out / grid)
+        samples_section.figure(grid, f"{split} prompts: the dataset image, then the first {k} samples "
+                               "(titles: dominant colour" + (", judge's icon)" if judge else ")"))
+        if judge is not None:
+            references = [(p, load_reference(p)) for p in prompts]
+            judged = [judge.predict([im], p.color)[0] for p, im in references if im is not None]
+            judge_rows.append((split, M.accuracy(judged, [p.icon for p, im in references if im is not None])))
+        if reranker is not None:
+            best = summarise(samples, "best")
+            if judge is None:
+                best["shape_accuracy"] = dict(first["shape_accuracy"])
+            result["reranking"][split] = {"without": first, "with": best}
+            for name, entry in (("first k", first), ("best k by CLIP", best)):
+                rerank_rows.append((split, name, str(entry["images"]), fmt_accuracy(entry["color_accuracy"]),
+                                    _shape_cell(entry, judge), fmt(entry.get("clip_score"), 3),
+                                    fmt(entry.get("judge_clip_score"), 3)))
+            grid = f"dalle_reranked_{split}.png"
+            _grid(samples, "best", out / grid)
+            samples_section.figure(grid, f"{split} prompts after reranking: best {k} of {generated} by CLIP score.")
+    samples_section.blocks.insert(0, _samples_table(table_rows, k))
+    samples_section.blocks.insert(1, f"Shape judge: {how}." if independent else
+                                  f"Shape accuracy: **not measured**: {how}.")
+    if judge_rows:
+        samples_section.blocks.insert(2, "Judge calibration (the judge on the dataset's own image of each prompt): "
+                                      + "; ".join(f"{s}: {a}" for s, a in judge_rows) + ".")
+        result["judge"]["accuracy_on_dataset_images"] = {s: a.to_dict() for s, a in judge_rows}
+    sections.append(_rerank_section(rerank_rows, options, reranker is not None, generated, k))
+    return result, sections
+
+
+def load_reference(prompt: Prompt) -> Image.Image | None:
+    """The dataset's image of the prompt's pair, or None when it cannot be read."""
+    from duomodal.data.images import load_image
+
+    try:
+        return load_image(prompt.record.path)
+    except ValueError:
+        return None
+
+
+def _has_labels(by_split: dict[str, list[Record]]) -> bool:
+    return any("icon" in r.labels and "color" in r.labels for records in by_split.values() for r in records)
+
+
+def _shape_cell(entry: dict[str, Any], judge: Judge | None) -> str:
+    if judge is None:
+        return "not measured"
+    return fmt_accuracy(entry.get("shape_accuracy"))
+
+
+def _samples_table(rows: list[tuple[str, ...]], k: int):
+    from duomodal.evaluate.report import Table
+
+    return Table(("prompts from", "prompts", "images", "colour accuracy", "shape accuracy"), tuple(rows),
+                 caption=f"First {k} samples per prompt, no reranking. Held-out prompts are (icon, colour) "
+                 "pairs the models never saw in training.")
+
+
+def _rerank_section(rows: list[tuple[str, ...]], options: Any, reranking: bool, generated: int, k: int) -> Section:
+    section = Section("Reranking with CLIP")
+    if not reranking:
+        section.text("Not measured: no --clip given to rerank with.")
+        return section
+    section.text(f"{generated} images per prompt; *first k* keeps the first {k}, *best k by CLIP* keeps the {k} "
+                 "that the reranking CLIP scores highest. CLIP score: the reranking CLIP's cosine similarity of "
+                 "image and prompt (it is what reranking maximises, so it rises by construction); judge score: "
+                 "the same by the independent judge, when there is one.")
+    section.table(("prompts from", "kept", "images", "colour accuracy", "shape accuracy", "CLIP score",
+                   "judge score"), rows)
+    return section

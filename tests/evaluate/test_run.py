@@ -1,0 +1,272 @@
+"""`duomodal eval` with stand-in models whose answers are known, so every figure can be checked.
+
+The VAE is a real (untrained) DiscreteVAE saved in a model directory. The DALL-E stand-in predicts
+uniform logits (so bits per image token is exactly log2 of the codebook size) and "generates"
+shapes in the prompted colour for even seeds and in the wrong colour for odd ones. The CLIP
+stand-ins embed an image by its colour (the reranker) or by its shape (the judge), and a text by
+the colour or shape word it contains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from duomodal.cli import main
+from duomodal.config import save_json, to_dict
+from duomodal.data.icons import captions_for
+from duomodal.evaluate import EvalError, EvalOptions, run_evaluation
+from duomodal.evaluate.metrics import dominant_color
+from duomodal.modelfile import save_model
+from duomodal.models.vae import DiscreteVAE, VAEConfig
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
+PALETTE = {name: "#%02x%02x%02x" % rgb for name, rgb in COLORS.items()}
+SHAPES = ("square", "circle", "triangle")
+HELDOUT = {("triangle", "yellow"), ("circle", "blue")}
+VAL = {("square", "green"), ("circle", "red")}
+
+
+def labelled_shapes(root: Path, shape_dataset: Path) -> Path:
+    """The conftest shape images with an icon-dataset manifest: icon/color labels, splits, palette."""
+    shutil.copytree(shape_dataset, root)
+    lines = []
+    for png in sorted(root.glob("*.png")):
+        color, shape, copy = png.stem.split("_")
+        split = "heldout" if (shape, color) in HELDOUT else "val" if (shape, color) in VAL and copy == "1" else "train"
+        lines.append(json.dumps({"file": png.name, "caption": list(captions_for(shape, color)), "icon": shape,
+                                 "color": color, "split": split, "heldout": split == "heldout"}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    save_json({"palette": PALETTE, "size": 16}, root / "dataset.json")
+    return root
+
+
+@pytest.fixture
+def data(tmp_path, shape_dataset) -> Path:
+    return labelled_shapes(tmp_path / "shapes", shape_dataset)
+
+
+@pytest.fixture
+def vae_dir(tmp_path) -> Path:
+    config = VAEConfig(image_size=16, n_downsample=2, width=8, max_width=16, codebook_size=16, codebook_dim=8)
+    directory = tmp_path / "vae"
+    save_model(directory, "vae", to_dict(config), DiscreteVAE(config).state_dict())
+    rows = [{"split": "train", "step": s, "loss": 1.0 / s, "lr": 1e-3} for s in (1, 2, 3)]
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory
+
+
+def draw(shape: str, color: str, size: int = 16) -> Image.Image:
+    image = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(image)
+    box = (3, 3, size - 4, size - 4)
+    {"square": d.rectangle, "circle": d.ellipse}.get(shape, lambda b, fill: d.polygon(
+        [(size // 2, 3), (3, size - 4), (size - 4, size - 4)], fill=fill))(box, fill=COLORS[color])
+    image.info["shape"] = shape  # what the judge stand-in looks at
+    return image
+
+
+def words(text: str, vocabulary) -> str | None:
+    return next((w for w in vocabulary if w in text.split()), None)
+
+
+class FakeClip:
+    """Embeds images by colour ("color") or by their drawn shape ("shape"); texts by the word they contain."""
+
+    def __init__(self, by: str, model_id: str):
+        self.by, self.model_id, self.dim = by, model_id, 8
+        self.names = list(COLORS) if by == "color" else list(SHAPES)
+
+    def _one_hot(self, name: str | None) -> torch.Tensor:
+        v = torch.full((self.dim,), 0.01)
+        if name in self.names:
+            v[self.names.index(name)] = 1.0
+        return torch.nn.functional.normalize(v, dim=0)
+
+    def embed_images(self, images):
+        if self.by == "color":
+            return torch.stack([self._one_hot(dominant_color(im, PALETTE)) for im in images]).reshape(-1, self.dim)
+        return torch.stack([self._one_hot(im.info.get("shape")) for im in images]).reshape(-1, self.dim)
+
+    def embed_texts(self, texts):
+        return torch.stack([self._one_hot(words(t.replace(",", " "), self.names)) for t in texts]).reshape(-1, self.dim)
+
+    def score(self, images, texts):
+        texts = list(texts) * len(images) if len(texts) == 1 else texts
+        return (self.embed_images(images) * self.embed_texts(texts)).sum(-1)
+
+
+class FakeDalle(torch.nn.Module):
+    """Uniform image logits; carries a real VAE; a tokenizer stand-in."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.vae = vae
+        self.config = types.SimpleNamespace(text_seq_len=4, image_size=vae.image_size)
+        self.tokenizer = types.SimpleNamespace(
+            encode_batch=lambda texts, n, truncate=False: torch.zeros(len(texts), n, dtype=torch.long))
+
+    def forward(self, text, image):
+        B, n = image.shape
+        return None, torch.zeros(B, n + 1, self.vae.codebook_size) + self.weight
+
+
+def fake_generate(dalle, prompt, num=16, keep=None, scorer=None, seed=0, batch_size=16, **kwargs):
+    """Even seeds: the prompted shape in the prompted colour; odd seeds: the wrong colour and shape."""
+    color, shape = words(prompt.replace(",", " "), COLORS), words(prompt.replace(",", " "), SHAPES)
+    wrong_color = [c for c in COLORS if c != color][0]
+    wrong_shape = [s for s in SHAPES if s != shape][0]
+    images = [draw(shape, color) if (seed + i) % 2 == 0 else draw(wrong_shape, wrong_color) for i in range(num)]
+    return types.SimpleNamespace(images=images, scores=None, prompt=prompt)
+
+
+@pytest.fixture
+def fakes(monkeypatch, vae_dir):
+    from duomodal.models.vae import load_vae
+
+    clips = {"reranker": FakeClip("color", "fake:reranker"), "judge": FakeClip("shape", "fake:judge"),
+             "same": FakeClip("shape", "fake:reranker")}
+    monkeypatch.setattr("duomodal.models.clip.load_clip", lambda path, device=None: clips[Path(path).name])
+    monkeypatch.setattr("duomodal.models.dalle.load_dalle", lambda path, device=None: FakeDalle(load_vae(vae_dir)))
+    monkeypatch.setattr("duomodal.generate.generate_images", fake_generate)
+    return clips
+
+
+def options(data, out, **changes) -> EvalOptions:
+    base = dict(data=data, out=out, prompts=3, samples_per_prompt=2, rerank_from=4, seed=0)
+    return EvalOptions(**{**base, **changes})
+
+
+def test_full_evaluation_with_known_answers(tmp_path, data, vae_dir, fakes):
+    out = tmp_path / "report"
+    result = run_evaluation(options(data, out, vae=vae_dir, dalle=tmp_path / "dalle", clip=tmp_path / "reranker",
+                                    judge_clip=tmp_path / "judge"))
+    m = json.loads((out / "metrics.json").read_text())
+    assert m == json.loads(json.dumps(result.metrics, allow_nan=False))
+    assert m["data"]["counts"] == {"train": 18, "val": 2, "heldout": 4}
+
+    # VAE: an untrained VAE on the 2 val images
+    assert m["vae"]["images"] == 2
+    assert 0 < m["vae"]["psnr_db"] < 100
+    assert m["vae"]["codebook"]["size"] == 16 and m["vae"]["codebook"]["token_count"] == 2 * 4 * 4
+    assert (out / "vae_reconstructions.png").is_file()
+
+    # DALL-E likelihood: uniform logits over 16 codes = 4 bits per token, whatever the images
+    bits = m["dalle"]["bits_per_image_token"]
+    assert bits["train"]["bits"] == pytest.approx(math.log2(16))
+    assert bits["val"]["images"] == 2 and bits["heldout"]["tokens"] == 4 * 16
+
+    # prompts: 3 train pairs, the 2 held-out pairs; each prompt is the pair's first caption
+    prompts = m["dalle"]["prompts"]
+    assert len(prompts["train"]) == 3
+    assert {(p["icon"], p["color"]) for p in prompts["heldout"]} == HELDOUT
+    assert all(p["prompt"] == captions_for(p["icon"], p["color"])[0] for p in prompts["heldout"])
+
+    # first 2 of seeds s, s+1: one right, one wrong, in colour and in shape
+    train = m["dalle"]["samples"]["train"]
+    assert train["color_accuracy"] == {"accuracy": 0.5, "correct": 3, "count": 6}
+    assert train["shape_accuracy"] == {"accuracy": 0.5, "correct": 3, "count": 6}
+    heldout = m["dalle"]["reranking"]["heldout"]
+    assert heldout["without"]["color_accuracy"] == {"accuracy": 0.5, "correct": 2, "count": 4}
+    # reranking by colour keeps the two right images of the four
+    assert heldout["with"]["color_accuracy"] == {"accuracy": 1.0, "correct": 4, "count": 4}
+    assert heldout["with"]["shape_accuracy"]["accuracy"] == 1.0
+    assert heldout["with"]["clip_score"] > heldout["without"]["clip_score"]
+    assert m["dalle"]["judge"]["independent"] is True
+    assert m["dalle"]["judge"]["accuracy_on_dataset_images"]["heldout"]["count"] == 2
+
+    # CLIP: the colour stand-in classifies colour perfectly
+    assert m["clip"]["model_id"] == "fake:reranker"
+    assert m["clip"]["val"]["zero_shot_color"] == {"accuracy": 1.0, "correct": 2, "count": 2, "classes": 4}
+    assert m["clip"]["heldout"]["text_to_image_recall@10"]["count"] == 4
+    assert m["clip"]["heldout"]["text_to_image_recall@10"]["accuracy"] == 1.0
+
+    assert m["curves"]["VAE"]["series"] == ["train loss", "train lr"]
+    assert m["curves"]["DALL-E"]["skipped"].startswith("no metrics.jsonl")
+
+    report = (out / "report.md").read_text()
+    for heading in ("## Overview", "## VAE", "## DALL-E: likelihood of real images",
+                    "## DALL-E: samples, colour and shape accuracy", "## Reranking with CLIP", "## CLIP",
+                    "## Training curves"):
+        assert heading in report
+    assert "| train | 3 | 6 | 50.0% (3/6) | 50.0% (3/6) |" in report
+    assert "| heldout | best k by CLIP | 4 | 100.0% (4/4) | 100.0% (4/4) |" in report
+    assert "Shape judge: judge" in report
+    for figure in ("dalle_samples_train.png", "dalle_samples_heldout.png", "dalle_reranked_heldout.png",
+                   "curves_vae.png"):
+        assert f"]({figure})" in report and (out / figure).is_file()
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 6 and "https://" not in page
+
+
+def test_without_a_judge_shape_accuracy_is_not_measured(tmp_path, data, fakes):
+    out = tmp_path / "report"
+    m = run_evaluation(options(data, out, dalle=tmp_path / "dalle", clip=tmp_path / "reranker")).metrics
+    shape = m["dalle"]["samples"]["train"]["shape_accuracy"]
+    assert shape["accuracy"] is None and shape["reason"].startswith("no --judge-clip given")
+    assert m["dalle"]["reranking"]["train"]["with"]["shape_accuracy"]["accuracy"] is None
+    report = (out / "report.md").read_text()
+    assert "Shape accuracy: **not measured**: no --judge-clip given" in report
+    assert "| train | 3 | 6 | 50.0% (3/6) | not measured |" in report
+    assert m["vae"] == {"skipped": "no --vae given"}
+    assert "| VAE | not given: its sections are skipped |" in report
+
+
+def test_a_judge_with_the_rerankers_weights_is_refused(tmp_path, data, fakes):
+    m = run_evaluation(options(data, tmp_path / "r", dalle=tmp_path / "dalle", clip=tmp_path / "reranker",
+                               judge_clip=tmp_path / "same")).metrics
+    assert m["dalle"]["judge"]["independent"] is False
+    assert "same weights as --clip (model id fake:reranker)" in m["dalle"]["judge"]["how"]
+    assert m["dalle"]["samples"]["heldout"]["shape_accuracy"]["accuracy"] is None
+
+
+def test_without_clip_there_is_no_reranking(tmp_path, data, fakes):
+    out = tmp_path / "report"
+    m = run_evaluation(options(data, out, dalle=tmp_path / "dalle", judge_clip=tmp_path / "judge")).metrics
+    assert m["dalle"]["reranking"] == {}
+    assert m["dalle"]["samples"]["train"]["shape_accuracy"]["count"] == 6
+    assert m["clip"] == {"skipped": "no --clip given"}
+    assert "Not measured: no --clip given to rerank with." in (out / "report.md").read_text()
+
+
+def test_unlabelled_data_skips_the_prompt_figures(tmp_path, shape_dataset, fakes):
+    m = run_evaluation(options(shape_dataset, tmp_path / "r", dalle=tmp_path / "dalle", clip=tmp_path / "reranker")).metrics
+    assert m["dalle"]["samples"]["skipped"].startswith("the dataset has no icon/color labels")
+    assert "zero_shot_color" not in m["clip"]["val"]
+
+
+def test_options_are_checked():
+    with pytest.raises(EvalError, match=r"rerank-from \(2\) must be at least samples-per-prompt \(4\)"):
+        EvalOptions(data=Path("d"), out=Path("o"), clip=Path("c"), samples_per_prompt=4, rerank_from=2)
+    with pytest.raises(EvalError, match="nothing to evaluate: give at least one of --vae, --dalle, --clip"):
+        EvalOptions(data=Path("d"), out=Path("o"))
+    with pytest.raises(EvalError, match="prompts must be at least 1, got 0"):
+        EvalOptions(data=Path("d"), out=Path("o"), clip=Path("c"), prompts=0)
+
+
+def test_cli_eval(tmp_path, data, vae_dir, fakes, capsys):
+    out = tmp_path / "report"
+    code = main(["eval", "--data", str(data), "--vae", str(vae_dir), "--clip", str(tmp_path / "reranker"),
+                 "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "VAE: val PSNR" in captured.out and f"report: {out / 'report.html'}" in captured.out
+    assert "CLIP val: text->image R@1" in captured.out
+    assert (out / "report.md").is_file()
+
+
+def test_cli_eval_errors(tmp_path, capsys):
+    code = main(["eval", "--data", str(tmp_path / "missing"), "--clip", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"duomodal: error: dataset folder {tmp_path / 'missing'} does not exist"
+    code = main(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
