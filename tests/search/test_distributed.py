@@ -1,0 +1,61 @@
+"""`torchrun --nproc_per_node 2` build on CPU: ranks split the embedding, rank 0 merges one index."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from duomodal.search.build import SHARD_DIR, build_index
+from duomodal.search.index import ImageIndex
+
+from .conftest import FakeEmbedder
+from .test_index import make_images
+from .test_resume import vectors_by_path
+
+SCRIPT = """
+import importlib.util, os
+spec = importlib.util.spec_from_file_location("fake", {conftest!r})
+fake = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fake)
+from duomodal.search.build import BuildOptions, build_index
+
+embedder = fake.FakeEmbedder()
+report = build_index({root!r}, {index!r}, embedder, options=BuildOptions(batch_size=3), progress=False)
+with open(os.path.join({out!r}, "rank" + os.environ["RANK"]), "w") as f:
+    f.write(f"{{embedder.images_embedded}} {{report.count}} {{report.embedded}}")
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_build_one_index(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    root = tmp_path / "photos"
+    make_images(root, 17)
+    (root / "broken.png").write_bytes(b"not an image")
+    script = tmp_path / "build.py"
+    conftest = str(Path(__file__).with_name("conftest.py"))
+    script.write_text(SCRIPT.format(conftest=conftest, root=str(root), index=str(tmp_path / "idx"), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = [int(x) for x in (tmp_path / "rank0").read_text().split()]
+    rank1 = [int(x) for x in (tmp_path / "rank1").read_text().split()]
+    assert rank0[0] > 0 and rank1[0] > 0 and rank0[0] + rank1[0] == 17  # the work was shared
+    assert rank0[1:] == [17, 17]  # rank 0 reports the merged index
+    assert not list((tmp_path / "idx" / SHARD_DIR).glob("*"))
+
+    build_index(root, tmp_path / "reference", FakeEmbedder(), progress=False)
+    merged, expected = vectors_by_path(tmp_path / "idx"), vectors_by_path(tmp_path / "reference")
+    assert sorted(merged) == sorted(expected)
+    for path in expected:
+        np.testing.assert_array_equal(merged[path], expected[path])
+    with ImageIndex.open(tmp_path / "idx") as index:
+        assert index.count == 17
