@@ -252,7 +252,28 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "dalle": {},
-    "clip": {},
+    "clip": {
+        # 32 px icons, 8x8 patches of 4 px, small ViT and text transformer; minutes on 2 CPU cores (docs/clip.md)
+        "quick": {
+            "model": {"image_size": 32, "patch_size": 4, "vision_width": 128, "vision_layers": 4, "vision_heads": 4,
+                      "text_width": 128, "text_layers": 3, "text_heads": 4, "context_length": 32,
+                      "vocab_size": 2048, "embed_dim": 128},
+            "train": {"steps": 1500, "batch_size": 256, "lr": 1e-3, "warmup_steps": 100, "weight_decay": 0.1,
+                      "log_every": 25, "val_every": 500, "sample_every": 500, "checkpoint_every": 500},
+            "data": {"image_size": 32},
+            "augment": {"crop_scale_min": 0.8},
+        },
+        # the seed post's scale: 64 px, wider and deeper encoders, more steps (a GPU job)
+        "seed": {
+            "model": {"image_size": 64, "patch_size": 8, "vision_width": 256, "vision_layers": 6, "vision_heads": 8,
+                      "text_width": 256, "text_layers": 6, "text_heads": 8, "context_length": 48,
+                      "vocab_size": 4096, "embed_dim": 256},
+            "train": {"steps": 20000, "batch_size": 512, "lr": 5e-4, "warmup_steps": 1000, "weight_decay": 0.1,
+                      "log_every": 50, "val_every": 1000, "sample_every": 1000, "checkpoint_every": 2000},
+            "data": {"image_size": 64},
+            "augment": {"crop_scale_min": 0.8},
+        },
+    },
 }
 
 

@@ -209,6 +209,13 @@ def duomodal_image_preprocessor(config: ClipConfig) -> Callable[[list[Image.Imag
     return preprocess
 
 
+def trim_padding(input_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Drop the columns after the longest text's EOS: with causal attention and absolute positions the
+    pooled EOS state is unchanged, and short prompts embed several times faster."""
+    used = (input_ids != pad_id).any(0).nonzero()
+    return input_ids[:, : int(used.max()) + 1] if used.numel() else input_ids
+
+
 TextEncoder = Callable[[list[str]], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
@@ -216,7 +223,7 @@ def duomodal_text_encoder(tokenizer: Tokenizer, context_length: int) -> TextEnco
     """Texts -> (input_ids (B, T), None); long texts are truncated (EOS kept)."""
 
     def encode(texts: list[str]) -> tuple[torch.Tensor, None]:
-        return tokenizer.encode_batch(texts, context_length, truncate=True), None
+        return trim_padding(tokenizer.encode_batch(texts, context_length, truncate=True)), None
 
     return encode
 

@@ -1,0 +1,210 @@
+"""CLIP training: the loss by hand, overfitting a batch, 2-process gather parity, zero-shot after training."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from duomodal.cli import main
+from duomodal.models.clip import ClipConfig, ContrastiveClip, load_clip
+from duomodal.train.clip_task import (
+    AugmentConfig,
+    ClipRunConfig,
+    augment_image,
+    contrastive_loss,
+    gather_features,
+)
+
+TINY = dict(
+    image_size=16, patch_size=4, vision_width=32, vision_layers=2, vision_heads=2, text_width=32, text_layers=2,
+    text_heads=2, context_length=16, vocab_size=64, embed_dim=32,
+)
+TINY_SETS = [f"model.{k}={v}" for k, v in TINY.items()] + ["data.image_size=16"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The machine's 2 cores are shared: one thread per test process is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_contrastive_loss_matches_a_hand_computed_case():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    scale = torch.tensor(2.0)
+    # logits_per_image = 2 * image @ text.T = [[2, 1.2], [0, 1.6]]
+    i2t = (-math.log(math.exp(2) / (math.exp(2) + math.exp(1.2))) - math.log(math.exp(1.6) / (1 + math.exp(1.6)))) / 2
+    t2i = (-math.log(math.exp(2) / (math.exp(2) + 1)) - math.log(math.exp(1.6) / (math.exp(1.2) + math.exp(1.6)))) / 2
+    assert contrastive_loss(image, text, scale).item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
+    # perfectly aligned orthogonal pairs at a high temperature scale: loss near zero
+    assert contrastive_loss(image, image, torch.tensor(100.0)).item() < 1e-6
+
+
+def test_gather_outside_torch_distributed_is_the_identity():
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    ga, gb = gather_features(a, b)
+    assert ga is a and gb is b
+
+
+def _batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(n, 3, 16, 16, generator=g)
+    ids = torch.randint(4, 64, (n, 10), generator=g)
+    ids[:, 0] = 2
+    lengths = torch.randint(3, 10, (n,), generator=g)
+    for row, length in enumerate(lengths.tolist()):
+        ids[row, length] = 3
+        ids[row, length + 1 :] = 0
+    return pixels, ids
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = ContrastiveClip.from_config(ClipConfig(**TINY)).train()
+    pixels, ids = _batch(8, seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        out = model(pixel_values=pixels, input_ids=ids)
+        loss = contrastive_loss(out.image, out.text, out.logit_scale)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05, f"loss {loss.item():.4f} after 60 steps on one batch of 8"
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, sys.argv[4])
+    from test_clip_task import TINY, _batch
+    from duomodal.models.clip import ClipConfig, ContrastiveClip
+    from duomodal.train.clip_task import contrastive_loss, gather_features
+
+    rank, init_file, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = ContrastiveClip.from_config(ClipConfig(**TINY)).train()
+    pixels, ids = _batch(8, seed=1)
+    start, end = [(0, 3), (3, 8)][rank]  # uneven shares: 3 and 5 rows
+    net = DistributedDataParallel(model)
+    out = net(pixel_values=pixels[start:end], input_ids=ids[start:end])
+    image, text = gather_features(out.image, out.text)
+    loss = contrastive_loss(image, text, out.logit_scale)
+    loss.backward()
+    tensors = {"loss": loss.detach().reshape(1)}
+    tensors.update({name: p.grad for name, p in model.named_parameters()})
+    save_file(tensors, f"{out_dir}/rank{rank}.safetensors")
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_two_process_gather_gives_the_single_process_loss_and_gradients(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    here = str(Path(__file__).parent)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), str(tmp_path / "init"), str(tmp_path), here],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(2)
+    ]
+    for proc in procs:
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, output
+
+    torch.manual_seed(0)
+    model = ContrastiveClip.from_config(ClipConfig(**TINY)).train()
+    pixels, ids = _batch(8, seed=1)
+    out = model(pixel_values=pixels, input_ids=ids)
+    loss = contrastive_loss(out.image, out.text, out.logit_scale)
+    loss.backward()
+    for rank in range(2):
+        result = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        assert result["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
+        for name, p in model.named_parameters():
+            assert torch.allclose(result[name], p.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_augmentation_keeps_size_and_colour_and_flips_only_when_asked():
+    image = torch.zeros(3, 16, 16)
+    image[0] = 1.0  # pure red
+    image[:, :, :4] = 1.0  # a white band on the left
+    g = torch.Generator().manual_seed(0)
+    out = augment_image(image, AugmentConfig(crop_scale_min=0.5), g)
+    assert out.shape == (3, 16, 16)
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.allclose(out[0], torch.ones(16, 16))  # the red channel is untouched: no colour jitter
+    unflipped = [augment_image(image, AugmentConfig(), g) for _ in range(10)]
+    assert all(torch.equal(u, image) for u in unflipped)
+    flipped = [augment_image(image, AugmentConfig(horizontal_flip=True), g) for _ in range(20)]
+    assert any(torch.equal(f, image.flip(-1)) for f in flipped)
+    with pytest.raises(ValueError, match="augment.crop_scale_min must be in \\[0.1, 1.0\\], got 0.05"):
+        AugmentConfig(crop_scale_min=0.05)
+
+
+def test_run_config_refuses_mismatched_image_sizes():
+    from duomodal.config import override
+
+    with pytest.raises(ValueError, match="data.image_size 32 differs from model.image_size 16; set both"):
+        override(ClipRunConfig(), ["model.image_size=16"])
+
+
+def _manifest_shapes(shape_dataset: Path, root: Path) -> Path:
+    """The shape images with a captions.jsonl: copy 0 of each (shape, colour) in train, copy 1 in val."""
+    root.mkdir()
+    lines = []
+    for png in sorted(shape_dataset.glob("*.png")):
+        color, shape, copy = png.stem.split("_")
+        shutil.copy(png, root / png.name)
+        lines.append(json.dumps({
+            "file": png.name, "caption": [f"a {color} {shape}", f"{shape}, {color}"],
+            "color": color, "shape": shape, "split": "train" if copy == "0" else "val",
+        }))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_train_clip_cli_learns_zero_shot_colour(shape_dataset, tmp_path, capsys):
+    from duomodal.classify import TEMPLATE_SETS, classify_images
+
+    data = _manifest_shapes(shape_dataset, tmp_path / "shapes")
+    out = tmp_path / "run"
+    sets = TINY_SETS + ["train.steps=120", "train.batch_size=12", "train.lr=3e-3", "train.warmup_steps=10",
+                        "train.val_every=120", "train.sample_every=0", "train.log_every=40",
+                        "train.checkpoint_every=0", "augment.crop_scale_min=0.9"]
+    argv = ["train", "clip", "--data", str(data), "--out", str(out), "--device", "cpu"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    assert "validation:" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r.get("split") == "val"][-1]
+    assert {"t2i_recall@1", "i2t_recall@10", "zero_shot_color", "zero_shot_shape"} <= set(val)
+    assert val["zero_shot_color"] >= 0.75, val
+    embedder = load_clip(out, device="cpu")
+    images = [(p, p.stem.split("_")[0]) for p in sorted(data.glob("*.png"))]
+    result = classify_images(embedder, images, ["blue", "green", "red", "yellow"], TEMPLATE_SETS["color"])
+    assert result.accuracy is not None and result.accuracy >= 0.9, result.accuracy
+    assert (out / "tokenizer.json").is_file() and (out / "samples").is_dir()
