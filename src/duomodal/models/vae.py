@@ -221,11 +221,12 @@ class VQQuantizer(nn.Module):
 
     @torch.no_grad()
     def _initialise(self, flat: torch.Tensor) -> None:
-        """First training batch: start every code at an encoder output (k-means style)."""
-        distributed = dist.is_available() and dist.is_initialized()
-        self.cluster_size.fill_(max(self.restart_threshold * 2, 1.0))
-        self.codebook.copy_(self._pick(flat, self.codebook_size, distributed))
-        self.embed_sum.copy_(self.codebook * self.cluster_size[:, None])
+        """First training batch: spread the codes over this batch's encoder outputs."""
+        pool = _gather_rows(flat)
+        weight = max(self.restart_threshold * 2, 1.0)
+        self.codebook.copy_(_farthest_points(pool, self.codebook_size, pool.mean(0, keepdim=True)))
+        self.cluster_size.fill_(weight)
+        self.embed_sum.copy_(self.codebook * weight)
         self.initialised.fill_(True)
 
     @torch.no_grad()
@@ -234,8 +235,7 @@ class VQQuantizer(nn.Module):
         one_hot = F.one_hot(tokens, K).type(flat.dtype)  # (N, K)
         counts = one_hot.sum(0)  # (K,)
         sums = one_hot.t() @ flat  # (K, D)
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed:
+        if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -244,21 +244,15 @@ class VQQuantizer(nn.Module):
         smoothed = (self.cluster_size + 1e-5) / (n + K * 1e-5) * n  # Laplace smoothing
         self.codebook.copy_(self.embed_sum / smoothed[:, None])
         if self.restart_threshold > 0:
-            dead = self.cluster_size < self.restart_threshold  # (K,)
+            dead = self.cluster_size < self.restart_threshold  # (K,), the same on every rank
             n_dead = int(dead.sum())
             if n_dead:
-                fresh = self._pick(flat, n_dead, distributed)
+                # restart dead codes at the encoder outputs worst served by the live codes
+                fresh = _farthest_points(_gather_rows(flat), n_dead, self.codebook[~dead])
+                weight = self.restart_threshold * 2
                 self.codebook[dead] = fresh
-                self.cluster_size[dead] = self.restart_threshold * 2
-                self.embed_sum[dead] = fresh * self.restart_threshold * 2
-
-    def _pick(self, flat: torch.Tensor, n: int, distributed: bool) -> torch.Tensor:
-        """`n` encoder outputs of this batch, chosen at random (rank 0's choice under DDP)."""
-        index = torch.randint(0, flat.shape[0], (n,), device=flat.device)
-        picked = flat[index] + 1e-3 * torch.randn(n, flat.shape[1], device=flat.device)
-        if distributed:
-            dist.broadcast(picked, src=0)
-        return picked
+                self.cluster_size[dead] = weight
+                self.embed_sum[dead] = fresh * weight
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, D, h, w = z.shape
@@ -273,6 +267,36 @@ class VQQuantizer(nn.Module):
         commitment = self.commitment * F.mse_loss(z, quantized)
         quantized = z + (quantized - z).detach()  # straight-through gradient to the encoder
         return quantized, commitment, tokens
+
+
+def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every process's rows (N_i, D), concatenated in rank order; `rows` itself without DDP."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    sizes = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([rows.shape[0]], device=rows.device))
+    longest = int(max(int(s) for s in sizes))
+    padded = torch.zeros(longest, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(s)] for g, s in zip(gathered, sizes)])
+
+
+def _farthest_points(pool: torch.Tensor, n: int, taken: torch.Tensor) -> torch.Tensor:
+    """`n` rows of `pool` (N, D) chosen greedily, each the farthest from `taken` (M, D) and the
+    rows already chosen. Deterministic and independent of the row order (up to exact ties), so
+    1 process and N processes with the same global batch choose alike."""
+    if taken.shape[0]:
+        nearest = torch.cdist(pool, taken).pow(2).min(dim=1).values  # (N,)
+    else:
+        nearest = torch.full((pool.shape[0],), float("inf"), device=pool.device)
+    chosen = []
+    for _ in range(n):
+        j = int(nearest.argmax())
+        chosen.append(pool[j])
+        nearest = torch.minimum(nearest, (pool - pool[j]).pow(2).sum(1))
+    return torch.stack(chosen)
 
 
 # --- the model -----------------------------------------------------------------------------------

@@ -255,7 +255,9 @@ def plot_loss(metrics_path: Path, out_path: Path) -> None:
         if line.strip():
             row = json.loads(line)
             (train_rows if row.get("split") == "train" else val_rows).append(row)
-    fig, axes = plt.subplots(1, 2 if val_rows else 1, figsize=(10 if val_rows else 5, 3.5), squeeze=False)
+    keys = [k for k in (val_rows[-1] if val_rows else {})
+            if k not in ("split", "step", "loss", "dropped", "elapsed_s")]
+    fig, axes = plt.subplots(1, 2 if keys else 1, figsize=(10 if keys else 5, 3.5), squeeze=False)
     ax = axes[0][0]
     ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss")
     if val_rows and "loss" in val_rows[0]:
@@ -264,9 +266,8 @@ def plot_loss(metrics_path: Path, out_path: Path) -> None:
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
-    if val_rows:
+    if keys:
         ax2 = axes[0][1]
-        keys = [k for k in val_rows[-1] if k not in ("split", "step", "loss", "dropped", "elapsed_s")]
         for key in keys[:4]:
             ax2.plot([r["step"] for r in val_rows if key in r], [r[key] for r in val_rows if key in r],
                      "o-", label=key)
