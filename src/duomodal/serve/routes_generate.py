@@ -24,6 +24,7 @@ from duomodal.serve.schemas import (
 from duomodal.serve.state import ServerState
 
 SUBMIT_ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 429)}
+LOOKUP_ERRORS = {status: {"model": ErrorResponse} for status in (404, 422)}
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the id /api/generate answered")]
 MAX_BOX_COORD = 1_000_000
 
@@ -127,7 +128,7 @@ def make_generate_router(state: ServerState) -> APIRouter:
 
         return _accepted(state.jobs.submit("edit", prompt, work))
 
-    @router.get("/jobs/{job_id}", response_model=JobResponse, responses={404: {"model": ErrorResponse}})
+    @router.get("/jobs/{job_id}", response_model=JobResponse, responses=LOOKUP_ERRORS)
     def job(job_id: JobId) -> JobResponse:
         """Progress of a generation job and, once done, its images (best first) with CLIP scores."""
         found = state.jobs.get(job_id)
@@ -138,7 +139,7 @@ def make_generate_router(state: ServerState) -> APIRouter:
     @router.get(
         "/jobs/{job_id}/images/{n}",
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}},
+        responses={200: {"content": {"image/png": {}}}, **LOOKUP_ERRORS},
     )
     def job_image(job_id: JobId, n: Annotated[int, Path(ge=0, le=10_000)]) -> Response:
         """The n-th image of a finished job, as PNG."""
