@@ -46,7 +46,7 @@ def test_forward_returns_one_type(quantizer):
     assert out.recon.shape == (2, 3, 16, 16)
     assert out.tokens.shape == (2, 4, 4)
     assert out.loss.ndim == 0 and torch.allclose(out.loss, out.recon_loss + out.quant_loss)
-    assert 1.0 <= float(out.perplexity) <= 32.0
+    assert 1.0 <= float(out.perplexity) <= 32.0 + 1e-3
     out.loss.backward()
     assert all(p.grad is not None for p in vae.encoder.parameters())
 
