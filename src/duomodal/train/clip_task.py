@@ -229,6 +229,7 @@ class ClipTask:
 
     def collate(self, items: list[Any]) -> dict[str, Any]:
         batch = default_collate(items)
+        batch["tokens"] = trim_padding(batch["tokens"])  # (B, longest caption in the batch)
         batch["pixel_values"] = normalize_pixels(batch.pop("image"), self.config.model.image_mean, self.config.model.image_std)
         return batch
 
