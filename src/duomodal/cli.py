@@ -671,7 +671,58 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
-    pass
+    serve = sub.add_parser(
+        "serve",
+        help="web page and REST API: search an index; generate images with a DALL-E run",
+        description="Serve a web page (at /) and a REST API (OpenAPI schema at /openapi.json) that search "
+        "INDEX_DIR by text, by an uploaded image or by an indexed image, and, with --dalle, generate "
+        "images reranked by the CLIP and edit image regions.",
+    )
+    serve.add_argument("--index", required=True, metavar="INDEX_DIR", help="index made by `duomodal index build`")
+    serve.add_argument("--clip", metavar="CLIP_DIR", help="CLIP directory (default: the one recorded in the index)")
+    serve.add_argument("--dalle", metavar="RUN_DIR", help="DALL-E run directory: turns on /api/generate and /api/edit")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1; the API has no login, so expose it with care)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--device", default=None, help="device for the models: cpu, cuda... (default: CUDA when available)")
+    serve.add_argument("--max-generate", type=int, default=64, metavar="N",
+                       help="most images one generation request may ask for (default 64)")
+    serve.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from duomodal.search.index import ImageIndex
+    from duomodal.serve.app import create_app
+
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
+    if args.max_generate < 1:
+        raise ValueError(f"--max-generate must be at least 1, got {args.max_generate}")
+    index = ImageIndex.open(args.index)
+    clip = args.clip or index.clip_path
+    if not clip:
+        raise ValueError(f"{args.index} records no CLIP directory; pass --clip CLIP_DIR")
+    embedder = _search_load_clip(clip, args.device)
+    index.check_model(embedder.model_id)
+    generator = None
+    if args.dalle:
+        from duomodal.models.dalle import load_dalle
+        from duomodal.serve.generator import DalleGenerator
+
+        dalle = load_dalle(args.dalle, device=args.device)
+        generator = DalleGenerator(dalle, scorer=embedder, max_num=args.max_generate)
+    app = create_app(index, embedder, generator)
+    what = f"{index.count} images" + (" and generation" if generator else "")
+    print(f"duomodal: serving {what} at http://{args.host}:{args.port}/ (Ctrl+C stops)", file=sys.stderr)
+    _serve_run(app, args.host, args.port)
+    return 0
+
+
+def _serve_run(app, host: str, port: int) -> None:
+    """Run the app until interrupted (tests replace this to get the app)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 # --- demo and eval -------------------------------------------------------------------------------

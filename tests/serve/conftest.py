@@ -124,7 +124,7 @@ class FakeGenerator:
     def _rerank(self, images, prompt, keep) -> JobOutput:
         scores = self.scorer.score(images, [prompt] * len(images))
         order = torch.argsort(scores, descending=True, stable=True)[: keep or len(images)]
-        return JobOutput([images[i] for i in order], [float(scores[i]) for i in order])
+        return JobOutput([images[i] for i in order], [float(scores[i]) for i in order], "clip")
 
     def generate(self, prompt, *, num, keep, guidance, temperature, top_k, seed, progress):
         self.calls.append(dict(prompt=prompt, num=num, keep=keep, guidance=guidance, seed=seed))

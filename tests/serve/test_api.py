@@ -398,6 +398,7 @@ def test_generate_runs_in_the_background_and_returns_reranked_images(client, fak
     assert (done["done"], done["total"]) == (6, 6)
     images = done["result"]["images"]
     assert done["result"]["prompt"] == "a red circle" and len(images) == 3
+    assert done["result"]["score_kind"] == "clip"
     scores = [image["score"] for image in images]
     assert scores == sorted(scores, reverse=True)
     assert fake_generator.calls == [dict(prompt="a red circle", num=6, keep=3, guidance=3.0, seed=7)]

@@ -29,8 +29,9 @@ class QueueFullError(RuntimeError):
 
 @dataclass
 class JobOutput:
-    images: list[Image.Image]
+    images: list[Image.Image]  # best first when scored
     scores: list[float] | None
+    score_kind: str | None = None  # "clip": CLIP similarity to the prompt; "fit": model log-likelihood
 
 
 @dataclass

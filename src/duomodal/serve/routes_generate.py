@@ -41,7 +41,7 @@ def job_response(job: Job) -> JobResponse:
             )
             for n in range(len(job.output.images))
         ]
-        result = JobResult(prompt=job.prompt, images=images)
+        result = JobResult(prompt=job.prompt, score_kind=job.output.score_kind, images=images)
     return JobResponse(
         id=job.id,
         kind=job.kind,

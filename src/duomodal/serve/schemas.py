@@ -98,11 +98,15 @@ class GenerateRequest(BaseModel):
 class GeneratedImage(BaseModel):
     index: int = Field(description="position in the result, best first when scored")
     url: str = Field(description="PNG of the image")
-    score: float | None = Field(description="CLIP similarity to the prompt (None when not scored)")
+    score: float | None = Field(description="the image's score, higher is better (see score_kind)")
 
 
 class JobResult(BaseModel):
     prompt: str
+    score_kind: Literal["clip", "fit"] | None = Field(
+        description="clip: CLIP similarity to the prompt; fit: how well an edit fits the rest of "
+        "the image (mean log-likelihood); None: not scored"
+    )
     images: list[GeneratedImage]
 
 

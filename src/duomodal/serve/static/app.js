@@ -167,13 +167,18 @@ function setUpDrop() {
 
 // --- generate --------------------------------------------------------------------------------
 
-function generatedCard(image, prompt) {
+function scoreLabel(image, kind) {
+  if (image.score === null) return "not scored";
+  return kind === "clip" ? `CLIP ${image.score.toFixed(3)}` : `fit ${image.score.toFixed(2)}`;
+}
+
+function generatedCard(image, prompt, kind) {
   const figure = document.createElement("figure");
   figure.className = "card";
   const img = document.createElement("img");
   img.src = image.url;
   img.alt = prompt;
-  const score = image.score === null ? "not scored" : `CLIP ${image.score.toFixed(3)}`;
+  const score = scoreLabel(image, kind);
   figure.title = `#${image.index + 1} · ${score}`;
   const caption = document.createElement("figcaption");
   const rank = document.createElement("span");
@@ -226,7 +231,7 @@ async function generate(event) {
     }
     if (job.status === "failed") throw new Error(job.error || "generation failed");
     $("generated").replaceChildren(
-      ...job.result.images.map((image) => generatedCard(image, job.result.prompt)));
+      ...job.result.images.map((image) => generatedCard(image, job.result.prompt, job.result.score_kind)));
   } catch (e) {
     setError("generate-error", e.message);
   } finally {
