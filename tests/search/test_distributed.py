@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from duomodal.search.build import SHARD_DIR, build_index
+from duomodal.search.build import build_index
+from duomodal.search.shards import SHARD_DIR
 from duomodal.search.index import ImageIndex
 
 from .conftest import FakeEmbedder
@@ -59,3 +61,22 @@ def test_torchrun_two_processes_build_one_index(tmp_path):
         np.testing.assert_array_equal(merged[path], expected[path])
     with ImageIndex.open(tmp_path / "idx") as index:
         assert index.count == 17
+
+
+def test_shards_left_by_an_interrupted_run_are_merged_not_redone(tmp_path):
+    from duomodal.data.scan import file_sha256
+    from duomodal.search.shards import write_shard
+    from duomodal.search.store import NewImage
+
+    root = tmp_path / "photos"
+    make_images(root, 3)
+    build_index(root, tmp_path / "idx", FakeEmbedder(), progress=False)
+    extra = make_images(root, 1, seed=9, prefix="late")[0]
+    stat = extra.stat()
+    vector = FakeEmbedder().embed_images([Image.open(extra)])[0].numpy()
+    record = NewImage("late_000.png", file_sha256(extra), stat.st_size, stat.st_mtime_ns, 16, 16, None, vector)
+    write_shard(tmp_path / "idx", "crashed-r1-000000", [record])  # as if rank 1 wrote it, then the run died
+    embedder = FakeEmbedder()
+    report = build_index(root, tmp_path / "idx", embedder, progress=False)
+    assert (report.count, embedder.images_embedded, report.unchanged) == (4, 0, 4)
+    assert not list((tmp_path / "idx" / SHARD_DIR).glob("*"))

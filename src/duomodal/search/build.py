@@ -20,44 +20,26 @@ written atomically and merged idempotently); the next run plans again and finish
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from duomodal import __version__
-from duomodal.data.images import ImageError, is_image_path, load_image
-from duomodal.data.scan import file_sha256
-from duomodal.search.index import (
-    INDEX_TYPES,
-    FaissParams,
-    IndexLock,
-    sync_faiss,
-)
+from duomodal.data.images import ImageError, load_image
+from duomodal.search.index import INDEX_TYPES, FaissParams, IndexLock, sync_faiss
+from duomodal.search.plan import BuildReport, SkipCallback, plan_run, skip_file
 from duomodal.search.query import Embedder
-from duomodal.search.store import (
-    IndexStoreError,
-    MetadataStore,
-    ModelMismatchError,
-    NewImage,
-    PendingFile,
-)
+from duomodal.search.shards import Distributed, merge_shards, write_records, write_shard
+from duomodal.search.store import IndexStoreError, MetadataStore, ModelMismatchError, NewImage, PendingFile
 
-SHARD_DIR = "shards"
-CAPTION_MANIFEST = "captions.jsonl"
-MAX_CAPTION_CHARS = 1000
-_SCAN_CHUNK = 256
-
-SkipCallback = Callable[[str, str], None]
+__all__ = ["BuildOptions", "BuildReport", "build_index", "update_index"]
 
 
 @dataclass(frozen=True)
@@ -71,63 +53,6 @@ class BuildOptions:
             raise ValueError(f"index type {self.index_type!r} is not one of auto, {', '.join(INDEX_TYPES)}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 4096:
             raise ValueError(f"batch size must be an integer from 1 to 4096, got {self.batch_size!r}")
-
-
-@dataclass
-class BuildReport:
-    root: Path
-    index_dir: Path
-    scanned: int = 0  # image files seen
-    unchanged: int = 0
-    embedded: int = 0  # by this process (rank 0 reports all ranks after a sharded run)
-    reused: int = 0  # new paths whose content was already indexed: vector copied
-    moved: int = 0  # renamed/moved files recognised by content hash: row kept, path updated
-    refreshed: int = 0  # same content, new mtime or caption: facts updated
-    removed: int = 0  # rows whose file is gone
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    count: int = 0  # images in the index afterwards
-    index_type: str = ""
-    seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class Distributed:
-    """Where this process sits in a torchrun launch (rank 0 of 1 when not launched by it)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def from_env(cls) -> Distributed:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size <= 1:
-            return cls()
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            # rank 0 plans (hashes new files) while the others wait: allow a long wait
-            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-        return cls(dist.get_rank(), dist.get_world_size())
-
-    def broadcast(self, value: Any) -> Any:
-        """Rank 0's `value` on every rank (a barrier too)."""
-        if self.world_size == 1:
-            return value
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every rank's `value` (on every rank)."""
-        if self.world_size == 1:
-            return [value]
-        import torch.distributed as dist
-
-        values: list[Any] = [None] * self.world_size
-        dist.all_gather_object(values, value)
-        return values
 
 
 def build_index(
@@ -194,8 +119,8 @@ def _run(
             store = _open_for_run(index_dir, embedder, options, create_meta)
             root = Path(store.get_meta("root"))
             report = BuildReport(root, index_dir)
-            _merge_shards(store, index_dir, embedder.dim)
-            _plan(store, root, index_dir, report, on_skip, progress)
+            merge_shards(store, index_dir, embedder.dim)
+            plan_run(store, root, index_dir, report, on_skip, progress)
             store.close()
         except (ValueError, OSError) as e:
             error = (type(e).__name__, str(e))
@@ -222,7 +147,7 @@ def _run(
                 report.skipped = [s for share in shares for s in share[2]]
             store = MetadataStore.open(index_dir)
             try:
-                _merge_shards(store, index_dir, embedder.dim)
+                merge_shards(store, index_dir, embedder.dim)
                 store.clear_pending()
                 bar = tqdm if progress else None
                 faiss_index = sync_faiss(store, index_dir, writable=True, progress=bar)
@@ -268,164 +193,6 @@ def _open_for_run(
     return store
 
 
-# --- planning ------------------------------------------------------------------------------------
-
-
-def iter_image_files(root: Path, exclude: Path | None = None) -> Iterator[tuple[str, Path]]:
-    """(path relative to root with '/' separators, absolute path) of every image file, sorted.
-
-    Hidden files and directories (name starting with '.') and `exclude` are left out; symlinked
-    directories are not followed.
-    """
-    exclude = exclude.resolve() if exclude is not None else None
-    for directory, dirs, files in os.walk(root):
-        current = Path(directory)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (current / d).resolve() != exclude)
-        for name in sorted(files):
-            if name.startswith(".") or not is_image_path(name):
-                continue
-            path = current / name
-            yield path.relative_to(root).as_posix(), path
-
-
-def read_caption_manifest(root: Path) -> dict[str, str]:
-    """First caption per file from ROOT/captions.jsonl (lines of {"file": ..., "caption": str | [str]})."""
-    path = root / CAPTION_MANIFEST
-    captions: dict[str, str] = {}
-    if not path.is_file():
-        return captions
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("file"), str):
-                continue
-            caption = row.get("caption")
-            if isinstance(caption, list):
-                caption = next((c for c in caption if isinstance(c, str) and c.strip()), None)
-            if isinstance(caption, str) and caption.strip():
-                captions[Path(row["file"]).as_posix()] = caption.strip()[:MAX_CAPTION_CHARS]
-    return captions
-
-
-def _caption(path: Path, relative: str, manifest: dict[str, str]) -> str | None:
-    if relative in manifest:
-        return manifest[relative]
-    sidecar = path.with_suffix(".txt")
-    try:
-        with open(sidecar, encoding="utf-8-sig", errors="replace") as f:
-            for line in f:
-                if line.strip():
-                    return line.strip()[:MAX_CAPTION_CHARS]
-    except OSError:
-        return None
-    return None
-
-
-def _skip(report: BuildReport, on_skip: SkipCallback | None, path: str, reason: str) -> None:
-    report.skipped.append((path, reason))
-    if on_skip is not None:
-        on_skip(path, reason)
-
-
-def _plan(
-    store: MetadataStore,
-    root: Path,
-    index_dir: Path,
-    report: BuildReport,
-    on_skip: SkipCallback | None,
-    progress: bool,
-) -> None:
-    manifest = read_caption_manifest(root)
-    store.clear_pending()
-    files = iter_image_files(root, exclude=index_dir)
-    bar = tqdm(desc="scanning", unit="file", disable=not progress)
-    while True:
-        chunk = [item for _, item in zip(range(_SCAN_CHUNK), files)]
-        if not chunk:
-            break
-        _plan_chunk(store, root, chunk, manifest, report, on_skip)
-        report.scanned += len(chunk)
-        bar.update(len(chunk))
-    bar.close()
-    _remove_missing(store, root, index_dir, report)
-
-
-def _plan_chunk(
-    store: MetadataStore,
-    root: Path,
-    chunk: list[tuple[str, Path]],
-    manifest: dict[str, str],
-    report: BuildReport,
-    on_skip: SkipCallback | None,
-) -> None:
-    rows = store.by_paths([relative for relative, _ in chunk])
-    pending = []
-    with store.transaction() as db:
-        for relative, path in chunk:
-            try:
-                stat = path.stat()
-            except OSError as e:
-                _skip(report, on_skip, relative, f"cannot read file ({e.strerror or e})")
-                continue
-            caption = _caption(path, relative, manifest)
-            row = rows.get(relative)
-            if row is not None and row.size == stat.st_size and row.mtime_ns == stat.st_mtime_ns:
-                report.unchanged += 1
-                if row.caption != caption:
-                    db.execute("UPDATE images SET caption = ? WHERE id = ?", (caption, row.id))
-                continue
-            try:
-                sha256 = file_sha256(path)
-            except OSError as e:
-                _skip(report, on_skip, relative, f"cannot read file ({e.strerror or e})")
-                continue
-            if row is not None and row.sha256 == sha256:
-                db.execute(
-                    "UPDATE images SET size = ?, mtime_ns = ?, caption = ? WHERE id = ?",
-                    (stat.st_size, stat.st_mtime_ns, caption, row.id),
-                )
-                report.refreshed += 1
-                continue
-            donors = [r for r in store.by_sha256(sha256) if r.path != relative]
-            gone = next((r for r in donors if not (root / r.path).is_file()), None)
-            if gone is not None and row is None:
-                db.execute(
-                    "UPDATE images SET path = ?, size = ?, mtime_ns = ?, caption = ? WHERE id = ?",
-                    (relative, stat.st_size, stat.st_mtime_ns, caption, gone.id),
-                )
-                report.moved += 1
-            elif donors:
-                donor = donors[0]
-                vector = np.frombuffer(store.vector_blob(donor.id), dtype="<f4")
-                image = NewImage(
-                    relative, sha256, stat.st_size, stat.st_mtime_ns, donor.width, donor.height, caption, vector
-                )
-                store.upsert(db, image)
-                report.reused += 1
-            else:
-                pending.append(PendingFile(relative, sha256, stat.st_size, stat.st_mtime_ns, caption))
-    if pending:
-        store.add_pending(pending)
-
-
-def _remove_missing(store: MetadataStore, root: Path, index_dir: Path, report: BuildReport) -> None:
-    """Delete the rows whose file is gone (or is no longer an indexable image)."""
-    index_dir = index_dir.resolve()
-    gone: list[int] = []
-    for row in store.iter_rows():
-        path = root / row.path
-        if not path.is_file() or not is_image_path(path) or path.resolve().is_relative_to(index_dir):
-            gone.append(row.id)
-    for start in range(0, len(gone), 500):
-        chunk = gone[start : start + 500]
-        with store.transaction() as db:
-            db.execute(f"DELETE FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-    report.removed += len(gone)
-
-
 # --- embedding ----------------------------------------------------------------------------------
 
 
@@ -448,9 +215,9 @@ def _embed_pending(
     for number, files in enumerate(store.iter_pending(dist.rank, dist.world_size, chunk=batch_size)):
         records = _embed_batch(store, root, files, embedder, report, on_skip)
         if dist.world_size == 1:
-            _write_records(store, records, [f.path for f in files])
+            write_records(store, records, [f.path for f in files])
         elif records:
-            _write_shard(index_dir, f"{run_id}-r{dist.rank}-{number:06d}", records)
+            write_shard(index_dir, f"{run_id}-r{dist.rank}-{number:06d}", records)
         bar.update(len(files))
     bar.close()
 
@@ -482,7 +249,7 @@ def _embed_batch(
         try:
             image = load_image(root / pending.path)
         except ImageError as e:
-            _skip(report, on_skip, pending.path, e.reason)
+            skip_file(report, on_skip, pending.path, e.reason)
             continue
         first_of[pending.sha256] = len(loaded)
         loaded.append((pending, image.size))
@@ -516,38 +283,3 @@ def _embed(embedder: Embedder, images: list) -> np.ndarray:
     return vectors
 
 
-def _write_records(store: MetadataStore, records: list[NewImage], done_paths: list[str]) -> None:
-    """Write embedded images and drop them (and the skipped ones) from pending: one transaction."""
-    with store.transaction() as db:
-        for record in records:
-            store.upsert(db, record)
-        if done_paths:
-            db.execute(f"DELETE FROM pending WHERE path IN ({','.join('?' * len(done_paths))})", done_paths)
-
-
-def _write_shard(index_dir: Path, name: str, records: list[NewImage]) -> None:
-    from safetensors.numpy import save
-
-    from duomodal.config import atomic_write_bytes
-
-    facts = [[r.path, r.sha256, r.size, r.mtime_ns, r.width, r.height, r.caption] for r in records]
-    data = save({"vectors": np.stack([r.vector for r in records])}, metadata={"records": json.dumps(facts)})
-    atomic_write_bytes(index_dir / SHARD_DIR / f"{name}.safetensors", data)
-
-
-def _merge_shards(store: MetadataStore, index_dir: Path, dim: int) -> int:
-    """Write every shard file's images into the store (idempotent), then delete the file."""
-    from safetensors import safe_open
-
-    merged = 0
-    for path in sorted((index_dir / SHARD_DIR).glob("*.safetensors")):
-        with safe_open(str(path), framework="np") as f:
-            vectors = f.get_tensor("vectors")
-            facts = json.loads(f.metadata()["records"])
-        if vectors.shape != (len(facts), dim):
-            raise IndexStoreError(f"shard {path} holds vectors of shape {vectors.shape}, expected ({len(facts)}, {dim})")
-        records = [NewImage(*fact, vector=vector) for fact, vector in zip(facts, vectors)]
-        _write_records(store, records, [r.path for r in records])
-        path.unlink()
-        merged += len(records)
-    return merged

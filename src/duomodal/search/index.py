@@ -77,6 +77,11 @@ def ivf_list_count(params: FaissParams, count: int) -> int:
     return params.ivf_nlist or max(1, int(4 * math.sqrt(max(count, 1))))
 
 
+def ivf_training_size(params: FaissParams, count: int) -> int:
+    """Vectors to train an ivf quantizer on: ~40 per list, at least 10k, at most 200k (k-means cost)."""
+    return min(count, max(10_000, min(40 * ivf_list_count(params, count), 200_000)))
+
+
 def make_faiss_index(
     index_type: str, dim: int, params: FaissParams, train_vectors: np.ndarray | None = None
 ) -> faiss.Index:
@@ -233,7 +238,7 @@ def _rebuild(
     count = store.count()
     train = None
     if index_type == "ivf":
-        train = store.sample_vectors(dim, max(256 * ivf_list_count(params, count), 10_000))
+        train = store.sample_vectors(dim, ivf_training_size(params, count))
     index = make_faiss_index(index_type, dim, params, train)
     bar = progress(total=count, desc=f"building {index_type} index", unit="vec") if progress else None
     for ids, vectors in store.iter_vectors(dim):
