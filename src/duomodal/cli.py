@@ -110,6 +110,10 @@ def _add_data_icons(data_sub: argparse._SubParsersAction) -> None:
         "--workers", type=int, default=None, help="rendering processes (default: up to 2, one per core)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="rebuild OUT when it holds a dataset built with other options (otherwise an error)",
+    )
     p.set_defaults(func=_cmd_data_icons)
 
 
@@ -127,6 +131,7 @@ def _cmd_data_icons(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     for line in summary["skipped"]:
         print(f"skipped {line}", file=sys.stderr)

@@ -13,6 +13,7 @@ from duomodal.cli import main
 from duomodal.data.icons import (
     PALETTE,
     IconDatasetError,
+    IconSource,
     build_icon_dataset,
     captions_for,
     choose_heldout,
@@ -152,9 +153,8 @@ def test_colored_svg_replaces_a_root_fill_and_checks_its_input():
 def test_heldout_pairs_keep_every_icon_and_colour_in_training():
     icons = [f"icon-{i}" for i in range(300)]
     colors = list(PALETTE)
-    images = plan_images(
-        [type("I", (), {"slug": s})() for s in icons], colors, heldout_fraction=0.05, val_fraction=0.05, seed=0
-    )
+    sources = [IconSource(slug=slug, svg="") for slug in icons]
+    images = plan_images(sources, colors, heldout_fraction=0.05, val_fraction=0.05, seed=0)
     heldout = {(im.icon, im.color) for im in images if im.split == "heldout"}
     train = [im for im in images if im.split == "train"]
     assert len(heldout) == round(0.05 * len(icons) * len(colors))  # the fraction asked for
@@ -192,6 +192,7 @@ def test_heldout_never_takes_an_icons_last_training_colour():
 def test_heldout_needs_two_colours():
     with pytest.raises(
         IconDatasetError,
+    IconSource,
         match=r"^holding out \(icon, colour\) pairs needs at least 2 colours, got 1; "
         r"use more colours or a heldout fraction of 0$",
     ):
@@ -259,13 +260,29 @@ def test_interrupted_build_resumes(tmp_path):
         image.verify()
 
 
-def test_images_of_other_options_are_removed_or_redrawn(tmp_path):
+def test_a_dataset_of_other_options_is_kept_unless_overwrite(tmp_path):
     out = tmp_path / "icons"
     build_small(out, colors=4)
-    summary = build_small(out, colors=2)
+    manifest = (out / "captions.jsonl").read_bytes()
+    with pytest.raises(IconDatasetError) as error:
+        build_small(out, colors=2, size=20)
+    assert str(error.value) == (
+        f"{out} already holds an icon dataset built with size 16 (asked 20), colors 4 (asked 2); "
+        "pass the same options to finish or check it, choose another output folder, or overwrite it "
+        "(--overwrite)"
+    )
+    assert (out / "captions.jsonl").read_bytes() == manifest
+    assert len(list((out / "images").iterdir())) == 48
+
+
+def test_overwrite_removes_or_redraws_images_of_other_options(tmp_path):
+    out = tmp_path / "icons"
+    build_small(out, colors=4)
+    summary = build_small(out, colors=2, overwrite=True)
     assert summary["removed"] == 12 * 2 and summary["rendered"] == 0
     assert len(list((out / "images").iterdir())) == 24
-    summary = build_small(out, colors=2, size=20)  # a new size: every image is drawn again
+    assert json.loads((out / "dataset.json").read_text())["options"]["colors"] == 2
+    summary = build_small(out, colors=2, size=20, overwrite=True)  # a new size: every image is drawn again
     assert summary["rendered"] == 24
     with Image.open(out / read_manifest(out)[0]["file"]) as image:
         assert image.size == (20, 20)
@@ -275,9 +292,8 @@ def test_two_worker_processes_give_the_same_images(tmp_path):
     one = build_small(tmp_path / "one", limit=20, colors=4, workers=1)
     two = build_small(tmp_path / "two", limit=20, colors=4, workers=2)
     assert one["images"] == two["images"] == 80
-    for line in read_manifest(tmp_path / "one"):
-        assert (tmp_path / "one" / line["file"]).read_bytes() == (tmp_path / "two" / line["file"]).read_bytes()
-    assert (tmp_path / "one" / "captions.jsonl").read_bytes() == (tmp_path / "two" / "captions.jsonl").read_bytes()
+    for name in ["captions.jsonl", *(line["file"] for line in read_manifest(tmp_path / "one"))]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
 def test_bad_options_are_errors(tmp_path):
@@ -293,8 +309,7 @@ def test_bad_options_are_errors(tmp_path):
 
 def test_cli_builds_and_prints_the_summary(tmp_path, capsys):
     out = tmp_path / "icons"
-    status = main(["data", "icons", str(out), "--size", "16", "--colors", "2", "--limit", "10", "--no-progress"])
-    assert status == 0
+    assert main(["data", "icons", str(out), "--size", "16", "--colors", "2", "--limit", "10", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert f"icon dataset in {out}: 10 icons x 2 colours = 20 images of 16x16 px" in printed
     assert "splits: train " in printed and "heldout 1" in printed
@@ -322,3 +337,12 @@ def test_the_dataset_reads_as_captioned_records(small_dataset):
         assert record.labels == {"icon": line["icon"], "color": line["color"]}
         if record.split != "heldout":  # the validation images are the ones the shared hash rule picks
             assert record.split == hash_split(line["file"], 0.05)
+
+
+def test_cli_overwrite_flag(tmp_path, capsys):
+    base = ["data", "icons", str(tmp_path), "--colors", "2", "--limit", "3", "--heldout-fraction", "0", "--no-progress"]
+    assert main([*base, "--size", "16"]) == 0
+    assert main([*base, "--size", "12"]) == 2
+    assert "already holds an icon dataset built with size 16 (asked 12)" in capsys.readouterr().err
+    assert main([*base, "--size", "12", "--overwrite"]) == 0
+    assert "rendered 6, reused 0, removed 0" in capsys.readouterr().out

@@ -346,6 +346,30 @@ def _package_version(name: str) -> str | None:
         return None
 
 
+def _check_previous_build(out: Path, options: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to turn a finished dataset built with other options into another one, unless asked:
+    then its manifest and summary go first, so no reader mixes the old manifest with new images."""
+    summary_path = out / SUMMARY_FILE
+    try:
+        previous = json.loads(summary_path.read_text(encoding="utf-8")).get("options")
+    except (OSError, ValueError, AttributeError):
+        return  # no finished build here (or not one of ours): build, or resume an interrupted one
+    if not isinstance(previous, dict) or previous == options:
+        return
+    if not overwrite:
+        differences = ", ".join(
+            f"{key} {previous.get(key)!r} (asked {value!r})"
+            for key, value in options.items()
+            if previous.get(key) != value
+        )
+        raise IconDatasetError(
+            f"{out} already holds an icon dataset built with {differences}; pass the same options to "
+            "finish or check it, choose another output folder, or overwrite it (--overwrite)"
+        )
+    summary_path.unlink(missing_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
+
+
 def _write_if_changed(path: Path, text: str) -> None:
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
@@ -363,12 +387,14 @@ def build_icon_dataset(
     seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Build (or finish, or confirm) the icon dataset in `out` and return its summary.
 
     `workers` processes render (default: up to 2, one per CPU core). Images already on disk and
     valid are kept, so a re-run renders nothing and an interrupted build picks up where it stopped.
-    PNGs in ``out/images`` that the build does not plan (left over from other options) are removed.
+    A finished dataset built with other options is an error unless `overwrite`: then it is rebuilt,
+    and PNGs in ``out/images`` that the new build does not plan are removed.
     """
     started = time.perf_counter()
     if not 8 <= size <= 4096:
@@ -376,7 +402,17 @@ def build_icon_dataset(
     if limit is not None and limit < 1:
         raise IconDatasetError(f"limit must be at least 1, got {limit}")
     colors_used = palette(colors)
+    options = {
+        "size": size,
+        "colors": colors,
+        "heldout_fraction": heldout_fraction,
+        "val_fraction": val_fraction,
+        "limit": limit,
+        "include_deprecated": include_deprecated,
+        "seed": seed,
+    }
     out = Path(out)
+    _check_previous_build(out, options, overwrite)
     images_dir = out / IMAGES_DIR
     images_dir.mkdir(parents=True, exist_ok=True)
 
@@ -440,15 +476,7 @@ def build_icon_dataset(
             "heldout": summary["heldout"],
             "skipped": len(skipped),
         },
-        "options": {
-            "size": size,
-            "colors": colors,
-            "heldout_fraction": heldout_fraction,
-            "val_fraction": val_fraction,
-            "limit": limit,
-            "include_deprecated": include_deprecated,
-            "seed": seed,
-        },
+        "options": options,
         "source": {
             "icons": "material-design-icons-pack",
             "icons_version": _package_version("material-design-icons-pack"),
