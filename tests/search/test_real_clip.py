@@ -1,0 +1,59 @@
+"""The index and search commands with a real (tiny, random-weight) duomodal CLIP loaded by load_clip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from duomodal import cli
+from duomodal.config import to_dict
+from duomodal.modelfile import save_model
+from duomodal.models.clip import ClipConfig, ContrastiveClip, load_clip
+from duomodal.text.tokenizer import Tokenizer
+
+CAPTIONS = ["a red square", "a green circle", "a blue triangle", "a yellow square", "red circle", "blue square"]
+
+
+def save_tiny_clip(directory: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    tokenizer = Tokenizer.train(CAPTIONS * 3, vocab_size=64, min_frequency=1)
+    config = ClipConfig(image_size=16, patch_size=4, vision_width=32, vision_layers=2, vision_heads=2,
+                        text_width=32, text_layers=2, text_heads=2, context_length=16,
+                        vocab_size=tokenizer.vocab_size, embed_dim=32)
+    save_model(directory, "clip", to_dict(config), ContrastiveClip.from_config(config).state_dict())
+    tokenizer.save(directory / "tokenizer.json")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_clips(tmp_path_factory) -> tuple[Path, Path]:
+    return (save_tiny_clip(tmp_path_factory.mktemp("clip_a"), 0), save_tiny_clip(tmp_path_factory.mktemp("clip_b"), 1))
+
+
+def test_index_and_search_with_a_real_clip(shape_dataset, tiny_clips, tmp_path, capsys):
+    clip_a, clip_b = tiny_clips
+    index_dir = tmp_path / "idx"
+    argv = ["index", "build", str(shape_dataset), "--clip", str(clip_a), "--out", str(index_dir), "--quiet",
+            "--device", "cpu"]
+    assert cli.main(argv) == 0
+    assert ": 24 images (flat index)" in capsys.readouterr().out
+
+    assert cli.main(["search", str(index_dir), "a red square -blue", "-k", "5", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert len(results) == 5 and results[0]["score"] >= results[-1]["score"]
+
+    query_image = shape_dataset / "blue_circle_0.png"
+    assert cli.main(["search", str(index_dir), "--image", str(query_image), "-k", "2", "--json"]) == 0
+    top = json.loads(capsys.readouterr().out)["results"]
+    assert {r["path"] for r in top} == {"blue_circle_0.png", "blue_circle_1.png"}  # itself and its copy
+    assert top[0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+    model_b = load_clip(clip_b, device="cpu").model_id
+    model_a = load_clip(clip_a, device="cpu").model_id
+    assert cli.main(["search", str(index_dir), "red", "--clip", str(clip_b)]) == 2
+    assert f"was built with CLIP model {model_a!r} but the query CLIP is {model_b!r}" in capsys.readouterr().err
+    assert cli.main(["index", "update", str(index_dir), "--clip", str(clip_b), "--quiet"]) == 2
+    assert f"was built with CLIP model {model_a!r}, not {model_b!r}" in capsys.readouterr().err
