@@ -192,7 +192,6 @@ def test_heldout_never_takes_an_icons_last_training_colour():
 def test_heldout_needs_two_colours():
     with pytest.raises(
         IconDatasetError,
-    IconSource,
         match=r"^holding out \(icon, colour\) pairs needs at least 2 colours, got 1; "
         r"use more colours or a heldout fraction of 0$",
     ):
@@ -309,7 +308,8 @@ def test_bad_options_are_errors(tmp_path):
 
 def test_cli_builds_and_prints_the_summary(tmp_path, capsys):
     out = tmp_path / "icons"
-    assert main(["data", "icons", str(out), "--size", "16", "--colors", "2", "--limit", "10", "--no-progress"]) == 0
+    args = ["data", "icons", str(out), "--size", "16", "--colors", "2", "--limit", "10", "--no-progress"]
+    assert main(args) == 0
     printed = capsys.readouterr().out
     assert f"icon dataset in {out}: 10 icons x 2 colours = 20 images of 16x16 px" in printed
     assert "splits: train " in printed and "heldout 1" in printed
@@ -340,7 +340,8 @@ def test_the_dataset_reads_as_captioned_records(small_dataset):
 
 
 def test_cli_overwrite_flag(tmp_path, capsys):
-    base = ["data", "icons", str(tmp_path), "--colors", "2", "--limit", "3", "--heldout-fraction", "0", "--no-progress"]
+    base = ["data", "icons", str(tmp_path), "--colors", "2", "--limit", "3", "--heldout-fraction", "0"]
+    base.append("--no-progress")
     assert main([*base, "--size", "16"]) == 0
     assert main([*base, "--size", "12"]) == 2
     assert "already holds an icon dataset built with size 16 (asked 12)" in capsys.readouterr().err
