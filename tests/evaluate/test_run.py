@@ -181,6 +181,9 @@ def test_full_evaluation_with_known_answers(tmp_path, data, vae_dir, fakes):
     assert heldout["with"]["shape_accuracy"]["accuracy"] == 1.0
     assert heldout["with"]["clip_score"] > heldout["without"]["clip_score"]
     assert m["dalle"]["judge"]["independent"] is True
+    calibration = m["dalle"]["color_classifier_on_dataset_images"]
+    assert calibration == {"train": {"accuracy": 1.0, "correct": 18, "count": 18},
+                           "heldout": {"accuracy": 1.0, "correct": 4, "count": 4}}
     assert m["dalle"]["judge"]["accuracy_on_dataset_images"]["heldout"]["count"] == 2
 
     # CLIP: the colour stand-in classifies colour perfectly
@@ -200,6 +203,7 @@ def test_full_evaluation_with_known_answers(tmp_path, data, vae_dir, fakes):
     assert "| train | 3 | 6 | 50.0% (3/6) | 50.0% (3/6) |" in report
     assert "| heldout | best k by CLIP | 4 | 100.0% (4/4) | 100.0% (4/4) |" in report
     assert "Shape judge: judge" in report
+    assert "The same classifier on the dataset's own images: train: 100.0% (18/18); heldout: 100.0% (4/4)." in report
     for figure in ("dalle_samples_train.png", "dalle_samples_heldout.png", "dalle_reranked_heldout.png",
                    "curves_vae.png"):
         assert f"]({figure})" in report and (out / figure).is_file()

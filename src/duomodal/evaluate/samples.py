@@ -137,7 +137,8 @@ def independence(options: Any, reranker_id: str | None, judge_id: str | None) ->
     """(is the judge independent of the reranker, the sentence that says why or why not)."""
     if options.judge_clip is None:
         return False, ("no --judge-clip given; the reranking CLIP would be judging its own choices, "
-                       "which flatters reranking")
+                       "which flatters reranking (train a second CLIP with another seed, e.g. "
+                       "`duomodal train clip --set train.seed=1`, and pass it as --judge-clip)")
     if reranker_id is not None and judge_id == reranker_id:
         return False, (f"--judge-clip has the same weights as --clip (model id {judge_id}); give a CLIP "
                        "trained separately (another seed or another dataset) or a pretrained one")
@@ -323,14 +324,32 @@ def evaluate_dalle(options: Any, device: torch.device, split_images: Callable[[s
             _grid(samples, "best", out / grid)
             samples_section.figure(grid, f"{split} prompts after reranking: best {k} of {generated} by CLIP score.")
     samples_section.blocks.insert(0, _samples_table(table_rows, k))
-    samples_section.blocks.insert(1, f"Shape judge: {how}." if independent else
+    calibration = color_calibration(split_images, palette)
+    result["color_classifier_on_dataset_images"] = {s: a.to_dict() for s, a in calibration.items()}
+    samples_section.blocks.insert(1, "Colour accuracy: the dominant non-background colour of each image (each pixel is "
+                                  "explained as a palette colour painted over the white background; near-white "
+                                  "pixels and the anti-aliased fringe do not vote) must be the prompt's colour word. "
+                                  "The same classifier on the dataset's own images: "
+                                  + "; ".join(f"{s}: {a}" for s, a in calibration.items()) + ".")
+    samples_section.blocks.insert(2, f"Shape judge: {how}." if independent else
                                   f"Shape accuracy: **not measured**: {how}.")
     if judge_rows:
-        samples_section.blocks.insert(2, "Judge calibration (the judge on the dataset's own image of each prompt): "
+        samples_section.blocks.insert(3, "Judge calibration (the judge on the dataset's own image of each prompt): "
                                       + "; ".join(f"{s}: {a}" for s, a in judge_rows) + ".")
         result["judge"]["accuracy_on_dataset_images"] = {s: a.to_dict() for s, a in judge_rows}
     sections.append(_rerank_section(rerank_rows, options, reranker is not None, generated, k))
     return result, sections
+
+
+def color_calibration(split_images: Callable[[str], Any], palette: dict[str, str]) -> dict[str, M.Accuracy]:
+    """The colour classifier's accuracy on the dataset's own labelled images of the prompt splits."""
+    out = {}
+    for split in PROMPT_SPLITS:
+        loaded = split_images(split)
+        pairs = [(im, r.labels["color"]) for im, r in zip(loaded.images, loaded.records)
+                 if r.labels.get("color") in palette]
+        out[split] = M.color_accuracy([im for im, _ in pairs], [c for _, c in pairs], palette)[0]
+    return out
 
 
 def load_reference(prompt: Prompt) -> Image.Image | None:
