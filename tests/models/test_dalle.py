@@ -1,0 +1,252 @@
+"""DALL-E transformer: masks, padding tokens, loss, cache parity, guidance, learnability, loading."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from duomodal.config import ConfigError, from_dict, to_dict
+from duomodal.generate import row_uniforms, sample_image_tokens
+from duomodal.models.dalle import (
+    ATTENTION_TYPES,
+    DALLE,
+    DALLEConfig,
+    attention_mask,
+    drop_captions,
+    load_dalle,
+    text_ids_with_padding,
+    vae_identity,
+    weighted_loss,
+)
+from duomodal.modelfile import ModelFileError, save_model
+
+T, G, VT, VI = 6, 4, 64, 32  # text positions, grid side, text vocab, image codebook
+
+
+def tiny_config(**changes) -> DALLEConfig:
+    base = DALLEConfig(text_seq_len=T, text_vocab_size=VT, image_vocab_size=VI, image_grid_size=G, image_size=16,
+                       n_layer=2, n_head=2, n_embd=32, caption_dropout=0.0)
+    return dataclasses.replace(base, **changes)
+
+
+def batch(B: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    text = torch.randint(4, VT, (B, T))
+    text[:, 0] = 2  # BOS
+    text[:, 3] = 3  # EOS
+    text[:, 4:] = 0  # PAD
+    return text, torch.randint(0, VI, (B, G * G))
+
+
+def expected_visible(kind: str, i: int, j: int, text_len: int, grid: int, kernel: int) -> bool:
+    """The definition, one pair at a time."""
+    if j > i:
+        return False
+    if i < text_len or j < text_len:
+        return True
+    (qr, qc), (kr, kc) = divmod(i - text_len, grid), divmod(j - text_len, grid)
+    return {
+        "full": True,
+        "axial_row": qr == kr,
+        "axial_col": qc == kc,
+        "conv_like": abs(qr - kr) <= kernel // 2 and abs(qc - kc) <= kernel // 2,
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ATTENTION_TYPES)
+def test_mask_matches_definition(kind):
+    mask = attention_mask(kind, 3, 4, conv_kernel_size=3)
+    S = 3 + 16
+    assert mask.shape == (S, S) and mask.dtype == torch.bool
+    for i in range(S):
+        for j in range(S):
+            assert bool(mask[i, j]) == expected_visible(kind, i, j, 3, 4, 3), (kind, i, j)
+
+
+def test_mask_examples():
+    # image token 5 is at row 1, col 1 of a 4x4 grid; text is 3 tokens
+    row = attention_mask("axial_row", 3, 4)[3 + 5]
+    assert row[:3].all() and row.nonzero().flatten().tolist() == [0, 1, 2, 3 + 4, 3 + 5]
+    col = attention_mask("axial_col", 3, 4)[3 + 5]
+    assert col.nonzero().flatten().tolist() == [0, 1, 2, 3 + 1, 3 + 5]
+    text_row = attention_mask("axial_col", 3, 4)[1]
+    assert text_row.nonzero().flatten().tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("kind", ATTENTION_TYPES)
+def test_model_sees_only_what_the_mask_allows(kind):
+    model = DALLE(tiny_config(n_layer=1, attention_types=(kind,), conv_kernel_size=3)).eval()
+    text, image = batch(1)
+    mask = attention_mask(kind, T, G, 3)
+    _, base = model(text, image[:, :-1])
+    for j in range(T, T + G * G - 1):  # perturb each image input token in turn
+        changed = image.clone()
+        changed[0, j - T] = (changed[0, j - T] + 1) % VI
+        _, out = model(text, changed[:, :-1])
+        for i in range(T - 1, T + G * G - 1):  # image logits at input position i
+            moved = not torch.allclose(out[0, i - (T - 1)], base[0, i - (T - 1)], atol=1e-6)
+            assert moved == bool(mask[i, j]), (kind, i, j)
+
+
+def test_padding_tokens_are_per_position():
+    text = torch.tensor([[2, 9, 3, 0, 0, 0]])
+    assert text_ids_with_padding(text, 0, VT).tolist() == [[2, 9, 3, VT + 3, VT + 4, VT + 5]]
+    model = DALLE(tiny_config()).eval()
+    assert model.text_embedding.num_embeddings == VT + T
+    assert model.text_head.out_features == VT + T
+    # the pad at position 3 and the pad at position 4 are different symbols with different embeddings
+    ids = model.text_ids(text)
+    emb = model.text_embedding(ids)
+    assert not torch.allclose(emb[0, 3], emb[0, 4])
+
+
+def test_logits_restricted_by_position_type_and_causal():
+    model = DALLE(tiny_config()).eval()
+    text, image = batch(2)
+    text_logits, image_logits = model(text, image[:, :-1])
+    assert text_logits.shape == (2, T - 1, VT + T)  # text positions: text vocabulary (with pads) only
+    assert image_logits.shape == (2, G * G, VI)  # image positions: the codebook only
+    changed = image.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % VI
+    text_after, image_after = model(text, changed[:, :-1])
+    assert torch.equal(text_after, text_logits)  # text never sees the image
+    assert torch.allclose(image_after[:, :6], image_logits[:, :6])  # predictions of tokens 0..5 unchanged
+    assert not torch.allclose(image_after[:, 6:], image_logits[:, 6:])
+
+
+def test_weighted_loss_is_1_to_7_by_default():
+    torch.manual_seed(1)
+    text_logits, image_logits = torch.randn(2, 5, 11), torch.randn(2, 16, 7)
+    text_targets, image_targets = torch.randint(0, 11, (2, 5)), torch.randint(0, 7, (2, 16))
+    config = tiny_config()
+    loss, text_ce, image_ce = weighted_loss(text_logits, image_logits, text_targets, image_targets,
+                                            config.text_loss_weight, config.image_loss_weight)
+    expected_text = torch.nn.functional.cross_entropy(text_logits.reshape(-1, 11), text_targets.reshape(-1))
+    expected_image = torch.nn.functional.cross_entropy(image_logits.reshape(-1, 7), image_targets.reshape(-1))
+    assert torch.allclose(text_ce, expected_text) and torch.allclose(image_ce, expected_image)
+    assert torch.allclose(loss, (expected_text + 7 * expected_image) / 8)
+
+
+def test_caption_dropout():
+    text = torch.arange(40).view(8, 5)
+    empty = torch.tensor([2, 3, 0, 0, 0])
+    assert torch.equal(drop_captions(text, empty, 0.0), text)
+    assert (drop_captions(text, empty, 1.0) == empty).all()
+    torch.manual_seed(3)
+    dropped = (drop_captions(text.repeat(100, 1), empty, 0.25) == empty).all(dim=1).float().mean()
+    assert 0.18 < float(dropped) < 0.32
+
+
+@pytest.mark.parametrize("types", [("full",), ("axial_row", "axial_col", "conv_like", "full")])
+def test_cached_logits_match_uncached(types):
+    model = DALLE(tiny_config(n_layer=4, attention_types=types)).eval()
+    text, image = batch(3)
+    _, uncached = model(text, image[:, :-1])  # (B, N, VI)
+    cache = model.new_cache(3)
+    steps = [model.forward_cached(text, cache)] + [model.forward_cached(image[:, k : k + 1], cache) for k in range(G * G - 1)]
+    assert torch.allclose(torch.stack(steps, dim=1), uncached, atol=1e-5)
+    # a chunk of several tokens at once writes the same cache
+    cache = model.new_cache(3)
+    model.forward_cached(torch.cat([text, image[:, :7]], dim=1), cache)
+    assert torch.allclose(model.forward_cached(image[:, 7:8], cache), uncached[:, 8], atol=1e-5)
+
+
+@pytest.mark.parametrize("types", [("full",), ("axial_row", "conv_like")])
+def test_greedy_and_seeded_sampling_cached_equals_uncached(types):
+    model = DALLE(tiny_config(attention_types=types)).eval()
+    text, _ = batch(3)
+    fast = sample_image_tokens(model, text, temperature=0, precision="fp32")
+    slow = sample_image_tokens(model, text, temperature=0, use_cache=False, precision="fp32")
+    assert torch.equal(fast, slow)
+    uniforms = row_uniforms([5, 6, 7], G * G)
+    fast = sample_image_tokens(model, text, uniforms, top_k=10, precision="fp32")
+    slow = sample_image_tokens(model, text, uniforms, top_k=10, use_cache=False, precision="fp32")
+    assert torch.equal(fast, slow)
+
+
+def test_guidance_scale_one_equals_conditional_sampling():
+    model = DALLE(tiny_config()).eval()
+    with torch.no_grad():
+        model.text_embedding.weight.mul_(50)  # make the caption matter and the logits peaked, as they
+        model.image_head.weight.mul_(20)  # are in a trained model
+    text, _ = batch(2)
+    empty = torch.tensor([2, 3, 0, 0, 0, 0])
+    uniforms = row_uniforms([1, 2], G * G)
+    plain = sample_image_tokens(model, text, uniforms, precision="fp32")
+    guided = sample_image_tokens(model, text, uniforms, guidance=1.0, empty_text=empty, precision="fp32")
+    assert torch.equal(plain, guided)
+    strong = sample_image_tokens(model, text, uniforms, guidance=4.0, empty_text=empty, precision="fp32")
+    assert not torch.equal(plain, strong)
+
+
+def test_fixed_tokens_are_kept_and_the_rest_sampled_in_order():
+    model = DALLE(tiny_config()).eval()
+    text, image = batch(2)
+    box = torch.zeros(G, G, dtype=torch.bool)
+    box[1:3, 1:3] = True  # tokens 5, 6, 9, 10 are free
+    fixed_mask = ~box.flatten()
+    uniforms = row_uniforms([3, 4], G * G)
+    fast = sample_image_tokens(model, text, uniforms, fixed=image, fixed_mask=fixed_mask, precision="fp32")
+    slow = sample_image_tokens(model, text, uniforms, fixed=image, fixed_mask=fixed_mask, use_cache=False,
+                               precision="fp32")
+    assert torch.equal(fast, slow)
+    assert torch.equal(fast[:, fixed_mask], image[:, fixed_mask])
+    assert not torch.equal(fast[:, ~fixed_mask], image[:, ~fixed_mask])
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = DALLE(config)
+    text, image = batch(4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        text_logits, image_logits = model(text, image[:, :-1])
+        loss, _, image_ce = weighted_loss(text_logits, image_logits, model.text_ids(text)[:, 1:], image,
+                                          config.text_loss_weight, config.image_loss_weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(image_ce.detach()) < 0.1, float(image_ce.detach())  # ln(32) = 3.47 at the start
+
+
+def test_config_validation_messages():
+    with pytest.raises(ConfigError, match=r"model.attention_types: 'sparse' is not one of full, axial_row, axial_col, conv_like"):
+        tiny_config(attention_types=("full", "sparse"))
+    with pytest.raises(ConfigError, match=r"model.n_embd 30 must be a multiple of model.n_head 4"):
+        tiny_config(n_embd=30, n_head=4)
+    with pytest.raises(ConfigError, match=r"model.conv_kernel_size must be odd and positive, got 4"):
+        tiny_config(conv_kernel_size=4)
+    with pytest.raises(ConfigError, match=r"model.image_vocab_size is 0; resolve it from the VAE first"):
+        DALLE(DALLEConfig())
+    config = tiny_config(attention_types=("axial_row", "full"))
+    assert from_dict(DALLEConfig, to_dict(config)) == config
+
+
+def test_load_dalle_roundtrip(tmp_path):
+    from duomodal.models.vae import DiscreteVAE, VAEConfig
+    from duomodal.text.tokenizer import Tokenizer
+
+    vae_config = VAEConfig(image_size=16, n_downsample=2, width=8, max_width=16, res_blocks=0, codebook_size=VI,
+                           codebook_dim=8)
+    vae = DiscreteVAE(vae_config)
+    save_model(tmp_path / "vae", "vae", to_dict(vae_config), vae.state_dict())
+    tokenizer = Tokenizer.train(["a red square", "a blue circle", "green triangle"] * 5, vocab_size=VT)
+    config = tiny_config(text_vocab_size=tokenizer.vocab_size, vae_dir=str(tmp_path / "vae"),
+                         vae_id=vae_identity(tmp_path / "vae"))
+    model = DALLE(config)
+    run = tmp_path / "run"
+    save_model(run, "dalle", to_dict(config), model.state_dict())
+    with pytest.raises(ModelFileError, match="has no tokenizer.json"):
+        load_dalle(run)
+    tokenizer.save(run / "tokenizer.json")
+    loaded = load_dalle(run)
+    assert not loaded.training and loaded.vae is not None and loaded.tokenizer.vocab_size == tokenizer.vocab_size
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert not any(k.startswith("vae") for k in loaded.state_dict())  # the VAE is not part of the weights
+    # a different VAE at the referenced path is refused
+    other = DiscreteVAE(vae_config)
+    save_model(tmp_path / "vae", "vae", to_dict(vae_config), other.state_dict())
+    with pytest.raises(ModelFileError, match="is not the one .* was trained with"):
+        load_dalle(run)
