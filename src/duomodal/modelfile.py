@@ -14,6 +14,7 @@ weights and optimizer tensors are safetensors, everything else JSON.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from duomodal.config import ConfigError, atomic_write_bytes, load_json, save_json
+from duomodal.config import ConfigError, atomic_write_bytes, atomic_write_text, load_json, save_json
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -37,6 +38,21 @@ class ModelFileError(ValueError):
     """A model directory that is missing, of the wrong kind, or does not match its model."""
 
 
+def _cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies safetensors accepts: a tensor that shares storage with an earlier one
+    (tied weights, views) is cloned, since safetensors refuses to write shared memory."""
+    out = {}
+    seen_storages = set()
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen_storages or tensor.untyped_storage().nbytes() != tensor.nbytes:
+            tensor = tensor.clone()
+        seen_storages.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
 def save_model(
     directory: str | os.PathLike,
     kind: str,
@@ -46,7 +62,7 @@ def save_model(
     """Write config.json and model.safetensors into `directory` (created if needed)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    tensors = _cpu_tensors(state_dict)
     atomic_write_bytes(directory / WEIGHTS_FILE, save(tensors, metadata={"kind": kind}))
     save_json({"kind": kind, "format_version": FORMAT_VERSION, "config": config}, directory / CONFIG_FILE)
     return directory
@@ -117,18 +133,29 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.
 # --- training state -----------------------------------------------------------------------------
 
 
+_MARKERS = frozenset({"__tensor__", "__ndarray__", "__items__", "__tuple__"})
+
+
+def _unique_key(key: str, tensors: dict[str, torch.Tensor]) -> str:
+    """`key`, or `key#n` when another tensor already took it (e.g. keys "a.b" and "a" -> "b")."""
+    candidate, n = key, 1
+    while candidate in tensors:
+        candidate, n = f"{key}#{n}", n + 1
+    return candidate
+
+
 def _flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
     """JSON tree of `obj` with tensors moved into `tensors` and replaced by references."""
     if isinstance(obj, torch.Tensor):
-        key = prefix or "tensor"
+        key = _unique_key(prefix or "tensor", tensors)
         tensors[key] = obj.detach().to("cpu").contiguous()
         return {"__tensor__": key}
     if isinstance(obj, np.ndarray):
-        key = prefix or "array"
+        key = _unique_key(prefix or "array", tensors)
         tensors[key] = torch.from_numpy(np.ascontiguousarray(obj))
         return {"__ndarray__": key}
     if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj) and "__tensor__" not in obj:
+        if all(isinstance(k, str) for k in obj) and not _MARKERS & obj.keys():
             return {k: _flatten(v, tensors, f"{prefix}.{k}" if prefix else k) for k, v in obj.items()}
         return {
             "__items__": [
@@ -163,19 +190,31 @@ def _unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def save_training_state(directory: str | os.PathLike, state: dict[str, Any]) -> None:
     """Save a nested dict of tensors, arrays and JSON values (optimizer state, step, RNG...)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    tree = _flatten(state, tensors, "")
-    atomic_write_bytes(directory / STATE_TENSORS_FILE, save(tensors))
-    save_json(tree, directory / STATE_JSON_FILE)
+    tree = _flatten(state, tensors, "")  # first, so that a value we cannot save leaves no trace
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(directory / STATE_TENSORS_FILE, save(_cpu_tensors(tensors)))
+    # Not save_json: its sorted keys would reorder the dicts of the state on the way back.
+    atomic_write_text(directory / STATE_JSON_FILE, json.dumps(tree, indent=1) + "\n")
 
 
 def load_training_state(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     if not (directory / STATE_JSON_FILE).is_file() or not (directory / STATE_TENSORS_FILE).is_file():
         raise ModelFileError(f"{directory} has no training state ({STATE_JSON_FILE}, {STATE_TENSORS_FILE})")
-    tensors = load_file(str(directory / STATE_TENSORS_FILE))
-    return _unflatten(load_json(directory / STATE_JSON_FILE), tensors)
+    try:
+        tensors = load_file(str(directory / STATE_TENSORS_FILE))
+        return _unflatten(load_json(directory / STATE_JSON_FILE), tensors)
+    except ConfigError as e:
+        raise ModelFileError(str(e)) from None
+    except KeyError as e:
+        raise ModelFileError(
+            f"{directory / STATE_JSON_FILE} names tensor {e} that is not in {STATE_TENSORS_FILE}"
+        ) from None
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ModelFileError(
+            f"{directory / STATE_TENSORS_FILE} is not a readable safetensors file: {e}"
+        ) from None
 
 
 def capture_rng_state() -> dict[str, Any]:
