@@ -89,11 +89,13 @@ class Tokenizer:
 
     def unknown_words(self, text: str) -> list[str]:
         """Words of `text` that contain characters the tokenizer has never seen."""
-        encoding = self.hf.encode(text)
+        # Encode the normalised text (normalising is idempotent) so that the offsets, which count
+        # in the encoder's input, index `normalized`.
+        normalized = self.normalize(text)
+        encoding = self.hf.encode(normalized)
         words = set()
         for token_id, offsets in zip(encoding.ids, encoding.offsets):
             if token_id == self.unk_id:
-                normalized = self.normalize(text)
                 start, end = offsets
                 left = normalized.rfind(" ", 0, start) + 1
                 right = normalized.find(" ", end)
@@ -102,6 +104,8 @@ class Tokenizer:
 
     def encode(self, text: str, context_length: int, truncate: bool = False) -> list[int]:
         """``[BOS] tokens [EOS]`` padded to `context_length` with PAD."""
+        if context_length < 2:
+            raise TokenizerError(f"context_length {context_length} is too small; BOS and EOS need at least 2")
         ids = [self.bos_id, *self.tokens(text), self.eos_id]
         if len(ids) > context_length:
             if not truncate:
