@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ from duomodal.search.build import BuildOptions, build_index
 embedder = fake.FakeEmbedder()
 report = build_index({root!r}, {index!r}, embedder, options=BuildOptions(batch_size=3), progress=False)
 with open(os.path.join({out!r}, "rank" + os.environ["RANK"]), "w") as f:
-    f.write(f"{{embedder.images_embedded}} {{report.count}} {{report.embedded}}")
+    f.write(f"{{embedder.images_embedded}} {{report.count}} {{report.embedded}} {{report.reused}} {{len(report.skipped)}}")
 """
 
 
@@ -37,7 +38,9 @@ with open(os.path.join({out!r}, "rank" + os.environ["RANK"]), "w") as f:
 def test_torchrun_two_processes_build_one_index(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     root = tmp_path / "photos"
-    make_images(root, 17)
+    paths = make_images(root, 17)
+    for path in paths[:3]:
+        shutil.copy2(path, root / f"copy_{path.name}")  # same content: embedded once, on one rank
     (root / "broken.png").write_bytes(b"not an image")
     script = tmp_path / "build.py"
     conftest = str(Path(__file__).with_name("conftest.py"))
@@ -51,7 +54,7 @@ def test_torchrun_two_processes_build_one_index(tmp_path):
     rank0 = [int(x) for x in (tmp_path / "rank0").read_text().split()]
     rank1 = [int(x) for x in (tmp_path / "rank1").read_text().split()]
     assert rank0[0] > 0 and rank1[0] > 0 and rank0[0] + rank1[0] == 17  # the work was shared
-    assert rank0[1:] == [17, 17]  # rank 0 reports the merged index
+    assert rank0[1:] == [20, 17, 3, 1]  # rank 0 reports the merged index: 20 images, 1 skipped
     assert not list((tmp_path / "idx" / SHARD_DIR).glob("*"))
 
     build_index(root, tmp_path / "reference", FakeEmbedder(), progress=False)
@@ -60,7 +63,7 @@ def test_torchrun_two_processes_build_one_index(tmp_path):
     for path in expected:
         np.testing.assert_array_equal(merged[path], expected[path])
     with ImageIndex.open(tmp_path / "idx") as index:
-        assert index.count == 17
+        assert index.count == 20
 
 
 def test_shards_left_by_an_interrupted_run_are_merged_not_redone(tmp_path):

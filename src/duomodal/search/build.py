@@ -207,8 +207,7 @@ def _embed_pending(
     on_skip: SkipCallback | None,
     progress: bool,
 ) -> None:
-    total = store.pending_count()
-    share = (total - dist.rank + dist.world_size - 1) // dist.world_size
+    share = store.pending_count(dist.rank, dist.world_size)
     run_id = uuid.uuid4().hex[:12]
     desc = "embedding" if dist.world_size == 1 else f"embedding (rank {dist.rank})"
     bar = tqdm(total=share, desc=desc, unit="img", disable=not progress)

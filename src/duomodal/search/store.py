@@ -156,6 +156,7 @@ class MetadataStore:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60)
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
+        db.create_function("rank_of", 2, rank_of, deterministic=True)
         return db
 
     def _check_version(self) -> None:
@@ -343,28 +344,35 @@ class MetadataStore:
                 [(f.path, f.sha256, f.size, f.mtime_ns, f.caption) for f in files],
             )
 
-    def pending_count(self) -> int:
+    def pending_count(self, rank: int = 0, world_size: int = 1) -> int:
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
+            return self._db.execute(
+                "SELECT COUNT(*) FROM pending WHERE rank_of(sha256, ?) = ?", (world_size, rank)
+            ).fetchone()[0]
 
     def iter_pending(self, rank: int = 0, world_size: int = 1, chunk: int = 256) -> Iterator[list[PendingFile]]:
-        """This rank's share of the pending files (every world_size-th by path order), in chunks."""
-        last = ""
-        position = 0
+        """This rank's share of the pending files, in chunks, ordered by content hash.
+
+        A file goes to rank ``rank_of(sha256, world_size)``, so files of equal content go to the
+        same rank and, being adjacent in hash order, are embedded once.
+        """
+        last = ("", "")
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT path, sha256, size, mtime_ns, caption FROM pending WHERE path > ? "
-                    "ORDER BY path LIMIT ?",
-                    (last, chunk * world_size),
+                    "SELECT path, sha256, size, mtime_ns, caption FROM pending "
+                    "WHERE rank_of(sha256, ?) = ? AND (sha256, path) > (?, ?) ORDER BY sha256, path LIMIT ?",
+                    (world_size, rank, last[1], last[0], chunk),
                 ).fetchall()
             if not rows:
                 return
-            mine = [PendingFile(*r) for k, r in enumerate(rows, start=position) if k % world_size == rank]
-            position += len(rows)
-            last = rows[-1][0]
-            if mine:
-                yield mine
+            last = (rows[-1][0], rows[-1][1])
+            yield [PendingFile(*r) for r in rows]
+
+
+def rank_of(sha256: str, world_size: int) -> int:
+    """The rank of a sharded build that embeds content with this hash."""
+    return int(sha256[:8], 16) % world_size
 
 
 class _Transaction:
