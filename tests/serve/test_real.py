@@ -15,6 +15,8 @@ from duomodal import cli
 from duomodal.config import to_dict
 from duomodal.modelfile import save_model
 from duomodal.models.clip import ClipConfig, ContrastiveClip, load_clip
+from duomodal.models.dalle import DALLE, DALLEConfig, vae_identity
+from duomodal.models.vae import DiscreteVAE, VAEConfig
 from duomodal.search.build import build_index
 from duomodal.text.tokenizer import Tokenizer
 
@@ -52,6 +54,25 @@ def index_dir(tmp_path_factory, shape_dataset, clip_dir):
     directory = tmp_path_factory.mktemp("index") / "idx"
     build_index(shape_dataset, directory, load_clip(clip_dir, device="cpu"), clip_path=clip_dir, progress=False)
     return directory
+
+
+@pytest.fixture(scope="module")
+def dalle_run(tmp_path_factory, shape_dataset):
+    """A tiny untrained DALL-E run: 16 px images as a 4x4 token grid, its VAE and tokenizer."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("dalle")
+    vae_config = VAEConfig(image_size=16, n_downsample=2, width=8, max_width=16, res_blocks=0,
+                           codebook_size=32, codebook_dim=8)
+    save_model(root / "vae", "vae", to_dict(vae_config), DiscreteVAE(vae_config).state_dict())
+    captions = [p.read_text() for p in sorted(shape_dataset.glob("*.txt"))]
+    tokenizer = Tokenizer.train(captions, vocab_size=64, min_frequency=1)
+    config = DALLEConfig(text_seq_len=8, text_vocab_size=tokenizer.vocab_size, image_vocab_size=32,
+                         image_grid_size=4, image_size=16, n_layer=2, n_head=2, n_embd=32,
+                         vae_dir=str(root / "vae"), vae_id=vae_identity(root / "vae"))
+    run = root / "run"
+    save_model(run, "dalle", to_dict(config), DALLE(config).state_dict())
+    tokenizer.save(run / "tokenizer.json")
+    return run
 
 
 @pytest.fixture
@@ -100,3 +121,43 @@ def test_serve_errors_are_one_line_and_exit_2(served, index_dir, tmp_path, capsy
     assert capsys.readouterr().err == (
         f"duomodal: error: {tmp_path / 'nothing'} is not a directory; build one with 'duomodal index build'\n"
     )
+
+
+def test_serve_generates_and_edits_with_a_real_dalle_reranked_by_the_clip(served, index_dir, dalle_run, job_waiter):
+    status, started = served("--index", str(index_dir), "--dalle", str(dalle_run), "--device", "cpu",
+                             "--max-generate", "6")
+    assert status == 0
+    with TestClient(started["app"]) as client:
+        health = client.get("/health").json()
+        assert health["generation"] is True and health["max_generate"] == 6
+        too_many = client.post("/api/generate", json={"prompt": "a red square", "num": 7})
+        assert too_many.status_code == 422
+        assert too_many.json() == {"detail": "num: 7 is more than this server generates at once (6)"}
+        job = client.post("/api/generate", json={"prompt": "a red square", "num": 6, "keep": 2,
+                                                 "guidance": 2.0, "top_k": 8, "seed": 3}).json()
+        done = job_waiter(client, job["url"], timeout=30)
+        assert done["status"] == "done", done
+        assert (done["done"], done["total"]) == (6, 6)
+        assert done["result"]["score_kind"] == "clip"
+        images = done["result"]["images"]
+        assert len(images) == 2 and images[0]["score"] >= images[1]["score"]
+        picture = Image.open(io.BytesIO(client.get(images[0]["url"]).content))
+        assert picture.size == (16, 16) and picture.mode == "RGB"
+
+        # Edit: a 32x24 upload is fitted to the model's 16x16 centre square, the box moved with it.
+        upload = io.BytesIO()
+        Image.new("RGB", (32, 24), (30, 60, 220)).save(upload, format="PNG")
+        form = {"prompt": "a red circle", "left": "8", "top": "4", "right": "24", "bottom": "12", "num": "2"}
+        response = client.post("/api/edit", files={"file": ("b.png", upload.getvalue(), "image/png")}, data=form)
+        assert response.status_code == 202
+        edited = job_waiter(client, response.json()["url"], timeout=30)
+        assert edited["status"] == "done", edited
+        assert len(edited["result"]["images"]) == 2
+        form.update(left="0", top="0", right="2", bottom="24")  # left of the centre square: nothing left
+        response = client.post("/api/edit", files={"file": ("b.png", upload.getvalue(), "image/png")}, data=form)
+        failed = job_waiter(client, response.json()["url"], timeout=30)
+        assert failed["status"] == "failed"
+        assert failed["error"] == (
+            "box 0,0,2,24 lies outside the centre square of the 32x24 image that the model sees: "
+            "move the box towards the centre"
+        )
