@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import types
 from pathlib import Path
 
@@ -20,37 +19,19 @@ import torch
 from PIL import Image, ImageDraw
 
 from duomodal.cli import main
-from duomodal.config import save_json, to_dict
+from duomodal.config import to_dict
 from duomodal.data.icons import captions_for
 from duomodal.evaluate import EvalError, EvalOptions, run_evaluation
 from duomodal.evaluate.metrics import dominant_color
 from duomodal.modelfile import save_model
 from duomodal.models.vae import DiscreteVAE, VAEConfig
 
-COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
-PALETTE = {name: "#%02x%02x%02x" % rgb for name, rgb in COLORS.items()}
-SHAPES = ("square", "circle", "triangle")
-HELDOUT = {("triangle", "yellow"), ("circle", "blue")}
-VAL = {("square", "green"), ("circle", "red")}
-
-
-def labelled_shapes(root: Path, shape_dataset: Path) -> Path:
-    """The conftest shape images with an icon-dataset manifest: icon/color labels, splits, palette."""
-    shutil.copytree(shape_dataset, root)
-    lines = []
-    for png in sorted(root.glob("*.png")):
-        color, shape, copy = png.stem.split("_")
-        split = "heldout" if (shape, color) in HELDOUT else "val" if (shape, color) in VAL and copy == "1" else "train"
-        lines.append(json.dumps({"file": png.name, "caption": list(captions_for(shape, color)), "icon": shape,
-                                 "color": color, "split": split, "heldout": split == "heldout"}))
-    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    save_json({"palette": PALETTE, "size": 16}, root / "dataset.json")
-    return root
+from .conftest import COLORS, HELDOUT, PALETTE, SHAPES
 
 
 @pytest.fixture
-def data(tmp_path, shape_dataset) -> Path:
-    return labelled_shapes(tmp_path / "shapes", shape_dataset)
+def data(labelled_data) -> Path:
+    return labelled_data
 
 
 @pytest.fixture

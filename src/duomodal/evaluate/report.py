@@ -306,7 +306,8 @@ def plot_training_curves(metrics_log: Path, path: Path, title: str, max_panels: 
     plt = _pyplot()
     columns = min(3, len(panels))
     n_rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(n_rows, columns, figsize=(4.2 * columns, 3.0 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(4.2 * columns, 3.0 * n_rows), squeeze=False,
+                             layout="constrained")
     drawn: list[str] = []
     try:
         for index, keys in enumerate(panels):

@@ -296,7 +296,7 @@ def curves_section(runs: dict[str, Path | None], out: Path) -> tuple[dict[str, A
             result[name] = {"skipped": f"no metrics.jsonl in {run_dir}"}
             continue
         file = f"curves_{name.lower().replace(' ', '_').replace('-', '_')}.png"
-        drawn = plot_training_curves(log_path, out / file, f"{name}: {run_dir}")
+        drawn = plot_training_curves(log_path, out / file, f"{name}: {Path(run_dir).name}")
         if not drawn:
             section.text(f"{name}: `{log_path}` holds no numeric series.")
             result[name] = {"skipped": f"{log_path} holds no numeric series"}
