@@ -62,7 +62,7 @@ def runs(tmp_path_factory, labelled_data) -> dict[str, Path]:
         assert main(["train", "clip", *common, "--out", str(out["judge"]), *sets(CLIP_SETS + ["train.seed=1"])]) == 0
         if "dalle" in train_kinds():
             out["dalle"] = root / "dalle"
-            assert main(["train", "dalle", *common, "--out", str(out["dalle"]), "--set", f"model.vae_dir={out['vae']}",
+            assert main(["train", "dalle", *common, "--out", str(out["dalle"]), "--vae", str(out["vae"]),
                          *sets(DALLE_SETS)]) == 0
     finally:
         torch.set_num_threads(threads)
