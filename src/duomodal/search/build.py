@@ -19,6 +19,7 @@ written atomically and merged idempotently); the next run plans again and finish
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -107,59 +108,62 @@ def _run(
     started = time.perf_counter()
     dist = Distributed.from_env()
     lock = None
-    error = None
-    root = None
     report = None
     if dist.rank == 0:
         try:
-            if create_meta is None:
-                MetadataStore.open(index_dir).close()  # a clear error when there is no index
-            index_dir.mkdir(parents=True, exist_ok=True)
-            lock = IndexLock(index_dir)
-            store = _open_for_run(index_dir, embedder, options, create_meta)
-            root = Path(store.get_meta("root"))
-            report = BuildReport(root, index_dir)
-            merge_shards(store, index_dir, embedder.dim)
-            plan_run(store, root, index_dir, report, on_skip, progress)
-            store.close()
-        except (ValueError, OSError) as e:
-            error = (type(e).__name__, str(e))
-            if lock is not None:
-                lock.release()
-            if dist.world_size == 1:
-                raise
-    error, root = dist.broadcast((error, root))
+            lock, report = _prepare(index_dir, embedder, options, create_meta, on_skip, progress)
+        except BaseException as e:
+            dist.broadcast((f"rank 0 failed: {e}", None))  # let the other ranks stop too
+            raise
+    error, root = dist.broadcast((None, None if report is None else report.root))
     if error is not None:
-        raise IndexStoreError(error[1])
-    if report is None:
-        report = BuildReport(root, index_dir)
+        raise IndexStoreError(error)
+    report = report or BuildReport(root, index_dir)
     try:
-        store = MetadataStore.open(index_dir)
-        try:
-            _embed_pending(store, root, index_dir, embedder, (options or BuildOptions()).batch_size, dist, report, on_skip, progress)
-        finally:
-            store.close()
+        batch_size = (options or BuildOptions()).batch_size
+        with contextlib.closing(MetadataStore.open(index_dir)) as store:
+            _embed_pending(store, root, index_dir, embedder, batch_size, dist, report, on_skip, progress)
         shares = dist.gather((report.embedded, report.reused, report.skipped))  # a barrier: shards are written
         if dist.rank == 0:
             if dist.world_size > 1:
                 report.embedded = sum(share[0] for share in shares)
                 report.reused += sum(share[1] for share in shares[1:])
                 report.skipped = [s for share in shares for s in share[2]]
-            store = MetadataStore.open(index_dir)
-            try:
+            with contextlib.closing(MetadataStore.open(index_dir)) as store:
                 merge_shards(store, index_dir, embedder.dim)
                 store.clear_pending()
-                bar = tqdm if progress else None
-                faiss_index = sync_faiss(store, index_dir, writable=True, progress=bar)
+                faiss_index = sync_faiss(store, index_dir, writable=True, progress=tqdm if progress else None)
                 report.count = int(faiss_index.ntotal)
                 report.index_type = store.get_meta("index_type") or ""
-            finally:
-                store.close()
     finally:
         if lock is not None:
             lock.release()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _prepare(
+    index_dir: Path,
+    embedder: Embedder,
+    options: BuildOptions | None,
+    create_meta: dict[str, str] | None,
+    on_skip: SkipCallback | None,
+    progress: bool,
+) -> tuple[IndexLock, BuildReport]:
+    """Rank 0: lock the index, check it fits this run, merge leftover shards, plan the work."""
+    if create_meta is None:
+        MetadataStore.open(index_dir).close()  # a clear error when there is no index
+    index_dir.mkdir(parents=True, exist_ok=True)
+    lock = IndexLock(index_dir)
+    try:
+        with contextlib.closing(_open_for_run(index_dir, embedder, options, create_meta)) as store:
+            report = BuildReport(Path(store.get_meta("root")), index_dir)
+            merge_shards(store, index_dir, embedder.dim)
+            plan_run(store, report.root, index_dir, report, on_skip, progress)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, report
 
 
 def _open_for_run(
