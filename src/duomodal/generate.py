@@ -241,7 +241,8 @@ def _decode(model: DALLE, tokens: torch.Tensor) -> list[Image.Image]:
     return [to_pil(image) for image in images]
 
 
-def _check_counts(num: int, keep: int | None, batch_size: int) -> int:
+def check_counts(num: int, keep: int | None, batch_size: int) -> int:
+    """The number of images to keep; clear errors for counts out of range."""
     if not 1 <= num <= MAX_NUM:
         raise GenerationError(f"num must be between 1 and {MAX_NUM}, got {num}")
     if keep is None:
@@ -291,7 +292,7 @@ def generate_images(
 ) -> GenerationResult:
     """Generate `num` images for `prompt` (image i from seed + i); keep the `keep` best by `scorer`
     (or the first `keep` without one). `progress(done, num)` is called after each batch."""
-    keep = _check_counts(num, keep, batch_size)
+    keep = check_counts(num, keep, batch_size)
     check_sampling(temperature, top_k, top_p, guidance)
     text = encode_prompt(dalle, prompt)
     empty = encode_prompt(dalle, "") if guidance != 1.0 else None
@@ -384,7 +385,7 @@ def edit_image(
     are ranked by `scorer` if given, else by how well they fit the unchanged tokens after the box
     (score_kind "fit": mean log-likelihood of those tokens under the model).
     """
-    keep = _check_counts(num, keep, batch_size)
+    keep = check_counts(num, keep, batch_size)
     check_sampling(temperature, top_k, top_p, guidance)
     config = dalle.config
     S, G = config.image_size, config.image_grid_size
@@ -440,7 +441,7 @@ def complete_image(
     precision: str = "auto",
 ) -> GenerationResult:
     """Keep the first `rows` token rows of `image` and generate the rest (the paper's priming)."""
-    keep = _check_counts(num, keep, batch_size)
+    keep = check_counts(num, keep, batch_size)
     G = dalle.config.image_grid_size
     if not 0 <= rows < G:
         raise GenerationError(f"rows must be between 0 and {G - 1} (the token grid has {G} rows), got {rows}")

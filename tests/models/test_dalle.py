@@ -25,6 +25,15 @@ from duomodal.modelfile import ModelFileError, save_model
 T, G, VT, VI = 6, 4, 64, 32  # text positions, grid side, text vocab, image codebook
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**changes) -> DALLEConfig:
     base = DALLEConfig(text_seq_len=T, text_vocab_size=VT, image_vocab_size=VI, image_grid_size=G, image_size=16,
                        n_layer=2, n_head=2, n_embd=32, caption_dropout=0.0)

@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duomodal.config import ConfigError, from_dict
+from duomodal.config import ConfigError, from_dict, load_json
 from duomodal.modelfile import TOKENIZER_FILE, WEIGHTS_FILE, ModelFileError, load_state_dict_strict, load_weights, read_config
 
 ATTENTION_TYPES = ("full", "axial_row", "axial_col", "conv_like")
 VAE_SUBDIR = "vae"  # a run directory keeps a copy of its VAE here, so it stays usable when moved
+CAPTION_WORDS_FILE = "caption_words.json"  # the words of the training captions (to flag unseen prompt words)
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,7 @@ class DALLE(nn.Module):
         # tree: they are saved in their own files and must stay out of state_dict() and parameters().
         self.__dict__["vae"] = None
         self.__dict__["tokenizer"] = None
+        self.__dict__["caption_words"] = None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -280,10 +282,11 @@ class DALLE(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def attach(self, vae: Any, tokenizer: Any) -> None:
-        """Give the model the VAE and tokenizer it was trained with (for generation)."""
+    def attach(self, vae: Any, tokenizer: Any, caption_words: set[str] | None = None) -> None:
+        """Give the model the VAE and tokenizer it was trained with, and its captions' words (for generation)."""
         self.__dict__["vae"] = vae
         self.__dict__["tokenizer"] = tokenizer
+        self.__dict__["caption_words"] = caption_words
 
     def text_ids(self, text: torch.Tensor) -> torch.Tensor:
         """Tokenizer ids (B, T) -> embedding ids with per-position padding tokens (B, T)."""
@@ -415,7 +418,9 @@ def load_dalle(run_dir: str | os.PathLike, device: torch.device | str | None = N
         raise ModelFileError(
             f"{tokenizer_path} has {tokenizer.vocab_size} tokens, the model expects {config.text_vocab_size}"
         )
-    model.attach(vae, tokenizer)
+    words_path = run_dir / CAPTION_WORDS_FILE
+    caption_words = set(load_json(words_path)) if words_path.is_file() else None
+    model.attach(vae, tokenizer, caption_words)
     if device is not None:
         model.to(device)
     return model.eval()

@@ -1,0 +1,399 @@
+"""Training DALL-E: its run config, the on-disk cache of VAE tokens, and its ``TrainTask``.
+
+The frozen VAE encodes every image of the dataset once; the tokens are cached in a safetensors file
+named by a hash of the VAE's weights and of the image files (paths, sizes, modification times), so
+a changed VAE or a changed dataset gets a fresh cache and training never reruns the encoder per epoch.
+Captions are tokenized once too (a BPE tokenizer trained on the training captions, saved beside the
+weights); each training item picks one of its image's captions that fits the context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from torch.utils.data import Dataset, default_collate
+from tqdm import tqdm
+
+from duomodal.config import atomic_write_bytes, save_json, to_dict
+from duomodal.data.dataset import DataConfig
+from duomodal.data.images import ImageError, load_image, save_grid, to_tensor
+from duomodal.data.records import Record, filter_split, load_records
+from duomodal.generate import row_uniforms, sample_image_tokens
+from duomodal.modelfile import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+from duomodal.models.dalle import (
+    CAPTION_WORDS_FILE,
+    DALLE,
+    VAE_SUBDIR,
+    DALLEConfig,
+    drop_captions,
+    text_ids_with_padding,
+    vae_identity,
+    weighted_loss,
+)
+from duomodal.text.tokenizer import Tokenizer
+from duomodal.train.loop import TrainConfig
+
+log = logging.getLogger(__name__)
+
+KIND = "dalle"
+SPLIT_IDS = {"val": 0, "heldout": 1}
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts: tuple[str, ...] = ()  # fixed prompts for the sample grids; empty: taken from val and heldout
+    prompt_count: int = 8  # prompts taken from the data when `prompts` is empty (half val, half heldout)
+    per_prompt: int = 6  # samples per prompt (one row each, after the real image when there is one)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.prompt_count < 1 or self.per_prompt < 1:
+            raise ValueError(f"samples.prompt_count and samples.per_prompt must be >= 1, got "
+                             f"{self.prompt_count} and {self.per_prompt}")
+        if self.top_k < 0:
+            raise ValueError(f"samples.top_k must be >= 0 (0 = off), got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class DALLERunConfig:
+    model: DALLEConfig = field(default_factory=DALLEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # data.image_size is taken from the VAE
+    samples: SampleConfig = field(default_factory=SampleConfig)
+    vae: str = ""  # the trained VAE directory (--vae)
+    token_cache: str = ""  # folder of cached VAE tokens; "" = $XDG_CACHE_HOME/duomodal/dalle-tokens
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "duomodal" / "dalle-tokens"
+
+
+# --- the token cache -----------------------------------------------------------------------------
+
+
+def dataset_fingerprint(records: list[Record], vae_id: str, image_size: int, background: str) -> str:
+    """sha256 over the VAE identity, the preprocessing and each image file's path, size and mtime."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"version": CACHE_VERSION, "vae": vae_id, "image_size": image_size,
+                              "background": background}).encode())
+    for record in records:
+        stat = record.path.stat() if record.path.exists() else None
+        entry = [str(record.path), stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1]
+        digest.update(json.dumps(entry).encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class TokenTable:
+    tokens: torch.Tensor  # (M, N) int16/int32 image tokens of each record, raster order
+    readable: torch.Tensor  # (M,) bool: False where the image could not be read
+    path: Path  # the cache file
+    reused: bool  # True when read from the cache, False when encoded now
+
+
+def encode_images(records: list[Record], vae: Any, vae_id: str, data: DataConfig, cache_dir: Path,
+                  batch_size: int = 256, show_progress: bool = True) -> TokenTable:
+    """VAE tokens of every record's image, from the cache when its key matches, else encoded and cached.
+
+    Unreadable images are skipped with one log line each and marked unreadable (the dataset then
+    yields None for them and the training loop counts them)."""
+    key = dataset_fingerprint(records, vae_id, data.image_size, data.background)
+    path = Path(cache_dir) / f"tokens-{key[:32]}.safetensors"
+    if path.is_file():
+        try:
+            stored = load_file(str(path))
+            if stored["tokens"].shape[0] == len(records):
+                return TokenTable(stored["tokens"], stored["readable"].bool(), path, True)
+        except Exception as e:  # a damaged cache file is rebuilt, not trusted
+            log.warning("rebuilding the token cache %s: %s", path, e)
+    S, G = data.image_size, vae.grid_size
+    dtype = torch.int16 if vae.codebook_size <= 32767 else torch.int32
+    tokens = torch.zeros(len(records), G * G, dtype=dtype)
+    readable = torch.ones(len(records), dtype=torch.bool)
+    skipped = 0
+    bar = tqdm(total=len(records), desc="encode images with the VAE", unit="img", disable=not show_progress)
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        pixels, rows = [], []
+        for offset, record in enumerate(chunk):
+            try:
+                image = load_image(record.path, data.background_rgb)
+            except ImageError as e:
+                log.warning("skipping %s", e)
+                readable[start + offset] = False
+                skipped += 1
+                continue
+            pixels.append(to_tensor(image, S))
+            rows.append(start + offset)
+        if pixels:
+            codes = vae.encode(torch.stack(pixels)).flatten(1).cpu()  # (b, N)
+            tokens[rows] = codes.to(dtype)
+        bar.update(len(chunk))
+    bar.close()
+    if skipped:
+        log.warning("%d of %d images could not be read and are left out", skipped, len(records))
+    meta = {"key": key, "vae": vae_id, "images": str(len(records)), "skipped": str(skipped)}
+    atomic_write_bytes(path, save({"tokens": tokens, "readable": readable.to(torch.uint8)}, metadata=meta))
+    return TokenTable(tokens, readable, path, False)
+
+
+# --- captions ------------------------------------------------------------------------------------
+
+
+class CaptionTable:
+    """Every caption of every record, encoded once: ``tokens[offsets[i]:offsets[i + 1]]`` are record i's."""
+
+    def __init__(self, records: list[Record], tokenizer: Tokenizer, context: int):
+        rows: list[list[int]] = []
+        offsets = [0]
+        self.truncated = 0
+        for record in records:
+            encoded = [[tokenizer.bos_id, *ids, tokenizer.eos_id]
+                       for ids in (e.ids for e in tokenizer.hf.encode_batch(list(record.captions)))]
+            fitting = [ids for ids in encoded if len(ids) <= context]
+            if not fitting:  # no caption fits: keep the shortest, cut before EOS
+                shortest = min(encoded, key=len)
+                fitting = [shortest[: context - 1] + [tokenizer.eos_id]]
+                self.truncated += 1
+            rows.extend(ids + [tokenizer.pad_id] * (context - len(ids)) for ids in fitting)
+            offsets.append(len(rows))
+        self.tokens = torch.tensor(rows, dtype=torch.int32).view(-1, context)  # (K, T)
+        self.offsets = torch.tensor(offsets, dtype=torch.long)  # (M + 1,)
+
+
+class TokenizedCaptions(Dataset):
+    """Items {"text": (T,) long, "image": (N,) long, "index", "split"}; None for unreadable images.
+
+    Training items take a random fitting caption (torch's RNG, which the loop seeds per item);
+    with `rotate` the caption is chosen by index instead, the same every time (validation)."""
+
+    def __init__(self, rows: list[int], captions: CaptionTable, images: TokenTable,
+                 splits: list[int] | None = None, rotate: bool = False):
+        self.rows, self.captions, self.images, self.rotate = rows, captions, images, rotate
+        self.splits = splits
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        row = self.rows[index]
+        if not bool(self.images.readable[row]):
+            return None
+        first, end = int(self.captions.offsets[row]), int(self.captions.offsets[row + 1])
+        choice = index % (end - first) if self.rotate else int(torch.randint(end - first, ()))
+        return {
+            "text": self.captions.tokens[first + choice].long(),
+            "image": self.images.tokens[row].long(),
+            "index": index,
+            "split": self.splits[index] if self.splits is not None else 0,
+        }
+
+
+# --- the task ------------------------------------------------------------------------------------
+
+
+class DALLETask:
+    """Next-token prediction over [caption ; VAE tokens]; validation in bits per image token."""
+
+    kind = KIND
+
+    def __init__(self, config: DALLERunConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                 resume: bool = False, show_progress: bool = True):
+        from duomodal.models.vae import load_vae
+
+        if not config.vae:
+            raise ValueError("no VAE given: pass --vae VAE_DIR (a trained `duomodal train vae` run)")
+        self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
+        self.vae_dir = Path(config.vae).resolve()
+        self.vae = load_vae(self.vae_dir)
+        self.vae_id = vae_identity(self.vae_dir)
+        self.config = replace(config, data=replace(config.data, image_size=self.vae.image_size))
+        self.resume = resume
+        self.show_progress = show_progress
+        self._prepared = False
+
+    # preparation: tokenizer, captions, image tokens (lazily, once)
+
+    def _prepare(self) -> None:
+        if self._prepared:
+            return
+        config = self.config
+        records = load_records(self.data_dir, config.data.val_fraction)
+        train_rows = [i for i, r in enumerate(records) if r.split == "train"]
+        if not train_rows:
+            raise ValueError(f"{self.data_dir} has no training images (found {len(records)} captioned images)")
+        saved = self.out_dir / TOKENIZER_FILE
+        if self.resume and saved.is_file():
+            tokenizer = Tokenizer.load(saved)
+        else:
+            train_captions = [c for i in train_rows for c in records[i].captions]
+            tokenizer = Tokenizer.train(train_captions, vocab_size=config.model.text_vocab_size)
+        self.tokenizer = tokenizer
+        self.caption_words = sorted({w for i in train_rows for c in records[i].captions
+                                     for w in tokenizer.normalize(c).split()})
+        m = config.model
+        self.model_cfg = replace(
+            m, text_vocab_size=tokenizer.vocab_size, text_pad_id=tokenizer.pad_id,
+            image_vocab_size=self.vae.codebook_size, image_grid_size=self.vae.grid_size,
+            image_size=self.vae.image_size, vae_dir=str(self.vae_dir), vae_id=self.vae_id,
+        )
+        self.captions = CaptionTable(records, tokenizer, m.text_seq_len)
+        if self.captions.truncated:
+            log.warning("%d images have no caption that fits text_seq_len=%d: their shortest caption is cut",
+                        self.captions.truncated, m.text_seq_len)
+        cache_dir = Path(config.token_cache) if config.token_cache else default_cache_dir()
+        self.images = encode_images(records, self.vae, self.vae_id, config.data, cache_dir,
+                                    show_progress=self.show_progress)
+        self.records = records
+        self.train_rows = train_rows
+        val_rows = [i for i, r in enumerate(records) if r.split == "val"]
+        heldout_rows = [i for i, r in enumerate(records) if r.split == "heldout"]
+        if not val_rows and not heldout_rows:
+            val_rows = train_rows[:64]  # tiny folders: validate on the first training images
+        interleaved: list[int] = []
+        splits: list[int] = []
+        for k in range(max(len(val_rows), len(heldout_rows))):
+            for rows, split in ((val_rows, "val"), (heldout_rows, "heldout")):
+                if k < len(rows):
+                    interleaved.append(rows[k])
+                    splits.append(SPLIT_IDS[split])
+        self.val_rows, self.val_splits = interleaved, splits
+        self.empty_text = torch.tensor(tokenizer.encode("", m.text_seq_len), dtype=torch.long)
+        self._sample_plan = self._plan_samples(val_rows, heldout_rows)
+        self._prepared = True
+
+    def _plan_samples(self, val_rows: list[int], heldout_rows: list[int]) -> list[tuple[str, int | None]]:
+        """(prompt, record row of its real image or None) for the sample grids."""
+        s = self.config.samples
+        if s.prompts:
+            plan = [(p, None) for p in s.prompts]
+        else:
+            pools = [val_rows or self.train_rows, heldout_rows]
+            half = [s.prompt_count - s.prompt_count // 2, s.prompt_count // 2] if heldout_rows else [s.prompt_count, 0]
+            plan = []
+            for pool, count in zip(pools, half):
+                for k in range(count):
+                    row = pool[(k * len(pool)) // max(count, 1)]
+                    plan.append((self.records[row].captions[0], row))
+        for prompt, _ in plan:
+            ids = [self.tokenizer.bos_id, *self.tokenizer.tokens(prompt), self.tokenizer.eos_id]
+            if len(ids) > self.model_cfg.text_seq_len:
+                raise ValueError(f"sample prompt {prompt!r} is {len(ids)} tokens, longer than "
+                                 f"model.text_seq_len={self.model_cfg.text_seq_len}; shorten it")
+        return plan
+
+    # the TrainTask protocol
+
+    def model_config(self) -> dict[str, Any]:
+        self._prepare()
+        return to_dict(self.model_cfg)
+
+    def build_model(self) -> DALLE:
+        self._prepare()
+        return DALLE(self.model_cfg)
+
+    def datasets(self) -> tuple[Dataset, Dataset | None]:
+        self._prepare()
+        train = TokenizedCaptions(self.train_rows, self.captions, self.images)
+        val = TokenizedCaptions(self.val_rows, self.captions, self.images, self.val_splits, rotate=True)
+        return train, val
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return default_collate(items)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        m = self.model_cfg
+        text = drop_captions(batch["text"], self.empty_text, m.caption_dropout)
+        image = batch["image"]
+        text_logits, image_logits = model(text, image[:, :-1])
+        text_targets = text_ids_with_padding(text, m.text_pad_id, m.text_vocab_size)[:, 1:]
+        loss, text_ce, image_ce = weighted_loss(text_logits, image_logits, text_targets, image,
+                                                m.text_loss_weight, m.image_loss_weight)
+        return loss, {"text_loss": float(text_ce.detach()), "image_bits": float(image_ce.detach()) / math.log(2)}
+
+    def validate(self, model: torch.nn.Module, batches: Any) -> dict[str, float]:
+        m = self.model_cfg
+        sums = {"loss": 0.0, "text": 0.0, 0: 0.0, 1: 0.0}
+        counts = {"items": 0, 0: 0, 1: 0}
+        for batch in batches:
+            text, image, split = batch["text"], batch["image"], batch["split"]
+            text_logits, image_logits = model(text, image[:, :-1])
+            text_targets = text_ids_with_padding(text, m.text_pad_id, m.text_vocab_size)[:, 1:]
+            loss, text_ce, _ = weighted_loss(text_logits, image_logits, text_targets, image,
+                                             m.text_loss_weight, m.image_loss_weight)
+            per_item = torch.nn.functional.cross_entropy(
+                image_logits.float().transpose(1, 2), image, reduction="none").mean(dim=1)  # (B,)
+            B = image.shape[0]
+            sums["loss"] += float(loss) * B
+            sums["text"] += float(text_ce) * B
+            counts["items"] += B
+            for split_id in (0, 1):
+                chosen = split == split_id
+                sums[split_id] += float(per_item[chosen].sum())
+                counts[split_id] += int(chosen.sum())
+        if not counts["items"]:
+            return {}
+        figures = {"loss": sums["loss"] / counts["items"], "text_loss": sums["text"] / counts["items"]}
+        if counts[0]:
+            figures["image_bits"] = sums[0] / counts[0] / math.log(2)
+        if counts[1]:
+            figures["heldout_image_bits"] = sums[1] / counts[1] / math.log(2)
+        return figures
+
+    def write_samples(self, model: torch.nn.Module, path: Path, step: int) -> None:
+        dalle: DALLE = getattr(model, "module", model)
+        s = self.config.samples
+        G = self.model_cfg.image_grid_size
+        device = dalle.image_head.weight.device
+        self.vae.to(device)
+        rows = []
+        for k, (prompt, record_row) in enumerate(self._sample_plan):
+            text = torch.tensor(self.tokenizer.encode(prompt, self.model_cfg.text_seq_len))
+            tokens = sample_image_tokens(
+                dalle, text[None].expand(s.per_prompt, -1),
+                row_uniforms([1000 * k + i for i in range(s.per_prompt)], G * G),
+                temperature=s.temperature, top_k=s.top_k or None, guidance=s.guidance,
+                empty_text=self.empty_text if s.guidance != 1.0 else None,
+            )
+            images = self.vae.decode(tokens.view(-1, G, G)).float().cpu()  # (P, 3, S, S)
+            if record_row is not None:
+                real = self.vae.decode(self.images.tokens[record_row].long().view(1, G, G).to(device)).float().cpu()
+                images = torch.cat([real, images])
+            rows.append(images)
+        width = max(r.shape[0] for r in rows)
+        padded = [torch.cat([r, torch.ones(width - r.shape[0], *r.shape[1:])]) for r in rows]
+        save_grid(torch.cat(padded), path, nrow=width)
+        save_json({"step": step, "prompts": [p for p, _ in self._sample_plan],
+                   "first_column": "the VAE reconstruction of the prompt's own image, when it has one"},
+                  path.with_suffix(".json"))
+
+    def save_extras(self, directory: Path) -> None:
+        directory = Path(directory)
+        self.tokenizer.save(directory / TOKENIZER_FILE)
+        save_json(self.caption_words, directory / CAPTION_WORDS_FILE)
+        target = directory / VAE_SUBDIR
+        if (target / WEIGHTS_FILE).is_file() and vae_identity(target) == self.vae_id:
+            return
+        tmp = directory / f".{VAE_SUBDIR}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copy2(self.vae_dir / name, tmp / name)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)

@@ -1,0 +1,164 @@
+"""Generation on a tiny random DALL-E + tiny random VAE: seeds, reranking, edits, completion, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from duomodal.generate import (
+    MAX_NUM,
+    GenerationError,
+    box_to_token_mask,
+    choose_tokens,
+    complete_image,
+    edit_image,
+    encode_prompt,
+    generate_images,
+    unseen_words,
+)
+from duomodal.models.dalle import DALLE, DALLEConfig
+from duomodal.models.vae import DiscreteVAE, VAEConfig
+from duomodal.text.tokenizer import Tokenizer
+
+CAPTIONS = ["a red square", "a blue circle", "a green triangle", "square, red", "circle, blue"] * 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dalle() -> DALLE:
+    torch.manual_seed(0)
+    vae = DiscreteVAE(VAEConfig(image_size=16, n_downsample=2, width=8, max_width=16, res_blocks=0,
+                                codebook_size=32, codebook_dim=8)).eval()
+    tokenizer = Tokenizer.train(CAPTIONS, vocab_size=64)
+    config = DALLEConfig(text_seq_len=8, text_vocab_size=tokenizer.vocab_size, image_vocab_size=32,
+                         image_grid_size=4, image_size=16, n_layer=2, n_head=2, n_embd=32)
+    model = DALLE(config).eval()
+    with torch.no_grad():
+        model.image_head.weight.mul_(10)  # peaked distributions, as in a trained model
+    model.attach(vae, tokenizer, {"a", "red", "square", "blue", "circle", "green", "triangle"})
+    return model
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+class RednessScorer:
+    """Scores an image by how red it is (stands in for CLIP)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, images, texts):
+        self.calls.append(list(texts))
+        return torch.tensor([float(pixels(im)[..., 0].mean() - pixels(im)[..., 1:].mean()) for im in images])
+
+
+def test_generate_counts_seeds_and_reproducibility(dalle):
+    result = generate_images(dalle, "a red square", num=5, keep=3, batch_size=2, seed=10, precision="fp32")
+    assert len(result.images) == 3 and result.images[0].size == (16, 16)
+    assert result.seeds == [10, 11, 12] and result.indices == [0, 1, 2] and result.scores is None
+    # an image depends on its seed only, not on the batch it was drawn in
+    alone = generate_images(dalle, "a red square", num=1, seed=12, precision="fp32")
+    assert np.array_equal(pixels(alone.images[0]), pixels(result.images[2]))
+    other = generate_images(dalle, "a red square", num=3, seed=10, batch_size=3, precision="fp32")
+    assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(other.images, result.images))
+
+
+def test_reranking_keeps_the_best_by_score(dalle):
+    scorer = RednessScorer()
+    result = generate_images(dalle, "a red square", num=6, keep=2, scorer=scorer, precision="fp32")
+    every = generate_images(dalle, "a red square", num=6, precision="fp32")
+    all_scores = scorer.score(every.images, ["x"] * 6)
+    best = sorted(range(6), key=lambda i: -float(all_scores[i]))[:2]
+    assert result.indices == best and result.seeds == best
+    assert result.scores == pytest.approx([float(all_scores[i]) for i in best])
+    assert result.score_kind == "scorer" and scorer.calls[0] == ["a red square"] * 6
+
+
+def test_guidance_runs_and_progress_is_reported(dalle):
+    seen = []
+    result = generate_images(dalle, "a blue circle", num=3, batch_size=2, guidance=3.0, top_k=8, top_p=0.9,
+                             progress=lambda done, total: seen.append((done, total)))
+    assert len(result.images) == 3 and seen == [(2, 3), (3, 3)]
+
+
+def test_choose_tokens_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    u = torch.tensor([0.999])
+    assert choose_tokens(logits, u, 0.0, None, None).item() == 1  # greedy
+    assert choose_tokens(logits, u, 1.0, 1, None).item() == 1  # top-k 1 = greedy
+    assert choose_tokens(logits, u, 1.0, None, 1e-6).item() == 1  # tiny top-p = greedy
+    assert choose_tokens(logits, u, 1.0, 2, None).item() == 3  # the 2 likeliest are 1 and 3
+    # inverse CDF follows the softmax probabilities
+    n = 20000
+    uniforms = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    picks = choose_tokens(logits.expand(n, -1), uniforms, 1.0, None, None)
+    freq = torch.bincount(picks, minlength=4).double() / n
+    assert torch.allclose(freq, torch.softmax(logits[0].double(), 0), atol=0.015)
+
+
+def test_bad_requests_have_clear_errors(dalle):
+    with pytest.raises(GenerationError, match=rf"^num must be between 1 and {MAX_NUM}, got {MAX_NUM + 1}$"):
+        generate_images(dalle, "a red square", num=MAX_NUM + 1)
+    with pytest.raises(GenerationError, match=r"^keep must be between 1 and num \(4\), got 5$"):
+        generate_images(dalle, "a red square", num=4, keep=5)
+    with pytest.raises(GenerationError, match=r"is 11 tokens with BOS/EOS; this model reads at most 8: shorten it"):
+        generate_images(dalle, "a red square a red square a red square", num=1)
+    with pytest.raises(GenerationError, match=r"characters this model's tokenizer never saw, in: sq€are"):
+        generate_images(dalle, "a red sq€are", num=1)
+    with pytest.raises(GenerationError, match=r"^top_p must be in \(0, 1\], got 0.0$"):
+        generate_images(dalle, "a red square", num=1, top_p=0.0)
+    with pytest.raises(GenerationError, match=r"^temperature must be >= 0 \(0 = greedy\), got -1.0$"):
+        generate_images(dalle, "a red square", num=1, temperature=-1.0)
+    assert encode_prompt(dalle, "").tolist()[:2] == [2, 3]  # the empty prompt is the unconditional one
+    assert unseen_words(dalle, "A purple square") == ["purple"]
+
+
+def test_box_maps_to_token_cells():
+    mask = box_to_token_mask((4, 4, 12, 12), 16, 4)
+    assert mask.nonzero().tolist() == [[1, 1], [1, 2], [2, 1], [2, 2]]
+    assert box_to_token_mask((0, 0, 1, 1), 16, 4).nonzero().tolist() == [[0, 0]]
+    assert box_to_token_mask((3, 0, 5, 16), 16, 4)[:, :2].all()
+    with pytest.raises(GenerationError, match=r"box 4,4,20,12 must satisfy 0 <= x0 < x1 <= 16"):
+        box_to_token_mask((4, 4, 20, 12), 16, 4)
+    with pytest.raises(GenerationError, match=r"box 8,4,8,12 must satisfy"):
+        box_to_token_mask((8, 4, 8, 12), 16, 4)
+
+
+def test_edit_keeps_everything_outside_the_box(dalle):
+    rng = np.random.default_rng(0)
+    source = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    result = edit_image(dalle, source, (5, 4, 11, 8), "a blue circle", num=4, keep=3, precision="fp32")
+    assert len(result.images) == 3 and result.score_kind == "fit" and len(result.scores) == 3
+    assert result.scores == sorted(result.scores, reverse=True)
+    original = pixels(source)
+    region = np.zeros((16, 16), dtype=bool)
+    region[4:8, 4:12] = True  # the token cells the box touches (4 px cells)
+    changed_inside = False
+    for image in result.images:
+        edited = pixels(image)
+        assert np.array_equal(edited[~region], original[~region])
+        changed_inside |= not np.array_equal(edited[region], original[region])
+    assert changed_inside
+    with pytest.raises(GenerationError, match=r"the image is 20x16 pixels; this model works on 16x16 images"):
+        edit_image(dalle, source.resize((20, 16)), (0, 0, 4, 4), "a blue circle")
+
+
+def test_completion_is_reproducible_and_checks_rows(dalle):
+    source = Image.new("RGB", (16, 16), (200, 30, 30))
+    a = complete_image(dalle, source, "a red square", rows=2, num=2, seed=4, precision="fp32")
+    b = complete_image(dalle, source, "a red square", rows=2, num=2, seed=4, precision="fp32")
+    assert all(np.array_equal(pixels(x), pixels(y)) for x, y in zip(a.images, b.images))
+    with pytest.raises(GenerationError, match=r"rows must be between 0 and 3 \(the token grid has 4 rows\), got 4"):
+        complete_image(dalle, source, "a red square", rows=4)
