@@ -231,3 +231,32 @@ def test_index_type_can_be_changed_on_update(tmp_path):
     assert report.index_type == "hnsw"
     with ImageIndex.open(tmp_path / "idx") as index:
         assert index.index_type == "hnsw" and index.count == 5
+
+
+def test_auto_switches_to_hnsw_above_the_threshold(tmp_path, monkeypatch):
+    import duomodal.search.index as index_module
+
+    monkeypatch.setattr(index_module, "AUTO_EXACT_MAX", 5)
+    root = tmp_path / "photos"
+    make_images(root, 5)
+    assert build(root, tmp_path / "idx").index_type == "flat"
+    make_images(root, 2, seed=1, prefix="new")
+    assert update_index(tmp_path / "idx", FakeEmbedder(), progress=False).index_type == "hnsw"
+    with ImageIndex.open(tmp_path / "idx") as index:
+        assert (index.index_type, index.count) == ("hnsw", 7)
+
+
+def test_a_second_writer_is_refused_while_one_holds_the_index(tmp_path):
+    from duomodal.search.index import IndexLock
+
+    make_images(tmp_path / "a", 1)
+    build(tmp_path / "a", tmp_path / "idx")
+    with IndexLock(tmp_path / "idx"):
+        with pytest.raises(IndexStoreError) as e:
+            update_index(tmp_path / "idx", FakeEmbedder(), progress=False)
+        assert str(e.value) == (
+            f"{tmp_path / 'idx'} is being updated by another process (lock {tmp_path / 'idx' / 'lock'}); "
+            "wait for it to finish"
+        )
+        with ImageIndex.open(tmp_path / "idx") as index:  # readers still open it (in-memory sync)
+            assert index.count == 1
