@@ -127,9 +127,10 @@ def run_info(directory: Path | None) -> dict[str, Any]:
     info = {}
     if isinstance(train, dict) and "seed" in train:
         info["seed"] = train["seed"]
-    for key in ("root", "path", "dir", "data"):
-        if isinstance(data, dict) and isinstance(data.get(key), str):
-            info["data"] = data[key]
+    if isinstance(run, dict) and isinstance(run.get("data_dir"), str):
+        info["data"] = run["data_dir"]
+    elif isinstance(data, dict) and isinstance(data.get("root"), str):
+        info["data"] = data["root"]
     return info
 
 
