@@ -311,7 +311,9 @@ def _add_sampling_options(parser: argparse.ArgumentParser, num: int, keep: int) 
                         "JSON of prompt, seeds and scores are written beside it")
     parser.add_argument("--num", type=int, default=num, help=f"images to generate (default {num}, at most "
                         "1024)")
-    parser.add_argument("--keep", type=int, default=keep, help=f"best images to keep (default {keep})")
+    parser.add_argument("--keep", type=int, default=None, help=f"best images to keep (default {keep}, or --num "
+                        "when that is fewer)")
+    parser.set_defaults(default_keep=keep)
     parser.add_argument("--clip", default=None, metavar="CLIP_DIR",
                         help="rerank with this CLIP model (duomodal or Hugging Face CLIP directory)")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
@@ -372,6 +374,8 @@ def _load_dalle_for_cli(args: argparse.Namespace):
     from duomodal.models.dalle import load_dalle
     from duomodal.train.distributed import resolve_device
 
+    if args.keep is None:
+        args.keep = min(args.default_keep, args.num) if args.num >= 1 else args.default_keep
     check_counts(args.num, args.keep, args.batch_size)
     check_sampling(args.temperature, args.top_k, args.top_p, args.guidance)
     device = resolve_device(args.device)
@@ -977,6 +981,10 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
                     help="at most N images per split for the VAE, likelihood and CLIP figures; default 256")
     ev.add_argument("--batch-size", type=_positive_int, default=32)
     ev.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and the sampling; default 0")
+    ev.add_argument("--temperature", type=float, default=1.0, help="DALL-E sampling temperature; default 1")
+    ev.add_argument("--top-k", type=_positive_int, default=None, help="sample among the K likeliest image tokens")
+    ev.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    ev.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale; default 1 (off)")
     ev.add_argument("--device", help="cpu, cuda, cuda:1... (default: CUDA when available)")
     ev.set_defaults(func=_cmd_eval)
 
@@ -988,6 +996,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, vae=args.vae, dalle=args.dalle, clip=args.clip, judge_clip=args.judge_clip,
         prompts=args.prompts, samples_per_prompt=args.samples_per_prompt, rerank_from=args.rerank_from,
         seed=args.seed, max_images=args.max_images, batch_size=args.batch_size, device=args.device,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance,
     )
     result = run_evaluation(options, log=lambda message: print(message, file=sys.stderr))
     for line in _eval_summary(result.metrics):
