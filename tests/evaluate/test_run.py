@@ -255,3 +255,13 @@ def test_cli_eval_errors(tmp_path, capsys):
     code = main(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "r")])
     assert code == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_sampling_settings_are_checked_and_recorded(tmp_path, data, fakes):
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):
+        run_evaluation(options(data, tmp_path / "r", dalle=tmp_path / "dalle", top_p=1.5))
+    assert not (tmp_path / "r").exists()  # checked before any work
+    out = tmp_path / "ok"
+    m = run_evaluation(options(data, out, dalle=tmp_path / "dalle", temperature=0.7, top_k=3, prompts=1)).metrics
+    assert (m["settings"]["temperature"], m["settings"]["top_k"], m["settings"]["top_p"]) == (0.7, 3, None)
+    assert "Sampling: temperature 0.7, top-k 3, top-p off, guidance 1.0, seed 0." in (out / "report.md").read_text()

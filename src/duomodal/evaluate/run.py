@@ -45,6 +45,10 @@ class EvalOptions:
     samples_per_prompt: int = 4  # images kept per prompt (k)
     rerank_from: int = 16  # images generated per prompt when reranking (R >= k)
     seed: int = 0  # prompt choice and sampling seed
+    temperature: float = 1.0  # DALL-E sampling, as in `duomodal generate`
+    top_k: int | None = None
+    top_p: float | None = None
+    guidance: float = 1.0  # classifier-free guidance scale (1 = off)
     max_images: int = 256  # at most this many images per split for the VAE/CLIP/likelihood figures
     batch_size: int = 32
     val_fraction: float = 0.05  # for datasets whose manifest does not give splits
@@ -231,15 +235,18 @@ def evaluate_clip_split(clip: Any, loaded: LoadedImages, palette: dict[str, str]
         labels = [colors.index(records[i].labels["color"]) for i in colored]
         result["zero_shot_color"] = M.zero_shot_accuracy(image_features[colored], classes, labels).to_dict()
         result["zero_shot_color"]["classes"] = len(colors)
-    with_icon = [i for i, r in enumerate(records) if r.labels.get("icon") in icons]
-    if with_icon and len(icons) > 1:
+    # zero-shot icon: the candidates are the icon names of this split's images (at most max_images of
+    # them, so the text side stays small on a dataset of thousands of icons)
+    with_icon = [i for i, r in enumerate(records) if r.labels.get("icon")]
+    split_icons = sorted({records[i].labels["icon"] for i in with_icon})
+    if len(split_icons) > 1:
         from duomodal.data.icons import captions_for
 
         colors = list(palette)
-        classes = class_embeddings(clip.embed_texts, [[captions_for(icon, c)[0] for c in colors] for icon in icons])
-        labels = [icons.index(records[i].labels["icon"]) for i in with_icon]
+        classes = class_embeddings(clip.embed_texts, [[captions_for(icon, c)[0] for c in colors] for icon in split_icons])
+        labels = [split_icons.index(records[i].labels["icon"]) for i in with_icon]
         result["zero_shot_icon"] = M.zero_shot_accuracy(image_features[with_icon], classes, labels).to_dict()
-        result["zero_shot_icon"]["classes"] = len(icons)
+        result["zero_shot_icon"]["classes"] = len(split_icons)
     return result
 
 
@@ -263,7 +270,7 @@ def clip_section(results: dict[str, dict[str, Any]], clip_path: Path, model_id: 
             *(fmt_accuracy(r.get(f"text_to_image_recall@{k}")) for k in RECALL_KS),
             *(fmt_accuracy(r.get(f"image_to_text_recall@{k}")) for k in RECALL_KS),
             fmt_accuracy(r.get("zero_shot_color")),
-            fmt_accuracy(r.get("zero_shot_icon")),
+            fmt_accuracy(r.get("zero_shot_icon")) + (f", {r['zero_shot_icon']['classes']} names" if "zero_shot_icon" in r else ""),
         ))
     section.table(
         ("split", "images", "T→I R@1", "T→I R@5", "T→I R@10", "I→T R@1", "I→T R@5", "I→T R@10",
@@ -276,7 +283,7 @@ def clip_section(results: dict[str, dict[str, Any]], clip_path: Path, model_id: 
         "Zero-shot colour: each palette colour becomes a text classifier, the mean embedding of the "
         "dataset's first caption template over up to 32 icon names (\"a red heart icon\", \"a red star icon\"...); "
         "an image is right when its own colour's classifier is the most similar. Zero-shot icon: the same "
-        "with one classifier per icon name, averaged over the palette colours."
+        "with one classifier per icon name of the split's images, averaged over the palette colours."
     )
     return section
 
@@ -316,6 +323,10 @@ def run_evaluation(options: EvalOptions, log: Log | None = None) -> EvalResult:
     from duomodal.evaluate.samples import evaluate_dalle
 
     log = log or (lambda message: None)
+    if options.dalle is not None:
+        from duomodal.generate import check_sampling
+
+        check_sampling(options.temperature, options.top_k, options.top_p, options.guidance)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     device = _device(options)
@@ -335,7 +346,8 @@ def run_evaluation(options: EvalOptions, log: Log | None = None) -> EvalResult:
         "settings": {
             "prompts_per_split": options.prompts, "samples_per_prompt": options.samples_per_prompt,
             "rerank_from": options.rerank_from, "seed": options.seed, "max_images": options.max_images,
-            "device": str(device),
+            "device": str(device), "temperature": options.temperature, "top_k": options.top_k,
+            "top_p": options.top_p, "guidance": options.guidance,
         },
     }
     overview = Section("Overview")

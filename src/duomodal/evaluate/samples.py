@@ -175,7 +175,8 @@ def sample_prompt(dalle: Any, prompt: Prompt, index: int, options: Any, palette:
     from duomodal.generate import generate_images
 
     result = generate_images(dalle, prompt.text, num=generated, seed=options.seed + index * SEED_STRIDE,
-                             batch_size=min(generated, options.batch_size))
+                             batch_size=min(generated, options.batch_size), temperature=options.temperature,
+                             top_k=options.top_k, top_p=options.top_p, guidance=options.guidance)
     images = result.images
     colors = [M.dominant_color(im, palette) for im in images]
     shapes = judge.predict(images, prompt.color) if judge is not None else None
@@ -257,6 +258,8 @@ def evaluate_dalle(options: Any, device: torch.device, split_images: Callable[[s
                      caption=f"Cross-entropy of the VAE tokens of real images given their first caption "
                      f"(uniform guessing would be {M.bits_per_token(math.log(dalle.vae.codebook_size)):.2f} bits).")
     sections = [likelihood]
+    sampling = f"temperature {options.temperature}, top-k {options.top_k or 'off'}, top-p {options.top_p or 'off'}, " \
+               f"guidance {options.guidance}, seed {options.seed}"
 
     samples_section = Section("DALL-E: samples, colour and shape accuracy")
     sections.append(samples_section)
@@ -324,20 +327,22 @@ def evaluate_dalle(options: Any, device: torch.device, split_images: Callable[[s
             grid = f"dalle_reranked_{split}.png"
             _grid(samples, "best", out / grid)
             samples_section.figure(grid, f"{split} prompts after reranking: best {k} of {generated} by CLIP score.")
-    samples_section.blocks.insert(0, _samples_table(table_rows, k))
     calibration = color_calibration(split_images, palette)
     result["color_classifier_on_dataset_images"] = {s: a.to_dict() for s, a in calibration.items()}
-    samples_section.blocks.insert(1, "Colour accuracy: the dominant non-background colour of each image (each pixel is "
-                                  "explained as a palette colour painted over the white background; near-white "
-                                  "pixels and the anti-aliased fringe do not vote) must be the prompt's colour word. "
-                                  "The same classifier on the dataset's own images: "
-                                  + "; ".join(f"{s}: {a}" for s, a in calibration.items()) + ".")
-    samples_section.blocks.insert(2, f"Shape judge: {how}." if independent else
-                                  f"Shape accuracy: **not measured**: {how}.")
+    header: list[Any] = [
+        f"Sampling: {sampling}.",
+        _samples_table(table_rows, k),
+        "Colour accuracy: the dominant non-background colour of each image (each pixel is explained as a "
+        "palette colour painted over the white background; near-white pixels and the anti-aliased fringe do "
+        "not vote) must be the prompt's colour word. The same classifier on the dataset's own images: "
+        + "; ".join(f"{s}: {a}" for s, a in calibration.items()) + ".",
+        f"Shape judge: {how}." if independent else f"Shape accuracy: **not measured**: {how}.",
+    ]
     if judge_rows:
-        samples_section.blocks.insert(3, "Judge calibration (the judge on the dataset's own image of each prompt): "
-                                      + "; ".join(f"{s}: {a}" for s, a in judge_rows) + ".")
+        header.append("Judge calibration (the judge on the dataset's own image of each prompt): "
+                      + "; ".join(f"{s}: {a}" for s, a in judge_rows) + ".")
         result["judge"]["accuracy_on_dataset_images"] = {s: a.to_dict() for s, a in judge_rows}
+    samples_section.blocks[:0] = header  # the summary above the sample grids
     sections.append(_rerank_section(rerank_rows, options, reranker is not None, generated, k))
     return result, sections
 
