@@ -57,6 +57,10 @@ def test_page_and_its_files_are_served_locally_with_no_external_resource(client)
     assert page.headers["x-content-type-options"] == "nosniff"
 
 
+def test_no_page_that_needs_a_cdn(client):
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+
+
 def test_openapi_schema_lists_every_route_with_error_bodies(client):
     schema = client.get("/openapi.json").json()
     assert set(schema["paths"]) == {

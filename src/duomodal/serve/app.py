@@ -180,6 +180,7 @@ def create_app(
         query_vectors=VectorCache(query_cache_size),
         jobs=JobQueue(max_pending=max_pending_jobs, max_kept=max(32, max_pending_jobs)),
     )
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
@@ -190,6 +191,9 @@ def create_app(
         title="duomodal",
         version=__version__,
         description="Search an image collection by what it shows, and generate images from text.",
+        # FastAPI's /docs and /redoc pages load their scripts from a CDN; the schema is enough.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.duomodal = state
     _add_error_handlers(app)
