@@ -138,6 +138,9 @@ class FakeGenerator:
             progress(n + 1, num)
         return self._rerank(images, prompt, keep)
 
+    def prepare_edit(self, image, box):
+        return image, box
+
     def edit(self, image, box, prompt, *, num, keep, seed, progress):
         self.calls.append(dict(prompt=prompt, box=box, num=num, keep=keep, seed=seed))
         words = prompt.split()

@@ -155,9 +155,8 @@ def test_serve_generates_and_edits_with_a_real_dalle_reranked_by_the_clip(served
         assert len(edited["result"]["images"]) == 2
         form.update(left="0", top="0", right="2", bottom="24")  # left of the centre square: nothing left
         response = client.post("/api/edit", files={"file": ("b.png", upload.getvalue(), "image/png")}, data=form)
-        failed = job_waiter(client, response.json()["url"], timeout=30)
-        assert failed["status"] == "failed"
-        assert failed["error"] == (
+        assert response.status_code == 400
+        assert response.json() == {"detail": (
             "box 0,0,2,24 lies outside the centre square of the 32x24 image that the model sees: "
             "move the box towards the centre"
-        )
+        )}

@@ -72,12 +72,15 @@ class DalleGenerator:
         )
         return JobOutput(result.images, result.scores, _score_kind(result.score_kind))
 
+    def prepare_edit(self, image, box):
+        return fit_to_model(image, box, self.image_size)
+
     def edit(self, image, box, prompt, *, num, keep, seed, progress: Progress) -> JobOutput:
-        fitted, fitted_box = fit_to_model(image, box, self.image_size)
+        """Edit `box` of `image`, both as `prepare_edit` returned them."""
         result = edit_image(
             self.dalle,
-            fitted,
-            fitted_box,
+            image,
+            box,
             prompt,
             num=num,
             keep=keep,

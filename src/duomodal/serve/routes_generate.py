@@ -121,7 +121,7 @@ def make_generate_router(state: ServerState) -> APIRouter:
                 detail=f"box ({left}, {top}, {right}, {bottom}) must lie inside the "
                 f"{image.width}x{image.height} image with left < right and top < bottom",
             )
-        box = (left, top, right, bottom)
+        image, box = generator.prepare_edit(image, (left, top, right, bottom))
 
         def work(progress):
             return generator.edit(image, box, prompt, num=num, keep=keep, seed=seed, progress=progress)

@@ -43,6 +43,13 @@ class Generator(Protocol):
         progress: Progress,
     ) -> JobOutput: ...
 
+    def prepare_edit(
+        self, image: Image.Image, box: tuple[int, int, int, int]
+    ) -> tuple[Image.Image, tuple[int, int, int, int]]:
+        """The upload and box as `edit` takes them (fast; runs in the request, so a box the model
+        can't use is refused at once); raises ValueError with what to change."""
+        ...
+
     def edit(
         self,
         image: Image.Image,
