@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import math
 import signal
@@ -31,7 +30,6 @@ from typing import Any, Literal
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from duomodal.config import atomic_write_bytes, load_json, save_json, to_dict
@@ -42,6 +40,7 @@ from duomodal.modelfile import (
     read_config,
     restore_rng_state,
 )
+from duomodal.train.batches import BatchStream, to_device, val_batches
 from duomodal.train.checkpoints import list_checkpoints, load_checkpoint_state, save_checkpoint
 from duomodal.train.distributed import (
     DistInfo,
@@ -51,6 +50,7 @@ from duomodal.train.distributed import (
     init_distributed,
     shutdown,
 )
+from duomodal.train.plots import plot_loss
 from duomodal.train.schedules import warmup_cosine
 from duomodal.train.task import TrainTask
 
@@ -104,107 +104,6 @@ class TrainingError(ValueError):
     """Training cannot go on (a NaN/inf loss, a data set too small for one batch...)."""
 
 
-# --- data order ------------------------------------------------------------------------------------
-
-
-class _SeededItems(Dataset):
-    """Item i of epoch e draws its randomness from a generator seeded with (seed, e, i), so an
-    item is the same whatever the worker, the process count or an interruption."""
-
-    def __init__(self, dataset: Dataset, seed: int, epoch: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> Any:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + int(index)) % (2**63))
-            return self.dataset[index]
-
-
-class _DropNone:
-    """Collate the readable items; report how many were kept and dropped (unreadable -> None)."""
-
-    def __init__(self, collate: Any):
-        self.collate = collate
-
-    def __call__(self, items: list[Any]) -> tuple[Any, int, int]:
-        kept = [item for item in items if item is not None]
-        batch = self.collate(kept) if kept else None
-        return batch, len(kept), len(items) - len(kept)
-
-
-class _BatchStream:
-    """Endless micro-batches of this rank's shard, epoch after epoch, from (epoch, position)."""
-
-    def __init__(self, dataset: Dataset, task: TrainTask, micro_batch: int, info: DistInfo,
-                 config: TrainConfig, epoch: int = 0, position: int = 0):
-        self.dataset, self.task, self.micro_batch, self.info, self.config = dataset, task, micro_batch, info, config
-        self.epoch, self.position = epoch, position
-        self._iterator: Iterator | None = None
-
-    def batches_per_epoch(self) -> int:
-        return (len(self.dataset) // self.info.world_size) // self.micro_batch  # type: ignore[arg-type]
-
-    def _open(self) -> Iterator:
-        sampler = DistributedSampler(
-            self.dataset, num_replicas=self.info.world_size, rank=self.info.rank,
-            shuffle=True, seed=self.config.seed, drop_last=True,
-        )
-        sampler.set_epoch(self.epoch)
-        indices = list(sampler)[: self.batches_per_epoch() * self.micro_batch]
-        loader = DataLoader(
-            _SeededItems(self.dataset, self.config.seed, self.epoch),
-            batch_size=self.micro_batch,
-            sampler=indices[self.position * self.micro_batch:],
-            collate_fn=_DropNone(self.task.collate),
-            num_workers=self.config.num_workers,
-            generator=torch.Generator().manual_seed(self.config.seed + self.epoch),
-            pin_memory=self.info.device.type == "cuda",
-        )
-        return iter(loader)
-
-    def next(self) -> tuple[Any, int, int]:
-        """(batch, kept, dropped); a micro-batch whose items were all unreadable is skipped."""
-        dropped_total = 0
-        while True:
-            if self._iterator is None:
-                self._iterator = self._open()
-            try:
-                batch, kept, dropped = next(self._iterator)
-            except StopIteration:
-                self._iterator = None
-                self.epoch += 1
-                self.position = 0
-                continue
-            self.position += 1
-            dropped_total += dropped
-            if kept:
-                return batch, kept, dropped_total
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _val_batches(dataset: Dataset, task: TrainTask, batch_size: int, limit: int,
-                 device: torch.device, counter: list[int]) -> Iterator[Any]:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_DropNone(task.collate))
-    for i, (batch, kept, dropped) in enumerate(loader):
-        if limit and i >= limit:
-            break
-        counter[0] += dropped
-        if kept:
-            yield _to_device(batch, device)
-
-
 # --- helpers ---------------------------------------------------------------------------------------
 
 
@@ -241,44 +140,6 @@ class _Ema:
         torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
-
-
-def plot_loss(metrics_path: Path, out_path: Path) -> None:
-    """loss.png: train loss against step, and the validation figures, from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train_rows, val_rows = [], []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            (train_rows if row.get("split") == "train" else val_rows).append(row)
-    keys = [k for k in (val_rows[-1] if val_rows else {})
-            if k not in ("split", "step", "loss", "dropped", "elapsed_s")]
-    fig, axes = plt.subplots(1, 2 if keys else 1, figsize=(10 if keys else 5, 3.5), squeeze=False)
-    ax = axes[0][0]
-    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss")
-    if val_rows and "loss" in val_rows[0]:
-        ax.plot([r["step"] for r in val_rows], [r["loss"] for r in val_rows], "o-", label="val loss")
-    ax.set_xlabel("step")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    if keys:
-        ax2 = axes[0][1]
-        for key in keys[:4]:
-            ax2.plot([r["step"] for r in val_rows if key in r], [r[key] for r in val_rows if key in r],
-                     "o-", label=key)
-        ax2.set_xlabel("step")
-        ax2.legend()
-        ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(out_path, buffer.getvalue())
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -411,7 +272,7 @@ class _Trainer:
             DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
             if info.enabled else model
         )
-        stream = _BatchStream(train_set, task, self.micro_batch, info, config, epoch, position)
+        stream = BatchStream(train_set, task, self.micro_batch, info, config.seed, config.num_workers, epoch, position)
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
         def autocast() -> contextlib.AbstractContextManager:
@@ -430,7 +291,7 @@ class _Trainer:
             net.eval()
             with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
                 with torch.no_grad(), autocast():
-                    figures = task.validate(net, _val_batches(
+                    figures = task.validate(net, val_batches(
                         val_set, task, self.micro_batch * info.world_size, config.val_batches,
                         info.device, counter))
             model.train()
@@ -497,7 +358,7 @@ class _Trainer:
                     batch, kept, skipped = stream.next()
                     items += kept
                     dropped += skipped
-                    batch = _to_device(batch, info.device)
+                    batch = to_device(batch, info.device)
                     sync = (info.enabled and micro < config.grad_accum - 1)
                     with (trained.no_sync() if sync else contextlib.nullcontext()):  # type: ignore[union-attr]
                         with autocast():

@@ -1,0 +1,111 @@
+"""The order and batching of training data: seeded per epoch, sharded per rank, resumable."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from duomodal.train.distributed import DistInfo
+from duomodal.train.task import TrainTask
+
+
+class SeededItems(Dataset):
+    """Item i of epoch e draws its randomness from a generator seeded with (seed, e, i), so an
+    item is the same whatever the worker, the process count or an interruption."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + int(index)) % (2**63))
+            return self.dataset[index]
+
+
+class DropNone:
+    """Collate the readable items; report how many were kept and dropped (unreadable -> None)."""
+
+    def __init__(self, collate: Any):
+        self.collate = collate
+
+    def __call__(self, items: list[Any]) -> tuple[Any, int, int]:
+        kept = [item for item in items if item is not None]
+        batch = self.collate(kept) if kept else None
+        return batch, len(kept), len(items) - len(kept)
+
+
+class BatchStream:
+    """Endless micro-batches of this rank's shard, epoch after epoch, from (epoch, position)."""
+
+    def __init__(self, dataset: Dataset, task: TrainTask, micro_batch: int, info: DistInfo,
+                 seed: int, num_workers: int, epoch: int = 0, position: int = 0):
+        self.dataset, self.task, self.micro_batch, self.info = dataset, task, micro_batch, info
+        self.seed, self.num_workers = seed, num_workers
+        self.epoch, self.position = epoch, position
+        self._iterator: Iterator | None = None
+
+    def batches_per_epoch(self) -> int:
+        return (len(self.dataset) // self.info.world_size) // self.micro_batch  # type: ignore[arg-type]
+
+    def _open(self) -> Iterator:
+        sampler = DistributedSampler(
+            self.dataset, num_replicas=self.info.world_size, rank=self.info.rank,
+            shuffle=True, seed=self.seed, drop_last=True,
+        )
+        sampler.set_epoch(self.epoch)
+        indices = list(sampler)[: self.batches_per_epoch() * self.micro_batch]
+        loader = DataLoader(
+            SeededItems(self.dataset, self.seed, self.epoch),
+            batch_size=self.micro_batch,
+            sampler=indices[self.position * self.micro_batch:],
+            collate_fn=DropNone(self.task.collate),
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed + self.epoch),
+            pin_memory=self.info.device.type == "cuda",
+        )
+        return iter(loader)
+
+    def next(self) -> tuple[Any, int, int]:
+        """(batch, kept, dropped); a micro-batch whose items were all unreadable is skipped."""
+        dropped_total = 0
+        while True:
+            if self._iterator is None:
+                self._iterator = self._open()
+            try:
+                batch, kept, dropped = next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+                self.epoch += 1
+                self.position = 0
+                continue
+            self.position += 1
+            dropped_total += dropped
+            if kept:
+                return batch, kept, dropped_total
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def val_batches(dataset: Dataset, task: TrainTask, batch_size: int, limit: int,
+                 device: torch.device, counter: list[int]) -> Iterator[Any]:
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=DropNone(task.collate))
+    for i, (batch, kept, dropped) in enumerate(loader):
+        if limit and i >= limit:
+            break
+        counter[0] += dropped
+        if kept:
+            yield to_device(batch, device)
