@@ -73,6 +73,21 @@ def test_text_file_named_jpg(tmp_path):
     assert info.value.kind == UNREADABLE
 
 
+def test_other_formats_under_an_image_name_are_refused(tmp_path):
+    path = tmp_path / "really_a_tiff.png"
+    Image.new("RGB", (4, 4)).save(path, format="TIFF")
+    with pytest.raises(ImageError) as info:
+        load_image(path)
+    assert info.value.reason == "not an image Pillow can read (JPEG, PNG, WebP, BMP or GIF)"
+    path = tmp_path / "jpeg_named.png"  # a supported format under another supported suffix is fine
+    Image.new("RGB", (4, 4), RED).save(path, format="JPEG", quality=95)
+    assert np.abs(np.asarray(load_image(path), dtype=int) - RED).max() <= 3
+    path = tmp_path / "camera.jpg"  # a multi-picture JPEG (MPO), as many cameras write: first picture
+    frames = [Image.new("RGB", (8, 8), c) for c in (RED, BLUE)]
+    frames[0].save(path, format="MPO", save_all=True, append_images=frames[1:], quality=95)
+    assert np.abs(np.asarray(load_image(path), dtype=int) - RED).max() <= 3
+
+
 def test_truncated_png_fails_at_load_not_later(tmp_path):
     whole = noise_png(tmp_path / "whole.png").read_bytes()
     path = tmp_path / "truncated.png"

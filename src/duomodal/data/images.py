@@ -26,6 +26,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # (it refuses more than 2 * Image.MAX_IMAGE_PIXELS, about 179 megapixels, before we see the header).
 DEFAULT_MAX_PIXELS = 50_000_000
 WHITE = (255, 255, 255)
+# The only decoders Pillow may use, whatever a file's name says: a TIFF, PSD or EPS (which Pillow
+# hands to Ghostscript) renamed .png is refused. ("JPEG" also opens the multi-picture MPO files of
+# many cameras.)
+PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF")
 
 # Kinds of ImageError, used by `duomodal data check` to count problems.
 EMPTY = "empty"
@@ -76,7 +80,7 @@ def load_image(
     if size == 0:
         raise ImageError(path, "empty file (0 bytes)", EMPTY)
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=PILLOW_FORMATS) as image:
             width, height = image.size  # from the header: nothing is decoded yet
             if width * height > max_pixels:
                 raise ImageError(path, _too_large_reason(width * height, max_pixels, (width, height)), TOO_LARGE)
