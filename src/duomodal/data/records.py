@@ -242,11 +242,11 @@ def _read_jsonl(path: Path, root: Path, problems: list[Problem]) -> dict[str, Ca
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            problems.append(Problem(JSONL_MANIFEST, MANIFEST, f"{where}: not valid JSON ({e.msg}, column {e.colno})"))
+            problems.append(_manifest_problem(JSONL_MANIFEST, where, f"not valid JSON ({e.msg}, column {e.colno})"))
             continue
         if not isinstance(row, dict):
-            found = type(row).__name__
-            problems.append(Problem(JSONL_MANIFEST, MANIFEST, f'{where}: expected an object with "file" and "caption", got {found}'))
+            reason = f'expected an object with "file" and "caption", got {type(row).__name__}'
+            problems.append(_manifest_problem(JSONL_MANIFEST, where, reason))
             continue
         captions = row.get("caption")
         if isinstance(captions, str):
@@ -254,7 +254,8 @@ def _read_jsonl(path: Path, root: Path, problems: list[Problem]) -> dict[str, Ca
         elif captions is None:
             captions = []
         elif not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
-            problems.append(Problem(JSONL_MANIFEST, MANIFEST, f'{where}: "caption" must be a string or a list of strings'))
+            reason = '"caption" must be a string or a list of strings'
+            problems.append(_manifest_problem(JSONL_MANIFEST, where, reason))
             continue
         _add_manifest_row(row, captions, JSONL_MANIFEST, where, root, entries, problems)
     return entries
@@ -275,7 +276,7 @@ def _read_csv(path: Path, root: Path, problems: list[Problem]) -> dict[str, Capt
             for row in reader:
                 where = f"line {reader.line_num}"
                 if None in row:
-                    problems.append(Problem(CSV_MANIFEST, MANIFEST, f"{where}: more cells than header columns"))
+                    problems.append(_manifest_problem(CSV_MANIFEST, where, "more cells than header columns"))
                     continue
                 caption = row.get("caption") or ""
                 _add_manifest_row(row, [caption], CSV_MANIFEST, where, root, entries, problems)
@@ -296,7 +297,7 @@ def _add_manifest_row(
     """Validate one manifest row and merge it into `entries` (several rows may name one file)."""
 
     def bad(reason: str) -> None:
-        problems.append(Problem(manifest, MANIFEST, f"{where}: {reason}"))
+        problems.append(_manifest_problem(manifest, where, reason))
 
     relative = row.get("file")
     if not isinstance(relative, str) or not relative.strip():
@@ -323,6 +324,10 @@ def _add_manifest_row(
     for name, value in row.items():
         if name not in _RESERVED_FIELDS and name not in entry.labels and value not in (None, ""):
             entry.labels[name] = _label_text(value)
+
+
+def _manifest_problem(manifest: str, where: str, reason: str) -> Problem:
+    return Problem(manifest, MANIFEST, f"{where}: {reason}")
 
 
 def _row_split(row: dict[str, Any]) -> str | None:

@@ -97,10 +97,9 @@ def check_dataset(
         try:
             if path.stat().st_size > 0:
                 digest = file_sha256(path)
-                if digest in first_with_hash:
-                    problems.append(Problem(relative, DUPLICATE, f"duplicate: same content as {first_with_hash[digest]}"))
-                else:
-                    first_with_hash[digest] = relative
+                first = first_with_hash.setdefault(digest, relative)
+                if first != relative:
+                    problems.append(Problem(relative, DUPLICATE, f"duplicate: same content as {first}"))
             load_image(path, max_pixels=max_pixels)
         except ImageError as e:
             problems.append(Problem(relative, e.kind, e.reason))
