@@ -330,7 +330,7 @@ def load_clip(path: str | os.PathLike, device: torch.device | str | None = None)
     """
     directory = Path(path)
     if not directory.exists():
-        if HF_REPO_ID.match(str(path)) and not str(path).startswith("."):
+        if HF_REPO_ID.match(str(path)):
             directory = _from_hf_cache(str(path))
         else:
             raise ClipLoadError(f"{path} does not exist; pass a duomodal CLIP directory or a Hugging Face CLIP directory")
