@@ -160,3 +160,16 @@ def test_serve_generates_and_edits_with_a_real_dalle_reranked_by_the_clip(served
             "box 0,0,2,24 lies outside the centre square of the 32x24 image that the model sees: "
             "move the box towards the centre"
         )}
+
+
+def test_fit_to_model_crops_the_centre_square_and_moves_the_box():
+    from duomodal.serve.generator import fit_to_model
+
+    image = Image.new("RGB", (32, 24), (30, 60, 220))
+    image.paste((220, 30, 30), (12, 0, 20, 24))  # a red stripe in the middle
+    fitted, box = fit_to_model(image, (8, 4, 24, 12), 16)
+    assert fitted.size == (16, 16)
+    assert box == (2, 2, 13, 8)
+    assert fitted.getpixel((8, 8))[0] > 150 and fitted.getpixel((1, 8))[2] > 150  # stripe still central
+    same, same_box = fit_to_model(Image.new("RGB", (16, 16)), (0, 0, 16, 16), 16)
+    assert same.size == (16, 16) and same_box == (0, 0, 16, 16)
