@@ -265,3 +265,25 @@ def test_sampling_settings_are_checked_and_recorded(tmp_path, data, fakes):
     m = run_evaluation(options(data, out, dalle=tmp_path / "dalle", temperature=0.7, top_k=3, prompts=1)).metrics
     assert (m["settings"]["temperature"], m["settings"]["top_k"], m["settings"]["top_p"]) == (0.7, 3, None)
     assert "Sampling: temperature 0.7, top-k 3, top-p off, guidance 1.0, seed 0." in (out / "report.md").read_text()
+
+
+def test_a_prompt_the_model_cannot_read_is_skipped_and_counted(tmp_path, data, fakes, monkeypatch):
+    from duomodal.generate import GenerationError
+
+    def picky(dalle, prompt, **kwargs):
+        if "triangle" in prompt:
+            raise GenerationError(f"prompt {prompt!r} has characters this model's tokenizer never saw, in: triangle")
+        return fake_generate(dalle, prompt, **kwargs)
+
+    monkeypatch.setattr("duomodal.generate.generate_images", picky)
+    lines: list[str] = []
+    out = tmp_path / "r"
+    m = run_evaluation(options(data, out, dalle=tmp_path / "dalle", judge_clip=tmp_path / "judge"),
+                       log=lines.append).metrics
+    heldout = m["dalle"]["samples"]["heldout"]
+    assert heldout["prompts"] == 1 and heldout["images"] == 2
+    assert heldout["skipped_prompts"] == [{"prompt": "a yellow triangle icon", "reason": "prompt 'a yellow triangle icon' "
+                                           "has characters this model's tokenizer never saw, in: triangle"}]
+    assert ("skipped prompt 'a yellow triangle icon': prompt 'a yellow triangle icon' has characters this "
+            "model's tokenizer never saw, in: triangle") in lines
+    assert "| heldout | 1 (1 skipped) | 2 |" in (out / "report.md").read_text()

@@ -299,13 +299,26 @@ def evaluate_dalle(options: Any, device: torch.device, split_images: Callable[[s
             result["samples"][split] = {"prompts": 0, "images": 0}
             table_rows.append((split, "0", "0", "n/a", "n/a"))
             continue
-        samples = [sample_prompt(dalle, p, i, options, palette, reranker, judge, generated)
-                   for i, p in enumerate(tqdm(prompts, desc=f"sampling {split} prompts", file=sys.stderr, leave=False))]
+        from duomodal.generate import GenerationError
+
+        samples, skipped = [], []
+        for i, p in enumerate(tqdm(prompts, desc=f"sampling {split} prompts", file=sys.stderr, leave=False)):
+            try:
+                samples.append(sample_prompt(dalle, p, i, options, palette, reranker, judge, generated))
+            except GenerationError as e:  # e.g. a prompt with characters the model's tokenizer never saw
+                log(f"skipped prompt {p.text!r}: {e}")
+                skipped.append({"prompt": p.text, "reason": str(e)})
+        if not samples:
+            result["samples"][split] = {"prompts": 0, "images": 0, "skipped_prompts": skipped}
+            table_rows.append((split, f"0 ({len(skipped)} skipped)", "0", "n/a", "n/a"))
+            continue
         first = summarise(samples, "first")
+        first["skipped_prompts"] = skipped
         result["samples"][split] = first
         if judge is None:
             first["shape_accuracy"] = {"accuracy": None, "correct": 0, "count": 0, "reason": how}
-        table_rows.append((split, str(first["prompts"]), str(first["images"]),
+        table_rows.append((split, str(first["prompts"]) + (f" ({len(skipped)} skipped)" if skipped else ""),
+                           str(first["images"]),
                            fmt_accuracy(first["color_accuracy"]), _shape_cell(first, judge)))
         grid = f"dalle_samples_{split}.png"
         _grid(samples, "first", out / grid)
