@@ -120,3 +120,14 @@ def test_bad_input_messages():
         vae.decode(torch.full((1, 4, 4), 40))
     with pytest.raises(ValueError, match=r"expected tokens of shape \(B, 4, 4\), got \(1, 3, 3\)"):
         vae.decode(torch.zeros(1, 3, 3, dtype=torch.long))
+
+
+def test_vq_distances_stay_fp32_under_bf16_autocast():
+    vae = DiscreteVAE(VAEConfig(**TINY, quantizer="vq")).train()
+    vae(shape_batch())  # initialise the codebook
+    z = torch.randn(2, 16, 4, 4)
+    expected = vae.quantizer.tokens(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(vae.quantizer.tokens(z), expected)
+        out = vae.eval()(shape_batch())
+    assert out.recon.shape == (4, 3, 16, 16)

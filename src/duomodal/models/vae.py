@@ -56,7 +56,7 @@ class VAEConfig:
     # vq: exponential-moving-average codebook with dead-code restart
     commitment: float = 0.25  # weight of ||z - sg(e)||^2
     ema_decay: float = 0.99  # decay of the codebook moving averages
-    restart_threshold: float = 0.05  # restart codes whose average use per batch falls below this; 0 = off
+    restart_threshold: float = 1.0  # restart codes whose moving-average use per batch falls below this; 0 = off
 
     def __post_init__(self) -> None:
         if self.n_downsample < 1:
@@ -210,11 +210,12 @@ class VQQuantizer(nn.Module):
 
     def tokens(self, z: torch.Tensor) -> torch.Tensor:
         B, D, h, w = z.shape
-        flat = z.float().permute(0, 2, 3, 1).reshape(-1, D)  # (N, D)
-        distances = (
-            flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.t() + self.codebook.pow(2).sum(1)
-        )  # (N, K)
-        return distances.argmin(dim=1).view(B, h, w)
+        with torch.autocast(device_type=z.device.type, enabled=False):  # distances need fp32
+            flat = z.float().permute(0, 2, 3, 1).reshape(-1, D)  # (N, D)
+            distances = (
+                flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.t() + self.codebook.pow(2).sum(1)
+            )  # (N, K)
+            return distances.argmin(dim=1).view(B, h, w)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.codebook).permute(0, 3, 1, 2)  # (B, D, h, w)
@@ -255,8 +256,11 @@ class VQQuantizer(nn.Module):
                 self.embed_sum[dead] = fresh * weight
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=z.device.type, enabled=False):  # codebook statistics in fp32
+            return self._quantize(z.float())
+
+    def _quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, D, h, w = z.shape
-        z = z.float()
         flat = z.detach().permute(0, 2, 3, 1).reshape(-1, D)  # (N, D)
         if self.training and not bool(self.initialised):
             self._initialise(flat)
