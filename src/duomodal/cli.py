@@ -973,7 +973,7 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--clip", type=Path, help="CLIP directory: the CLIP figures, and the reranker of DALL-E samples")
     ev.add_argument("--judge-clip", type=Path, help="an independent CLIP (not --clip) that judges the shape "
                     "of generated images; without it shape accuracy is reported as not measured")
-    ev.add_argument("--prompts", type=_positive_int, default=8, metavar="N", help="prompts per split (train, held-out); default 8")
+    ev.add_argument("--prompts", type=_positive_int, default=16, metavar="N", help="prompts per split (train, held-out); default 16")
     ev.add_argument("--samples-per-prompt", type=_positive_int, default=4, metavar="M", help="images kept per prompt; default 4")
     ev.add_argument("--rerank-from", type=_positive_int, default=16, metavar="R",
                     help="images generated per prompt, of which CLIP reranking keeps the best M; default 16")

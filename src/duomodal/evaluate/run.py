@@ -41,7 +41,7 @@ class EvalOptions:
     dalle: Path | None = None  # a DALL-E run directory
     clip: Path | None = None  # the CLIP used for reranking and the CLIP figures
     judge_clip: Path | None = None  # an independent CLIP that judges the shape of generated images
-    prompts: int = 8  # prompts per split (train, heldout) for the DALL-E samples
+    prompts: int = 16  # prompts per split (train, heldout) for the DALL-E samples
     samples_per_prompt: int = 4  # images kept per prompt (k)
     rerank_from: int = 16  # images generated per prompt when reranking (R >= k)
     seed: int = 0  # prompt choice and sampling seed

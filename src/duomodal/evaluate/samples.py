@@ -408,6 +408,9 @@ def _rerank_section(rows: list[tuple[str, ...]], options: Any, reranking: bool, 
                  "that the reranking CLIP scores highest. CLIP score: the reranking CLIP's cosine similarity of "
                  "image and prompt (it is what reranking maximises, so it rises by construction); judge score: "
                  "the same by the independent judge, when there is one.")
+    if not rows:
+        section.text("No prompt could be sampled, so there is nothing to compare.")
+        return section
     section.table(("prompts from", "kept", "images", "colour accuracy", "shape accuracy", "CLIP score",
                    "judge score"), rows)
     return section
