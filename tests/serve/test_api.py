@@ -241,19 +241,25 @@ def test_small_thumbnails_are_crisp_png_enlarged_and_cached(client, app, fake_in
     assert again.content == response.content and len(app.state.duomodal.thumbnails) == 1
 
 
-def test_large_images_get_jpeg_thumbnails_and_unusual_formats_are_converted(tmp_path, fake_clip, make_fake_index):
+def test_large_images_get_jpeg_thumbnails_and_odd_names_are_converted(tmp_path, fake_clip, make_fake_index):
     Image.new("RGB", (600, 300), (30, 60, 220)).save(tmp_path / "wide.png")
-    Image.new("RGB", (20, 10), (220, 30, 30)).save(tmp_path / "scan.tiff")
-    for name in ("wide", "scan"):
+    Image.new("RGB", (20, 10), (220, 30, 30)).save(tmp_path / "scan.data", format="PNG")
+    Image.new("RGB", (20, 10), (220, 30, 30)).save(tmp_path / "old.tiff")
+    for name in ("wide", "scan", "old"):
         (tmp_path / f"{name}.txt").write_text(f"{name}\n")
-    index = make_fake_index(tmp_path, fake_clip, names=["wide.png", "scan.tiff"])
+    index = make_fake_index(tmp_path, fake_clip, names=["wide.png", "scan.data", "old.tiff"])
     with TestClient(create_app(index, fake_clip)) as client:
         thumb = client.get("/api/thumb/100")
         assert thumb.headers["content-type"] == "image/jpeg"
         assert Image.open(io.BytesIO(thumb.content)).size == (256, 128)
+        # A name that doesn't say what the file is: decoded and sent as PNG.
         converted = client.get("/api/image/101")
         assert converted.status_code == 200 and converted.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(converted.content)).getpixel((0, 0)) == (220, 30, 30)
+        # TIFF is not among the decoders duomodal uses.
+        refused = client.get("/api/image/102")
+        assert refused.status_code == 404
+        assert refused.json()["detail"].startswith("image 102 can't be read: ")
 
 
 def test_an_indexed_file_that_is_gone_is_404_with_what_to_do(tmp_path, fake_clip, make_fake_index):
@@ -329,6 +335,15 @@ def test_upload_type_is_checked_by_decoding_not_by_name(client, shape_dataset):
     response = client.post("/api/search/image", files={"file": ("cat.png", b"hello, I am text", "image/png")})
     assert response.status_code == 415
     assert response.json() == {"detail": "cat.png is not an image: upload a PNG, JPEG, GIF, WebP or BMP file"}
+
+
+def test_only_the_usual_image_formats_are_decoded(client):
+    tiff, eps = io.BytesIO(), b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(tiff, format="TIFF")
+    for name, data in (("scan.tiff", tiff.getvalue()), ("drawing.eps", eps)):
+        response = client.post("/api/search/image", files={"file": (name, data, "image/tiff")})
+        assert response.status_code == 415
+        assert response.json() == {"detail": f"{name} is not an image: upload a PNG, JPEG, GIF, WebP or BMP file"}
 
 
 def test_truncated_and_empty_uploads(client, shape_dataset):
@@ -528,3 +543,27 @@ def test_edit_of_a_non_image_is_415(client):
     response = client.post("/api/edit", files={"file": ("a.gif", b"GIF89a-nope", "image/gif")}, data=form)
     assert response.status_code == 415
     assert response.json() == {"detail": "a.gif is not an image: upload a PNG, JPEG, GIF, WebP or BMP file"}
+
+
+def test_shutting_down_stops_a_running_job_at_its_next_progress_report():
+    from duomodal.serve.jobs import JobOutput, JobQueue
+
+    jobs = JobQueue(max_pending=2)
+    started = time.monotonic()
+
+    def slow(progress):
+        for step in range(1000):
+            time.sleep(0.01)
+            progress(step + 1, 1000)
+        return JobOutput([], None)
+
+    running = jobs.submit("generate", "slow", slow)
+    waiting = jobs.submit("generate", "never runs", slow)
+    while running.done == 0:
+        time.sleep(0.01)
+    jobs.shutdown()
+    while not running.finished and time.monotonic() - started < 5:
+        time.sleep(0.01)
+    assert running.status == "failed" and running.error == "the server is shutting down"
+    assert running.done < 1000 and time.monotonic() - started < 5
+    assert waiting.status == "queued"

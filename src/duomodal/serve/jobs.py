@@ -3,6 +3,8 @@
 A request submits a job and gets its id at once; the page polls the job for progress and, when it
 is done, fetches the images. One job runs at a time (a model is not shared between threads and
 the CPU has few cores); at most `max_pending` wait, and only the last `max_kept` are remembered.
+The worker is a daemon thread and a running job stops at its next progress report once the queue
+is shut down, so stopping the server never waits for a long generation.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import queue
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -25,6 +27,10 @@ Progress = Callable[[int, int], None]  # (steps done, steps in all)
 
 class QueueFullError(RuntimeError):
     """Too many jobs are waiting; the client should retry later."""
+
+
+class JobCancelled(RuntimeError):
+    """Raised inside a running job when the queue shuts down."""
 
 
 @dataclass
@@ -69,7 +75,10 @@ class JobQueue:
         self.max_kept = max_kept
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duomodal-job")
+        self._queue: queue.Queue[tuple[Job, Callable[[Progress], JobOutput]] | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="duomodal-job", daemon=True)
+        self._worker.start()
 
     def submit(self, kind: str, prompt: str, work: Callable[[Progress], JobOutput]) -> Job:
         """Queue `work(progress)`; raise QueueFullError when `max_pending` jobs already wait."""
@@ -83,7 +92,7 @@ class JobQueue:
             job = Job(id=uuid.uuid4().hex, kind=kind, prompt=prompt)
             self._jobs[job.id] = job
             self._forget_old_locked()
-        self._executor.submit(self._run, job, work)
+        self._queue.put((job, work))
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -91,7 +100,16 @@ class JobQueue:
             return self._jobs.get(job_id)
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop: queued jobs never start, a running one stops at its next progress report."""
+        self._stopping.set()
+        self._queue.put(None)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None or self._stopping.is_set():
+                return
+            self._run(*item)
 
     def _forget_old_locked(self) -> None:
         excess = len(self._jobs) - self.max_kept
@@ -100,11 +118,16 @@ class JobQueue:
 
     def _run(self, job: Job, work: Callable[[Progress], JobOutput]) -> None:
         def progress(done: int, total: int) -> None:
+            if self._stopping.is_set():
+                raise JobCancelled("the server is shutting down")
             job.done, job.total = int(done), int(total)
 
         job.status = "running"
         try:
             output = work(progress)
+        except JobCancelled as e:
+            job.error = str(e)
+            job.status = "failed"
         except ValueError as e:  # a request the library refused: the message is for the user
             job.error = str(e)
             job.status = "failed"

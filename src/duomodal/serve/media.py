@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from duomodal.data.images import load_image, to_rgb
+from duomodal.data.images import PILLOW_FORMATS, load_image, to_rgb
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 40_000_000  # 40 megapixels: more is a decompression bomb or a scan we can't use
@@ -44,7 +44,8 @@ def decode_upload(data: bytes, name: str, max_bytes: int = MAX_UPLOAD_BYTES) -> 
     if not data:
         raise UploadError(f"{name} is empty: choose an image file", status=400)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        # Only the decoders load_image allows: no TIFF/PSD, no EPS handed to Ghostscript.
+        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
             if image.width * image.height > MAX_UPLOAD_PIXELS:
                 raise UploadError(
                     f"{name} is {image.width}x{image.height} pixels; the limit is "
