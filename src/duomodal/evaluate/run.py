@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -318,62 +318,88 @@ def curves_section(runs: dict[str, Path | None], out: Path) -> tuple[dict[str, A
 # --- the whole evaluation --------------------------------------------------------------------------
 
 
+@dataclass
+class EvalContext:
+    """What every part of one evaluation shares: options, data, where to write, loaded images and CLIPs."""
+
+    options: EvalOptions
+    device: torch.device
+    by_split: dict[str, list[Record]]
+    palette: dict[str, str]
+    icons: list[str]  # every icon name of the dataset, sorted
+    out: Path
+    log: Log
+    skipped: list[str] = field(default_factory=list)  # unreadable images
+    _images: dict[str, LoadedImages] = field(default_factory=dict)
+    _clips: dict[Path, Any] = field(default_factory=dict)
+
+    def split_images(self, split: str) -> LoadedImages:
+        """At most max_images decoded images of a split (a seeded choice), loaded once."""
+        if split not in self._images:
+            chosen = sample_records(self.by_split[split], self.options.max_images, self.options.seed)
+            self._images[split] = load_images(chosen, self.log, self.skipped)
+        return self._images[split]
+
+    def clip(self, path: Path) -> Any:
+        """The CLIP at `path`, loaded once."""
+        if path not in self._clips:
+            from duomodal.models.clip import load_clip
+
+            self._clips[path] = load_clip(path, device=self.device)
+        return self._clips[path]
+
+
 def run_evaluation(options: EvalOptions, log: Log | None = None) -> EvalResult:
     """Measure every given component on the dataset and write report.md, report.html, metrics.json."""
     from duomodal.evaluate.samples import evaluate_dalle
 
-    log = log or (lambda message: None)
     if options.dalle is not None:
         from duomodal.generate import check_sampling
 
         check_sampling(options.temperature, options.top_k, options.top_p, options.guidance)
-    out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = _device(options)
     records = load_records(options.data, options.val_fraction)
-    palette = dataset_palette(Path(options.data))
-    by_split = {s: [r for r in records if r.split == s] for s in ("train", "val", "heldout")}
-    icons = sorted({r.labels["icon"] for r in records if "icon" in r.labels})
-    skipped: list[str] = []
+    ctx = EvalContext(
+        options=options,
+        device=_device(options),
+        by_split={s: [r for r in records if r.split == s] for s in ("train", "val", "heldout")},
+        palette=dataset_palette(Path(options.data)),
+        icons=sorted({r.labels["icon"] for r in records if "icon" in r.labels}),
+        out=Path(options.out),
+        log=log or (lambda message: None),
+    )
+    ctx.out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {
         "data": {
             "root": str(Path(options.data).absolute()),
-            "counts": {s: len(v) for s, v in by_split.items()},
-            "icons": len(icons),
-            "palette": palette,
+            "counts": {s: len(v) for s, v in ctx.by_split.items()},
+            "icons": len(ctx.icons),
+            "palette": ctx.palette,
             "has_color_labels": _labelled(records, "color"),
         },
         "settings": {
             "prompts_per_split": options.prompts, "samples_per_prompt": options.samples_per_prompt,
             "rerank_from": options.rerank_from, "seed": options.seed, "max_images": options.max_images,
-            "device": str(device), "temperature": options.temperature, "top_k": options.top_k,
+            "device": str(ctx.device), "temperature": options.temperature, "top_k": options.top_k,
             "top_p": options.top_p, "guidance": options.guidance,
         },
     }
+    counts = metrics["data"]["counts"]
     overview = Section("Overview")
     overview.text(
-        f"Dataset `{metrics['data']['root']}`: {len(records)} captioned images "
-        f"(train {len(by_split['train'])}, val {len(by_split['val'])}, held-out {len(by_split['heldout'])}), "
-        f"{len(icons)} icon names, palette of {len(palette)} colours."
+        f"Dataset `{metrics['data']['root']}`: {len(records)} captioned images (train {counts['train']}, "
+        f"val {counts['val']}, held-out {counts['heldout']}), {len(ctx.icons)} icon names, palette of "
+        f"{len(ctx.palette)} colours. Figures on a split use at most {options.max_images} of its images."
     )
     components = {"VAE": options.vae, "DALL-E": options.dalle, "CLIP": options.clip, "judge CLIP": options.judge_clip}
     overview.table(("component", "directory"), [(k, f"`{v}`" if v else "not given: its sections are skipped")
                                                for k, v in components.items()])
     sections = [overview]
 
-    loaded: dict[str, LoadedImages] = {}
-
-    def split_images(split: str) -> LoadedImages:
-        if split not in loaded:
-            chosen = sample_records(by_split[split], options.max_images, options.seed)
-            loaded[split] = load_images(chosen, log, skipped)
-        return loaded[split]
-
     if options.vae is not None:
         from duomodal.models.vae import load_vae
 
-        vae = load_vae(options.vae, device=device)
-        metrics["vae"], section = evaluate_vae(vae, split_images("val"), options.batch_size, out)
+        vae = load_vae(options.vae, device=ctx.device)
+        metrics["vae"], section = evaluate_vae(vae, ctx.split_images("val"), options.batch_size, ctx.out)
         metrics["vae"]["path"] = str(options.vae)
         sections.append(section)
         del vae
@@ -381,29 +407,26 @@ def run_evaluation(options: EvalOptions, log: Log | None = None) -> EvalResult:
         metrics["vae"] = {"skipped": "no --vae given"}
 
     if options.dalle is not None:
-        metrics["dalle"], dalle_sections = evaluate_dalle(options, device, split_images, by_split, palette,
-                                                          icons, out, log)
+        metrics["dalle"], dalle_sections = evaluate_dalle(ctx)
         sections += dalle_sections
     else:
         metrics["dalle"] = {"skipped": "no --dalle given"}
 
     if options.clip is not None:
-        from duomodal.models.clip import load_clip
-
-        clip = load_clip(options.clip, device=device)
+        clip = ctx.clip(options.clip)
         clip_results = {}
         for split in tqdm(EVAL_SPLITS, desc="CLIP figures", file=sys.stderr, leave=False):
-            clip_results[split] = evaluate_clip_split(clip, split_images(split), palette, icons, options.seed)
+            clip_results[split] = evaluate_clip_split(clip, ctx.split_images(split), ctx.palette, ctx.icons,
+                                                      options.seed)
         metrics["clip"] = {"path": str(options.clip), "model_id": clip.model_id, **clip_results}
         sections.append(clip_section(clip_results, options.clip, clip.model_id))
     else:
         metrics["clip"] = {"skipped": "no --clip given"}
 
-    runs = {"VAE": options.vae, "DALL-E": options.dalle, "CLIP": options.clip, "judge CLIP": options.judge_clip}
-    metrics["curves"], section = curves_section(runs, out)
+    metrics["curves"], section = curves_section(components, ctx.out)
     sections.append(section)
-    metrics["skipped_images"] = skipped
-    if skipped:
-        overview.text(f"{len(skipped)} unreadable image(s) were skipped (listed in metrics.json).")
-    paths = write_report(out, "duomodal evaluation report", sections, metrics)
+    metrics["skipped_images"] = ctx.skipped
+    if ctx.skipped:
+        overview.text(f"{len(ctx.skipped)} unreadable image(s) were skipped (listed in metrics.json).")
+    paths = write_report(ctx.out, "duomodal evaluation report", sections, metrics)
     return EvalResult(metrics, paths)

@@ -232,116 +232,118 @@ def _grid(samples: Sequence[PromptSamples], choice: str, path: Path) -> None:
 # --- the DALL-E section ---------------------------------------------------------------------------------
 
 
-def evaluate_dalle(options: Any, device: torch.device, split_images: Callable[[str], Any],
-                   by_split: dict[str, list[Record]], palette: dict[str, str], icons: list[str], out: Path,
-                   log: Callable[[str], None]) -> tuple[dict[str, Any], list[Section]]:
+def evaluate_dalle(ctx: Any) -> tuple[dict[str, Any], list[Section]]:
+    """Likelihood, prompt samples and reranking. `ctx` is the run's ``EvalContext``."""
     from duomodal.models.dalle import load_dalle
 
-    dalle = load_dalle(options.dalle, device=device)
-    result: dict[str, Any] = {"path": str(options.dalle)}
-    likelihood = Section("DALL-E: likelihood of real images")
-    rows = []
-    result["bits_per_image_token"] = {}
-    for split in tqdm(LIKELIHOOD_SPLITS, desc="DALL-E likelihood", file=sys.stderr, leave=False):
-        loaded = split_images(split)
-        if not loaded.images:
-            result["bits_per_image_token"][split] = {"bits": None, "images": 0}
-            rows.append((split, "0", "n/a", "n/a"))
-            continue
-        nats, tokens = image_token_nats(dalle, loaded.images, [r.captions[0] for r in loaded.records],
-                                        options.batch_size)
-        bits = M.bits_per_token(nats)
-        result["bits_per_image_token"][split] = {"bits": bits, "nats": nats, "images": len(loaded.images),
-                                                 "tokens": tokens}
-        rows.append((split, str(len(loaded.images)), fmt(bits, 3), fmt(nats, 3)))
-    likelihood.table(("split", "images", "bits / image token", "nats / image token"), rows,
-                     caption=f"Cross-entropy of the VAE tokens of real images given their first caption "
-                     f"(uniform guessing would be {M.bits_per_token(math.log(dalle.vae.codebook_size)):.2f} bits).")
-    sections = [likelihood]
-    sampling = f"temperature {options.temperature}, top-k {options.top_k or 'off'}, top-p {options.top_p or 'off'}, " \
-               f"guidance {options.guidance}, seed {options.seed}"
-
+    dalle = load_dalle(ctx.options.dalle, device=ctx.device)
+    result: dict[str, Any] = {"path": str(ctx.options.dalle)}
+    result["bits_per_image_token"], likelihood = likelihood_section(dalle, ctx)
     samples_section = Section("DALL-E: samples, colour and shape accuracy")
-    sections.append(samples_section)
-    if not _has_labels(by_split):
+    if not _has_labels(ctx.by_split):
         reason = "the dataset has no icon/color labels (an icon dataset from `duomodal data icons` has them)"
         samples_section.text(f"Not measured: {reason}.")
         result["samples"] = {"skipped": reason}
-        return result, sections
+        return result, [likelihood, samples_section]
+    reranker, judge, result["judge"] = scorers(ctx)
+    rerank_section = Section("Reranking with CLIP")
+    result.update(sample_splits(dalle, ctx, reranker, judge, result["judge"], samples_section, rerank_section))
+    return result, [likelihood, samples_section, rerank_section]
 
-    reranker = judge = None
-    reranker_id = judge_id = None
-    if options.clip is not None:
-        from duomodal.models.clip import load_clip
 
-        reranker = load_clip(options.clip, device=device)
-        reranker_id = reranker.model_id
-    if options.judge_clip is not None:
-        from duomodal.models.clip import load_clip
+def likelihood_section(dalle: Any, ctx: Any) -> tuple[dict[str, Any], Section]:
+    """Bits per image token of real images given their first caption, per split."""
+    section = Section("DALL-E: likelihood of real images")
+    figures: dict[str, Any] = {}
+    rows = []
+    for split in tqdm(LIKELIHOOD_SPLITS, desc="DALL-E likelihood", file=sys.stderr, leave=False):
+        loaded = ctx.split_images(split)
+        if not loaded.images:
+            figures[split] = {"bits": None, "images": 0}
+            rows.append((split, "0", "n/a", "n/a"))
+            continue
+        nats, tokens = image_token_nats(dalle, loaded.images, [r.captions[0] for r in loaded.records],
+                                        ctx.options.batch_size)
+        bits = M.bits_per_token(nats)
+        figures[split] = {"bits": bits, "nats": nats, "images": len(loaded.images), "tokens": tokens}
+        rows.append((split, str(len(loaded.images)), fmt(bits, 3), fmt(nats, 3)))
+    uniform = M.bits_per_token(math.log(dalle.vae.codebook_size))
+    section.table(("split", "images", "bits / image token", "nats / image token"), rows,
+                  caption="Cross-entropy of the VAE tokens of real images given their first caption "
+                  f"(uniform guessing would be {uniform:.2f} bits).")
+    return figures, section
 
-        judge_clip = load_clip(options.judge_clip, device=device)
-        judge_id = judge_clip.model_id
-    independent, how = independence(options, reranker_id, judge_id)
-    if independent and len(icons) > 1:
-        judge = Judge(judge_clip, icons)
-    elif independent:
-        independent, how = False, f"the dataset has {len(icons)} icon name(s); ranking needs at least 2"
-    result["judge"] = {"path": str(options.judge_clip) if options.judge_clip else None, "model_id": judge_id,
-                       "independent": independent, "how": how}
+
+def scorers(ctx: Any) -> tuple[Any, Judge | None, dict[str, Any]]:
+    """(reranking CLIP or None, shape judge or None, what to report about the judge)."""
+    options = ctx.options
+    reranker = ctx.clip(options.clip) if options.clip is not None else None
+    judge_clip = ctx.clip(options.judge_clip) if options.judge_clip is not None else None
+    judge_id = judge_clip.model_id if judge_clip is not None else None
+    independent, how = independence(options, reranker.model_id if reranker is not None else None, judge_id)
+    if independent and len(ctx.icons) < 2:
+        independent, how = False, f"the dataset has {len(ctx.icons)} icon name(s); ranking needs at least 2"
+    judge = Judge(judge_clip, ctx.icons) if independent else None
+    info = {"path": str(options.judge_clip) if options.judge_clip else None, "model_id": judge_id,
+            "independent": independent, "how": how}
+    return reranker, judge, info
+
+
+def sample_splits(dalle: Any, ctx: Any, reranker: Any, judge: Judge | None, judge_info: dict[str, Any],
+                  samples_section: Section, rerank_section: Section) -> dict[str, Any]:
+    """Sample every prompt of both prompt splits; fill the two sections; return the figures."""
+    from duomodal.generate import GenerationError
+
+    options = ctx.options
     generated = options.rerank_from if reranker is not None else options.samples_per_prompt
     k = options.samples_per_prompt
-    result["samples"], result["reranking"], result["prompts"] = {}, {}, {}
+    result: dict[str, Any] = {"samples": {}, "reranking": {}, "prompts": {}}
     table_rows, rerank_rows, judge_rows = [], [], []
+    not_measured = {"accuracy": None, "correct": 0, "count": 0, "reason": judge_info["how"]}
     for split in PROMPT_SPLITS:
-        prompts = choose_prompts(by_split[split], options.prompts, options.seed, palette)
+        prompts = choose_prompts(ctx.by_split[split], options.prompts, options.seed, ctx.palette)
         result["prompts"][split] = [{"prompt": p.text, "icon": p.icon, "color": p.color} for p in prompts]
-        if not prompts:
-            result["samples"][split] = {"prompts": 0, "images": 0}
-            table_rows.append((split, "0", "0", "n/a", "n/a"))
-            continue
-        from duomodal.generate import GenerationError
-
         samples, skipped = [], []
         for i, p in enumerate(tqdm(prompts, desc=f"sampling {split} prompts", file=sys.stderr, leave=False)):
             try:
-                samples.append(sample_prompt(dalle, p, i, options, palette, reranker, judge, generated))
+                samples.append(sample_prompt(dalle, p, i, options, ctx.palette, reranker, judge, generated))
             except GenerationError as e:  # e.g. a prompt with characters the model's tokenizer never saw
-                log(f"skipped prompt {p.text!r}: {e}")
+                ctx.log(f"skipped prompt {p.text!r}: {e}")
                 skipped.append({"prompt": p.text, "reason": str(e)})
+        prompt_cell = str(len(samples)) + (f" ({len(skipped)} skipped)" if skipped else "")
         if not samples:
             result["samples"][split] = {"prompts": 0, "images": 0, "skipped_prompts": skipped}
-            table_rows.append((split, f"0 ({len(skipped)} skipped)", "0", "n/a", "n/a"))
+            table_rows.append((split, prompt_cell, "0", "n/a", "n/a"))
             continue
-        first = summarise(samples, "first")
-        first["skipped_prompts"] = skipped
+        first = {**summarise(samples, "first"), "skipped_prompts": skipped}
+        first.setdefault("shape_accuracy", dict(not_measured))
         result["samples"][split] = first
-        if judge is None:
-            first["shape_accuracy"] = {"accuracy": None, "correct": 0, "count": 0, "reason": how}
-        table_rows.append((split, str(first["prompts"]) + (f" ({len(skipped)} skipped)" if skipped else ""),
-                           str(first["images"]),
-                           fmt_accuracy(first["color_accuracy"]), _shape_cell(first, judge)))
+        table_rows.append((split, prompt_cell, str(first["images"]), fmt_accuracy(first["color_accuracy"]),
+                           _shape_cell(first, judge)))
         grid = f"dalle_samples_{split}.png"
-        _grid(samples, "first", out / grid)
+        _grid(samples, "first", ctx.out / grid)
         samples_section.figure(grid, f"{split} prompts: the dataset image, then the first {k} samples "
                                "(titles: dominant colour" + (", judge's icon)" if judge else ")"))
         if judge is not None:
-            references = [(p, load_reference(p)) for p in prompts]
-            judged = [judge.predict([im], p.color)[0] for p, im in references if im is not None]
-            judge_rows.append((split, M.accuracy(judged, [p.icon for p, im in references if im is not None])))
+            references = [(p, im) for p in prompts if (im := load_reference(p)) is not None]
+            judged = [judge.predict([im], p.color)[0] for p, im in references]
+            judge_rows.append((split, M.accuracy(judged, [p.icon for p, _ in references])))
         if reranker is not None:
             best = summarise(samples, "best")
-            if judge is None:
-                best["shape_accuracy"] = dict(first["shape_accuracy"])
+            best.setdefault("shape_accuracy", dict(not_measured))
             result["reranking"][split] = {"without": first, "with": best}
             for name, entry in (("first k", first), ("best k by CLIP", best)):
                 rerank_rows.append((split, name, str(entry["images"]), fmt_accuracy(entry["color_accuracy"]),
                                     _shape_cell(entry, judge), fmt(entry.get("clip_score"), 3),
                                     fmt(entry.get("judge_clip_score"), 3)))
             grid = f"dalle_reranked_{split}.png"
-            _grid(samples, "best", out / grid)
+            _grid(samples, "best", ctx.out / grid)
             samples_section.figure(grid, f"{split} prompts after reranking: best {k} of {generated} by CLIP score.")
-    calibration = color_calibration(split_images, palette)
+
+    calibration = color_calibration(ctx.split_images, ctx.palette)
     result["color_classifier_on_dataset_images"] = {s: a.to_dict() for s, a in calibration.items()}
+    sampling = (f"temperature {options.temperature}, top-k {options.top_k or 'off'}, "
+                f"top-p {options.top_p or 'off'}, guidance {options.guidance}, seed {options.seed}")
     header: list[Any] = [
         f"Sampling: {sampling}.",
         _samples_table(table_rows, k),
@@ -349,15 +351,16 @@ def evaluate_dalle(options: Any, device: torch.device, split_images: Callable[[s
         "palette colour painted over the white background; near-white pixels and the anti-aliased fringe do "
         "not vote) must be the prompt's colour word. The same classifier on the dataset's own images: "
         + "; ".join(f"{s}: {a}" for s, a in calibration.items()) + ".",
-        f"Shape judge: {how}." if independent else f"Shape accuracy: **not measured**: {how}.",
+        f"Shape judge: {judge_info['how']}." if judge is not None
+        else f"Shape accuracy: **not measured**: {judge_info['how']}.",
     ]
     if judge_rows:
         header.append("Judge calibration (the judge on the dataset's own image of each prompt): "
                       + "; ".join(f"{s}: {a}" for s, a in judge_rows) + ".")
-        result["judge"]["accuracy_on_dataset_images"] = {s: a.to_dict() for s, a in judge_rows}
+        judge_info["accuracy_on_dataset_images"] = {s: a.to_dict() for s, a in judge_rows}
     samples_section.blocks[:0] = header  # the summary above the sample grids
-    sections.append(_rerank_section(rerank_rows, options, reranker is not None, generated, k))
-    return result, sections
+    _fill_rerank_section(rerank_section, rerank_rows, reranker is not None, generated, k)
+    return result
 
 
 def color_calibration(split_images: Callable[[str], Any], palette: dict[str, str]) -> dict[str, M.Accuracy]:
@@ -399,18 +402,17 @@ def _samples_table(rows: list[tuple[str, ...]], k: int):
                  "pairs the models never saw in training.")
 
 
-def _rerank_section(rows: list[tuple[str, ...]], options: Any, reranking: bool, generated: int, k: int) -> Section:
-    section = Section("Reranking with CLIP")
+def _fill_rerank_section(section: Section, rows: list[tuple[str, ...]], reranking: bool, generated: int,
+                         k: int) -> None:
     if not reranking:
         section.text("Not measured: no --clip given to rerank with.")
-        return section
+        return
     section.text(f"{generated} images per prompt; *first k* keeps the first {k}, *best k by CLIP* keeps the {k} "
                  "that the reranking CLIP scores highest. CLIP score: the reranking CLIP's cosine similarity of "
                  "image and prompt (it is what reranking maximises, so it rises by construction); judge score: "
                  "the same by the independent judge, when there is one.")
     if not rows:
         section.text("No prompt could be sampled, so there is nothing to compare.")
-        return section
+        return
     section.table(("prompts from", "kept", "images", "colour accuracy", "shape accuracy", "CLIP score",
                    "judge score"), rows)
-    return section
