@@ -184,7 +184,8 @@ def test_full_evaluation_with_known_answers(tmp_path, data, vae_dir, fakes):
     assert "| train | 3 | 6 | 50.0% (3/6) | 50.0% (3/6) |" in report
     assert "| heldout | best k by CLIP | 4 | 100.0% (4/4) | 100.0% (4/4) |" in report
     assert "Shape judge: judge" in report
-    assert "The same classifier on the dataset's own images: train: 100.0% (18/18); heldout: 100.0% (4/4)." in report
+    assert "so chance is 1 in 4. The same classifier on the dataset's own images: train: 100.0% (18/18); heldout: 100.0% (4/4)." in report
+    assert "It ranks all 3 icon names, so chance is 1 in 3." in report
     for figure in ("dalle_samples_train.png", "dalle_samples_heldout.png", "dalle_reranked_heldout.png",
                    "curves_vae.png"):
         assert f"]({figure})" in report and (out / figure).is_file()

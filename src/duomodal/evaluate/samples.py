@@ -349,9 +349,11 @@ def sample_splits(dalle: Any, ctx: Any, reranker: Any, judge: Judge | None, judg
         _samples_table(table_rows, k),
         "Colour accuracy: the dominant non-background colour of each image (each pixel is explained as a "
         "palette colour painted over the white background; near-white pixels and the anti-aliased fringe do "
-        "not vote) must be the prompt's colour word. The same classifier on the dataset's own images: "
+        "not vote) must be the prompt's colour word; any image with ink gets some palette colour, so chance is "
+        f"1 in {len(ctx.palette)}. The same classifier on the dataset's own images: "
         + "; ".join(f"{s}: {a}" for s, a in calibration.items()) + ".",
-        f"Shape judge: {judge_info['how']}." if judge is not None
+        f"Shape judge: {judge_info['how']}. It ranks all {len(ctx.icons)} icon names, so chance is 1 in "
+        f"{len(ctx.icons)}." if judge is not None
         else f"Shape accuracy: **not measured**: {judge_info['how']}.",
     ]
     if judge_rows:
