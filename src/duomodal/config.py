@@ -251,7 +251,27 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "data": {"image_size": 128},
         },
     },
-    "dalle": {},
+    "dalle": {
+        # 32 px icons through the quick VAE (8x8 grid of 512 codes), 16 text tokens; minutes on 2 CPU cores
+        # (docs/dalle.md)
+        "quick": {
+            "model": {"text_seq_len": 16, "text_vocab_size": 1024, "n_layer": 4, "n_head": 8, "n_embd": 256,
+                      "attention_types": ["full"], "caption_dropout": 0.1},
+            "train": {"steps": 1500, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "weight_decay": 0.01,
+                      "precision": "bf16", "log_every": 25, "val_every": 500, "val_batches": 16,
+                      "sample_every": 500, "checkpoint_every": 500},
+            "data": {"image_size": 32},
+        },
+        # the seed post's setup: 128 px icons through the seed VAE (16x16 grid of 512 codes), 32 text tokens
+        "seed": {
+            "model": {"text_seq_len": 32, "text_vocab_size": 2048, "n_layer": 8, "n_head": 8, "n_embd": 512,
+                      "attention_types": ["full"], "caption_dropout": 0.1},
+            "train": {"steps": 30000, "batch_size": 32, "lr": 4e-4, "warmup_steps": 1000, "weight_decay": 0.01,
+                      "log_every": 50, "val_every": 1000, "val_batches": 50, "sample_every": 1000,
+                      "checkpoint_every": 2000},
+            "data": {"image_size": 128},
+        },
+    },
     "clip": {
         # 32 px icons as 4x4 patches of 8 px, small ViT and text transformer; ~10 min on 2 CPU cores (docs/clip.md)
         "quick": {

@@ -113,7 +113,7 @@ def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: flo
     return tokens.clamp(max=logits.shape[-1] - 1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_image_tokens(
     model: DALLE,
     text: torch.Tensor,
@@ -341,7 +341,7 @@ def box_to_token_mask(box: tuple[int, int, int, int], image_size: int, grid_size
     return mask
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def fixed_token_fit(dalle: DALLE, text: torch.Tensor, tokens: torch.Tensor, after: int,
                     fixed_mask: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Mean log-likelihood (B,) of the fixed tokens after position `after`, given everything before them:

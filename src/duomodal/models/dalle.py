@@ -208,7 +208,8 @@ class SelfAttention(nn.Module):
         v = v.view(B, L, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, L, hs)
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, nh, length + L, hs)
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, L, hs)
