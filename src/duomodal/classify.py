@@ -170,6 +170,11 @@ def save_confusion_png(matrix: torch.Tensor, labels: Sequence[str], path: str | 
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def caption_key(text: str) -> str:
+    """Captions that read the same (case, spacing) count as the same for retrieval hits."""
+    return " ".join(text.lower().split())
+
+
 def retrieval_recall(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -367,7 +372,7 @@ def evaluate_records(
     captions = [record.captions[0] for record in kept]
     text_features = embedder.embed_texts(captions)
     figures: dict[str, float] = {"count": float(len(kept)), "skipped": float(skipped)}
-    figures.update(retrieval_recall(image_features, text_features, [" ".join(c.lower().split()) for c in captions]))
+    figures.update(retrieval_recall(image_features, text_features, [caption_key(c) for c in captions]))
     for name, classes in label_classes.items():
         value = zero_shot_accuracy(
             image_features, [record.labels.get(name) for record in kept], classes, embedder.embed_texts, templates

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
-from duomodal.classify import TEMPLATE_SETS, label_classes_of, retrieval_recall, zero_shot_accuracy
+from duomodal.classify import TEMPLATE_SETS, caption_key, label_classes_of, retrieval_recall, zero_shot_accuracy
 from duomodal.config import ConfigError, atomic_write_bytes
 from duomodal.data.dataset import CaptionedImageDataset, DataConfig
 from duomodal.data.images import parse_color
@@ -156,10 +156,6 @@ class AugmentedDataset(Dataset):
 # --- the task --------------------------------------------------------------------------------------
 
 
-def _caption_key(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 class ClipTask:
     """The TrainTask for CLIP on a captioned-image dataset (see ``duomodal.train.task``)."""
 
@@ -262,7 +258,7 @@ class ClipTask:
             image_parts.append(out.image.float())
             text_parts.append(out.text.float())
             losses.append(contrastive_loss(out.image.float(), out.text.float(), out.logit_scale.float()).item())
-            keys.extend(_caption_key(c) for c in batch["caption"])
+            keys.extend(caption_key(c) for c in batch["caption"])
             indices.extend(int(i) for i in batch["index"])
         if not image_parts:
             return {}
