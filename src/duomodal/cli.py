@@ -916,6 +916,8 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import functools
+
     from duomodal.search.index import ImageIndex
     from duomodal.serve.app import create_app
 
@@ -936,7 +938,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         dalle = load_dalle(args.dalle, device=args.device)
         generator = DalleGenerator(dalle, scorer=embedder, max_num=args.max_generate)
-    app = create_app(index, embedder, generator)
+    app = create_app(index, embedder, generator, reopen_index=functools.partial(ImageIndex.open, args.index))
     what = f"{index.count} images" + (" and generation" if generator else "")
     print(f"duomodal: serving {what} at http://{args.host}:{args.port}/ (Ctrl+C stops)", file=sys.stderr)
     _serve_run(app, args.host, args.port)

@@ -87,6 +87,10 @@ class FakeIndex:
         self.ids = [100 + n for n in range(len(self.paths))]
         self.captions = [(root / n).with_suffix(".txt").read_text().splitlines()[0] for n in self.paths]
         self.sizes = [image.size for image in images]
+        self.stale = False  # tests set it to say "changed on disk"
+
+    def is_stale(self) -> bool:
+        return self.stale
 
     @property
     def count(self) -> int:

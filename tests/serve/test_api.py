@@ -567,3 +567,27 @@ def test_shutting_down_stops_a_running_job_at_its_next_progress_report():
     assert running.status == "failed" and running.error == "the server is shutting down"
     assert running.done < 1000 and time.monotonic() - started < 5
     assert waiting.status == "queued"
+
+
+def test_an_index_changed_on_disk_is_reopened_in_the_background(shape_dataset, fake_clip, make_fake_index):
+    old = make_fake_index(shape_dataset, fake_clip)
+    new = make_fake_index(shape_dataset, fake_clip, names=["red_circle_0.png", "blue_square_0.png"])
+    opened = []
+
+    def reopen():
+        opened.append(1)
+        return new
+
+    app = create_app(old, fake_clip, reopen_index=reopen, reload_check_s=0.0)
+    with TestClient(app) as client:
+        assert client.get("/health").json()["images"] == 24 and opened == []
+        assert client.get("/api/thumb/101").status_code == 200
+        old.stale = True
+        deadline = time.monotonic() + 5
+        while client.get("/health").json()["images"] != 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.get("/health").json()["images"] == 2 and opened == [1]
+        assert len(app.state.duomodal.thumbnails) == 0
+        body = client.get("/api/search", params={"q": "red circle", "k": 5}).json()
+        assert ids_and_paths(body) == ["red_circle_0.png", "blue_square_0.png"]
+        assert client.get("/api/image/105").status_code == 404  # not in the new index

@@ -5,6 +5,7 @@ in-process."""
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 import torch
@@ -173,3 +174,30 @@ def test_fit_to_model_crops_the_centre_square_and_moves_the_box():
     assert fitted.getpixel((8, 8))[0] > 150 and fitted.getpixel((1, 8))[2] > 150  # stripe still central
     same, same_box = fit_to_model(Image.new("RGB", (16, 16)), (0, 0, 16, 16), 16)
     assert same.size == (16, 16) and same_box == (0, 0, 16, 16)
+
+
+def test_a_running_server_picks_up_duomodal_index_update(served, clip_dir, shape_dataset, tmp_path):
+    import shutil
+
+    from duomodal.search.build import update_index
+
+    photos = tmp_path / "photos"
+    shutil.copytree(shape_dataset, photos)
+    index_dir = tmp_path / "idx"
+    embedder = load_clip(clip_dir, device="cpu")
+    build_index(photos, index_dir, embedder, clip_path=clip_dir, progress=False)
+    status, started = served("--index", str(index_dir), "--device", "cpu")
+    assert status == 0
+    started["app"].state.duomodal.reload_check_s = 0.0  # the CLI checks every 5 s
+    with TestClient(started["app"]) as client:
+        assert client.get("/health").json()["images"] == 24
+        Image.new("RGB", (16, 16), (250, 120, 0)).save(photos / "orange_square.png")
+        Image.new("RGB", (16, 16), (120, 0, 250)).save(photos / "violet_square.png")
+        (photos / "red_circle_0.png").unlink()
+        update_index(index_dir, embedder, progress=False)
+        deadline = time.monotonic() + 20
+        while client.get("/health").json()["images"] == 24 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get("/health").json()["images"] == 25
+        paths = [hit["path"] for hit in client.get("/api/search", params={"q": "square", "k": 200}).json()["results"]]
+        assert len(paths) == 25 and "orange_square.png" in paths and "red_circle_0.png" not in paths

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +154,13 @@ def create_app(
     thumb_cache_bytes: int = 64 * 1024 * 1024,
     query_cache_size: int = 256,
     max_pending_jobs: int = 4,
+    reopen_index: Callable[[], Any] | None = None,
+    reload_check_s: float = 5.0,
 ) -> FastAPI:
     """The web app over an opened index and a CLIP embedder (and a generator, for /api/generate).
 
+    With `reopen_index` (e.g. `functools.partial(ImageIndex.open, index_dir)`), an index that
+    changed on disk (its `is_stale()` says so) is reopened in the background and served from then on.
     Raises ValueError when the embedder is not the CLIP model the index was built with.
     """
     if embedder.model_id != index.clip_model_id:
@@ -179,6 +184,8 @@ def create_app(
         thumbnails=ThumbnailCache(thumb_cache_bytes),
         query_vectors=VectorCache(query_cache_size),
         jobs=JobQueue(max_pending=max_pending_jobs, max_kept=max(32, max_pending_jobs)),
+        reopen_index=reopen_index,
+        reload_check_s=reload_check_s,
     )
 
     @contextlib.asynccontextmanager
@@ -206,11 +213,12 @@ def create_app(
     @app.get("/health", response_model=HealthResponse, tags=["meta"])
     def health() -> HealthResponse:
         """Whether the server is up, what it serves, and its limits."""
+        current = state.current_index()
         return HealthResponse(
             status="ok",
-            images=int(index.count),
-            dim=int(index.dim),
-            clip_model_id=str(index.clip_model_id),
+            images=int(current.count),
+            dim=int(current.dim),
+            clip_model_id=str(current.clip_model_id),
             generation=generator is not None,
             max_k=MAX_K,
             max_upload_bytes=max_upload_bytes,

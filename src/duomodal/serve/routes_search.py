@@ -65,7 +65,7 @@ def make_search_router(state: ServerState) -> APIRouter:
 
     def text_search(query: str, k: int) -> SearchResponse:
         start = time.perf_counter()
-        hits = state.index.search(state.text_vector(query), k)
+        hits = state.current_index().search(state.text_vector(query), k)
         took_ms = (time.perf_counter() - start) * 1000
         return SearchResponse(kind="text", query=query, took_ms=took_ms, results=_hits(state, hits))
 
@@ -100,17 +100,18 @@ def make_search_router(state: ServerState) -> APIRouter:
         data = file.file.read(state.max_upload_bytes + 1)
         image = decode_upload(data, name, state.max_upload_bytes)
         start = time.perf_counter()
-        hits = state.index.search(state.image_vector(image), k)
+        hits = state.current_index().search(state.image_vector(image), k)
         took_ms = (time.perf_counter() - start) * 1000
         return SearchResponse(kind="image", query=name, took_ms=took_ms, results=_hits(state, hits))
 
     @router.get("/similar/{image_id}", response_model=SearchResponse, responses=ERRORS)
     def similar(image_id: ImageId, k: K = 24) -> SearchResponse:
         """More like this: the images nearest to an indexed image (itself left out)."""
-        if state.index.get(image_id) is None:
+        index = state.current_index()
+        if index.get(image_id) is None:
             raise _unknown_id(image_id)
         start = time.perf_counter()
-        hits = state.index.search(state.index.vector(image_id), min(k + 1, state.index.count))
+        hits = index.search(index.vector(image_id), min(k + 1, index.count))
         took_ms = (time.perf_counter() - start) * 1000
         results = _hits(state, hits, skip_id=image_id, k=k)
         return SearchResponse(kind="similar", query=str(image_id), took_ms=took_ms, results=results)
@@ -118,10 +119,11 @@ def make_search_router(state: ServerState) -> APIRouter:
     @router.get("/image/{image_id}", response_class=Response, responses=IMAGE_RESPONSES)
     def image(image_id: ImageId) -> Response:
         """The original file of an indexed image (converted to PNG if a browser can't show it)."""
-        hit = state.index.get(image_id)
+        index = state.current_index()
+        hit = index.get(image_id)
         if hit is None:
             raise _unknown_id(image_id)
-        path = state.file_path(hit.path)
+        path = state.file_path(index, hit.path)
         if not path.is_file():
             raise HTTPException(
                 status_code=404,
@@ -142,11 +144,12 @@ def make_search_router(state: ServerState) -> APIRouter:
         """A small version of an indexed image, at most `thumb_size` pixels on its longer side."""
         cached = state.thumbnails.get(image_id)
         if cached is None:
-            hit = state.index.get(image_id)
+            index = state.current_index()
+            hit = index.get(image_id)
             if hit is None:
                 raise _unknown_id(image_id)
             try:
-                image = read_image_file(state.file_path(hit.path))
+                image = read_image_file(state.file_path(index, hit.path))
             except (OSError, ValueError) as e:
                 raise HTTPException(
                     status_code=404, detail=f"image {image_id} can't be read: {e}"

@@ -13,8 +13,11 @@ objects with the same methods. Their interfaces, as this package uses them:
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +28,8 @@ from PIL import Image
 from duomodal.search.query import parse_query, query_vector
 from duomodal.serve.jobs import JobOutput, JobQueue, Progress
 from duomodal.serve.media import MAX_UPLOAD_BYTES, ThumbnailCache
+
+logger = logging.getLogger(__name__)
 
 
 class Generator(Protocol):
@@ -98,6 +103,42 @@ class ServerState:
     thumbnails: ThumbnailCache = field(default_factory=ThumbnailCache)
     query_vectors: VectorCache = field(default_factory=lambda: VectorCache(256))
     jobs: JobQueue = field(default_factory=JobQueue)
+    # Given, the index is reopened in the background when `index.is_stale()` says it changed on
+    # disk (`duomodal index update` while serving); checked at most every `reload_check_s`.
+    reopen_index: Callable[[], Any] | None = None
+    reload_check_s: float = 5.0
+    _checked_at: float = field(default=float("-inf"), init=False)
+    _reloading: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def current_index(self) -> Any:
+        """The index to answer a request with (one handler uses one index throughout)."""
+        if self.reopen_index is not None and time.monotonic() - self._checked_at >= self.reload_check_s:
+            if self._reloading.acquire(blocking=False):
+                self._checked_at = time.monotonic()
+                try:
+                    stale = bool(self.index.is_stale())
+                except Exception:  # a store we can't read now: keep serving, try again later
+                    logger.exception("checking whether the index changed failed")
+                    stale = False
+                if stale:
+                    threading.Thread(target=self._reload, name="duomodal-reload", daemon=True).start()
+                else:
+                    self._reloading.release()
+        return self.index
+
+    def _reload(self) -> None:
+        try:
+            fresh = self.reopen_index()
+            if fresh.clip_model_id != self.embedder.model_id or fresh.dim != self.embedder.dim:
+                logger.error("the index on disk now uses CLIP %r; still serving the old one", fresh.clip_model_id)
+                return
+            self.index = fresh  # requests in flight finish with the old one
+            self.thumbnails.clear()  # an updated file keeps its id
+            logger.info("the index changed on disk: now serving %d images", fresh.count)
+        except Exception:
+            logger.exception("reopening the index failed; still serving the old one")
+        finally:
+            self._reloading.release()
 
     def text_vector(self, text: str) -> np.ndarray:
         """The query vector of a text query (weights and "-negatives" parsed); cached by text."""
@@ -110,7 +151,7 @@ class ServerState:
     def image_vector(self, image: Image.Image) -> np.ndarray:
         return query_vector(self.embedder, texts=[], images=[(1.0, image)])
 
-    def file_path(self, recorded: str) -> Path:
+    def file_path(self, index: Any, recorded: str) -> Path:
         """Where an indexed file is: its recorded path, relative paths taken from the index root."""
         path = Path(recorded)
-        return path if path.is_absolute() else Path(self.index.root) / path
+        return path if path.is_absolute() else Path(index.root) / path
