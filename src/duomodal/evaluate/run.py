@@ -276,8 +276,8 @@ def clip_section(results: dict[str, dict[str, Any]], clip_path: Path, model_id: 
         ("split", "images", "T→I R@1", "T→I R@5", "T→I R@10", "I→T R@1", "I→T R@5", "I→T R@10",
          "zero-shot colour", "zero-shot icon"),
         rows,
-        caption="Recall@k: share of queries whose match is among the k most similar items of the split "
-        "(k larger than the split counts every item).",
+        caption="Recall@k: share of queries whose match is among their k most similar items, searched among "
+        "the split's evaluated images (or their captions) only, so a larger split is a harder search.",
     )
     section.text(
         "Zero-shot colour: each palette colour becomes a text classifier, the mean embedding of the "
