@@ -530,13 +530,19 @@ def _cmd_train_clip(args: argparse.Namespace) -> int:
     from duomodal.text.tokenizer import Tokenizer
     from duomodal.train.clip_task import ClipRunConfig, ClipTask
 
+    from duomodal.train.distributed import init_distributed, shutdown
+
     config = _resolve_run_config(ClipRunConfig, "clip", args)
     tokenizer = None
     if args.resume and (Path(args.out) / "tokenizer.json").is_file():
         tokenizer = Tokenizer.load(Path(args.out) / "tokenizer.json")
-    task = ClipTask(config, args.data, tokenizer=tokenizer)
-    run_config = {"kind": "clip", "data_dir": str(args.data), **to_dict(task.config)}
-    return _run_training(task, task.config.train, args, run_config)
+    info = init_distributed(args.device)  # joined before the task: every rank takes rank 0's tokenizer
+    try:
+        task = ClipTask(config, args.data, tokenizer=tokenizer)
+        run_config = {"kind": "clip", "data_dir": str(args.data), **to_dict(task.config)}
+        return _run_training(task, task.config.train, args, run_config)
+    finally:
+        shutdown(info)
 
 
 def _add_clip_commands(sub: argparse._SubParsersAction) -> None:

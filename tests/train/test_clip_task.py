@@ -97,7 +97,7 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, sys.argv[4])
     from test_clip_task import TINY, _batch
     from duomodal.models.clip import ClipConfig, ContrastiveClip
-    from duomodal.train.clip_task import contrastive_loss, gather_features
+    from duomodal.train.clip_task import contrastive_loss, gather_features, train_tokenizer
 
     rank, init_file, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -113,12 +113,17 @@ WORKER = textwrap.dedent(
     tensors = {"loss": loss.detach().reshape(1)}
     tensors.update({name: p.grad for name, p in model.named_parameters()})
     save_file(tensors, f"{out_dir}/rank{rank}.safetensors")
+    words = ["red", "green", "blue", "heart", "outline", "arrow", "left", "right", "account", "circle"]
+    captions = [f"a {a} {b} {c} icon" for a in words for b in words for c in words[::-1]]
+    with open(f"{out_dir}/tokenizer{rank}.json", "w") as f:
+        f.write(train_tokenizer(captions, 200).hf.to_str())
     dist.destroy_process_group()
     """
 )
 
 
 def test_two_process_gather_gives_the_single_process_loss_and_gradients(tmp_path):
+    """Also: both ranks end up with rank 0's tokenizer (BPE training breaks ties differently per process)."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -140,6 +145,7 @@ def test_two_process_gather_gives_the_single_process_loss_and_gradients(tmp_path
     out = model(pixel_values=pixels, input_ids=ids)
     loss = contrastive_loss(out.image, out.text, out.logit_scale)
     loss.backward()
+    assert (tmp_path / "tokenizer0.json").read_text() == (tmp_path / "tokenizer1.json").read_text()
     for rank in range(2):
         result = load_file(str(tmp_path / f"rank{rank}.safetensors"))
         assert result["loss"].item() == pytest.approx(loss.item(), rel=1e-5)

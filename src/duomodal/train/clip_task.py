@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tokenizers import Tokenizer as HFTokenizer
 from torch.utils.data import Dataset, default_collate
 
 from duomodal.classify import TEMPLATE_SETS, caption_key, label_classes_of, retrieval_recall, zero_shot_accuracy
@@ -156,6 +157,19 @@ class AugmentedDataset(Dataset):
 # --- the task --------------------------------------------------------------------------------------
 
 
+def train_tokenizer(captions: list[str], vocab_size: int) -> Tokenizer:
+    """The BPE tokenizer of the training captions; under torch.distributed every rank gets rank 0's.
+
+    The BPE trainer breaks ties between equally frequent pairs differently in each process (same
+    vocabulary, different ids), so ranks that each trained their own would disagree on token ids.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        payload = [Tokenizer.train(captions, vocab_size=vocab_size).hf.to_str() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(payload, src=0)
+        return Tokenizer(HFTokenizer.from_str(payload[0]))
+    return Tokenizer.train(captions, vocab_size=vocab_size)
+
+
 class ClipTask:
     """The TrainTask for CLIP on a captioned-image dataset (see ``duomodal.train.task``)."""
 
@@ -169,8 +183,7 @@ class ClipTask:
         if not self.train_records:
             raise ValueError(f"{self.data_root} has no training images (every record is in val or heldout)")
         if tokenizer is None:
-            captions = [c for r in self.train_records for c in r.captions]
-            tokenizer = Tokenizer.train(captions, vocab_size=config.model.vocab_size)
+            tokenizer = train_tokenizer([c for r in self.train_records for c in r.captions], config.model.vocab_size)
         if tokenizer.vocab_size > config.model.vocab_size:
             raise ConfigError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens, more than model.vocab_size {config.model.vocab_size}"
