@@ -224,7 +224,7 @@ class VQQuantizer(nn.Module):
     def _initialise(self, flat: torch.Tensor) -> None:
         """First training batch: spread the codes over this batch's encoder outputs."""
         pool = _gather_rows(flat)
-        weight = max(self.restart_threshold * 2, 1.0)
+        weight = max(self.restart_threshold, 1.0)
         self.codebook.copy_(_farthest_points(pool, self.codebook_size, pool.mean(0, keepdim=True)))
         self.cluster_size.fill_(weight)
         self.embed_sum.copy_(self.codebook * weight)
@@ -250,7 +250,7 @@ class VQQuantizer(nn.Module):
             if n_dead:
                 # restart dead codes at the encoder outputs worst served by the live codes
                 fresh = _farthest_points(_gather_rows(flat), n_dead, self.codebook[~dead])
-                weight = self.restart_threshold * 2
+                weight = self.restart_threshold  # it must win at least some use at once
                 self.codebook[dead] = fresh
                 self.cluster_size[dead] = weight
                 self.embed_sum[dead] = fresh * weight
