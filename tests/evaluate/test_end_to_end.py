@@ -119,12 +119,16 @@ def test_eval_everything(runs, labelled_data, tmp_path):
     assert dalle["bits_per_image_token"]["heldout"]["bits"] == pytest.approx(last_val["heldout_image_bits"], abs=0.02)
     assert dalle["judge"]["independent"] is True
     assert "trained with seed 1 vs 0" in dalle["judge"]["how"]
+    # the template matcher recognises the dataset's own image of every prompt
+    assert dalle["template_matcher"]["accuracy_on_dataset_images"]["heldout"] == {"accuracy": 1.0, "correct": 2,
+                                                                                  "count": 2}
     for split, prompts in (("train", 2), ("heldout", 2)):
         assert len(dalle["prompts"][split]) == prompts
         entry = dalle["samples"][split]
         assert entry["images"] == prompts * 2
         assert entry["color_accuracy"]["count"] == prompts * 2
         assert entry["shape_accuracy"]["count"] == prompts * 2
+        assert entry["shape_match_accuracy"]["count"] == prompts * 2
         assert dalle["reranking"][split]["with"]["clip_score"] >= dalle["reranking"][split]["without"]["clip_score"]
     report = (out / "report.md").read_text()
     for heading in ("## DALL-E: likelihood of real images", "## DALL-E: samples, colour and shape accuracy",

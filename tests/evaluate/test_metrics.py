@@ -18,6 +18,9 @@ from duomodal.evaluate.metrics import (
     codebook_usage,
     color_accuracy,
     dominant_color,
+    ink_mask,
+    mask_iou,
+    nearest_template,
     mean_score,
     mse,
     parse_color,
@@ -270,3 +273,38 @@ def test_zero_shot_accuracy():
         zero_shot_accuracy(images, classes, [0, 1])
     with pytest.raises(MetricError, match=r"labels must lie in \[0, 3\)"):
         zero_shot_accuracy(images, classes, [0, 1, 2, 3])
+
+
+# --- shape by template -----------------------------------------------------------------------------
+
+
+def test_ink_mask_is_colour_blind_and_ignores_faint_fringe():
+    red, yellow = icon_like("red", shape="square"), icon_like("yellow", shape="square")
+    assert (ink_mask(red) == ink_mask(yellow)).mean() > 0.97
+    pixels = np.full((4, 4, 3), 255.0)
+    pixels[0, 0] = (255, 255, 200)  # faint: 55 below white
+    pixels[1, 1] = (255, 150, 255)  # 105 below white in one channel
+    assert ink_mask(pixels).tolist() == [[False] * 4, [False, True, False, False], [False] * 4, [False] * 4]
+
+
+def test_mask_iou_and_nearest_template():
+    square = np.zeros((6, 6), bool)
+    square[1:5, 1:5] = True  # 16 pixels
+    bar = np.zeros((6, 6), bool)
+    bar[0, :] = True  # 6 pixels
+    half = np.zeros((6, 6), bool)
+    half[1:5, 1:3] = True  # 8 pixels inside the square
+    templates = np.stack([square, bar])
+    iou = mask_iou(np.stack([square, half, np.zeros((6, 6), bool)]), templates)
+    assert iou.flatten().tolist() == pytest.approx([1.0, 0.0, 0.5, 0.0, 0.0, 0.0])
+    assert nearest_template(np.stack([half, bar, np.zeros((6, 6), bool)]), templates).tolist() == [0, 1, -1]
+    with pytest.raises(MetricError, match=r"masks \(1, 6, 6\) and templates \(2, 5, 5\) must be"):
+        mask_iou(square[None], np.zeros((2, 5, 5), bool))
+
+
+def test_icons_are_matched_to_their_own_template_in_any_colour():
+    shapes = ["ring", "square"]
+    templates = np.stack([ink_mask(icon_like("black", shape=s)) for s in shapes])
+    for color in ("yellow", "pink", "blue"):
+        masks = np.stack([ink_mask(icon_like(color, shape=s)) for s in shapes])
+        assert nearest_template(masks, templates).tolist() == [0, 1]

@@ -160,6 +160,12 @@ def test_full_evaluation_with_known_answers(tmp_path, data, vae_dir, fakes):
     # reranking by colour keeps the two right images of the four
     assert heldout["with"]["color_accuracy"] == {"accuracy": 1.0, "correct": 4, "count": 4}
     assert heldout["with"]["shape_accuracy"]["accuracy"] == 1.0
+    # the template matcher sees the drawn shapes: right for even seeds, wrong for odd ones
+    assert train["shape_match_accuracy"] == {"accuracy": 0.5, "correct": 3, "count": 6}
+    assert heldout["with"]["shape_match_accuracy"] == {"accuracy": 1.0, "correct": 4, "count": 4}
+    assert m["dalle"]["template_matcher"] == {
+        "icons": 3, "accuracy_on_dataset_images": {"train": {"accuracy": 1.0, "correct": 3, "count": 3},
+                                                   "heldout": {"accuracy": 1.0, "correct": 2, "count": 2}}}
     assert heldout["with"]["clip_score"] > heldout["without"]["clip_score"]
     assert m["dalle"]["judge"]["independent"] is True
     calibration = m["dalle"]["color_classifier_on_dataset_images"]
@@ -181,8 +187,8 @@ def test_full_evaluation_with_known_answers(tmp_path, data, vae_dir, fakes):
                     "## DALL-E: samples, colour and shape accuracy", "## Reranking with CLIP", "## CLIP",
                     "## Training curves"):
         assert heading in report
-    assert "| train | 3 | 6 | 50.0% (3/6) | 50.0% (3/6) |" in report
-    assert "| heldout | best k by CLIP | 4 | 100.0% (4/4) | 100.0% (4/4) |" in report
+    assert "| train | 3 | 6 | 50.0% (3/6) | 50.0% (3/6) | 50.0% (3/6) |" in report
+    assert "| heldout | best k by CLIP | 4 | 100.0% (4/4) | 100.0% (4/4) | 100.0% (4/4) |" in report
     assert "Shape judge: judge" in report
     assert "so chance is 1 in 4. The same classifier on the dataset's own images: train: 100.0% (18/18); heldout: 100.0% (4/4)." in report
     assert "It ranks all 3 icon names, so chance is 1 in 3." in report
@@ -201,7 +207,7 @@ def test_without_a_judge_shape_accuracy_is_not_measured(tmp_path, data, fakes):
     assert m["dalle"]["reranking"]["train"]["with"]["shape_accuracy"]["accuracy"] is None
     report = (out / "report.md").read_text()
     assert "Shape accuracy: **not measured**: no --judge-clip given" in report
-    assert "| train | 3 | 6 | 50.0% (3/6) | not measured |" in report
+    assert "| train | 3 | 6 | 50.0% (3/6) | not measured | 50.0% (3/6) |" in report
     assert m["vae"] == {"skipped": "no --vae given"}
     assert "| VAE | not given: its sections are skipped |" in report
 

@@ -229,6 +229,41 @@ def color_accuracy(
     return accuracy(predicted, expected_colors), predicted
 
 
+# --- shape by template ----------------------------------------------------------------------------
+
+
+def ink_mask(image: Image.Image | np.ndarray, background: str | Sequence[int] = (255, 255, 255),
+             threshold: float = 96.0) -> np.ndarray:
+    """(H, W) bool: pixels whose largest channel difference from the background is at least `threshold`
+    (0..255). Colour-blind, so one icon's mask is the same in every colour of a palette."""
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
+    if pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise MetricError(f"expected an (H, W, 3) array of 0..255 values, got shape {pixels.shape}")
+    bg = np.array(parse_color(background), dtype=np.float64)
+    return np.abs(pixels - bg).max(axis=2) >= threshold
+
+
+def mask_iou(masks: np.ndarray, templates: np.ndarray) -> np.ndarray:
+    """Intersection over union of (N, H, W) masks against (C, H, W) templates: (N, C). Two empty masks: 0."""
+    masks = np.asarray(masks, dtype=bool)
+    templates = np.asarray(templates, dtype=bool)
+    if masks.ndim != 3 or templates.ndim != 3 or masks.shape[1:] != templates.shape[1:]:
+        raise MetricError(f"masks {masks.shape} and templates {templates.shape} must be (N, H, W) and (C, H, W)")
+    a = masks.reshape(len(masks), -1).astype(np.float64)  # (N, P)
+    b = templates.reshape(len(templates), -1).astype(np.float64)  # (C, P)
+    intersection = a @ b.T  # (N, C)
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - intersection
+    return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
+
+
+def nearest_template(masks: np.ndarray, templates: np.ndarray) -> np.ndarray:
+    """Index of the template with the highest IoU for each mask (N,); -1 for a blank mask."""
+    iou = mask_iou(masks, templates)
+    best = iou.argmax(1) if iou.shape[1] else np.zeros(len(iou), dtype=np.int64)
+    blank = ~np.asarray(masks, dtype=bool).reshape(len(iou), -1).any(1)
+    return np.where(blank, -1, best)
+
+
 # --- retrieval and zero-shot -----------------------------------------------------------------------
 
 

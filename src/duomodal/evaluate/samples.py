@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -113,6 +114,43 @@ class Judge:
         return [self.icons[i] for i in indices.tolist()]
 
 
+@dataclass
+class TemplateMatcher:
+    """Shape by template, no model involved: the icon whose dataset image has the ink mask that overlaps
+    the image's ink mask most (IoU). Masks ignore colour, so a held-out (icon, colour) pair is matched
+    against the icon's render in another colour."""
+
+    icons: list[str]
+    templates: np.ndarray  # (C, S, S) bool, one ink mask per icon
+    size: int
+
+    @classmethod
+    def from_records(cls, records: Sequence[Record], size: int, log: Callable[[str], None]) -> TemplateMatcher:
+        """One template per icon: its first training image by path (another split if it has none)."""
+        from duomodal.data.images import load_image, to_pil
+
+        chosen: dict[str, Record] = {}
+        for r in sorted(records, key=lambda r: (r.split != "train", str(r.path))):
+            if r.labels.get("icon"):
+                chosen.setdefault(r.labels["icon"], r)
+        icons, masks = [], []
+        for icon, record in tqdm(sorted(chosen.items()), desc="shape templates", file=sys.stderr, leave=False):
+            try:
+                image = load_image(record.path)
+            except ValueError as e:
+                log(f"skipped the template of {icon}: {e}")
+                continue
+            icons.append(icon)
+            masks.append(M.ink_mask(to_pil(to_tensor(image, size))))
+        return cls(icons, np.stack(masks) if masks else np.zeros((0, size, size), bool), size)
+
+    def predict(self, images: Sequence[Image.Image]) -> list[str | None]:
+        from duomodal.data.images import to_pil
+
+        masks = np.stack([M.ink_mask(to_pil(to_tensor(im, self.size))) for im in images])
+        return [self.icons[i] if i >= 0 else None for i in M.nearest_template(masks, self.templates).tolist()]
+
+
 def run_info(directory: Path | None) -> dict[str, Any]:
     """Seed and data of a training run, from its run.json (empty when absent)."""
     if directory is None:
@@ -166,12 +204,13 @@ class PromptSamples:
     shapes: list[str] | None  # judge's icon for each generated image (None without a judge)
     rerank_scores: list[float] | None  # reranking CLIP score of each image
     judge_scores: list[float] | None  # judge CLIP score of each image with the prompt
+    matched: list[str | None] | None  # the template matcher's icon for each image
     first: list[int]  # indices kept without reranking
     best: list[int] | None  # indices kept with reranking, best first
 
 
 def sample_prompt(dalle: Any, prompt: Prompt, index: int, options: Any, palette: dict[str, str],
-                  reranker: Any, judge: Judge | None, generated: int) -> PromptSamples:
+                  reranker: Any, judge: Judge | None, matcher: TemplateMatcher | None, generated: int) -> PromptSamples:
     from duomodal.generate import generate_images
 
     result = generate_images(dalle, prompt.text, num=generated, seed=options.seed + index * SEED_STRIDE,
@@ -186,13 +225,14 @@ def sample_prompt(dalle: Any, prompt: Prompt, index: int, options: Any, palette:
         rerank_scores = [float(s) for s in reranker.score(images, [prompt.text])]
         best = sorted(range(len(images)), key=lambda i: -rerank_scores[i])[:k]
     judge_scores = [float(s) for s in judge.clip.score(images, [prompt.text])] if judge is not None else None
-    return PromptSamples(prompt, images, colors, shapes, rerank_scores, judge_scores, list(range(k)), best)
+    matched = matcher.predict(images) if matcher is not None else None
+    return PromptSamples(prompt, images, colors, shapes, rerank_scores, judge_scores, matched, list(range(k)), best)
 
 
 def summarise(samples: Sequence[PromptSamples], choice: str) -> dict[str, Any]:
     """Accuracies and mean scores over the kept images of every prompt; choice: "first" or "best"."""
     colors_predicted, colors_expected, shapes_predicted, shapes_expected = [], [], [], []
-    rerank, judge = [], []
+    rerank, judge, matched = [], [], []
     for s in samples:
         kept = s.first if choice == "first" else (s.best or [])
         colors_predicted += [s.colors[i] for i in kept]
@@ -200,6 +240,8 @@ def summarise(samples: Sequence[PromptSamples], choice: str) -> dict[str, Any]:
         if s.shapes is not None:
             shapes_predicted += [s.shapes[i] for i in kept]
             shapes_expected += [s.prompt.icon] * len(kept)
+        if s.matched is not None:
+            matched += [s.matched[i] for i in kept]
         if s.rerank_scores is not None:
             rerank += [s.rerank_scores[i] for i in kept]
         if s.judge_scores is not None:
@@ -211,11 +253,17 @@ def summarise(samples: Sequence[PromptSamples], choice: str) -> dict[str, Any]:
     }
     if shapes_expected:
         out["shape_accuracy"] = M.accuracy(shapes_predicted, shapes_expected).to_dict()
+    if matched:
+        out["shape_match_accuracy"] = M.accuracy(matched, shapes_expected_all(samples, choice)).to_dict()
     if rerank:
         out["clip_score"] = M.mean_score(rerank)
     if judge:
         out["judge_clip_score"] = M.mean_score(judge)
     return out
+
+
+def shapes_expected_all(samples: Sequence[PromptSamples], choice: str) -> list[str]:
+    return [s.prompt.icon for s in samples for _ in (s.first if choice == "first" else (s.best or []))]
 
 
 def _grid(samples: Sequence[PromptSamples], choice: str, path: Path) -> None:
@@ -246,8 +294,13 @@ def evaluate_dalle(ctx: Any) -> tuple[dict[str, Any], list[Section]]:
         result["samples"] = {"skipped": reason}
         return result, [likelihood, samples_section]
     reranker, judge, result["judge"] = scorers(ctx)
+    matcher = None
+    if len(ctx.icons) >= 2:
+        records = [r for split in ctx.by_split.values() for r in split]
+        matcher = TemplateMatcher.from_records(records, dalle.config.image_size, ctx.log)
     rerank_section = Section("Reranking with CLIP")
-    result.update(sample_splits(dalle, ctx, reranker, judge, result["judge"], samples_section, rerank_section))
+    result.update(sample_splits(dalle, ctx, reranker, judge, matcher, result["judge"], samples_section,
+                                rerank_section))
     return result, [likelihood, samples_section, rerank_section]
 
 
@@ -289,8 +342,8 @@ def scorers(ctx: Any) -> tuple[Any, Judge | None, dict[str, Any]]:
     return reranker, judge, info
 
 
-def sample_splits(dalle: Any, ctx: Any, reranker: Any, judge: Judge | None, judge_info: dict[str, Any],
-                  samples_section: Section, rerank_section: Section) -> dict[str, Any]:
+def sample_splits(dalle: Any, ctx: Any, reranker: Any, judge: Judge | None, matcher: TemplateMatcher | None,
+                  judge_info: dict[str, Any], samples_section: Section, rerank_section: Section) -> dict[str, Any]:
     """Sample every prompt of both prompt splits; fill the two sections; return the figures."""
     from duomodal.generate import GenerationError
 
@@ -298,7 +351,7 @@ def sample_splits(dalle: Any, ctx: Any, reranker: Any, judge: Judge | None, judg
     generated = options.rerank_from if reranker is not None else options.samples_per_prompt
     k = options.samples_per_prompt
     result: dict[str, Any] = {"samples": {}, "reranking": {}, "prompts": {}}
-    table_rows, rerank_rows, judge_rows = [], [], []
+    table_rows, rerank_rows, judge_rows, matcher_rows = [], [], [], []
     not_measured = {"accuracy": None, "correct": 0, "count": 0, "reason": judge_info["how"]}
     for split in PROMPT_SPLITS:
         prompts = choose_prompts(ctx.by_split[split], options.prompts, options.seed, ctx.palette)
@@ -306,36 +359,39 @@ def sample_splits(dalle: Any, ctx: Any, reranker: Any, judge: Judge | None, judg
         samples, skipped = [], []
         for i, p in enumerate(tqdm(prompts, desc=f"sampling {split} prompts", file=sys.stderr, leave=False)):
             try:
-                samples.append(sample_prompt(dalle, p, i, options, ctx.palette, reranker, judge, generated))
+                samples.append(sample_prompt(dalle, p, i, options, ctx.palette, reranker, judge, matcher, generated))
             except GenerationError as e:  # e.g. a prompt with characters the model's tokenizer never saw
                 ctx.log(f"skipped prompt {p.text!r}: {e}")
                 skipped.append({"prompt": p.text, "reason": str(e)})
         prompt_cell = str(len(samples)) + (f" ({len(skipped)} skipped)" if skipped else "")
         if not samples:
             result["samples"][split] = {"prompts": 0, "images": 0, "skipped_prompts": skipped}
-            table_rows.append((split, prompt_cell, "0", "n/a", "n/a"))
+            table_rows.append((split, prompt_cell, "0", "n/a", "n/a", "n/a"))
             continue
         first = {**summarise(samples, "first"), "skipped_prompts": skipped}
         first.setdefault("shape_accuracy", dict(not_measured))
         result["samples"][split] = first
         table_rows.append((split, prompt_cell, str(first["images"]), fmt_accuracy(first["color_accuracy"]),
-                           _shape_cell(first, judge)))
+                           _shape_cell(first, judge), fmt_accuracy(first.get("shape_match_accuracy"))))
         grid = f"dalle_samples_{split}.png"
         _grid(samples, "first", ctx.out / grid)
         samples_section.figure(grid, f"{split} prompts: the dataset image, then the first {k} samples "
                                "(titles: dominant colour" + (", judge's icon)" if judge else ")"))
+        references = [(p, im) for p in prompts if (im := load_reference(p)) is not None]
         if judge is not None:
-            references = [(p, im) for p in prompts if (im := load_reference(p)) is not None]
             judged = [judge.predict([im], p.color)[0] for p, im in references]
             judge_rows.append((split, M.accuracy(judged, [p.icon for p, _ in references])))
+        if matcher is not None and references:
+            matched = matcher.predict([im for _, im in references])
+            matcher_rows.append((split, M.accuracy(matched, [p.icon for p, _ in references])))
         if reranker is not None:
             best = summarise(samples, "best")
             best.setdefault("shape_accuracy", dict(not_measured))
             result["reranking"][split] = {"without": first, "with": best}
             for name, entry in (("first k", first), ("best k by CLIP", best)):
                 rerank_rows.append((split, name, str(entry["images"]), fmt_accuracy(entry["color_accuracy"]),
-                                    _shape_cell(entry, judge), fmt(entry.get("clip_score"), 3),
-                                    fmt(entry.get("judge_clip_score"), 3)))
+                                    _shape_cell(entry, judge), fmt_accuracy(entry.get("shape_match_accuracy")),
+                                    fmt(entry.get("clip_score"), 3), fmt(entry.get("judge_clip_score"), 3)))
             grid = f"dalle_reranked_{split}.png"
             _grid(samples, "best", ctx.out / grid)
             samples_section.figure(grid, f"{split} prompts after reranking: best {k} of {generated} by CLIP score.")
@@ -360,6 +416,15 @@ def sample_splits(dalle: Any, ctx: Any, reranker: Any, judge: Judge | None, judg
         header.append("Judge calibration (the judge on the dataset's own image of each prompt): "
                       + "; ".join(f"{s}: {a}" for s, a in judge_rows) + ".")
         judge_info["accuracy_on_dataset_images"] = {s: a.to_dict() for s, a in judge_rows}
+    if matcher is not None:
+        result["template_matcher"] = {"icons": len(matcher.icons),
+                                      "accuracy_on_dataset_images": {s: a.to_dict() for s, a in matcher_rows}}
+        header.append(
+            f"Shape (template): no model involved; the icon among all {len(matcher.icons)} whose dataset image has "
+            "the most overlapping ink mask (intersection over union; masks ignore colour, so a held-out pair is "
+            "matched against the icon drawn in another colour). It rewards drawing the icon where and as large as "
+            "the dataset does. On the dataset's own image of each prompt: "
+            + ("; ".join(f"{s}: {a}" for s, a in matcher_rows) or "n/a") + ".")
     samples_section.blocks[:0] = header  # the summary above the sample grids
     _fill_rerank_section(rerank_section, rerank_rows, reranker is not None, generated, k)
     return result
@@ -399,7 +464,8 @@ def _shape_cell(entry: dict[str, Any], judge: Judge | None) -> str:
 def _samples_table(rows: list[tuple[str, ...]], k: int):
     from duomodal.evaluate.report import Table
 
-    return Table(("prompts from", "prompts", "images", "colour accuracy", "shape accuracy"), tuple(rows),
+    return Table(("prompts from", "prompts", "images", "colour accuracy", "shape (judge CLIP)", "shape (template)"),
+                 tuple(rows),
                  caption=f"First {k} samples per prompt, no reranking. Held-out prompts are (icon, colour) "
                  "pairs the models never saw in training.")
 
@@ -416,5 +482,5 @@ def _fill_rerank_section(section: Section, rows: list[tuple[str, ...]], rerankin
     if not rows:
         section.text("No prompt could be sampled, so there is nothing to compare.")
         return
-    section.table(("prompts from", "kept", "images", "colour accuracy", "shape accuracy", "CLIP score",
-                   "judge score"), rows)
+    section.table(("prompts from", "kept", "images", "colour accuracy", "shape (judge CLIP)", "shape (template)",
+                   "CLIP score", "judge score"), rows)
