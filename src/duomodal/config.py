@@ -238,15 +238,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "quick": {
             "model": {"image_size": 32, "n_downsample": 2, "width": 64, "res_blocks": 1,
                       "codebook_size": 512, "codebook_dim": 64, "quantizer": "vq"},
-            "train": {"steps": 1500, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50,
-                      "log_every": 25, "val_every": 250, "sample_every": 250, "checkpoint_every": 500},
+            "train": {"steps": 1800, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50, "precision": "bf16",
+                      "log_every": 25, "val_every": 600, "sample_every": 300, "checkpoint_every": 600},
             "data": {"image_size": 32},
         },
         # the seed post's setup: 128 px, 512 codes, 3 stages -> 16x16 grid
         "seed": {
             "model": {"image_size": 128, "n_downsample": 3, "width": 32, "res_blocks": 2,
                       "codebook_size": 512, "codebook_dim": 64, "quantizer": "vq"},
-            "train": {"steps": 20000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 500,
+            "train": {"steps": 20000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 500, "precision": "bf16",
                       "log_every": 50, "val_every": 1000, "sample_every": 1000, "checkpoint_every": 2000},
             "data": {"image_size": 128},
         },
