@@ -10,7 +10,8 @@ Colour accuracy: the dominant non-background colour of each kept image (``metric
 against the colour word of its prompt. Shape accuracy: an independent judge CLIP (--judge-clip, a
 different model from the reranker) must rank the prompted icon name first among all icon names of
 the dataset (prompts "a <colour> <icon> icon", colour fixed to the prompt's, so only the shape
-decides). Without an independent judge, shape accuracy is reported as not measured.
+decides). Without an independent judge, that shape accuracy is reported as not measured. A second,
+model-free shape accuracy matches ink masks against each icon's dataset image (``shape.TemplateMatcher``).
 """
 
 from __future__ import annotations
@@ -113,13 +114,14 @@ def sample_prompt(dalle: Any, prompt: Prompt, index: int, options: Any, palette:
                              top_k=options.top_k, top_p=options.top_p, guidance=options.guidance)
     images = result.images
     colors = [M.dominant_color(im, palette) for im in images]
-    shapes = judge.predict(images, prompt.color) if judge is not None else None
+    shapes = judge_scores = None
+    if judge is not None:
+        shapes, judge_scores = judge.assess(images, prompt.color, prompt.text)
     k = options.samples_per_prompt
     rerank_scores = best = None
     if reranker is not None:
         rerank_scores = [float(s) for s in reranker.score(images, [prompt.text])]
         best = sorted(range(len(images)), key=lambda i: -rerank_scores[i])[:k]
-    judge_scores = [float(s) for s in judge.clip.score(images, [prompt.text])] if judge is not None else None
     matched = matcher.predict(images) if matcher is not None else None
     return PromptSamples(prompt, images, colors, shapes, rerank_scores, judge_scores, matched, list(range(k)), best)
 
@@ -127,7 +129,7 @@ def sample_prompt(dalle: Any, prompt: Prompt, index: int, options: Any, palette:
 def summarise(samples: Sequence[PromptSamples], choice: str) -> dict[str, Any]:
     """Accuracies and mean scores over the kept images of every prompt; choice: "first" or "best"."""
     colors_predicted, colors_expected, shapes_predicted, shapes_expected = [], [], [], []
-    rerank, judge, matched = [], [], []
+    rerank, judge, matched, matched_expected = [], [], [], []
     for s in samples:
         kept = s.first if choice == "first" else (s.best or [])
         colors_predicted += [s.colors[i] for i in kept]
@@ -137,6 +139,7 @@ def summarise(samples: Sequence[PromptSamples], choice: str) -> dict[str, Any]:
             shapes_expected += [s.prompt.icon] * len(kept)
         if s.matched is not None:
             matched += [s.matched[i] for i in kept]
+            matched_expected += [s.prompt.icon] * len(kept)
         if s.rerank_scores is not None:
             rerank += [s.rerank_scores[i] for i in kept]
         if s.judge_scores is not None:
@@ -149,16 +152,12 @@ def summarise(samples: Sequence[PromptSamples], choice: str) -> dict[str, Any]:
     if shapes_expected:
         out["shape_accuracy"] = M.accuracy(shapes_predicted, shapes_expected).to_dict()
     if matched:
-        out["shape_match_accuracy"] = M.accuracy(matched, shapes_expected_all(samples, choice)).to_dict()
+        out["shape_match_accuracy"] = M.accuracy(matched, matched_expected).to_dict()
     if rerank:
         out["clip_score"] = M.mean_score(rerank)
     if judge:
         out["judge_clip_score"] = M.mean_score(judge)
     return out
-
-
-def shapes_expected_all(samples: Sequence[PromptSamples], choice: str) -> list[str]:
-    return [s.prompt.icon for s in samples for _ in (s.first if choice == "first" else (s.best or []))]
 
 
 def _grid(samples: Sequence[PromptSamples], choice: str, path: Path) -> None:

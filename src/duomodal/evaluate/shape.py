@@ -43,9 +43,17 @@ class Judge:
         return self._classes[color]
 
     def predict(self, images: Sequence[Image.Image], color: str) -> list[str]:
-        features = self.clip.embed_images(list(images))  # (N, D)
+        return self.assess(images, color)[0]
+
+    def assess(self, images: Sequence[Image.Image], color: str, prompt: str | None = None) -> tuple[list[str], list[float] | None]:
+        """(the icon ranked first for each image, each image's cosine similarity with `prompt` if given)."""
+        features = self.clip.embed_images(list(images)).float()  # (N, D)
         indices = M.zero_shot_predictions(features, self.class_embeddings(color))
-        return [self.icons[i] for i in indices.tolist()]
+        scores = None
+        if prompt is not None:
+            text = F.normalize(self.clip.embed_texts([prompt]).float(), dim=-1)  # (1, D)
+            scores = (features @ text.T).squeeze(1).tolist()  # (N,)
+        return [self.icons[i] for i in indices.tolist()], scores
 
 
 @dataclass
