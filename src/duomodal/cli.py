@@ -998,7 +998,7 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from duomodal.evaluate import EvalOptions, run_evaluation
+    from duomodal.evaluate import EvalOptions, headline, run_evaluation
 
     options = EvalOptions(
         data=args.data, out=args.out, vae=args.vae, dalle=args.dalle, clip=args.clip, judge_clip=args.judge_clip,
@@ -1007,38 +1007,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance,
     )
     result = run_evaluation(options, log=lambda message: print(message, file=sys.stderr))
-    for line in _eval_summary(result.metrics):
-        print(line)
+    for what, value in headline(result.metrics):
+        print(f"{what}: {value}")
     print(f"report: {result.paths['html']}")
     print(f"        {result.paths['markdown']}")
     print(f"metrics: {result.paths['metrics']}")
     return 0
-
-
-def _eval_summary(metrics: dict) -> list[str]:
-    """A few headline figures of an evaluation, one line each."""
-    from duomodal.evaluate.report import fmt, fmt_accuracy
-
-    lines = []
-    vae = metrics.get("vae", {})
-    if "psnr_db" in vae:
-        lines.append(f"VAE: val PSNR {fmt(vae['psnr_db'], 2, ' dB')}, codes used "
-                     f"{vae['codebook']['used']}/{vae['codebook']['size']}")
-    dalle = metrics.get("dalle", {})
-    for split, entry in dalle.get("bits_per_image_token", {}).items():
-        if entry.get("bits") is not None:
-            lines.append(f"DALL-E: {split} {entry['bits']:.3f} bits/image token ({entry['images']} images)")
-    for split, entry in dalle.get("samples", {}).items():
-        if isinstance(entry, dict) and "color_accuracy" in entry:
-            lines.append(f"DALL-E {split} prompts: colour {fmt_accuracy(entry['color_accuracy'])}, "
-                         f"shape {fmt_accuracy(entry.get('shape_accuracy'))}")
-    clip = metrics.get("clip", {})
-    for split in ("val", "heldout"):
-        entry = clip.get(split, {})
-        if entry.get("images"):
-            lines.append(f"CLIP {split}: text->image R@1 {fmt_accuracy(entry.get('text_to_image_recall@1'))}, "
-                         f"zero-shot colour {fmt_accuracy(entry.get('zero_shot_color'))}")
-    return lines
 
 
 # --- main ----------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def test_eval_vae_and_clips(runs, labelled_data, tmp_path, capsys):
                  "--judge-clip", str(runs["judge"]), "--out", str(out), "--device", "cpu"])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "VAE: val PSNR" in printed and "CLIP heldout: text->image R@1" in printed
+    assert "VAE val PSNR: " in printed and "CLIP heldout: text->image R@1 " in printed
 
     m = json.loads((out / "metrics.json").read_text())
     # the VAE trainer's own validation PSNR over the same 2 val images agrees with the report's

@@ -183,7 +183,10 @@ def test_full_evaluation_with_known_answers(tmp_path, data, vae_dir, fakes):
     assert m["curves"]["DALL-E"]["skipped"].startswith("no metrics.jsonl")
 
     report = (out / "report.md").read_text()
-    for heading in ("## Overview", "## VAE", "## DALL-E: likelihood of real images",
+    assert ("| DALL-E heldout prompts, reranked | colour 100.0% (4/4), shape (judge CLIP) 100.0% (4/4), "
+            "shape (template) 100.0% (4/4) |") in report
+    assert "| DALL-E bits / image token | train 4.000, val 4.000, heldout 4.000 |" in report
+    for heading in ("## Overview", "## Summary", "## VAE", "## DALL-E: likelihood of real images",
                     "## DALL-E: samples, colour and shape accuracy", "## Reranking with CLIP", "## CLIP",
                     "## Training curves"):
         assert heading in report
@@ -250,8 +253,8 @@ def test_cli_eval(tmp_path, data, vae_dir, fakes, capsys):
                  "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0
-    assert "VAE: val PSNR" in captured.out and f"report: {out / 'report.html'}" in captured.out
-    assert "CLIP val: text->image R@1" in captured.out
+    assert "VAE val PSNR: " in captured.out and f"report: {out / 'report.html'}" in captured.out
+    assert "CLIP val: text->image R@1 " in captured.out
     assert (out / "report.md").is_file()
 
 

@@ -5,6 +5,6 @@
 its DALL-E part, ``shape`` the two shape judges (an independent CLIP; ink-mask templates).
 """
 
-from duomodal.evaluate.run import EvalError, EvalOptions, EvalResult, run_evaluation
+from duomodal.evaluate.run import EvalError, EvalOptions, EvalResult, headline, run_evaluation
 
-__all__ = ["EvalError", "EvalOptions", "EvalResult", "run_evaluation"]
+__all__ = ["EvalError", "EvalOptions", "EvalResult", "headline", "run_evaluation"]

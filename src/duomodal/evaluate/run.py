@@ -315,6 +315,46 @@ def curves_section(runs: dict[str, Path | None], out: Path) -> tuple[dict[str, A
     return result, section
 
 
+# --- headline ------------------------------------------------------------------------------------
+
+
+def headline(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """The few figures a reader wants first, as (what, value) rows; only those that were measured."""
+    rows: list[tuple[str, str]] = []
+    vae = metrics.get("vae", {})
+    if "psnr_db" in vae:
+        codebook = vae["codebook"]
+        rows.append(("VAE val PSNR", f"{fmt(vae['psnr_db'], 2, ' dB')} ({vae['images']} images)"))
+        rows.append(("VAE codes used", f"{codebook['used']} / {codebook['size']} "
+                                       f"(perplexity {codebook['perplexity']:.1f})"))
+    dalle = metrics.get("dalle", {})
+    bits = {s: e["bits"] for s, e in dalle.get("bits_per_image_token", {}).items() if e.get("bits") is not None}
+    if bits:
+        rows.append(("DALL-E bits / image token", ", ".join(f"{s} {b:.3f}" for s, b in bits.items())))
+    samples = dalle.get("samples", {})
+    for split, entry in (samples.items() if isinstance(samples, dict) else []):
+        if isinstance(entry, dict) and "color_accuracy" in entry:
+            rows.append((f"DALL-E {split} prompts", _accuracies(entry)))
+    for split, entry in dalle.get("reranking", {}).items():
+        rows.append((f"DALL-E {split} prompts, reranked", _accuracies(entry["with"])))
+    clip = metrics.get("clip", {})
+    for split in EVAL_SPLITS:
+        entry = clip.get(split, {})
+        if entry.get("images"):
+            rows.append((f"CLIP {split}", f"text->image R@1 {fmt_accuracy(entry.get('text_to_image_recall@1'))}, "
+                                          f"zero-shot colour {fmt_accuracy(entry.get('zero_shot_color'))}"))
+    return rows
+
+
+def _accuracies(entry: dict[str, Any]) -> str:
+    text = f"colour {fmt_accuracy(entry['color_accuracy'])}"
+    if entry.get("shape_accuracy", {}).get("accuracy") is not None:
+        text += f", shape (judge CLIP) {fmt_accuracy(entry['shape_accuracy'])}"
+    if "shape_match_accuracy" in entry:
+        text += f", shape (template) {fmt_accuracy(entry['shape_match_accuracy'])}"
+    return text
+
+
 # --- the whole evaluation --------------------------------------------------------------------------
 
 
@@ -423,6 +463,11 @@ def run_evaluation(options: EvalOptions, log: Log | None = None) -> EvalResult:
     else:
         metrics["clip"] = {"skipped": "no --clip given"}
 
+    summary = headline(metrics)
+    if summary:
+        section = Section("Summary")
+        section.table(("", "figure"), summary)
+        sections.insert(1, section)
     metrics["curves"], section = curves_section(components, ctx.out)
     sections.append(section)
     metrics["skipped_images"] = ctx.skipped
