@@ -324,7 +324,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser, num: int, keep: int) 
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="images sampled at once (default 16)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="auto: bf16 where the CPU/GPU supports it, else fp32")
+                        help="auto: bf16 on CUDA, fp32 on the CPU (measured faster there)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
 
 

@@ -257,9 +257,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "quick": {
             "model": {"text_seq_len": 16, "text_vocab_size": 1024, "n_layer": 4, "n_head": 8, "n_embd": 256,
                       "attention_types": ["full"], "caption_dropout": 0.1},
-            "train": {"steps": 1500, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "weight_decay": 0.01,
-                      "precision": "bf16", "log_every": 25, "val_every": 500, "val_batches": 16,
-                      "sample_every": 500, "checkpoint_every": 500},
+            "train": {"steps": 600, "batch_size": 64, "lr": 1.5e-3, "warmup_steps": 50, "weight_decay": 0.01,
+                      "log_every": 20, "val_every": 200, "val_batches": 16, "sample_every": 200,
+                      "checkpoint_every": 200},
             "data": {"image_size": 32},
         },
         # the seed post's setup: 128 px icons through the seed VAE (16x16 grid of 512 codes), 32 text tokens

@@ -63,7 +63,9 @@ def autocast_for(device: torch.device, precision: str) -> tuple[contextlib.Abstr
     """(context, activation dtype or None for fp32) for inference at `precision` on `device`."""
     if precision not in PRECISIONS:
         raise GenerationError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(device))
+    # auto: bf16 on CUDA only. On CPUs, even with avx512_bf16, bf16 autocast measured slower than fp32 for
+    # these small models (benchmarks/generate.py prints both).
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and bf16_supported(device))
     if precision == "bf16" and not bf16_supported(device):
         raise GenerationError(f"bf16 is not supported on {device}; use precision 'fp32' or 'auto'")
     if not use_bf16:

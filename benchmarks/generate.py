@@ -1,0 +1,87 @@
+"""Sampling speed of DALL-E: image tokens per second, KV-cached vs uncached, on the same model and batch.
+
+The model is the size the issue compares against (DALLE-pytorch 1.6.6 at dim 256, depth 4, 8 heads,
+32 text tokens): random weights, which cost the same to run as trained ones. For 64 (8x8) and 256
+(16x16) image tokens per image it prints tokens/s of the cached sampler, of the uncached one (the
+whole prefix recomputed every step), their ratio, and the cached figure against DALLE-pytorch's
+measured ~78 image tokens/s at batch 4 on a machine like this one. Both fp32 and bf16 autocast.
+
+    flock /tmp/duomodal-heavy.lock .venv/bin/python benchmarks/generate.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from duomodal.generate import bf16_supported, row_uniforms, sample_image_tokens
+from duomodal.models.dalle import DALLE, DALLEConfig
+
+DALLE_PYTORCH_SAMPLING = 78.0  # image tokens/s at batch 4, dim 256, depth 4, 256 image tokens (issue 4)
+
+
+def build(grid: int, device: torch.device) -> DALLE:
+    torch.manual_seed(0)
+    config = DALLEConfig(text_seq_len=32, text_vocab_size=1024, image_vocab_size=512, image_grid_size=grid,
+                         image_size=grid * 8, n_layer=4, n_head=8, n_embd=256)
+    return DALLE(config).to(device).eval()
+
+
+def tokens_per_second(model: DALLE, batch: int, precision: str, use_cache: bool, repeats: int) -> float:
+    N = model.config.image_token_count
+    text = torch.randint(4, 1024, (batch, model.config.text_seq_len))
+    uniforms = row_uniforms(list(range(batch)), N)
+    sample_image_tokens(model, text, uniforms, top_k=64, precision=precision, use_cache=use_cache)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if model.image_head.weight.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        sample_image_tokens(model, text, uniforms, top_k=64, precision=precision, use_cache=use_cache)
+        if model.image_head.weight.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return batch * N / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grids", default="8,16", help="token grid sides (8 -> 64 tokens, 16 -> 256)")
+    parser.add_argument("--batch-sizes", default="4,16", help="images sampled at once")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per figure (the best is kept)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    precisions = [p for p in args.precisions.split(",") if p == "fp32" or bf16_supported(device)]
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, device {device}; model dim 256, depth 4, 8 heads, 32 text tokens, 512 codes, top-k 64")
+    print(f"{'image tokens':>12} {'batch':>5} {'precision':>9} {'cached tok/s':>12} {'uncached tok/s':>14} "
+          f"{'ratio':>6} {'vs DALLE-pytorch':>16}")
+    rows = []
+    for grid in (int(g) for g in args.grids.split(",")):
+        model = build(grid, device)
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            for precision in precisions:
+                cached = tokens_per_second(model, batch, precision, True, args.repeats)
+                uncached = tokens_per_second(model, batch, precision, False, 1)
+                rows.append({"image_tokens": grid * grid, "batch": batch, "precision": precision,
+                             "cached_tokens_per_s": cached, "uncached_tokens_per_s": uncached,
+                             "ratio": cached / uncached})
+                print(f"{grid * grid:>12} {batch:>5} {precision:>9} {cached:>12.0f} {uncached:>14.0f} "
+                      f"{cached / uncached:>5.1f}x {cached / DALLE_PYTORCH_SAMPLING:>15.1f}x", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
