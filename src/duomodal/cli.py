@@ -962,7 +962,69 @@ def _serve_run(app, host: str, port: int) -> None:
 
 
 def _add_demo_commands(sub: argparse._SubParsersAction) -> None:
-    pass
+    from pathlib import Path
+
+    from duomodal.demo import DEMO_SETUPS
+
+    demo = sub.add_parser(
+        "demo",
+        help="the whole path in one command: icon dataset, VAE, DALL-E, CLIP, index, report, web app",
+        description="Build the icon dataset, train the VAE, DALL-E and CLIP, index the icons, write the "
+        "evaluation report and start the web app. Re-running reuses finished stages and resumes an "
+        "interrupted one.",
+    )
+    demo.add_argument("--work", type=Path, default=Path("work/demo"), help="folder for everything (default work/demo)")
+    demo.add_argument("--preset", choices=sorted(DEMO_SETUPS), default="quick",
+                      help="quick: 32 px, minutes on a CPU (default); seed: the post's 128 px setup, hours on a CPU")
+    demo.add_argument("--limit", type=_positive_int, help="use only the first N icons (a smaller, faster demo)")
+    demo.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda...")
+    demo.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a training setting in all three trainers, e.g. train.steps=200 (repeatable)")
+    demo.add_argument("--eval-prompts", type=_positive_int, metavar="N", help="prompts per split in the report")
+    demo.add_argument("--no-serve", action="store_true", help="stop after the report instead of starting the web app")
+    demo.add_argument("--host", default="127.0.0.1", help="web app address (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8000, help="web app port (default 8000)")
+    demo.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from duomodal.config import save_json
+    from duomodal.demo import DEMO_SETUPS, plan, serve_argv
+
+    stages = plan(args.work, args.preset, args.device, args.limit, tuple(args.train_set), args.eval_prompts)
+    print(f"duomodal demo ({args.preset}): {DEMO_SETUPS[args.preset].estimate}; everything goes to {args.work}",
+          file=sys.stderr)
+    timings_path = args.work / "timings.json"
+    timings = {}
+    if timings_path.is_file():
+        import json
+
+        timings = json.loads(timings_path.read_text(encoding="utf-8"))
+    for number, stage in enumerate(stages, 1):
+        header = f"[{number}/{len(stages)}] {stage.name}: {stage.what}"
+        if stage.done:
+            print(f"{header}: already done, reusing it", file=sys.stderr)
+            continue
+        print(f"{header}\n  $ duomodal {' '.join(stage.argv)}", file=sys.stderr)
+        started = time.perf_counter()
+        status = main(list(stage.argv))
+        if status != 0:
+            _error(f"demo stage {stage.name!r} failed (exit {status}); fix the cause and run the demo again "
+                   "to resume from there")
+            return status
+        elapsed = time.perf_counter() - started
+        resumed = "--resume" in stage.argv
+        timings[stage.name] = round(elapsed + (timings.get(stage.name, 0.0) if resumed else 0.0), 1)
+        save_json(timings, timings_path)
+    total = sum(timings.values())
+    print(f"demo: all stages done; time per stage (s): {timings}; total {total:.0f} s", file=sys.stderr)
+    print(f"report: {args.work / 'report' / 'report.html'}")
+    if args.no_serve:
+        return 0
+    print(f"web app: http://{args.host}:{args.port}/ (Ctrl-C to stop)")
+    return main(serve_argv(args.work, args.host, args.port))
 
 
 def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
