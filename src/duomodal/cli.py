@@ -745,7 +745,7 @@ def _add_index_options(parser: argparse.ArgumentParser, keep_recorded: bool = Fa
     parser.add_argument("--batch-size", type=int, default=64, help="images per embedding batch (default 64)")
     parser.add_argument("--hnsw-m", type=int, default=None, help="hnsw graph degree (default 32)")
     parser.add_argument("--ef-construction", type=int, default=None, help="hnsw build width (default 80)")
-    parser.add_argument("--ef-search", type=int, default=None, help="hnsw search width (default 64)")
+    parser.add_argument("--ef-search", type=int, default=None, help="hnsw search width (default 128)")
     parser.add_argument("--nlist", type=int, default=None, help="ivf lists (default 4*sqrt(n))")
     parser.add_argument("--nprobe", type=int, default=None, help="ivf lists probed per query (default 32)")
     parser.add_argument("--device", default=None, help="device for CLIP (default: this rank's GPU if any, else cpu)")

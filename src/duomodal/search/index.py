@@ -42,7 +42,7 @@ _FAISS_GLOB = "vectors.*.faiss"
 class FaissParams:
     hnsw_m: int = 32  # graph neighbours per node
     hnsw_ef_construction: int = 80  # search width while building
-    hnsw_ef_search: int = 64  # search width per query (raised to k when k is larger)
+    hnsw_ef_search: int = 128  # search width per query (raised to k if larger); 64 gave recall 0.90 at 1M
     ivf_nlist: int = 0  # inverted lists; 0 = 4 * sqrt(n), at least 1
     ivf_nprobe: int = 32  # lists visited per query
 
