@@ -12,7 +12,6 @@ a box is a region edit. Tokens after the last free position are copied and never
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,18 +58,30 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
-def autocast_for(device: torch.device, precision: str) -> tuple[contextlib.AbstractContextManager, torch.dtype | None]:
-    """(context, activation dtype or None for fp32) for inference at `precision` on `device`."""
+def inference_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The weight and activation dtype for sampling at `precision` on `device`."""
     if precision not in PRECISIONS:
         raise GenerationError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    # auto: bf16 on CUDA only. On CPUs, even with avx512_bf16, bf16 autocast measured slower than fp32 for
-    # these small models (benchmarks/generate.py prints both).
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and bf16_supported(device))
     if precision == "bf16" and not bf16_supported(device):
         raise GenerationError(f"bf16 is not supported on {device}; use precision 'fp32' or 'auto'")
-    if not use_bf16:
-        return contextlib.nullcontext(), None
-    return torch.autocast(device.type, dtype=torch.bfloat16), torch.bfloat16
+    # auto: bf16 on CUDA only; on this project's CPU, fp32 sampled faster at small batches
+    # (benchmarks/generate.py prints both)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and bf16_supported(device)):
+        return torch.bfloat16
+    return torch.float32
+
+
+def inference_twin(model: DALLE, dtype: torch.dtype) -> DALLE:
+    """`model` itself when it already has `dtype`, else an eval copy with its weights cast to `dtype`.
+
+    Sampling runs thousands of tiny steps: casting the weights once beats autocast, which would
+    cast every weight again at every step."""
+    weight = model.image_head.weight
+    if weight.dtype == dtype:
+        return model
+    twin = DALLE(model.config).to(device=weight.device, dtype=dtype)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
 
 
 # --- token sampling ------------------------------------------------------------------------------
@@ -163,32 +174,31 @@ def sample_image_tokens(
     def both(chunk: torch.Tensor) -> torch.Tensor:
         return chunk if rows == B else torch.cat([chunk, chunk])
 
-    autocast, dtype = autocast_for(device, precision)
-    was_training = model.training
+    original, was_training = model, model.training
     model.eval()
+    model = inference_twin(model, inference_dtype(device, precision))
     try:
-        with autocast:
-            first = free_positions[0]
-            if use_cache:
-                cache = model.new_cache(rows, dtype)
-                logits = model.forward_cached(torch.cat([text, both(tokens[:, :first])], dim=1), cache)
+        first = free_positions[0]
+        if use_cache:
+            cache = model.new_cache(rows)
+            logits = model.forward_cached(torch.cat([text, both(tokens[:, :first])], dim=1), cache)
+        else:
+            logits = model(text, both(tokens[:, :first]))[1][:, -1]
+        for i, k in enumerate(free_positions):
+            logits = logits.float()
+            if rows != B:
+                cond, uncond = logits[:B], logits[B:]
+                logits = uncond + guidance * (cond - uncond)
+            tokens[:, k] = choose_tokens(logits, uniforms[:, k], temperature, top_k, top_p)
+            if i + 1 == len(free_positions):
+                break
+            upto = free_positions[i + 1]
+            if use_cache:  # the new token and the fixed run after it, if any
+                logits = model.forward_cached(both(tokens[:, k:upto]), cache)
             else:
-                logits = model(text, both(tokens[:, :first]))[1][:, -1]
-            for i, k in enumerate(free_positions):
-                logits = logits.float()
-                if rows != B:
-                    cond, uncond = logits[:B], logits[B:]
-                    logits = uncond + guidance * (cond - uncond)
-                tokens[:, k] = choose_tokens(logits, uniforms[:, k], temperature, top_k, top_p)
-                if i + 1 == len(free_positions):
-                    break
-                upto = free_positions[i + 1]
-                if use_cache:  # the new token and the fixed run after it, if any
-                    logits = model.forward_cached(both(tokens[:, k:upto]), cache)
-                else:
-                    logits = model(text, both(tokens[:, :upto]))[1][:, -1]
+                logits = model(text, both(tokens[:, :upto]))[1][:, -1]
     finally:
-        model.train(was_training)
+        original.train(was_training)
     return tokens
 
 

@@ -259,3 +259,18 @@ def test_load_dalle_roundtrip(tmp_path):
     save_model(tmp_path / "vae", "vae", to_dict(vae_config), other.state_dict())
     with pytest.raises(ModelFileError, match="is not the one .* was trained with"):
         load_dalle(run)
+
+
+def test_bf16_sampling_uses_a_cast_copy_and_agrees_with_fp32():
+    from duomodal.generate import bf16_supported
+
+    if not bf16_supported(torch.device("cpu")):
+        pytest.skip("no bf16 on this CPU")
+    model = DALLE(tiny_config()).eval()
+    with torch.no_grad():
+        model.image_head.weight.mul_(20)  # peaked logits, so rounding rarely flips the argmax
+    text, _ = batch(3)
+    fp32 = sample_image_tokens(model, text, temperature=0, precision="fp32")
+    bf16 = sample_image_tokens(model, text, temperature=0, precision="bf16")
+    assert model.image_head.weight.dtype == torch.float32  # the model itself is left as it was
+    assert float((fp32 == bf16).float().mean()) > 0.8
