@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from duomodal.models.dalle import DALLE
+from duomodal.models.dalle import DALLE, words_of
 
 MAX_NUM = 1024  # images one call may generate
 MAX_BATCH_SIZE = 512
@@ -234,7 +234,7 @@ def unseen_words(model: DALLE, prompt: str) -> list[str]:
     if not words:
         return []
     tokenizer = _need(model, "tokenizer")
-    return [w for w in dict.fromkeys(tokenizer.normalize(prompt).split()) if w not in words]
+    return [w for w in dict.fromkeys(words_of(tokenizer.normalize(prompt))) if w not in words]
 
 
 def _need(model: DALLE, what: str):

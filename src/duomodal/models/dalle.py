@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,12 @@ from duomodal.modelfile import TOKENIZER_FILE, WEIGHTS_FILE, ModelFileError, loa
 ATTENTION_TYPES = ("full", "axial_row", "axial_col", "conv_like")
 VAE_SUBDIR = "vae"  # a run directory keeps a copy of its VAE here, so it stays usable when moved
 CAPTION_WORDS_FILE = "caption_words.json"  # the words of the training captions (to flag unseen prompt words)
+_WORD = re.compile(r"\w+")
+
+
+def words_of(normalized_text: str) -> list[str]:
+    """The words of a (tokenizer-normalised) caption, without punctuation."""
+    return _WORD.findall(normalized_text)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from duomodal.models.dalle import (
     text_ids_with_padding,
     vae_identity,
     weighted_loss,
+    words_of,
 )
 from duomodal.text.tokenizer import Tokenizer
 from duomodal.train.loop import TrainConfig
@@ -244,7 +245,7 @@ class DALLETask:
             tokenizer = Tokenizer.train(train_captions, vocab_size=config.model.text_vocab_size)
         self.tokenizer = tokenizer
         self.caption_words = sorted({w for i in train_rows for c in records[i].captions
-                                     for w in tokenizer.normalize(c).split()})
+                                     for w in words_of(tokenizer.normalize(c))})
         m = config.model
         self.model_cfg = replace(
             m, text_vocab_size=tokenizer.vocab_size, text_pad_id=tokenizer.pad_id,
