@@ -273,7 +273,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "clip": {
-        # 32 px icons as 4x4 patches of 8 px, small ViT and text transformer; ~10 min on 2 CPU cores (docs/clip.md)
+        # 32 px icons as 4x4 patches of 8 px, small ViT and text transformer; ~12 min on 2 CPU cores (docs/clip.md)
         "quick": {
             "model": {"image_size": 32, "patch_size": 8, "vision_width": 128, "vision_layers": 4, "vision_heads": 4,
                       "text_width": 128, "text_layers": 3, "text_heads": 4, "context_length": 32,
