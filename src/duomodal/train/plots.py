@@ -22,8 +22,8 @@ def plot_loss(metrics_path: Path, out_path: Path) -> None:
             row = json.loads(line)
             (train_rows if row.get("split") == "train" else val_rows).append(row)
     keys = [k for k in (val_rows[-1] if val_rows else {})
-            if k not in ("split", "step", "loss", "dropped", "elapsed_s")]
-    fig, axes = plt.subplots(1, 2 if keys else 1, figsize=(10 if keys else 5, 3.5), squeeze=False)
+            if k not in ("split", "step", "loss", "dropped", "elapsed_s")][:4]
+    fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4.5 * (1 + len(keys)), 3.5), squeeze=False)
     ax = axes[0][0]
     ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss")
     if val_rows and "loss" in val_rows[0]:
@@ -32,14 +32,11 @@ def plot_loss(metrics_path: Path, out_path: Path) -> None:
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
-    if keys:
-        ax2 = axes[0][1]
-        for key in keys[:4]:
-            ax2.plot([r["step"] for r in val_rows if key in r], [r[key] for r in val_rows if key in r],
-                     "o-", label=key)
-        ax2.set_xlabel("step")
-        ax2.legend()
-        ax2.grid(alpha=0.3)
+    for panel, key in zip(axes[0][1:], keys):  # one panel per validation figure: their scales differ
+        panel.plot([r["step"] for r in val_rows if key in r], [r[key] for r in val_rows if key in r], "o-")
+        panel.set_title(f"val {key}")
+        panel.set_xlabel("step")
+        panel.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
