@@ -52,7 +52,8 @@ class BuildOptions:
     def __post_init__(self):
         if self.index_type not in ("auto", *INDEX_TYPES):
             raise ValueError(f"index type {self.index_type!r} is not one of auto, {', '.join(INDEX_TYPES)}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 4096:
+        size = self.batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096:
             raise ValueError(f"batch size must be an integer from 1 to 4096, got {self.batch_size!r}")
 
 

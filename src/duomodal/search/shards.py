@@ -90,7 +90,8 @@ def merge_shards(store: MetadataStore, index_dir: Path, dim: int) -> int:
             vectors = f.get_tensor("vectors")
             facts = json.loads(f.metadata()["records"])
         if vectors.shape != (len(facts), dim):
-            raise IndexStoreError(f"shard {path} holds vectors of shape {vectors.shape}, expected ({len(facts)}, {dim})")
+            expected = (len(facts), dim)
+            raise IndexStoreError(f"shard {path} holds vectors of shape {vectors.shape}, expected {expected}")
         records = [NewImage(*fact, vector=vector) for fact, vector in zip(facts, vectors)]
         write_records(store, records, [r.path for r in records])
         path.unlink()
