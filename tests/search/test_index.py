@@ -260,3 +260,17 @@ def test_a_second_writer_is_refused_while_one_holds_the_index(tmp_path):
         )
         with ImageIndex.open(tmp_path / "idx") as index:  # readers still open it (in-memory sync)
             assert index.count == 1
+
+
+def test_option_errors_name_the_value():
+    from duomodal.search.index import FaissParams
+
+    with pytest.raises(ValueError) as e:
+        BuildOptions(index_type="annoy")
+    assert str(e.value) == "index type 'annoy' is not one of auto, flat, hnsw, ivf"
+    with pytest.raises(ValueError) as e:
+        BuildOptions(batch_size=0)
+    assert str(e.value) == "batch size must be an integer from 1 to 4096, got 0"
+    with pytest.raises(ValueError) as e:
+        FaissParams(hnsw_m=0)
+    assert str(e.value) == "hnsw_m must be an integer >= 1, got 0"
