@@ -24,6 +24,7 @@ class DemoSetup:
     icon_limit: int | None  # first N icons (sorted by name); None = all
     colors: int  # colours per icon
     train_preset: str  # the trainers' preset name
+    overrides: dict[str, tuple[str, ...]]  # per trainer kind: --set assignments on top of the preset
     eval_prompts: int  # prompts per split in the report
     estimate: str  # what to tell the user before starting
 
@@ -31,10 +32,13 @@ class DemoSetup:
 DEMO_SETUPS = {
     "quick": DemoSetup(
         image_size=32, icon_limit=None, colors=8, train_preset="quick", eval_prompts=16,
+        # Shorter than the presets' own runs so that the whole demo fits in ~20 minutes on 2 CPU
+        # cores; docs/RESULTS.md gives the figures of both.
+        overrides={"vae": ("train.steps=500",), "dalle": ("train.steps=400",), "clip": ("train.steps=200",)},
         estimate="about 20 minutes on 2 CPU cores, a few on a GPU",
     ),
     "seed": DemoSetup(
-        image_size=128, icon_limit=None, colors=8, train_preset="seed", eval_prompts=32,
+        image_size=128, icon_limit=None, colors=8, train_preset="seed", eval_prompts=32, overrides={},
         estimate="many hours on a CPU (the seed post's full setup); use a GPU",
     ),
 }
@@ -86,16 +90,19 @@ def plan(
     data_done = (data / "dataset.json").is_file() and (data / "captions.jsonl").is_file()
     stages = [Stage("dataset", f"icon dataset, {setup.image_size} px x {setup.colors} colours", tuple(data_argv), data_done)]
 
-    p = ["--preset", setup.train_preset]
-    for assignment in train_overrides:
-        p += ["--set", assignment]
+    def options(kind: str) -> list[str]:
+        out = ["--preset", setup.train_preset]
+        for assignment in (*setup.overrides.get(kind, ()), *train_overrides):
+            out += ["--set", assignment]
+        return out + dev
+
     stages.append(_training_stage(
-        "vae", "discrete VAE", ["train", "vae", "--data", str(data), "--out", str(vae), *p, *dev], vae))
+        "vae", "discrete VAE", ["train", "vae", "--data", str(data), "--out", str(vae), *options("vae")], vae))
     stages.append(_training_stage(
         "dalle", "DALL-E transformer",
-        ["train", "dalle", "--data", str(data), "--vae", str(vae), "--out", str(dalle), *p, *dev], dalle))
+        ["train", "dalle", "--data", str(data), "--vae", str(vae), "--out", str(dalle), *options("dalle")], dalle))
     stages.append(_training_stage(
-        "clip", "CLIP", ["train", "clip", "--data", str(data), "--out", str(clip), *p, *dev], clip))
+        "clip", "CLIP", ["train", "clip", "--data", str(data), "--out", str(clip), *options("clip")], clip))
 
     # The index build is incremental: over a finished index it only rescans (no re-embedding).
     stages.append(Stage(
