@@ -918,6 +918,9 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", default=None, help="device for the models: cpu, cuda... (default: CUDA when available)")
     serve.add_argument("--max-generate", type=int, default=64, metavar="N",
                        help="most images one generation request may ask for (default 64)")
+    serve.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                       help="CPU threads per torch operation (default: 1 without --dalle, since a query's tensors "
+                       "are tiny and concurrent requests use the cores; torch's default with --dalle)")
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -931,6 +934,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
     if args.max_generate < 1:
         raise ValueError(f"--max-generate must be at least 1, got {args.max_generate}")
+    threads = args.torch_threads if args.torch_threads is not None else (None if args.dalle else 1)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--torch-threads must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     index = ImageIndex.open(args.index)
     clip = args.clip or index.clip_path
     if not clip:

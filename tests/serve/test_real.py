@@ -80,19 +80,24 @@ def dalle_run(tmp_path_factory, shape_dataset):
 def served(monkeypatch):
     """Run `duomodal serve ...` up to the point of serving; returns the app it would serve."""
     started = {}
-    monkeypatch.setattr(cli, "_serve_run", lambda app, host, port: started.update(app=app, host=host, port=port))
+    monkeypatch.setattr(
+        cli, "_serve_run",
+        lambda app, host, port: started.update(app=app, host=host, port=port, threads=torch.get_num_threads()),
+    )
+    threads = torch.get_num_threads()
 
     def serve(*args: str):
         status = cli.main(["serve", *args])
         return status, started
 
-    return serve
+    yield serve
+    torch.set_num_threads(threads)  # serve sets it for the whole process
 
 
 def test_serve_searches_a_real_index_with_the_recorded_clip(served, index_dir, shape_dataset, capsys):
     status, started = served("--index", str(index_dir), "--device", "cpu", "--port", "8123")
     assert status == 0
-    assert (started["host"], started["port"]) == ("127.0.0.1", 8123)
+    assert (started["host"], started["port"], started["threads"]) == ("127.0.0.1", 8123, 1)
     assert capsys.readouterr().err == "duomodal: serving 24 images at http://127.0.0.1:8123/ (Ctrl+C stops)\n"
     with TestClient(started["app"]) as client:
         health = client.get("/health").json()
@@ -118,6 +123,8 @@ def test_serve_searches_a_real_index_with_the_recorded_clip(served, index_dir, s
 def test_serve_errors_are_one_line_and_exit_2(served, index_dir, tmp_path, capsys):
     assert served("--index", str(index_dir), "--port", "0")[0] == 2
     assert capsys.readouterr().err == "duomodal: error: --port must be from 1 to 65535, got 0\n"
+    assert served("--index", str(index_dir), "--torch-threads", "0")[0] == 2
+    assert capsys.readouterr().err == "duomodal: error: --torch-threads must be at least 1, got 0\n"
     assert served("--index", str(tmp_path / "nothing"))[0] == 2
     assert capsys.readouterr().err == (
         f"duomodal: error: {tmp_path / 'nothing'} is not a directory; build one with 'duomodal index build'\n"
