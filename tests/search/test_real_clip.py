@@ -57,3 +57,21 @@ def test_index_and_search_with_a_real_clip(shape_dataset, tiny_clips, tmp_path, 
     assert f"was built with CLIP model {model_a!r} but the query CLIP is {model_b!r}" in capsys.readouterr().err
     assert cli.main(["index", "update", str(index_dir), "--clip", str(clip_b), "--quiet"]) == 2
     assert f"was built with CLIP model {model_a!r}, not {model_b!r}" in capsys.readouterr().err
+
+
+def test_torchrun_index_build_command(shape_dataset, tiny_clips, tmp_path):
+    """The command a user types for a sharded build: torchrun ... -m duomodal index build."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "duomodal", "index", "build",
+               str(shape_dataset), "--clip", str(tiny_clips[0]), "--out", str(tmp_path / "idx"), "--quiet",
+               "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = [line for line in result.stdout.splitlines() if " images (" in line]
+    assert len(summary) == 1  # rank 0 only
+    assert ": 24 images (flat index)" in summary[0] and "12 embedded, 12 reused" in summary[0]
