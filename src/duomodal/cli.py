@@ -989,7 +989,8 @@ def _add_demo_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--limit", type=_positive_int, help="use only the first N icons (a smaller, faster demo)")
     demo.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda...")
     demo.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a training setting in all three trainers, e.g. train.steps=200 (repeatable)")
+                      help="override a training setting in all three trainers, e.g. train.steps=200, or in one: "
+                      "dalle:model.n_layer=2 (repeatable)")
     demo.add_argument("--eval-prompts", type=_positive_int, metavar="N", help="prompts per split in the report")
     demo.add_argument("--no-serve", action="store_true", help="stop after the report instead of starting the web app")
     demo.add_argument("--host", default="127.0.0.1", help="web app address (default 127.0.0.1)")

@@ -16,6 +16,9 @@ from pathlib import Path
 from duomodal.train.checkpoints import list_checkpoints
 
 
+TRAINER_KINDS = ("vae", "dalle", "clip")
+
+
 @dataclass(frozen=True)
 class DemoSetup:
     """Sizes of one demo preset."""
@@ -73,7 +76,8 @@ def plan(
 ) -> list[Stage]:
     """The demo's stages over the folder `work`, with what is already done marked.
 
-    `train_overrides` (``key=value``) go to all three trainers, e.g. ``train.steps=200``."""
+    `train_overrides` (``key=value``) go to all three trainers, e.g. ``train.steps=200``; with a
+    kind in front (``dalle:model.n_layer=2``) to that trainer only."""
     if preset not in DEMO_SETUPS:
         raise ValueError(f"unknown demo preset {preset!r}; presets: {', '.join(DEMO_SETUPS)}")
     setup = DEMO_SETUPS[preset]
@@ -93,6 +97,13 @@ def plan(
     def options(kind: str) -> list[str]:
         out = ["--preset", setup.train_preset]
         for assignment in (*setup.overrides.get(kind, ()), *train_overrides):
+            target, _, rest = assignment.partition(":")
+            if rest and "=" not in target:
+                if target not in TRAINER_KINDS:
+                    raise ValueError(f"override {assignment!r}: {target!r} is not one of {', '.join(TRAINER_KINDS)}")
+                if target != kind:
+                    continue
+                assignment = rest
             out += ["--set", assignment]
         return out + dev
 
