@@ -118,7 +118,7 @@ def plan(
     # The index build is incremental: over a finished index it only rescans (no re-embedding).
     stages.append(Stage(
         "index", "search index over the icons",
-        ("index", "build", str(data / "images"), "--clip", str(clip), "--out", str(index), "--quiet"),
+        ("index", "build", str(data), "--clip", str(clip), "--out", str(index), "--quiet"),
         done=False,
     ))
     eval_argv = ["eval", "--data", str(data), "--vae", str(vae), "--dalle", str(dalle), "--clip", str(clip),
