@@ -114,9 +114,11 @@ def test_sigkill_then_resume_reaches_the_same_weights(shape_dataset, tmp_path):
 
 
 def test_two_process_ddp_matches_one_process(shape_dataset, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo on CPU): each process takes half of the same global batch;
-    gradients are averaged and the VQ codebook statistics summed, so the weights match."""
-    args = ["train", "vae", "--data", str(shape_dataset), *sets("train.steps=6", "train.checkpoint_every=0")]
+    """torchrun --nproc_per_node 2 (gloo on CPU), 2 accumulation steps: each process takes half of
+    each micro-batch of the same global batch; gradients are averaged (no_sync on the first
+    micro-batch) and the VQ codebook statistics summed, so the weights match."""
+    args = ["train", "vae", "--data", str(shape_dataset),
+            *sets("train.steps=6", "train.checkpoint_every=0", "train.grad_accum=2")]
     assert main([*args, "--out", str(tmp_path / "single")]) == 0
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "duomodal", *args, "--out", str(tmp_path / "ddp")]
