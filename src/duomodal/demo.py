@@ -37,7 +37,7 @@ DEMO_SETUPS = {
         image_size=32, icon_limit=None, colors=8, train_preset="quick", eval_prompts=16,
         # Shorter than the presets' own runs so that the whole demo fits in ~20 minutes on 2 CPU
         # cores; docs/RESULTS.md gives the figures of both.
-        overrides={"vae": ("train.steps=500",), "dalle": ("train.steps=400",), "clip": ("train.steps=200",)},
+        overrides={"vae": ("train.steps=350",), "dalle": ("train.steps=300",), "clip": ("train.steps=150",)},
         estimate="about 20 minutes on 2 CPU cores, a few on a GPU",
     ),
     "seed": DemoSetup(
