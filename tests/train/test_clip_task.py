@@ -97,7 +97,8 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, sys.argv[4])
     from test_clip_task import TINY, _batch
     from duomodal.models.clip import ClipConfig, ContrastiveClip
-    from duomodal.train.clip_task import contrastive_loss, gather_features, train_tokenizer
+    from duomodal.train.clip_task import contrastive_loss, gather_features
+    from duomodal.train.distributed import train_tokenizer
 
     rank, init_file, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

@@ -186,3 +186,22 @@ def test_cli_train_generate_edit_and_resume(tmp_path, shape_dataset, capsys):
 
     main(["generate", str(run), "a blue cube", "--num", "1", "--out", str(grid), "--device", "cpu"])
     assert "no training caption has the word(s) cube" in capsys.readouterr().err
+
+
+def test_two_process_torchrun_training(tmp_path, shape_dataset):
+    """Under torchrun every rank uses rank 0's tokenizer and rank 0's token cache; only rank 0 reports."""
+    import subprocess
+    import sys
+
+    vae_run = random_vae(tmp_path / "vae")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "duomodal", "train", "dalle", "--data", str(shape_dataset), "--vae", str(vae_run),
+               "--out", str(tmp_path / "ddp"), "--device", "cpu", *DALLE_TINY,
+               "--set", f"token_cache={tmp_path / 'cache'}", "--set", "train.steps=3"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained dalle for 3 steps") == 1 and "2 process(es)" in done.stdout
+    assert len(list((tmp_path / "cache").glob("tokens-*.safetensors"))) == 1
+    Tokenizer.load(tmp_path / "ddp" / "tokenizer.json")

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tokenizers import Tokenizer as HFTokenizer
 from torch.utils.data import Dataset, default_collate
 
 from duomodal.classify import TEMPLATE_SETS, caption_key, label_classes_of, retrieval_recall, zero_shot_accuracy
@@ -28,6 +27,7 @@ from duomodal.data.images import parse_color
 from duomodal.data.records import Record, filter_split, load_records
 from duomodal.models.clip import ClipConfig, ContrastiveClip, normalize_pixels, trim_padding
 from duomodal.text.tokenizer import Tokenizer
+from duomodal.train.distributed import train_tokenizer
 from duomodal.train.loop import TrainConfig
 
 # --- loss ------------------------------------------------------------------------------------------
@@ -155,19 +155,6 @@ class AugmentedDataset(Dataset):
 
 
 # --- the task --------------------------------------------------------------------------------------
-
-
-def train_tokenizer(captions: list[str], vocab_size: int) -> Tokenizer:
-    """The BPE tokenizer of the training captions; under torch.distributed every rank gets rank 0's.
-
-    The BPE trainer breaks ties between equally frequent pairs differently in each process (same
-    vocabulary, different ids), so ranks that each trained their own would disagree on token ids.
-    """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        payload = [Tokenizer.train(captions, vocab_size=vocab_size).hf.to_str() if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(payload, src=0)
-        return Tokenizer(HFTokenizer.from_str(payload[0]))
-    return Tokenizer.train(captions, vocab_size=vocab_size)
 
 
 class ClipTask:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save
 from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
@@ -42,6 +43,7 @@ from duomodal.models.dalle import (
     words_of,
 )
 from duomodal.text.tokenizer import Tokenizer
+from duomodal.train.distributed import train_tokenizer
 from duomodal.train.loop import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -242,7 +244,7 @@ class DALLETask:
             tokenizer = Tokenizer.load(saved)
         else:
             train_captions = [c for i in train_rows for c in records[i].captions]
-            tokenizer = Tokenizer.train(train_captions, vocab_size=config.model.text_vocab_size)
+            tokenizer = train_tokenizer(train_captions, vocab_size=config.model.text_vocab_size)
         self.tokenizer = tokenizer
         self.caption_words = sorted({w for i in train_rows for c in records[i].captions
                                      for w in words_of(tokenizer.normalize(c))})
@@ -257,8 +259,14 @@ class DALLETask:
             log.warning("%d images have no caption that fits text_seq_len=%d: their shortest caption is cut",
                         self.captions.truncated, m.text_seq_len)
         cache_dir = Path(config.token_cache) if config.token_cache else default_cache_dir()
+        # Under torchrun rank 0 encodes and fills the cache; the other ranks then read it.
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed and dist.get_rank() != 0:
+            dist.barrier()
         self.images = encode_images(records, self.vae, self.vae_id, config.data, cache_dir,
                                     show_progress=self.show_progress)
+        if distributed and dist.get_rank() == 0:
+            dist.barrier()
         self.records = records
         self.train_rows = train_rows
         val_rows = [i for i, r in enumerate(records) if r.split == "val"]

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from tokenizers import Tokenizer as HFTokenizer
+
+from duomodal.text.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -83,3 +86,16 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def train_tokenizer(captions: list[str], vocab_size: int) -> Tokenizer:
+    """The BPE tokenizer of the training captions; under torch.distributed every rank gets rank 0's.
+
+    The BPE trainer breaks ties between equally frequent pairs differently in each process (same
+    vocabulary, different ids), so ranks that each trained their own would disagree on token ids.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        payload = [Tokenizer.train(captions, vocab_size=vocab_size).hf.to_str() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(payload, src=0)
+        return Tokenizer(HFTokenizer.from_str(payload[0]))
+    return Tokenizer.train(captions, vocab_size=vocab_size)
