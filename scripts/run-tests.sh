@@ -3,4 +3,11 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh" dev
 cd "$root"
+# The browser test drives Debian's Chromium (never a Playwright-downloaded browser); without it
+# that one test is skipped and says why.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "duomodal: installing Debian's chromium for the browser test" >&2
+    { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+        || echo "duomodal: could not install chromium; the browser test will be skipped" >&2
+fi
 python -m pytest -q "$@"
