@@ -32,14 +32,6 @@ TINY = ClipConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_templates_and_labels():
     assert resolve_templates() == ("{}",)
     assert resolve_templates(["a {} icon"], "plain") == ("a {} icon", "{}")

@@ -40,14 +40,6 @@ def train_kinds() -> set[str]:
     return set(next(a for a in train._actions if a.dest == "model_kind").choices)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, labelled_data) -> dict[str, Path]:
     """A VAE, two CLIPs (seeds 0 and 1: reranker and judge) and, when it can be trained, a DALL-E."""

@@ -32,15 +32,6 @@ TINY = dict(
 TINY_SETS = [f"model.{k}={v}" for k, v in TINY.items()] + ["data.image_size=16"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The machine's 2 cores are shared: one thread per test process is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_contrastive_loss_matches_a_hand_computed_case():
     image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     text = torch.tensor([[1.0, 0.0], [0.6, 0.8]])

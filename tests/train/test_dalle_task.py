@@ -7,7 +7,6 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 
 from duomodal.cli import main
@@ -27,15 +26,6 @@ DALLE_TINY = [
     "--set", "train.batch_size=8", "--set", "train.warmup_steps=0", "--set", "train.lr=3e-3",
     "--set", "samples.per_prompt=2", "--set", "samples.prompt_count=2",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_vae(directory: Path, seed: int = 0) -> Path:

@@ -18,15 +18,6 @@ from duomodal.modelfile import load_weights
 from duomodal.train.loop import TrainConfig, TrainingError, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Pairs(Dataset):
     def __init__(self, n: int, bad: frozenset[int] = frozenset()):
         g = torch.Generator().manual_seed(1)

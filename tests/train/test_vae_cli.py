@@ -37,14 +37,6 @@ def child_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_train_then_reconstruct(shape_dataset, tmp_path, capsys):
     run = tmp_path / "run"
     status = main(["train", "vae", "--data", str(shape_dataset), "--out", str(run),
