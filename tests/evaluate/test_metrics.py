@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from duomodal.data.icons import PALETTE
 from duomodal.evaluate.metrics import (
     Accuracy,
     MetricError,
@@ -29,17 +30,6 @@ from duomodal.evaluate.metrics import (
     token_counts,
     zero_shot_accuracy,
 )
-
-PALETTE = {
-    "red": "#e53935",
-    "green": "#43a047",
-    "blue": "#1e88e5",
-    "black": "#000000",
-    "yellow": "#fbc02d",
-    "purple": "#8e24aa",
-    "orange": "#fb8c00",
-    "pink": "#f06292",
-}
 
 
 # --- psnr / mse ------------------------------------------------------------------------------------
