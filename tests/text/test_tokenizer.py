@@ -142,3 +142,22 @@ def test_load_errors(tmp_path):
     with pytest.raises(TokenizerError) as error:
         Tokenizer.load(tmp_path)
     assert str(error.value) == "tokenizer must have [PAD] at id 0; was it trained by duomodal?"
+
+
+def test_decode_attaches_punctuation_as_in_written_text(tmp_path):
+    captions = ["a red heart, icon.", "don't stop! it's a t-shirt (blue): 50% off; play/pause? yes"] * 5
+    tokenizer = Tokenizer.train(captions, vocab_size=128)
+    for caption in captions[:2]:
+        assert tokenizer.decode(tokenizer.encode(caption, 64)) == caption
+    # a tokenizer.json saved by an earlier version has a plain BPEDecoder ("a red heart , icon ."):
+    # it loads with the new decoder and encodes exactly as before
+    tokenizer.save(tmp_path / "tokenizer.json")
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    saved["decoder"] = {"type": "BPEDecoder", "suffix": "</w>"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved))
+    assert HFTokenizer.from_file(str(tmp_path / "tokenizer.json")).decode(tokenizer.tokens(captions[0])) == (
+        "a red heart , icon ."
+    )
+    old = Tokenizer.load(tmp_path)
+    assert old.decode(old.encode(captions[0], 64)) == "a red heart, icon."
+    assert [old.encode(c, 64) for c in captions[:2]] == [tokenizer.encode(c, 64) for c in captions[:2]]

@@ -31,6 +31,25 @@ def _normalizer() -> normalizers.Normalizer:
     )
 
 
+def _decoder() -> decoders.Decoder:
+    """Word-end markers become spaces, then punctuation attaches as in written text.
+
+    The pre-tokenizer splits punctuation and digits into words of their own and drops the spaces,
+    so whether "heart," had a space before the comma is not recorded; decoding assumes it had not:
+    closing marks (. , ; : ! ? % ) ] }) attach to the word before, opening brackets to the word
+    after, apostrophes, hyphens and slashes to both (don't, t-shirt, play/pause), and digits to
+    each other (50%). Written as tokenizers decoders, so the rule is in tokenizer.json and goes
+    with a Hugging Face export.
+    """
+    return decoders.Sequence([
+        decoders.BPEDecoder(suffix="</w>"),
+        decoders.Fuse(),  # one string, so that the replacements see across token boundaries
+        decoders.Replace(Regex(r" (?=[.,;:!?%)\]}'/-])"), ""),
+        decoders.Replace(Regex(r"(?<=[(\[{'/-]) "), ""),
+        decoders.Replace(Regex(r"(?<=\d) (?=\d)"), ""),
+    ])
+
+
 class Tokenizer:
     """A thin, strict wrapper over a Hugging Face BPE tokenizer."""
 
@@ -48,7 +67,7 @@ class Tokenizer:
         hf = HFTokenizer(models.BPE(unk_token=UNK))
         hf.normalizer = _normalizer()
         hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(True)])
-        hf.decoder = decoders.BPEDecoder()
+        hf.decoder = _decoder()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
@@ -71,6 +90,8 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
             raise TokenizerError(f"{path} is not a tokenizer file: {e}") from None
+        if isinstance(hf.decoder, decoders.BPEDecoder):
+            hf.decoder = _decoder()  # saved by an earlier duomodal ("heart , icon"); encoding is unchanged
         return cls(hf)
 
     def save(self, path: str | os.PathLike) -> None:
