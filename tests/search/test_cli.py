@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from duomodal import cli
+from duomodal.cli import search as cli_search
 
 from .conftest import FakeEmbedder
 
@@ -20,7 +21,7 @@ def fake_clip(monkeypatch):
         loaded.append(path)
         return FakeEmbedder(model_id="other-clip" if "other" in str(path) else "fake-colour-v1")
 
-    monkeypatch.setattr(cli, "_search_load_clip", load)
+    monkeypatch.setattr(cli_search, "_search_load_clip", load)
     return loaded
 
 

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from duomodal import cli
+from duomodal.cli import search as cli_search
 from duomodal.config import to_dict
 from duomodal.modelfile import save_model
 from duomodal.models.clip import ClipConfig, ContrastiveClip, load_clip
@@ -81,7 +82,7 @@ def served(monkeypatch):
     """Run `duomodal serve ...` up to the point of serving; returns the app it would serve."""
     started = {}
     monkeypatch.setattr(
-        cli, "_serve_run",
+        cli_search, "_serve_run",
         lambda app, host, port: started.update(app=app, host=host, port=port, threads=torch.get_num_threads()),
     )
     threads = torch.get_num_threads()

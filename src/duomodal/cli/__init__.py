@@ -1,0 +1,61 @@
+"""The `duomodal` command line. The only place that prints for the user and exits.
+
+Each area registers its subcommands in its own module of this package (``_add_*_commands`` in
+data, train, vae, dalle, clip, search, demo); a command handler takes the parsed args and returns
+an exit status. Library code raises; `main` turns a ValueError/OSError into one stderr line (set
+DUOMODAL_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import traceback
+from collections.abc import Sequence
+
+from duomodal import __version__
+from duomodal.cli.clip import _add_clip_commands
+from duomodal.cli.common import _error
+from duomodal.cli.dalle import _add_dalle_commands
+from duomodal.cli.data import _add_data_commands
+from duomodal.cli.demo import _add_demo_commands, _add_eval_commands
+from duomodal.cli.search import _add_search_commands, _add_serve_commands
+from duomodal.cli.train import _add_train_commands
+from duomodal.cli.vae import _add_vae_commands
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="duomodal",
+        description="Train your own small DALL-E and CLIP on captioned images, generate images "
+        "from text, and search an image collection by what it shows.",
+    )
+    parser.add_argument("--version", action="version", version=f"duomodal {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_data_commands(sub)
+    _add_train_commands(sub)
+    _add_vae_commands(sub)
+    _add_dalle_commands(sub)
+    _add_clip_commands(sub)
+    _add_search_commands(sub)
+    _add_serve_commands(sub)
+    _add_demo_commands(sub)
+    _add_eval_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except (ValueError, OSError) as e:
+        if os.environ.get("DUOMODAL_DEBUG"):
+            traceback.print_exc()
+        _error(str(e))
+        return 2

@@ -1,0 +1,199 @@
+"""`duomodal generate` and `duomodal edit`: sampling images from a trained DALL-E."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from duomodal.cli.common import _progress_bar
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser, num: int, keep: int) -> None:
+    parser.add_argument("--out", required=True, help="grid picture to write (.png); the kept images and a "
+                        "JSON of prompt, seeds and scores are written beside it")
+    parser.add_argument("--num", type=int, default=num, help=f"images to generate (default {num}, at most "
+                        "1024)")
+    parser.add_argument("--keep", type=int, default=None, help=f"best images to keep (default {keep}, or --num "
+                        "when that is fewer)")
+    parser.set_defaults(default_keep=keep)
+    parser.add_argument("--clip", default=None, metavar="CLIP_DIR",
+                        help="rerank with this CLIP model (duomodal or Hugging Face CLIP directory)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest image tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="classifier-free guidance scale (1 = off; 2-4 follows the prompt more closely)")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images sampled at once (default 16)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 on CUDA, fp32 on the CPU (measured faster there)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+
+
+def _add_dalle_commands(sub: argparse._SubParsersAction) -> None:
+    generate = sub.add_parser(
+        "generate", help="generate images from a text prompt with a trained DALL-E",
+        description="Sample --num images for the prompt (image i from seed + i), optionally rerank them "
+        "with a CLIP model, keep the --keep best. Writes the grid to --out, each kept image beside it "
+        "(<out>-01.png ...) and <out>.json with the prompt, seeds and scores.",
+    )
+    generate.add_argument("run_dir", metavar="RUN_DIR", help="a DALL-E run or model directory")
+    generate.add_argument("prompt", metavar="PROMPT", help='e.g. "a red heart icon"')
+    _add_sampling_options(generate, num=16, keep=8)
+    generate.set_defaults(func=_cmd_generate)
+
+    edit = sub.add_parser(
+        "edit", help="regenerate a rectangle of an image for a prompt, keeping the rest",
+        description="The tokens of the VAE cells that the box touches are sampled again (in raster order, "
+        "each conditioned on the prompt and all tokens before it); everything outside keeps the original "
+        "pixels. Without --clip the candidates are ranked by how well they fit the unchanged tokens after "
+        "the box. A square image of another size is resized to the model's size (with a note; the box is "
+        "in the original image's pixels); a non-square image is an error.",
+    )
+    edit.add_argument("run_dir", metavar="RUN_DIR", help="a DALL-E run or model directory")
+    edit.add_argument("image", metavar="IMAGE", help="image file to edit")
+    edit.add_argument("prompt", metavar="PROMPT", help="what the whole image should show")
+    edit.add_argument("--box", required=True, metavar="X0,Y0,X1,Y1",
+                      help="rectangle to regenerate, in pixels of IMAGE (x1, y1 exclusive)")
+    _add_sampling_options(edit, num=8, keep=4)
+    edit.set_defaults(func=_cmd_edit)
+
+
+def _parse_box(text: str) -> tuple[int, int, int, int]:
+    parts = text.split(",")
+    try:
+        values = tuple(int(p.strip()) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise ValueError(f"--box {text!r} must be four integers x0,y0,x1,y1 (pixels), e.g. --box 8,8,24,24")
+    return values
+
+
+def _load_dalle_for_cli(args: argparse.Namespace):
+    """The model and scorer, after checking the counts, sampling options and prompt (errors come first)."""
+    from duomodal.generate import check_counts, check_sampling, encode_prompt
+    from duomodal.models.dalle import load_dalle
+    from duomodal.train.distributed import resolve_device
+
+    if args.keep is None:
+        args.keep = min(args.default_keep, args.num) if args.num >= 1 else args.default_keep
+    check_counts(args.num, args.keep, args.batch_size)
+    check_sampling(args.temperature, args.top_k, args.top_p, args.guidance)
+    device = resolve_device(args.device)
+    dalle = load_dalle(args.run_dir, device)
+    encode_prompt(dalle, args.prompt)
+    _note_prompt(dalle, args.prompt)
+    scorer = None
+    if args.clip:
+        from duomodal.models.clip import load_clip
+
+        scorer = load_clip(args.clip, device)
+    return dalle, scorer
+
+
+def _note_prompt(dalle, prompt: str) -> None:
+    from duomodal.generate import unseen_words
+
+    unseen = unseen_words(dalle, prompt)
+    if unseen:
+        print(f"note: no training caption has the word(s) {', '.join(unseen)}; the model has not learnt them",
+              file=sys.stderr)
+
+
+def _write_generation(result, args: argparse.Namespace, extra: dict, first=None) -> None:
+    import json
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from duomodal.config import atomic_write_text
+    from duomodal.data.images import save_grid, to_tensor
+
+    out = Path(args.out)
+    images = ([first] if first is not None else []) + list(result.images)
+    size = max(image.size[0] for image in images)
+    grid = torch.stack([to_tensor(image.convert("RGB"), size) for image in images])
+    save_grid(grid, out, nrow=min(len(images), 8))
+    entries = []
+    for rank, (image, seed, index) in enumerate(zip(result.images, result.seeds, result.indices), start=1):
+        path = out.with_name(f"{out.stem}-{rank:02d}.png")
+        image.save(path)
+        entries.append({"file": path.name, "seed": seed, "index": index,
+                        "score": result.scores[rank - 1] if result.scores is not None else None})
+    record = {
+        "prompt": result.prompt, "run_dir": str(args.run_dir), "num": args.num, "keep": args.keep,
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "guidance": args.guidance,
+        "seed": args.seed, "clip": args.clip, "score_kind": result.score_kind, "images": entries,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
+    }
+    atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from duomodal.generate import generate_images
+
+    dalle, scorer = _load_dalle_for_cli(args)
+    started = time.perf_counter()
+    bar, update = _progress_bar(args.num, "generate")
+    try:
+        result = generate_images(
+            dalle, args.prompt, num=args.num, keep=args.keep, scorer=scorer, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, guidance=args.guidance, seed=args.seed,
+            batch_size=args.batch_size, progress=update, precision=args.precision,
+        )
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+    _write_generation(result, args, {"seconds": round(seconds, 3)})
+    scores = ""
+    if result.scores is not None:
+        scores = f"; CLIP scores {result.scores[0]:.3f} (best) to {result.scores[-1]:.3f}"
+    print(f"wrote {args.out}: kept {len(result.images)} of {args.num} images in {seconds:.1f} s (seeds "
+          f"{', '.join(map(str, result.seeds))}){scores}")
+    return 0
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    import time
+
+    from duomodal.data.images import load_image
+    from duomodal.generate import edit_image
+
+    box = _parse_box(args.box)
+    dalle, scorer = _load_dalle_for_cli(args)
+    image = load_image(args.image)
+    S = dalle.config.image_size
+    if image.size != (S, S):
+        width, height = image.size
+        if width != height:
+            raise ValueError(f"{args.image} is {width}x{height} pixels; edit needs a square image (the model "
+                             f"works on {S}x{S}): crop it to a square first")
+        print(f"note: {args.image} is {width}x{height}; resized to {S}x{S} for the model (the box is scaled "
+              "with it)", file=sys.stderr)
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise ValueError(f"--box {args.box} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}")
+        scale = S / width
+        box = (int(x0 * scale), int(y0 * scale), max(int(x0 * scale) + 1, round(x1 * scale)),
+               max(int(y0 * scale) + 1, round(y1 * scale)))
+        image = image.resize((S, S), resample=3)  # bicubic
+    started = time.perf_counter()
+    bar, update = _progress_bar(args.num, "edit")
+    try:
+        result = edit_image(
+            dalle, image, box, args.prompt, num=args.num, keep=args.keep, scorer=scorer,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance,
+            seed=args.seed, batch_size=args.batch_size, progress=update, precision=args.precision,
+        )
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+    _write_generation(result, args, {"image": str(args.image), "box": list(box), "seconds": round(seconds, 3)},
+                      first=image)
+    print(f"wrote {args.out}: the image (first) and {len(result.images)} edit(s) of {args.num}, ranked by "
+          f"{'CLIP score' if result.score_kind == 'scorer' else 'fit to the unchanged tokens'}, in {seconds:.1f} s")
+    return 0

@@ -1,0 +1,278 @@
+"""`duomodal index build|update`, `duomodal search` and `duomodal serve`.
+
+Tests replace `_search_load_clip` and `_serve_run` in this module."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _add_search_commands(sub: argparse._SubParsersAction) -> None:
+    index = sub.add_parser("index", help="build or update a searchable index of an image collection")
+    index_sub = index.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    build = index_sub.add_parser(
+        "build",
+        help="index the images under DIR (resumes an interrupted build; under torchrun, shards the work)",
+    )
+    build.add_argument("dir", metavar="DIR", help="directory of images (searched recursively)")
+    build.add_argument("--clip", required=True, metavar="CLIP_DIR", help="CLIP model directory")
+    build.add_argument("--out", required=True, metavar="INDEX_DIR", help="index directory to write")
+    _add_index_options(build)
+    build.set_defaults(func=_cmd_index_build)
+    update = index_sub.add_parser("update", help="embed new/changed images, drop deleted ones, follow moves")
+    update.add_argument("index_dir", metavar="INDEX_DIR")
+    update.add_argument("--clip", metavar="CLIP_DIR", help="CLIP directory (default: the one recorded in the index)")
+    _add_index_options(update, keep_recorded=True)
+    update.set_defaults(func=_cmd_index_update)
+
+    search = sub.add_parser("search", help="search an index by text, by image, or both")
+    search.add_argument("index_dir", metavar="INDEX_DIR")
+    search.add_argument(
+        "query", nargs="?", default=None,
+        help="text query; '-word' subtracts, 'W*words' weights a term: \"2*beach -people\"",
+    )
+    search.add_argument(
+        "--image", action="append", default=None, metavar="[W*]PATH",
+        help="query image (repeatable); a weight W may prefix the path, negative to subtract: -1*dog.jpg",
+    )
+    search.add_argument("-k", type=int, default=10, help="number of results (1 to 1000; default 10)")
+    search.add_argument("--dedup", type=float, default=None, metavar="THRESHOLD",
+                        help="group near-duplicate results whose cosine similarity >= THRESHOLD (e.g. 0.95)")
+    search.add_argument("--json", action="store_true", help="print results as JSON")
+    search.add_argument("--clip", metavar="CLIP_DIR", help="CLIP directory (default: the one recorded in the index)")
+    search.add_argument("--device", default="cpu", help="device for the CLIP model (default cpu)")
+    search.set_defaults(func=_cmd_search)
+
+
+def _add_index_options(parser: argparse.ArgumentParser, keep_recorded: bool = False) -> None:
+    default_note = "default: as recorded" if keep_recorded else "default: auto"
+    parser.add_argument(
+        "--index-type", choices=("auto", "flat", "hnsw", "ivf"), default=None if keep_recorded else "auto",
+        help=f"faiss index: flat (exact), hnsw or ivf (approximate), auto = flat up to 50k images ({default_note})",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per embedding batch (default 64)")
+    parser.add_argument("--hnsw-m", type=int, default=None, help="hnsw graph degree (default 32)")
+    parser.add_argument("--ef-construction", type=int, default=None, help="hnsw build width (default 80)")
+    parser.add_argument("--ef-search", type=int, default=None, help="hnsw search width (default 128)")
+    parser.add_argument("--nlist", type=int, default=None, help="ivf lists (default 4*sqrt(n))")
+    parser.add_argument("--nprobe", type=int, default=None, help="ivf lists probed per query (default 32)")
+    parser.add_argument("--device", default=None, help="device for CLIP (default: this rank's GPU if any, else cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _search_load_clip(path: str, device: str | None):
+    """The CLIP embedder at `path` (tests replace this to inject a small embedder)."""
+    from duomodal.models.clip import load_clip
+
+    return load_clip(path, device=device)
+
+
+def _index_device(args: argparse.Namespace) -> str | None:
+    if args.device:
+        return args.device
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+def _index_options(args: argparse.Namespace, recorded: dict[str, str] | None):
+    import dataclasses
+    import json
+
+    from duomodal.search.build import BuildOptions
+    from duomodal.search.index import FaissParams
+
+    changes = {
+        "hnsw_m": args.hnsw_m,
+        "hnsw_ef_construction": args.ef_construction,
+        "hnsw_ef_search": args.ef_search,
+        "ivf_nlist": args.nlist,
+        "ivf_nprobe": args.nprobe,
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
+    base = FaissParams(**json.loads(recorded.get("faiss_params", "{}"))) if recorded else FaissParams()
+    index_type = args.index_type or (recorded or {}).get("index_type_option", "auto")
+    return BuildOptions(index_type=index_type, batch_size=args.batch_size,
+                        faiss=dataclasses.replace(base, **changes))
+
+
+def _print_skip(path: str, reason: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def _print_build_report(report) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    print(
+        f"{report.index_dir}: {report.count} images ({report.index_type} index) in {report.seconds:.1f} s; "
+        f"{report.embedded} embedded, {report.reused} reused, {report.moved} moved, {report.refreshed} refreshed, "
+        f"{report.removed} removed, {report.unchanged} unchanged, {len(report.skipped)} skipped"
+    )
+
+
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from duomodal.search.build import build_index
+
+    options = _index_options(args, None)
+    embedder = _search_load_clip(args.clip, _index_device(args))
+    report = build_index(args.dir, args.out, embedder, clip_path=args.clip, options=options,
+                         on_skip=_print_skip, progress=not args.quiet)
+    _print_build_report(report)
+    return 0
+
+
+def _cmd_index_update(args: argparse.Namespace) -> int:
+    from duomodal.search.build import update_index
+    from duomodal.search.store import MetadataStore
+
+    store = MetadataStore.open(args.index_dir)
+    recorded = store.meta()
+    store.close()
+    clip = args.clip or recorded.get("clip_path")
+    if not clip:
+        raise ValueError(f"{args.index_dir} records no CLIP directory; pass --clip CLIP_DIR")
+    options = _index_options(args, recorded)
+    embedder = _search_load_clip(clip, _index_device(args))
+    report = update_index(args.index_dir, embedder, options=options, on_skip=_print_skip, progress=not args.quiet)
+    _print_build_report(report)
+    return 0
+
+
+def _parse_image_terms(values: list[str]) -> list[tuple[float, str]]:
+    import re
+
+    terms = []
+    for value in values:
+        match = re.fullmatch(r"(-?\d+(?:\.\d*)?|-?\.\d+)\*(.+)", value)
+        weight, path = (float(match.group(1)), match.group(2)) if match else (1.0, value)
+        if weight == 0.0:
+            raise ValueError(f"--image {value!r} has weight 0; drop it or give a non-zero weight")
+        terms.append((weight, path))
+    return terms
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import json
+
+    from duomodal.data.images import load_image
+    from duomodal.search.dedup import check_threshold, search_grouped
+    from duomodal.search.index import MAX_K, ImageIndex
+    from duomodal.search.query import parse_query, query_vector
+
+    if not 1 <= args.k <= MAX_K:
+        raise ValueError(f"-k must be from 1 to {MAX_K}, got {args.k}")
+    if args.dedup is not None:
+        check_threshold(args.dedup)
+    if args.query is None and not args.image:
+        raise ValueError("give a text query, --image PATH, or both")
+    texts = parse_query(args.query) if args.query is not None else []
+    image_terms = _parse_image_terms(args.image or [])
+    images = [(weight, load_image(path)) for weight, path in image_terms]
+    with ImageIndex.open(args.index_dir) as index:
+        clip = args.clip or index.clip_path
+        if not clip:
+            raise ValueError(f"{args.index_dir} records no CLIP directory; pass --clip CLIP_DIR")
+        embedder = _search_load_clip(clip, args.device)
+        index.check_model(embedder.model_id)
+        vector = query_vector(embedder, texts, images)
+        if args.dedup is not None:
+            groups = [(g.hit, g.duplicates) for g in search_grouped(index, vector, args.k, args.dedup)]
+        else:
+            groups = [(hit, []) for hit in index.search(vector, args.k)]
+        root = index.root
+
+    def as_dict(hit) -> dict:
+        return {"id": hit.id, "score": round(hit.score, 6), "path": hit.path, "file": str(root / hit.path),
+                "width": hit.width, "height": hit.height, "caption": hit.caption}
+
+    if args.json:
+        results = []
+        for rank, (hit, duplicates) in enumerate(groups, start=1):
+            item = {"rank": rank, **as_dict(hit)}
+            if args.dedup is not None:
+                item["duplicates"] = [as_dict(d) for d in duplicates]
+            results.append(item)
+        print(json.dumps({"index": str(args.index_dir), "query": args.query, "images": [p for _, p in image_terms],
+                          "results": results}, indent=2))
+        return 0
+    if not groups:
+        print("no results (the index is empty)")
+        return 0
+    print(f"{'rank':>4}  {'score':>7}  path")
+    for rank, (hit, duplicates) in enumerate(groups, start=1):
+        extra = f"  (+{len(duplicates)} near-duplicate{'s' if len(duplicates) != 1 else ''})" if duplicates else ""
+        print(f"{rank:>4}  {hit.score:>7.4f}  {root / hit.path}{extra}")
+    return 0
+
+
+def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="web page and REST API: search an index; generate images with a DALL-E run",
+        description="Serve a web page (at /) and a REST API (OpenAPI schema at /openapi.json) that search "
+        "INDEX_DIR by text, by an uploaded image or by an indexed image, and, with --dalle, generate "
+        "images reranked by the CLIP and edit image regions.",
+    )
+    serve.add_argument("--index", required=True, metavar="INDEX_DIR", help="index made by `duomodal index build`")
+    serve.add_argument("--clip", metavar="CLIP_DIR", help="CLIP directory (default: the one recorded in the index)")
+    serve.add_argument("--dalle", metavar="RUN_DIR", help="DALL-E run directory: turns on /api/generate and /api/edit")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1; the API has no login, so expose it with care)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--device", default=None, help="device for the models: cpu, cuda... (default: CUDA when available)")
+    serve.add_argument("--max-generate", type=int, default=64, metavar="N",
+                       help="most images one generation request may ask for (default 64)")
+    serve.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                       help="CPU threads per torch operation (default: 1 without --dalle, since a query's tensors "
+                       "are tiny and concurrent requests use the cores; torch's default with --dalle)")
+    serve.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import functools
+
+    from duomodal.search.index import ImageIndex
+    from duomodal.serve.app import create_app
+
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
+    if args.max_generate < 1:
+        raise ValueError(f"--max-generate must be at least 1, got {args.max_generate}")
+    threads = args.torch_threads if args.torch_threads is not None else (None if args.dalle else 1)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--torch-threads must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+    index = ImageIndex.open(args.index)
+    clip = args.clip or index.clip_path
+    if not clip:
+        raise ValueError(f"{args.index} records no CLIP directory; pass --clip CLIP_DIR")
+    embedder = _search_load_clip(clip, args.device)
+    index.check_model(embedder.model_id)
+    generator = None
+    if args.dalle:
+        from duomodal.models.dalle import load_dalle
+        from duomodal.serve.generator import DalleGenerator
+
+        dalle = load_dalle(args.dalle, device=args.device)
+        generator = DalleGenerator(dalle, scorer=embedder, max_num=args.max_generate)
+    app = create_app(index, embedder, generator, reopen_index=functools.partial(ImageIndex.open, args.index))
+    what = f"{index.count} images" + (" and generation" if generator else "")
+    print(f"duomodal: serving {what} at http://{args.host}:{args.port}/ (Ctrl+C stops)", file=sys.stderr)
+    _serve_run(app, args.host, args.port)
+    return 0
+
+
+def _serve_run(app, host: str, port: int) -> None:
+    """Run the app until interrupted (tests replace this to get the app)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info")
