@@ -35,11 +35,18 @@ def _add_dalle_commands(sub: argparse._SubParsersAction) -> None:
         "generate", help="generate images from a text prompt with a trained DALL-E",
         description="Sample --num images for the prompt (image i from seed + i), optionally rerank them "
         "with a CLIP model, keep the --keep best. Writes the grid to --out, each kept image beside it "
-        "(<out>-01.png ...) and <out>.json with the prompt, seeds and scores.",
+        "(<out>-01.png ...) and <out>.json with the prompt, seeds and scores. With --prime IMAGE --prime-rows R "
+        "each image keeps the first R rows of IMAGE's VAE tokens and samples the rest (image completion); "
+        "IMAGE is shown first in the grid.",
     )
     generate.add_argument("run_dir", metavar="RUN_DIR", help="a DALL-E run or model directory")
     generate.add_argument("prompt", metavar="PROMPT", help='e.g. "a red heart icon"')
     _add_sampling_options(generate, num=16, keep=8)
+    generate.add_argument("--prime", default=None, metavar="IMAGE",
+                          help="complete this image: keep its top --prime-rows token rows, sample the rest "
+                          "(square; another size is resized to the model's)")
+    generate.add_argument("--prime-rows", type=int, default=None, metavar="R",
+                          help="token rows of --prime to keep, from 1 to the token grid's rows - 1")
     generate.set_defaults(func=_cmd_generate)
 
     edit = sub.add_parser(
@@ -68,6 +75,22 @@ def _parse_box(text: str) -> tuple[int, int, int, int]:
     if len(values) != 4:
         raise ValueError(f"--box {text!r} must be four integers x0,y0,x1,y1 (pixels), e.g. --box 8,8,24,24")
     return values
+
+
+def _model_image(path: str, size: int, needs: str, note: str = ""):
+    """The image at `path` at the model's `size` (a square of another size is resized, with a note), and
+    its original width."""
+    from duomodal.data.images import load_image
+
+    image = load_image(path)
+    if image.size == (size, size):
+        return image, size
+    width, height = image.size
+    if width != height:
+        raise ValueError(f"{path} is {width}x{height} pixels; {needs} needs a square image (the model "
+                         f"works on {size}x{size}): crop it to a square first")
+    print(f"note: {path} is {width}x{height}; resized to {size}x{size} for the model{note}", file=sys.stderr)
+    return image.resize((size, size), resample=3), width  # bicubic
 
 
 def _load_dalle_for_cli(args: argparse.Namespace):
@@ -134,53 +157,63 @@ def _write_generation(result, args: argparse.Namespace, extra: dict, first=None)
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
 
-    from duomodal.generate import generate_images
+    from duomodal.generate import complete_image, generate_images
 
+    if args.prime_rows is not None and args.prime is None:
+        raise ValueError("--prime-rows needs --prime IMAGE, the image to complete")
+    if args.prime is not None and args.prime_rows is None:
+        raise ValueError("--prime needs --prime-rows R, the number of the image's token rows to keep")
     dalle, scorer = _load_dalle_for_cli(args)
+    prime = None
+    if args.prime is not None:
+        G = dalle.config.image_grid_size
+        if not 1 <= args.prime_rows < G:
+            raise ValueError(f"--prime-rows must be from 1 to {G - 1} (this model's token grid has {G} rows), "
+                             f"got {args.prime_rows}")
+        prime, _ = _model_image(args.prime, dalle.config.image_size, "--prime")
     started = time.perf_counter()
     bar, update = _progress_bar(args.num, "generate")
+    options = dict(num=args.num, keep=args.keep, scorer=scorer, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                   progress=update, precision=args.precision)
     try:
-        result = generate_images(
-            dalle, args.prompt, num=args.num, keep=args.keep, scorer=scorer, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, guidance=args.guidance, seed=args.seed,
-            batch_size=args.batch_size, progress=update, precision=args.precision,
-        )
+        if prime is None:
+            result = generate_images(dalle, args.prompt, **options)
+        else:
+            result = complete_image(dalle, prime, args.prompt, rows=args.prime_rows, **options)
     finally:
         bar.close()
     seconds = time.perf_counter() - started
-    _write_generation(result, args, {"seconds": round(seconds, 3)})
+    extra = {"prime": str(args.prime), "prime_rows": args.prime_rows} if prime is not None else {}
+    _write_generation(result, args, {**extra, "seconds": round(seconds, 3)}, first=prime)
     scores = ""
     if result.scores is not None:
         scores = f"; CLIP scores {result.scores[0]:.3f} (best) to {result.scores[-1]:.3f}"
-    print(f"wrote {args.out}: kept {len(result.images)} of {args.num} images in {seconds:.1f} s (seeds "
-          f"{', '.join(map(str, result.seeds))}){scores}")
+    seeds_and_scores = f"(seeds {', '.join(map(str, result.seeds))}){scores}"
+    if prime is None:
+        print(f"wrote {args.out}: kept {len(result.images)} of {args.num} images in {seconds:.1f} s {seeds_and_scores}")
+    else:
+        print(f"wrote {args.out}: the primed image (first) and {len(result.images)} of {args.num} completions of "
+              f"its first {args.prime_rows} token rows, in {seconds:.1f} s {seeds_and_scores}")
     return 0
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
     import time
 
-    from duomodal.data.images import load_image
     from duomodal.generate import edit_image
 
     box = _parse_box(args.box)
     dalle, scorer = _load_dalle_for_cli(args)
-    image = load_image(args.image)
     S = dalle.config.image_size
-    if image.size != (S, S):
-        width, height = image.size
-        if width != height:
-            raise ValueError(f"{args.image} is {width}x{height} pixels; edit needs a square image (the model "
-                             f"works on {S}x{S}): crop it to a square first")
-        print(f"note: {args.image} is {width}x{height}; resized to {S}x{S} for the model (the box is scaled "
-              "with it)", file=sys.stderr)
+    image, width = _model_image(args.image, S, "edit", " (the box is scaled with it)")
+    if width != S:  # resized from a width x width square: check the box in its pixels, then scale it
         x0, y0, x1, y1 = box
-        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-            raise ValueError(f"--box {args.box} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}")
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= width):
+            raise ValueError(f"--box {args.box} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {width}")
         scale = S / width
         box = (int(x0 * scale), int(y0 * scale), max(int(x0 * scale) + 1, round(x1 * scale)),
                max(int(y0 * scale) + 1, round(y1 * scale)))
-        image = image.resize((S, S), resample=3)  # bicubic
     started = time.perf_counter()
     bar, update = _progress_bar(args.num, "edit")
     try:

@@ -1,0 +1,138 @@
+"""`duomodal generate --prime IMAGE --prime-rows R`: image completion from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from duomodal.cli import main
+from duomodal.config import to_dict
+from duomodal.data.images import load_image, to_rgb, to_tensor
+from duomodal.modelfile import save_model
+from duomodal.models.dalle import DALLE, DALLEConfig, vae_identity
+from duomodal.models.vae import DiscreteVAE, VAEConfig, load_vae
+from duomodal.text.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def dalle_run(tmp_path_factory, shape_dataset):
+    """A tiny untrained DALL-E run: 16 px images as a 4x4 token grid, its VAE and tokenizer."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("dalle")
+    vae_config = VAEConfig(image_size=16, n_downsample=2, width=8, max_width=16, res_blocks=0,
+                           codebook_size=32, codebook_dim=8)
+    vae = DiscreteVAE(vae_config)
+    with torch.no_grad():  # codes that follow the picture, as in a trained VAE (not one code everywhere)
+        vae.encoder.out.bias.zero_()
+        vae.encoder.out.weight.mul_(10)
+    save_model(root / "vae", "vae", to_dict(vae_config), vae.state_dict())
+    captions = [p.read_text() for p in sorted(shape_dataset.glob("*.txt"))]
+    tokenizer = Tokenizer.train(captions, vocab_size=64, min_frequency=1)
+    config = DALLEConfig(text_seq_len=8, text_vocab_size=tokenizer.vocab_size, image_vocab_size=32,
+                         image_grid_size=4, image_size=16, n_layer=2, n_head=2, n_embd=32,
+                         vae_dir=str(root / "vae"), vae_id=vae_identity(root / "vae"))
+    run = root / "run"
+    save_model(run, "dalle", to_dict(config), DALLE(config).state_dict())
+    tokenizer.save(run / "tokenizer.json")
+    return run
+
+
+@pytest.fixture
+def decoded_tokens(monkeypatch):
+    """Every (B, 4, 4) token grid the VAE decodes into pictures, in order."""
+    grids = []
+    decode = DiscreteVAE.decode
+
+    def spy(self, tokens):
+        grids.append(tokens.detach().cpu().clone())
+        return decode(self, tokens)
+
+    monkeypatch.setattr(DiscreteVAE, "decode", spy)
+    return grids
+
+
+def noise_image(path, size: int):
+    """A seeded random colour in each token cell (4x4 cells): rows of tokens that differ from each other."""
+    cells = np.random.default_rng(1).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    pixels = cells.repeat(size // 4, axis=0).repeat(size // 4, axis=1)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def prime_tokens(run, path) -> torch.Tensor:
+    """The (4, 4) VAE tokens of the 16 px image at `path`."""
+    vae = load_vae(run.parent / "vae", device="cpu")
+    with torch.no_grad():
+        return vae.encode(to_tensor(to_rgb(load_image(path)), 16)[None])[0].cpu()
+
+
+def test_prime_keeps_the_first_rows_of_tokens(dalle_run, decoded_tokens, tmp_path, capsys):
+    source = noise_image(tmp_path / "prime.png", 16)
+    grid = tmp_path / "out" / "primed.png"
+    assert main(["generate", str(dalle_run), "a red square", "--prime", str(source), "--prime-rows", "2",
+                 "--num", "5", "--keep", "3", "--batch-size", "2", "--seed", "3", "--out", str(grid),
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"wrote {grid}: the primed image (first) and 3 of 5 completions of its first 2 token rows, in "
+    )
+    expected = prime_tokens(dalle_run, source)
+    assert len(set(map(tuple, expected.tolist()))) == 4  # rows that differ, so that a wrong row can be seen
+    tokens = torch.cat(decoded_tokens)
+    assert tokens.shape == (5, 4, 4)  # every generated image, in batches of 2, 2, 1
+    assert torch.equal(tokens[:, :2], expected[:2].expand(5, -1, -1))
+    assert not torch.equal(tokens[:, 2:], expected[2:].expand(5, -1, -1))  # the rest is sampled
+    record = json.loads(grid.with_suffix(".json").read_text())
+    assert record["prime"] == str(source) and record["prime_rows"] == 2
+    assert record["prompt"] == "a red square" and [i["seed"] for i in record["images"]] == [3, 4, 5]
+    assert [i["file"] for i in record["images"]] == ["primed-01.png", "primed-02.png", "primed-03.png"]
+    assert all((grid.parent / i["file"]).is_file() for i in record["images"]) and grid.is_file()
+    # the grid shows the primed image first, then the kept completions
+    assert Image.open(grid).size == (4 * 18 + 2, 18 + 2)
+
+
+def test_prime_with_a_square_image_of_another_size_is_resized(dalle_run, decoded_tokens, tmp_path, capsys):
+    big = noise_image(tmp_path / "big.png", 32)
+    grid = tmp_path / "big-out.png"
+    assert main(["generate", str(dalle_run), "a blue circle", "--prime", str(big), "--prime-rows", "3",
+                 "--num", "2", "--out", str(grid), "--device", "cpu"]) == 0
+    assert f"note: {big} is 32x32; resized to 16x16 for the model" in capsys.readouterr().err
+    resized = tmp_path / "resized.png"
+    load_image(big).resize((16, 16), resample=3).save(resized)
+    expected = prime_tokens(dalle_run, resized)
+    tokens = torch.cat(decoded_tokens)
+    assert torch.equal(tokens[:, :3], expected[:3].expand(2, -1, -1))
+    assert json.loads(grid.with_suffix(".json").read_text())["prime_rows"] == 3
+
+
+def test_prime_errors_are_one_clear_line(dalle_run, shape_dataset, tmp_path, capsys):
+    source = shape_dataset / "red_square_0.png"
+    grid = tmp_path / "g.png"
+    wide = tmp_path / "wide.png"
+    load_image(source).resize((32, 16)).save(wide)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    base = ["generate", str(dalle_run), "a red square", "--out", str(grid), "--device", "cpu"]
+    cases = [
+        (["--prime", str(source), "--prime-rows", "0"],
+         "duomodal: error: --prime-rows must be from 1 to 3 (this model's token grid has 4 rows), got 0\n"),
+        (["--prime", str(source), "--prime-rows", "4"],
+         "duomodal: error: --prime-rows must be from 1 to 3 (this model's token grid has 4 rows), got 4\n"),
+        (["--prime-rows", "2"], "duomodal: error: --prime-rows needs --prime IMAGE, the image to complete\n"),
+        (["--prime", str(source)],
+         "duomodal: error: --prime needs --prime-rows R, the number of the image's token rows to keep\n"),
+        (["--prime", str(wide), "--prime-rows", "1"],
+         f"duomodal: error: {wide} is 32x16 pixels; --prime needs a square image (the model works on 16x16): "
+         "crop it to a square first\n"),
+        (["--prime", str(broken), "--prime-rows", "1"], f"duomodal: error: {broken}: "),
+        (["--prime", str(tmp_path / "missing.png"), "--prime-rows", "1"],
+         f"duomodal: error: {tmp_path / 'missing.png'}: cannot read file"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith(message) if not message.endswith("\n") else err == message, (extra, err)
+    assert not grid.exists()
