@@ -3,10 +3,21 @@
 The model is the size the issue compares against (DALLE-pytorch 1.6.6 at dim 256, depth 4, 8 heads,
 32 text tokens): random weights, which cost the same to run as trained ones. For 64 (8x8) and 256
 (16x16) image tokens per image it prints tokens/s of the cached sampler, of the uncached one (the
-whole prefix recomputed every step), their ratio, and the cached figure against DALLE-pytorch's
-measured ~78 image tokens/s at batch 4 on a machine like this one. Both fp32 and bf16 autocast.
+whole prefix recomputed every step), their ratio, and the cached figure against DALLE-pytorch:
 
-    flock /tmp/duomodal-heavy.lock .venv/bin/python benchmarks/generate.py
+- "DALLE-pytorch here": DALLE-pytorch 1.6.6's own `generate_images` timed in the same run on the same
+  batch and threads (dim 256, depth 4, 8 heads of 32, 32 text tokens, 512 codes, its default top-k
+  filter), best of its cached and uncached modes, its final VAE decode subtracted. Needs the package,
+  which is not a duomodal dependency (its VAE wrappers import taming/omegaconf, stubbed here because
+  only the transformer is timed):
+  `.venv/bin/pip install --no-deps dalle-pytorch==1.6.6 einops==0.8.2 rotary-embedding-torch==0.2.3
+  axial-positional-embedding==0.2.1`
+- "vs 78": the issue's figure for DALLE-pytorch at batch 4 with 256 image tokens "on a machine like
+  this one" (a constant, so it moves with this machine's load; the side-by-side ratio does not).
+
+"fp32" and "bf16" are the weights' dtype while sampling (cast once, no autocast).
+
+    flock /tmp/duomodal-heavy.lock .venv/bin/python benchmarks/generate.py --threads 1
 """
 
 from __future__ import annotations
@@ -14,7 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
+import types
 
 import torch
 
@@ -48,6 +61,50 @@ def tokens_per_second(model: DALLE, batch: int, precision: str, use_cache: bool,
     return batch * N / best
 
 
+def import_dalle_pytorch():
+    """DALLE-pytorch's DALLE and DiscreteVAE classes, or None when the package is not installed."""
+    stubs = {"taming": {}, "taming.models": {}, "taming.models.vqgan": {"VQModel": object, "GumbelVQ": object},
+             "omegaconf": {"OmegaConf": object}, "pkg_resources": {"get_distribution": lambda name: None}}
+    added = []
+    for name, attributes in stubs.items():
+        try:
+            __import__(name)
+        except ImportError:
+            module = types.ModuleType(name)
+            module.__dict__.update(attributes)
+            sys.modules[name] = module
+            added.append(name)
+    try:
+        from dalle_pytorch import DALLE as Reference, DiscreteVAE as ReferenceVAE
+    except ImportError:
+        return None
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+    return Reference, ReferenceVAE
+
+
+def dalle_pytorch_tokens_per_second(classes, grid: int, batch: int, repeats: int) -> float:
+    """DALLE-pytorch's generate_images, image tokens/s: the best of use_cache False/True, VAE decode excluded."""
+    Reference, ReferenceVAE = classes
+    torch.manual_seed(0)
+    vae = ReferenceVAE(image_size=grid * 8, num_layers=3, num_tokens=512, codebook_dim=256, hidden_dim=64)
+    model = Reference(dim=256, vae=vae, num_text_tokens=1024, text_seq_len=32, depth=4, heads=8, dim_head=32).eval()
+    text = torch.randint(1, 1024, (batch, 32))
+    best = float("inf")
+    with torch.inference_mode():
+        codes = torch.randint(0, 512, (batch, grid * grid))
+        start = time.perf_counter()
+        vae.decode(codes)
+        decode = time.perf_counter() - start
+        for use_cache in (False, True):
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model.generate_images(text, use_cache=use_cache)
+                best = min(best, time.perf_counter() - start - decode)
+    return batch * grid * grid / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grids", default="8,16", help="token grid sides (8 -> 64 tokens, 16 -> 256)")
@@ -57,6 +114,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--no-dalle-pytorch", action="store_true", help="skip timing DALLE-pytorch itself")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,20 +122,28 @@ def main() -> None:
     precisions = [p for p in args.precisions.split(",") if p == "fp32" or bf16_supported(device)]
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, device {device}; model dim 256, depth 4, 8 heads, 32 text tokens, 512 codes, top-k 64")
+    reference = None if args.no_dalle_pytorch else import_dalle_pytorch()
+    if reference is None and not args.no_dalle_pytorch:
+        print("# DALLE-pytorch is not installed: no side-by-side column (see this script's docstring)")
     print(f"{'image tokens':>12} {'batch':>5} {'precision':>9} {'cached tok/s':>12} {'uncached tok/s':>14} "
-          f"{'ratio':>6} {'vs DALLE-pytorch':>16}")
+          f"{'ratio':>6} {'DALLE-pytorch here':>18} {'vs it':>6} {'vs 78':>6}")
     rows = []
     for grid in (int(g) for g in args.grids.split(",")):
         model = build(grid, device)
         for batch in (int(b) for b in args.batch_sizes.split(",")):
+            dp = None
+            if reference is not None and device.type == "cpu":
+                dp = dalle_pytorch_tokens_per_second(reference, grid, batch, 1)
             for precision in precisions:
                 cached = tokens_per_second(model, batch, precision, True, args.repeats)
                 uncached = tokens_per_second(model, batch, precision, False, 1)
                 rows.append({"image_tokens": grid * grid, "batch": batch, "precision": precision,
                              "cached_tokens_per_s": cached, "uncached_tokens_per_s": uncached,
-                             "ratio": cached / uncached})
+                             "ratio": cached / uncached, "dalle_pytorch_tokens_per_s": dp})
+                versus = f"{cached / dp:>5.1f}x" if dp else f"{'':>6}"
                 print(f"{grid * grid:>12} {batch:>5} {precision:>9} {cached:>12.0f} {uncached:>14.0f} "
-                      f"{cached / uncached:>5.1f}x {cached / DALLE_PYTORCH_SAMPLING:>15.1f}x", flush=True)
+                      f"{cached / uncached:>5.1f}x {dp or 0:>18.1f} {versus} "
+                      f"{cached / DALLE_PYTORCH_SAMPLING:>5.1f}x", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from duomodal.models.dalle import DALLE, words_of
+from duomodal.models.dalle import DALLE, StepDecoder, words_of
 
 MAX_NUM = 1024  # images one call may generate
 MAX_BATCH_SIZE = 512
@@ -107,23 +107,26 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, g
 
 def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float,
                   top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Pick one token per row of `logits` (B, V) with `uniforms` (B,) by inverse CDF; temperature 0 = argmax."""
+    """Pick one token per row of `logits` (B, V) with `uniforms` (B,) by inverse CDF; temperature 0 = argmax.
+
+    With top-k or top-p the candidates are ranked likeliest first and the CDF runs over that ranking
+    (over the k kept tokens only, with top-k), so a step costs the same whatever the vocabulary size."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
+    order = None  # candidate -> token id, when the candidates are ranked
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
+        logits, order = torch.topk(logits, top_k, dim=-1)  # (B, k), likeliest first
+    elif top_p is not None and top_p < 1:
+        logits, order = logits.sort(dim=-1, descending=True)
+    probs = torch.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above
-        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the first token always stays
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    cdf = probs.double().cumsum(dim=-1)  # (B, V)
+        before = probs.cumsum(dim=-1) - probs  # mass of the candidates ranked above
+        probs = probs.masked_fill(before >= top_p, 0.0)  # the first candidate always stays
+    cdf = probs.double().cumsum(dim=-1)
     target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)  # (B, 1)
-    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return tokens.clamp(max=logits.shape[-1] - 1)
+    picks = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
+    return (picks if order is None else order.gather(-1, picks)).squeeze(-1)
 
 
 @torch.inference_mode()
@@ -180,8 +183,8 @@ def sample_image_tokens(
     try:
         first = free_positions[0]
         if use_cache:
-            cache = model.new_cache(rows)
-            logits = model.forward_cached(torch.cat([text, both(tokens[:, :first])], dim=1), cache)
+            decoder = StepDecoder(model, rows)
+            logits = model.forward_cached(torch.cat([text, both(tokens[:, :first])], dim=1), decoder.cache)
         else:
             logits = model(text, both(tokens[:, :first]))[1][:, -1]
         for i, k in enumerate(free_positions):
@@ -193,8 +196,10 @@ def sample_image_tokens(
             if i + 1 == len(free_positions):
                 break
             upto = free_positions[i + 1]
-            if use_cache:  # the new token and the fixed run after it, if any
-                logits = model.forward_cached(both(tokens[:, k:upto]), cache)
+            if use_cache and upto == k + 1:  # one new token: the decoder's fast step
+                logits = decoder.step(both(tokens[:, k]))
+            elif use_cache:  # the new token and the run of fixed tokens after it
+                logits = model.forward_cached(both(tokens[:, k:upto]), decoder.cache)
             else:
                 logits = model(text, both(tokens[:, :upto]))[1][:, -1]
     finally:

@@ -13,9 +13,11 @@ from duomodal.models.dalle import (
     ATTENTION_TYPES,
     DALLE,
     DALLEConfig,
+    StepDecoder,
     attention_mask,
     drop_captions,
     load_dalle,
+    packed_linears_available,
     text_ids_with_padding,
     vae_identity,
     weighted_loss,
@@ -159,6 +161,28 @@ def test_cached_logits_match_uncached(types):
     cache = model.new_cache(3)
     model.forward_cached(torch.cat([text, image[:, :7]], dim=1), cache)
     assert torch.allclose(model.forward_cached(image[:, 7:8], cache), uncached[:, 8], atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("types", [("full",), ("axial_row", "axial_col", "conv_like", "full")])
+def test_step_decoder_matches_uncached_and_mixes_with_chunks(types, packed):
+    if packed and not packed_linears_available(torch.device("cpu")):
+        pytest.skip("this torch build has no oneDNN")
+    model = DALLE(tiny_config(n_layer=4, attention_types=types)).eval()
+    text, image = batch(3)
+    _, uncached = model(text, image[:, :-1])  # (B, N, VI)
+    decoder = StepDecoder(model, 3, packed=packed)
+    assert decoder.packed == packed
+    model.forward_cached(torch.cat([text, image[:, :2]], dim=1), decoder.cache)
+    for k in range(2, 9):  # one token at a time through the fast step
+        assert torch.allclose(decoder.step(image[:, k]), uncached[:, k + 1], atol=1e-5)
+    model.forward_cached(image[:, 9:12], decoder.cache)  # a chunk in between, on the same cache
+    for k in range(12, G * G - 1):
+        assert torch.allclose(decoder.step(image[:, k]), uncached[:, k + 1], atol=1e-5)
+    with pytest.raises(ValueError, match="step takes image tokens 0..14 after the text"):
+        decoder.step(image[:, 0])  # the cache is full
+    with pytest.raises(ValueError, match="the cache is at stream position 0"):
+        StepDecoder(model, 3).step(image[:, 0])  # no text in the cache yet
 
 
 @pytest.mark.parametrize("types", [("full",), ("axial_row", "conv_like")])
