@@ -20,7 +20,8 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from duomodal.models.dalle import DALLE, StepDecoder, words_of
+from duomodal.models.dalle import DALLE, words_of
+from duomodal.models.dalle_step import StepDecoder
 
 MAX_NUM = 1024  # images one call may generate
 MAX_BATCH_SIZE = 512

@@ -13,16 +13,15 @@ from duomodal.models.dalle import (
     ATTENTION_TYPES,
     DALLE,
     DALLEConfig,
-    StepDecoder,
     attention_mask,
     drop_captions,
     load_dalle,
-    packed_linears_available,
     text_ids_with_padding,
     vae_identity,
     weighted_loss,
 )
 from duomodal.modelfile import ModelFileError, save_model
+from duomodal.models.dalle_step import StepDecoder, packed_linears_available
 
 T, G, VT, VI = 6, 4, 64, 32  # text positions, grid side, text vocab, image codebook
 

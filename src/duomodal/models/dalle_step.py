@@ -1,0 +1,113 @@
+"""Fast sampling steps for DALL-E: one new image token per row through the KV cache.
+
+``StepDecoder`` runs the same network as ``DALLE.forward_cached`` with the weights laid out once for a
+handful of rows; ``duomodal.generate`` uses it for every single-token step of sampling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from duomodal.models.dalle import DALLE
+
+
+def packed_linears_available(device: torch.device) -> bool:
+    """Whether oneDNN can run linears on weights packed once (CPU builds with mkldnn)."""
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+class StepLinear:
+    """A linear layer for a few rows at a time, optionally fused with tanh-GELU.
+
+    On the CPU the weight is packed once into oneDNN's blocked layout for the expected number of
+    rows (the ``torch.ops.mkldnn`` kernels torch.compile uses on the CPU); otherwise ``addmm`` runs
+    on a transposed, contiguous copy, the faster layout for a few rows.
+    """
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, rows: int, packed: bool, gelu: bool = False):
+        weight = linear.weight.detach().to(dtype)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        self.packed, self.gelu = packed, gelu
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if packed else weight.t().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu" if self.gelu else "none",
+                                                      [], "tanh" if self.gelu else "")
+        y = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+        return F.gelu(y, approximate="tanh") if self.gelu else y
+
+
+class StepDecoder:
+    """One image token per row per step through a DALLE and a KV cache, laid out for tiny batches.
+
+    A sampling step multiplies a handful of rows by every weight of the network, so its cost is
+    per-operator overhead and weight traffic, not arithmetic. The decoder prepares each linear once
+    (`StepLinear`: packed for oneDNN on the CPU, GELU fused into the first MLP layer), precomputes the
+    image position embeddings and each sparse layer's additive mask, and runs attention for the one
+    query as two small batched matmuls instead of ``scaled_dot_product_attention`` (whose CPU kernel
+    is built for long query blocks). Prompts and runs of fixed tokens still go through
+    ``DALLE.forward_cached`` on the same ``cache``; ``step`` gives the logits it would.
+    packed: None = oneDNN packing where available; False = addmm everywhere.
+    """
+
+    def __init__(self, model: DALLE, batch_size: int, dtype: torch.dtype | None = None, packed: bool | None = None):
+        c = model.config
+        self.config = c
+        self.cache = model.new_cache(batch_size, dtype)
+        dtype = self.cache.keys.dtype
+        self.packed = packed_linears_available(self.cache.keys.device) if packed is None else packed
+
+        def linear(module: nn.Linear, gelu: bool = False) -> StepLinear:
+            return StepLinear(module, dtype, batch_size, self.packed, gelu)
+
+        def norm(module: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
+            return module.weight.detach().to(dtype), module.bias.detach().to(dtype), module.eps
+
+        self.layers = [
+            (norm(b.ln_1), linear(b.attn.qkv), linear(b.attn.proj), norm(b.ln_2), linear(b.mlp[0], gelu=True),
+             linear(b.mlp[2]))
+            for b in model.blocks
+        ]
+        biases = {}
+        for layer in range(c.n_layer):
+            kind = c.layer_attention(layer)
+            if kind != "full" and kind not in biases:
+                mask: torch.Tensor = getattr(model, f"mask_{kind}")
+                biases[kind] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        self.mask_bias = [biases.get(c.layer_attention(layer)) for layer in range(c.n_layer)]
+        G = c.image_grid_size
+        self.embedding = model.image_embedding.weight.detach().to(dtype)
+        self.positions = (model.image_row.detach()[:, None] + model.image_col.detach()[None, :]).reshape(G * G, -1).to(dtype)
+        self.ln_f = norm(model.ln_f)
+        self.head = linear(model.image_head)
+        self.scale = 1.0 / math.sqrt(c.n_embd // c.n_head)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Image tokens (B,) at the cache's next position -> logits (B, image_vocab_size) of the token after."""
+        cache, c = self.cache, self.config
+        pos = cache.length
+        index = pos - c.text_seq_len  # image index of the new token
+        if not 0 <= index < c.image_token_count - 1:
+            raise ValueError(f"step takes image tokens 0..{c.image_token_count - 2} after the text; the cache is at "
+                             f"stream position {pos}")
+        B, C, nh = tokens.shape[0], c.n_embd, c.n_head
+        x = self.embedding[tokens] + self.positions[index]  # (B, C)
+        for layer, (ln_1, qkv, proj, ln_2, fc, out) in enumerate(self.layers):
+            q, k, v = qkv(F.layer_norm(x, (C,), *ln_1[:2], ln_1[2])).view(B, 3, nh, C // nh).unbind(1)  # (B, nh, hs)
+            cache.keys[layer, :, :, pos] = k
+            cache.values[layer, :, :, pos] = v
+            keys = cache.keys[layer, :, :, : pos + 1]  # (B, nh, pos + 1, hs)
+            scores = torch.matmul(q[:, :, None, :], keys.transpose(-1, -2)) * self.scale  # (B, nh, 1, pos + 1)
+            if self.mask_bias[layer] is not None:
+                scores = scores + self.mask_bias[layer][pos, : pos + 1]
+            y = torch.matmul(torch.softmax(scores, dim=-1), cache.values[layer, :, :, : pos + 1])  # (B, nh, 1, hs)
+            x = x + proj(y.view(B, C))
+            x = x + out(fc(F.layer_norm(x, (C,), *ln_2[:2], ln_2[2])))
+        cache.length = pos + 1
+        return self.head(F.layer_norm(x, (C,), *self.ln_f[:2], self.ln_f[2]))
