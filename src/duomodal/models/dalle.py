@@ -12,9 +12,8 @@ construction. Attention per layer is one of ``full`` (causal), ``axial_row``, ``
 ``conv_like``: boolean masks given to ``scaled_dot_product_attention``, in which an image token always
 sees every text token and, among the image tokens before it, only those of its pattern.
 
-Sampling runs one new token per step through a ``KVCache`` (``forward_cached``); ``duomodal.generate``
-holds the sampler itself, and ``models/dalle_step.py``
-the decoder that runs its single-token steps.
+Sampling runs one new token per step through a ``KVCache`` (``forward_cached`` here, ``StepDecoder`` in
+``models/dalle_step.py`` for single tokens); ``duomodal.generate`` holds the sampler itself.
 """
 
 from __future__ import annotations
