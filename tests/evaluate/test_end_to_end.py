@@ -121,8 +121,14 @@ def test_eval_everything(runs, labelled_data, tmp_path):
         assert entry["color_accuracy"]["count"] == prompts * 2
         assert entry["shape_accuracy"]["count"] == prompts * 2
         assert entry["shape_match_accuracy"]["count"] == prompts * 2
+        assert entry["shape_match_top10"]["count"] == prompts * 2
+        assert 1 <= entry["shape_median_rank"] <= dalle["template_matcher"]["icons"]
+        assert 0.0 <= entry["shape_iou"] <= 1.0
         assert dalle["reranking"][split]["with"]["clip_score"] >= dalle["reranking"][split]["without"]["clip_score"]
+    # the two held-out prompts have different icons, so each is the other's name-blind comparison
+    assert 0.0 <= dalle["samples"]["heldout"]["shape_iou_name_blind"] <= 1.0
     report = (out / "report.md").read_text()
+    assert "name-blind |" in report
     for heading in ("## DALL-E: likelihood of real images", "## DALL-E: samples, colour and shape accuracy",
                     "## Reranking with CLIP"):
         assert heading in report

@@ -27,6 +27,7 @@ from duomodal.evaluate.metrics import (
     parse_color,
     psnr,
     recall_at_k,
+    template_ranks,
     token_counts,
     zero_shot_accuracy,
 )
@@ -290,6 +291,44 @@ def test_mask_iou_and_nearest_template():
     assert nearest_template(np.stack([half, bar, np.zeros((6, 6), bool)]), templates).tolist() == [0, 1, -1]
     with pytest.raises(MetricError, match=r"masks \(1, 6, 6\) and templates \(2, 5, 5\) must be"):
         mask_iou(square[None], np.zeros((2, 5, 5), bool))
+
+
+def _mask(*cells: tuple[int, int]) -> np.ndarray:
+    mask = np.zeros((4, 4), bool)
+    for r, c in cells:
+        mask[r, c] = True
+    return mask
+
+
+def test_template_ranks_by_hand():
+    corner = _mask((0, 0), (0, 1), (1, 0), (1, 1))  # 4 pixels, top-left 2x2
+    top_row = _mask((0, 0), (0, 1), (0, 2), (0, 3))  # 4 pixels
+    left_col = _mask((0, 0), (1, 0), (2, 0), (3, 0))  # 4 pixels
+    ell = top_row | left_col  # 7 pixels
+    templates = np.stack([corner, top_row, left_col])
+    masks = np.stack([corner, corner, corner, ell, ell, np.zeros((4, 4), bool)])
+    ranks, iou = template_ranks(masks, templates, [0, 1, 2, 0, 1, 0])
+    # corner vs corner: 4/4 = 1, alone at the top -> rank 1
+    # corner vs top_row and vs left_col: 2 shared / 6 in either = 1/3 each: tied, and ties count against
+    #   the wanted template, so either one ranks 3 (corner's 1 and the other's 1/3 are both >= 1/3)
+    # ell vs corner: 3 / 8; vs top_row and left_col: 4 / 7 each -> corner ranks 3, top_row 2 (tied with left_col)
+    # a blank mask shares nothing with anything: IoU 0 with all, so it ranks last (3)
+    assert ranks.tolist() == [1, 3, 3, 3, 2, 3]
+    assert iou.tolist() == pytest.approx([1.0, 1 / 3, 1 / 3, 3 / 8, 4 / 7, 0.0])
+    # a duplicate of the wanted template ties with it at IoU 1, so an exact copy of it ranks 2
+    duplicated = np.stack([corner, top_row, corner.copy()])
+    ranks, iou = template_ranks(corner[None], duplicated, [0])
+    assert ranks.tolist() == [2] and iou.tolist() == [1.0]
+
+
+def test_template_ranks_rejects_bad_input():
+    templates = np.zeros((2, 4, 4), bool)
+    with pytest.raises(MetricError, match="3 masks but 2 wanted templates"):
+        template_ranks(np.zeros((3, 4, 4), bool), templates, [0, 1])
+    with pytest.raises(MetricError, match=r"wanted template indices must lie in \[0, 2\), got \[0, 2\]"):
+        template_ranks(np.zeros((2, 4, 4), bool), templates, [0, 2])
+    with pytest.raises(MetricError, match="there are no templates to rank"):
+        template_ranks(np.zeros((1, 4, 4), bool), np.zeros((0, 4, 4), bool), [0])
 
 
 def test_icons_are_matched_to_their_own_template_in_any_colour():

@@ -14,6 +14,7 @@ import math
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -52,6 +53,17 @@ def draw(shape: str, color: str, size: int = 16) -> Image.Image:
         [(size // 2, 3), (3, size - 4), (size - 4, size - 4)], fill=fill))(box, fill=COLORS[color])
     image.info["shape"] = shape  # what the judge stand-in looks at
     return image
+
+
+def jaccard(a: str, b: str) -> float:
+    """IoU of the ink of two drawn shapes, counted pixel by pixel (colour does not matter)."""
+    ink_a, ink_b = (np.asarray(draw(s, "blue")).min(axis=2) < 200 for s in (a, b))
+    return float((ink_a & ink_b).sum() / (ink_a | ink_b).sum())
+
+
+def template_rank(image_shape: str, wanted: str) -> int:
+    """Rank of the wanted shape's template for an image of image_shape: ties count against it."""
+    return sum(jaccard(image_shape, t) >= jaccard(image_shape, wanted) for t in SHAPES)
 
 
 def words(text: str, vocabulary) -> str | None:
@@ -163,6 +175,24 @@ def test_full_evaluation_with_known_answers(tmp_path, data, vae_dir, fakes):
     # the template matcher sees the drawn shapes: right for even seeds, wrong for odd ones
     assert train["shape_match_accuracy"] == {"accuracy": 0.5, "correct": 3, "count": 6}
     assert heldout["with"]["shape_match_accuracy"] == {"accuracy": 1.0, "correct": 4, "count": 4}
+    # the template figures, from the drawn shapes: a right image is its icon's template exactly (rank 1,
+    # IoU 1); a wrong one is the first other shape; name-blind compares with the next prompt's icon
+    for split, entry in (("train", train), ("heldout", heldout["without"])):
+        icons = [p["icon"] for p in prompts[split]]
+        others = icons[1:] + icons[:1]  # the prompts' icons are distinct here
+        wrong = [[s for s in SHAPES if s != icon][0] for icon in icons]
+        ranks = [1] * len(icons) + [template_rank(w, icon) for w, icon in zip(wrong, icons)]
+        assert min(ranks[len(icons):]) >= 2
+        assert entry["shape_match_top10"] == {"accuracy": 1.0, "correct": 2 * len(icons), "count": 2 * len(icons)}
+        assert entry["shape_median_rank"] == float(np.median(ranks))
+        assert entry["shape_iou"] == pytest.approx(
+            (len(icons) + sum(jaccard(w, icon) for w, icon in zip(wrong, icons))) / (2 * len(icons)))
+        assert entry["shape_iou_name_blind"] == pytest.approx(
+            sum(jaccard(icon, o) + jaccard(w, o) for icon, w, o in zip(icons, wrong, others)) / (2 * len(icons)))
+        assert entry["shape_iou"] > entry["shape_iou_name_blind"]
+    # reranked held-out: the right images only; circle and triangle are each other's name-blind icon
+    assert heldout["with"]["shape_median_rank"] == 1.0 and heldout["with"]["shape_iou"] == 1.0
+    assert heldout["with"]["shape_iou_name_blind"] == pytest.approx(jaccard("circle", "triangle"))
     assert m["dalle"]["template_matcher"] == {
         "icons": 3, "accuracy_on_dataset_images": {"train": {"accuracy": 1.0, "correct": 3, "count": 3},
                                                    "heldout": {"accuracy": 1.0, "correct": 2, "count": 2}}}
@@ -183,15 +213,20 @@ def test_full_evaluation_with_known_answers(tmp_path, data, vae_dir, fakes):
     assert m["curves"]["DALL-E"]["skipped"].startswith("no metrics.jsonl")
 
     report = (out / "report.md").read_text()
+    blind = f"{jaccard('circle', 'triangle'):.2f}"
     assert ("| DALL-E heldout prompts, reranked | colour 100.0% (4/4), shape (judge CLIP) 100.0% (4/4), "
-            "shape (template) 100.0% (4/4) |") in report
+            f"shape (template) top-1 4/4, top-10 4/4, median rank 1 of 3, IoU 1.00 vs {blind} name-blind |") in report
     assert "| DALL-E bits / image token | train 4.000, val 4.000, heldout 4.000 |" in report
     for heading in ("## Overview", "## Summary", "## VAE", "## DALL-E: likelihood of real images",
                     "## DALL-E: samples, colour and shape accuracy", "## Reranking with CLIP", "## CLIP",
                     "## Training curves"):
         assert heading in report
-    assert "| train | 3 | 6 | 50.0% (3/6) | 50.0% (3/6) | 50.0% (3/6) |" in report
-    assert "| heldout | best k by CLIP | 4 | 100.0% (4/4) | 100.0% (4/4) | 100.0% (4/4) |" in report
+    train_cell = (f"top-1 3/6, top-10 6/6, median rank {train['shape_median_rank']:g} of 3, "
+                  f"IoU {train['shape_iou']:.2f} vs {train['shape_iou_name_blind']:.2f} name-blind")
+    assert f"| train | 3 | 6 | 50.0% (3/6) | 50.0% (3/6) | {train_cell} |" in report
+    assert (f"| heldout | best k by CLIP | 4 | 100.0% (4/4) | 100.0% (4/4) | top-1 4/4, top-10 4/4, median rank 1 "
+            f"of 3, IoU 1.00 vs {blind} name-blind |") in report
+    assert "name-blind: what a model that ignores the icon's name would get" in report
     assert "Shape judge: judge" in report
     assert "so chance is 1 in 4. The same classifier on the dataset's own images: train: 100.0% (18/18); heldout: 100.0% (4/4)." in report
     assert "It ranks all 3 icon names, so chance is 1 in 3." in report
@@ -210,7 +245,7 @@ def test_without_a_judge_shape_accuracy_is_not_measured(tmp_path, data, fakes):
     assert m["dalle"]["reranking"]["train"]["with"]["shape_accuracy"]["accuracy"] is None
     report = (out / "report.md").read_text()
     assert "Shape accuracy: **not measured**: no --judge-clip given" in report
-    assert "| train | 3 | 6 | 50.0% (3/6) | not measured | 50.0% (3/6) |" in report
+    assert "| train | 3 | 6 | 50.0% (3/6) | not measured | top-1 3/6, top-10 6/6, median rank 1.5 of 3, IoU " in report
     assert m["vae"] == {"skipped": "no --vae given"}
     assert "| VAE | not given: its sections are skipped |" in report
 

@@ -249,8 +249,9 @@ def mask_iou(masks: np.ndarray, templates: np.ndarray) -> np.ndarray:
     templates = np.asarray(templates, dtype=bool)
     if masks.ndim != 3 or templates.ndim != 3 or masks.shape[1:] != templates.shape[1:]:
         raise MetricError(f"masks {masks.shape} and templates {templates.shape} must be (N, H, W) and (C, H, W)")
-    a = masks.reshape(len(masks), -1).astype(np.float64)  # (N, P)
-    b = templates.reshape(len(templates), -1).astype(np.float64)  # (C, P)
+    pixels = masks.shape[1] * masks.shape[2]
+    a = masks.reshape(len(masks), pixels).astype(np.float64)  # (N, P)
+    b = templates.reshape(len(templates), pixels).astype(np.float64)  # (C, P)
     intersection = a @ b.T  # (N, C)
     union = a.sum(1)[:, None] + b.sum(1)[None, :] - intersection
     return np.divide(intersection, union, out=np.zeros_like(intersection), where=union > 0)
@@ -260,8 +261,30 @@ def nearest_template(masks: np.ndarray, templates: np.ndarray) -> np.ndarray:
     """Index of the template with the highest IoU for each mask (N,); -1 for a blank mask."""
     iou = mask_iou(masks, templates)
     best = iou.argmax(1) if iou.shape[1] else np.zeros(len(iou), dtype=np.int64)
-    blank = ~np.asarray(masks, dtype=bool).reshape(len(iou), -1).any(1)
+    blank = ~np.asarray(masks, dtype=bool).any(axis=(1, 2))
     return np.where(blank, -1, best)
+
+
+def template_ranks(masks: np.ndarray, templates: np.ndarray,
+                   wanted: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How well each mask picks out its wanted template among all: (ranks (N,) int, IoU with the wanted (N,)).
+
+    masks (N, H, W), templates (C, H, W), wanted (N,) indices into templates. Rank 1 is best; ties count
+    against the wanted template: rank = the number of templates whose IoU is at least the wanted one's
+    (itself included). So a mask that shares no ink with the wanted template (a blank one included) ranks
+    last (C), and a mask equal to a template that another template duplicates ranks 2, not 1.
+    """
+    wanted = np.asarray(wanted, dtype=np.int64).reshape(-1)
+    iou = mask_iou(masks, templates)  # (N, C)
+    if len(wanted) != len(iou):
+        raise MetricError(f"{len(iou)} masks but {len(wanted)} wanted templates")
+    if iou.shape[1] == 0:
+        raise MetricError("there are no templates to rank")
+    if len(wanted) and (int(wanted.min()) < 0 or int(wanted.max()) >= iou.shape[1]):
+        raise MetricError(f"wanted template indices must lie in [0, {iou.shape[1]}), got {wanted.tolist()[:10]}")
+    target = iou[np.arange(len(iou)), wanted]  # (N,)
+    ranks = (iou >= target[:, None]).sum(1)  # (N,)
+    return ranks.astype(np.int64), target
 
 
 # --- retrieval and zero-shot -----------------------------------------------------------------------

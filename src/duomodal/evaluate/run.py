@@ -332,11 +332,12 @@ def headline(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     if bits:
         rows.append(("DALL-E bits / image token", ", ".join(f"{s} {b:.3f}" for s, b in bits.items())))
     samples = dalle.get("samples", {})
+    templates = dalle.get("template_matcher", {}).get("icons")
     for split, entry in (samples.items() if isinstance(samples, dict) else []):
         if isinstance(entry, dict) and "color_accuracy" in entry:
-            rows.append((f"DALL-E {split} prompts", _accuracies(entry)))
+            rows.append((f"DALL-E {split} prompts", _accuracies(entry, templates)))
     for split, entry in dalle.get("reranking", {}).items():
-        rows.append((f"DALL-E {split} prompts, reranked", _accuracies(entry["with"])))
+        rows.append((f"DALL-E {split} prompts, reranked", _accuracies(entry["with"], templates)))
     clip = metrics.get("clip", {})
     for split in EVAL_SPLITS:
         entry = clip.get(split, {})
@@ -346,12 +347,14 @@ def headline(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def _accuracies(entry: dict[str, Any]) -> str:
+def _accuracies(entry: dict[str, Any], templates: int | None) -> str:
+    from duomodal.evaluate.samples import fmt_template_shape
+
     text = f"colour {fmt_accuracy(entry['color_accuracy'])}"
     if entry.get("shape_accuracy", {}).get("accuracy") is not None:
         text += f", shape (judge CLIP) {fmt_accuracy(entry['shape_accuracy'])}"
     if "shape_match_accuracy" in entry:
-        text += f", shape (template) {fmt_accuracy(entry['shape_match_accuracy'])}"
+        text += f", shape (template) {fmt_template_shape(entry, templates)}"
     return text
 
 

@@ -3,7 +3,8 @@
 ``Judge``: an independent CLIP (not the reranker) ranks every icon name of the dataset for the image,
 with the colour word held at the prompt's, so only the shape decides. ``independence`` says whether
 a judge is independent of the reranker and how. ``TemplateMatcher``: no model at all; the icon whose
-dataset image has the most overlapping ink mask.
+dataset image has the most overlapping ink mask, and (``assess``) where the prompted icon's template ranks
+among all by overlap and how much it overlaps.
 """
 
 from __future__ import annotations
@@ -56,6 +57,15 @@ class Judge:
         return [self.icons[i] for i in indices.tolist()], scores
 
 
+@dataclass(frozen=True)
+class TemplateScores:
+    """What the template matcher says about a batch of images, each against its wanted icon."""
+
+    predicted: list[str | None]  # the icon whose template overlaps most (None for a blank image)
+    ranks: list[int | None]  # the wanted icon's rank among all templates (1 = best, ties count against)
+    iou: list[float | None]  # IoU of the image's ink mask with the wanted icon's template
+
+
 @dataclass
 class TemplateMatcher:
     """Shape by template, no model involved: the icon whose dataset image has the ink mask that overlaps
@@ -86,11 +96,38 @@ class TemplateMatcher:
             masks.append(M.ink_mask(to_pil(to_tensor(image, size))))
         return cls(icons, np.stack(masks) if masks else np.zeros((0, size, size), bool), size)
 
-    def predict(self, images: Sequence[Image.Image]) -> list[str | None]:
+    def masks(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """The ink mask of each image at the templates' size: (N, S, S) bool."""
         from duomodal.data.images import to_pil
 
-        masks = np.stack([M.ink_mask(to_pil(to_tensor(im, self.size))) for im in images])
+        if not images:
+            return np.zeros((0, self.size, self.size), bool)
+        return np.stack([M.ink_mask(to_pil(to_tensor(im, self.size))) for im in images])
+
+    def predict(self, images: Sequence[Image.Image]) -> list[str | None]:
+        return self.predict_masks(self.masks(images))
+
+    def predict_masks(self, masks: np.ndarray) -> list[str | None]:
+        """The icon with the best-overlapping template for each mask; None for a blank mask."""
         return [self.icons[i] if i >= 0 else None for i in M.nearest_template(masks, self.templates).tolist()]
+
+    def assess(self, images: Sequence[Image.Image], wanted_icons: Sequence[str]) -> TemplateScores:
+        """Each image against the template of its wanted icon, among all templates."""
+        return self.assess_masks(self.masks(images), wanted_icons)
+
+    def assess_masks(self, masks: np.ndarray, wanted_icons: Sequence[str]) -> TemplateScores:
+        """As ``assess`` for ink masks. An icon without a template (its images were unreadable) gets None."""
+        if len(masks) != len(wanted_icons):
+            raise M.MetricError(f"{len(masks)} masks but {len(wanted_icons)} wanted icons")
+        index = {icon: i for i, icon in enumerate(self.icons)}
+        known = [i for i, icon in enumerate(wanted_icons) if icon in index]
+        ranks: list[int | None] = [None] * len(masks)
+        iou: list[float | None] = [None] * len(masks)
+        if known:
+            found, overlap = M.template_ranks(masks[known], self.templates, [index[wanted_icons[i]] for i in known])
+            for i, r, o in zip(known, found.tolist(), overlap.tolist()):
+                ranks[i], iou[i] = r, o
+        return TemplateScores(self.predict_masks(masks), ranks, iou)
 
 
 def run_info(directory: Path | None) -> dict[str, Any]:
