@@ -370,7 +370,8 @@ def sample_splits(dalle: Any, ctx: Any, reranker: Any, judge: Judge | None, matc
             f"{SHAPE_TOP_K} that overlap most; median rank: of the prompted icon's template among all "
             f"{len(matcher.icons)} (1 = best; a template that overlaps as much counts as ranked above it, so an "
             "image with no ink ranks last); IoU: the mean overlap with the prompted icon's template, then the "
-            "same mean with the icon of another prompt of the split (name-blind: what a model that ignores "
+            "same mean with the icon of the next prompt of the split that asks for another icon (name-blind: "
+            "what a model that ignores "
             "the icon's name would get). IoU above the name-blind figure means shapes follow the prompt.")
     samples_section.blocks[:0] = header  # the summary above the sample grids
     _fill_rerank_section(rerank_section, rerank_rows, reranker is not None, generated, k)
