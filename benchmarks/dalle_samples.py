@@ -5,6 +5,13 @@ split, it generates K images from the first caption ("a red heart icon") and cou
 its dominant non-white colour (duomodal.evaluate.metrics.dominant_color over the dataset's 8-colour
 palette) is the prompted one. It also writes a grid: one row per fixed prompt, the real icon first.
 
+Shape, without any model: every icon's ink mask (its first image, colour ignored) is a template, and
+each generated image's ink mask is compared by IoU with all 7,188 of them. It prints how often the
+prompted icon's template is the best match (top-1) or among the 10 best (top-10), its median rank (ties count against it, as in `duomodal eval`),
+and the mean IoU with it; beside them the same figures for the VAE's reconstruction of the real image
+(what a perfect DALL-E could reach through this VAE) and for a name-blind baseline (each image
+compared with the template of another prompt of the same split).
+
     flock /tmp/duomodal-heavy.lock .venv/bin/python benchmarks/dalle_samples.py work/runs/dalle-quick \
         --data work/icons-32 --grid docs/img/dalle-quick-samples.png
 """
@@ -20,8 +27,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from duomodal.evaluate.metrics import dominant_color
-from duomodal.generate import generate_images
+import numpy as np
+
+from duomodal.data.images import to_pil, to_tensor
+from duomodal.evaluate.metrics import dominant_color, ink_mask, template_ranks
+from duomodal.generate import _decode, _image_tokens, generate_images
 from duomodal.models.dalle import load_dalle
 
 # (icon, colour) rows of the grid: held-out combinations of the icons-32 dataset, then two trained ones
@@ -31,6 +41,29 @@ GRID_ROWS = (("heart", "green"), ("anchor", "yellow"), ("bird", "blue"), ("clock
 
 def caption(entry: dict) -> str:
     return entry["caption"][0]  # "a red heart icon", "an orange ..." as the dataset writes it
+
+
+def templates(data: Path, entries: list[dict], size: int) -> tuple[list[str], np.ndarray]:
+    """Icon names and one ink mask per icon (C, size, size): its first image by file name."""
+    first: dict[str, dict] = {}
+    for entry in sorted(entries, key=lambda e: e["file"]):
+        first.setdefault(entry["icon"], entry)
+    icons = sorted(first)
+    masks = [ink_mask(to_pil(to_tensor(Image.open(data / first[i]["file"]), size))) for i in icons]
+    return icons, np.stack(masks)
+
+
+def shape_figures(images: list[Image.Image], wanted: list[int], masks: np.ndarray, size: int) -> dict:
+    """Rank of the wanted template among all by IoU for each image, summarised; and the mean IoU with it."""
+    own = np.stack([ink_mask(to_pil(to_tensor(im, size))) for im in images])
+    ranks, target = template_ranks(own, masks, wanted)  # ties count against the prompted icon
+    return {"top1": float((ranks == 1).mean()), "top10": float((ranks <= 10).mean()),
+            "median_rank": float(np.median(ranks)), "mean_iou": float(target.mean()), "images": len(images)}
+
+
+def describe(name: str, f: dict) -> str:
+    return (f"{name:>26}: top-1 {100 * f['top1']:5.1f}%  top-10 {100 * f['top10']:5.1f}%  median rank "
+            f"{f['median_rank']:6.0f}  IoU with the prompted icon {f['mean_iou']:.3f}  ({f['images']} images)")
 
 
 def main() -> None:
@@ -54,10 +87,14 @@ def main() -> None:
     rng = random.Random(0)
     figures: dict[str, dict] = {}
     started = time.perf_counter()
+    size = dalle.config.image_size
+    icons, masks = templates(data, entries, size)
+    icon_index = {icon: i for i, icon in enumerate(icons)}
     for split in ("heldout", "train"):
         pool = [e for e in entries if e["split"] == split]
         chosen = rng.sample(pool, min(args.combos, len(pool)))
         right = total = skipped = 0
+        generated, wanted, reconstructed, wanted_real = [], [], [], []
         for entry in chosen:
             prompt = caption(entry)
             try:
@@ -70,10 +107,23 @@ def main() -> None:
             for image in result.images:
                 right += dominant_color(image, palette) == entry["color"]
                 total += 1
+            generated += result.images
+            wanted += [icon_index[entry["icon"]]] * len(result.images)
+            real = to_pil(to_tensor(Image.open(data / entry["file"]), size))
+            reconstructed += _decode(dalle, _image_tokens(dalle, real)[None])
+            wanted_real.append(icon_index[entry["icon"]])
+        shape = shape_figures(generated, wanted, masks, size)
+        blind = shape_figures(generated, [wanted[(i + args.per_prompt) % len(wanted)] for i in range(len(wanted))],
+                              masks, size)
+        upper = shape_figures(reconstructed, wanted_real, masks, size)
         figures[split] = {"prompts": len(chosen) - skipped, "images": total, "colour_accuracy": right / max(total, 1),
-                          "skipped_prompts": skipped}
+                          "skipped_prompts": skipped, "shape": shape, "shape_name_blind": blind,
+                          "shape_vae_reconstruction": upper}
         print(f"{split:>8}: prompted colour in {right}/{total} images ({100 * right / max(total, 1):.1f}%) "
               f"over {len(chosen) - skipped} (icon, colour) prompts", flush=True)
+        print(describe("shape, generated", shape))
+        print(describe("name-blind baseline", blind))
+        print(describe("VAE reconstruction (bound)", upper), flush=True)
     print(f"sampling and scoring took {time.perf_counter() - started:.0f} s")
 
     if args.grid:
