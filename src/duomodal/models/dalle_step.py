@@ -22,25 +22,28 @@ def packed_linears_available(device: torch.device) -> bool:
 
 
 class StepLinear:
-    """A linear layer for a few rows at a time, optionally fused with tanh-GELU.
+    """A linear layer for a few rows at a time, optionally fused with tanh-GELU or a residual add.
 
     On the CPU the weight is packed once into oneDNN's blocked layout for the expected number of
     rows (the ``torch.ops.mkldnn`` kernels torch.compile uses on the CPU); otherwise ``addmm`` runs
     on a transposed, contiguous copy, the faster layout for a few rows.
     """
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype, rows: int, packed: bool, gelu: bool = False):
-        weight = linear.weight.detach().to(dtype)
-        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
-        self.packed, self.gelu = packed, gelu
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, packed: bool, gelu: bool = False):
+        self.bias, self.packed, self.gelu = bias, packed, gelu
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if packed else weight.t().contiguous()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, in) -> x W^T + b, through GELU if asked, plus `residual` (B, out) if given."""
+        if self.packed and residual is not None and not self.gelu:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu" if self.gelu else "none",
-                                                      [], "tanh" if self.gelu else "")
-        y = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
-        return F.gelu(y, approximate="tanh") if self.gelu else y
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu" if self.gelu else "none",
+                                                   [], "tanh" if self.gelu else "")
+        else:
+            y = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+            y = F.gelu(y, approximate="tanh") if self.gelu else y
+        return y if residual is None else y + residual
 
 
 class StepDecoder:
@@ -48,10 +51,10 @@ class StepDecoder:
 
     A sampling step multiplies a handful of rows by every weight of the network, so its cost is
     per-operator overhead and weight traffic, not arithmetic. The decoder prepares each linear once
-    (`StepLinear`: packed for oneDNN on the CPU, GELU fused into the first MLP layer), precomputes the
-    image position embeddings and each sparse layer's additive mask, and runs attention for the one
-    query as two small batched matmuls instead of ``scaled_dot_product_attention`` (whose CPU kernel
-    is built for long query blocks). Prompts and runs of fixed tokens still go through
+    (`StepLinear`: packed for oneDNN on the CPU, GELU and the residual adds fused, the attention scale
+    folded into the query weights), precomputes the image position embeddings and each sparse layer's
+    additive mask, and runs attention for the one query as two small batched matmuls instead of
+    ``scaled_dot_product_attention`` (whose CPU kernel is built for long query blocks). Prompts and runs of fixed tokens still go through
     ``DALLE.forward_cached`` on the same ``cache``; ``step`` gives the logits it would.
     packed: None = oneDNN packing where available; False = addmm everywhere.
     """
@@ -63,14 +66,24 @@ class StepDecoder:
         dtype = self.cache.keys.dtype
         self.packed = packed_linears_available(self.cache.keys.device) if packed is None else packed
 
-        def linear(module: nn.Linear, gelu: bool = False) -> StepLinear:
-            return StepLinear(module, dtype, batch_size, self.packed, gelu)
+        def linear(module: nn.Linear, gelu: bool = False, scale_first: int = 0) -> StepLinear:
+            """`module` as a StepLinear; its first `scale_first` outputs (the queries) scaled by 1/sqrt(hs)."""
+            weight = module.weight.detach().to(dtype)
+            bias = None if module.bias is None else module.bias.detach().to(dtype)
+            if scale_first:
+                weight = weight.clone()
+                weight[:scale_first] *= self.scale
+                if bias is not None:
+                    bias = bias.clone()
+                    bias[:scale_first] *= self.scale
+            return StepLinear(weight, bias, batch_size, self.packed, gelu)
 
         def norm(module: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
             return module.weight.detach().to(dtype), module.bias.detach().to(dtype), module.eps
 
+        self.scale = 1.0 / math.sqrt(c.n_embd // c.n_head)  # folded into the query weights
         self.layers = [
-            (norm(b.ln_1), linear(b.attn.qkv), linear(b.attn.proj), norm(b.ln_2), linear(b.mlp[0], gelu=True),
+            (norm(b.ln_1), linear(b.attn.qkv, scale_first=c.n_embd), linear(b.attn.proj), norm(b.ln_2), linear(b.mlp[0], gelu=True),
              linear(b.mlp[2]))
             for b in model.blocks
         ]
@@ -86,7 +99,6 @@ class StepDecoder:
         self.positions = (model.image_row.detach()[:, None] + model.image_col.detach()[None, :]).reshape(G * G, -1).to(dtype)
         self.ln_f = norm(model.ln_f)
         self.head = linear(model.image_head)
-        self.scale = 1.0 / math.sqrt(c.n_embd // c.n_head)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Image tokens (B,) at the cache's next position -> logits (B, image_vocab_size) of the token after."""
@@ -103,11 +115,11 @@ class StepDecoder:
             cache.keys[layer, :, :, pos] = k
             cache.values[layer, :, :, pos] = v
             keys = cache.keys[layer, :, :, : pos + 1]  # (B, nh, pos + 1, hs)
-            scores = torch.matmul(q[:, :, None, :], keys.transpose(-1, -2)) * self.scale  # (B, nh, 1, pos + 1)
+            scores = torch.matmul(q[:, :, None, :], keys.transpose(-1, -2))  # (B, nh, 1, pos + 1), q pre-scaled
             if self.mask_bias[layer] is not None:
                 scores = scores + self.mask_bias[layer][pos, : pos + 1]
             y = torch.matmul(torch.softmax(scores, dim=-1), cache.values[layer, :, :, : pos + 1])  # (B, nh, 1, hs)
-            x = x + proj(y.view(B, C))
-            x = x + out(fc(F.layer_norm(x, (C,), *ln_2[:2], ln_2[2])))
+            x = proj(y.view(B, C), residual=x)
+            x = out(fc(F.layer_norm(x, (C,), *ln_2[:2], ln_2[2])), residual=x)
         cache.length = pos + 1
         return self.head(F.layer_norm(x, (C,), *self.ln_f[:2], self.ln_f[2]))
