@@ -34,9 +34,12 @@ from duomodal.evaluate.metrics import dominant_color, ink_mask, template_ranks
 from duomodal.generate import _decode, _image_tokens, generate_images
 from duomodal.models.dalle import load_dalle
 
-# (icon, colour) rows of the grid: held-out combinations of the icons-32 dataset, then two trained ones
-GRID_ROWS = (("heart", "green"), ("anchor", "yellow"), ("bird", "blue"), ("clock", "blue"), ("cake", "purple"),
-             ("church", "orange"), ("bone", "black"), ("alarm", "red"), ("heart", "red"), ("star", "yellow"))
+# (icon, colour) rows of the grid: held-out combinations of the icons-32 dataset (never trained on; the
+# icon was seen in other colours), then four trained ones
+GRID_ROWS = (("heart", "green"), ("plus", "green"), ("arrow-down", "blue"), ("clock", "blue"), ("email", "blue"),
+             ("map-marker", "blue"), ("gift", "green"), ("shield", "orange"), ("laptop", "black"), ("leaf", "yellow"),
+             ("anchor", "yellow"), ("bird", "blue"), ("home", "black"), ("cloud", "blue"), ("bell", "yellow"),
+             ("star", "blue"))
 
 
 def caption(entry: dict) -> str:
@@ -70,10 +73,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
     parser.add_argument("--data", required=True, help="the icon dataset (captions.jsonl, dataset.json)")
-    parser.add_argument("--combos", type=int, default=100, help="(icon, colour) pairs per split")
+    parser.add_argument("--combos", type=int, default=100, help="(icon, colour) pairs per split (0: only the grid)")
     parser.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
     parser.add_argument("--grid", default=None, help="write a sample grid PNG here")
     parser.add_argument("--grid-scale", type=int, default=2, help="nearest-neighbour upscaling of the grid")
+    parser.add_argument("--clip", default=None, help="grid only: rerank with this CLIP directory (keep 8 of --rerank-from)")
+    parser.add_argument("--rerank-from", type=int, default=32, help="grid only: images generated per row with --clip")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=1.0)
@@ -90,7 +95,7 @@ def main() -> None:
     size = dalle.config.image_size
     icons, masks = templates(data, entries, size)
     icon_index = {icon: i for i, icon in enumerate(icons)}
-    for split in ("heldout", "train"):
+    for split in ("heldout", "train") if args.combos > 0 else ():
         pool = [e for e in entries if e["split"] == split]
         chosen = rng.sample(pool, min(args.combos, len(pool)))
         right = total = skipped = 0
@@ -127,6 +132,11 @@ def main() -> None:
     print(f"sampling and scoring took {time.perf_counter() - started:.0f} s")
 
     if args.grid:
+        scorer = None
+        if args.clip:
+            from duomodal.models.clip import load_clip
+
+            scorer = load_clip(args.clip)
         by_pair = {(e["icon"], e["color"]): e for e in entries}
         rows_spec = [(by_pair[pair], by_pair[pair]["split"]) for pair in GRID_ROWS if pair in by_pair]
         size = dalle.config.image_size
@@ -136,12 +146,13 @@ def main() -> None:
         lines = []
         for r, (entry, split) in enumerate(rows_spec):
             prompt = caption(entry)
-            result = generate_images(dalle, prompt, num=8, temperature=args.temperature, top_k=args.top_k,
-                                     guidance=args.guidance, seed=0, batch_size=8)
+            num = args.rerank_from if scorer is not None else 8
+            result = generate_images(dalle, prompt, num=num, keep=8, scorer=scorer, temperature=args.temperature,
+                                     top_k=args.top_k, guidance=args.guidance, seed=0, batch_size=min(num, 32))
             real = Image.open(data / entry["file"]).convert("RGB").resize((size, size))
             for c, image in enumerate([real, *result.images]):
                 grid.paste(image.resize((cell, cell), Image.NEAREST), (c * (cell + 2), r * (cell + 2)))
-            lines.append(f"{prompt} ({split})")
+            lines.append(f"{prompt} ({split})" + (f", best 8 of {num} by CLIP" if scorer is not None else ""))
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
         grid.save(args.grid)
         Path(args.grid).with_suffix(".txt").write_text("\n".join(lines) + "\n")
