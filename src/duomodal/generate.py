@@ -181,30 +181,32 @@ def sample_image_tokens(
     original, was_training = model, model.training
     model.eval()
     model = inference_twin(model, inference_dtype(device, precision))
-    try:
-        first = free_positions[0]
-        if use_cache:
-            decoder = StepDecoder(model, rows)
-            logits = model.forward_cached(torch.cat([text, both(tokens[:, :first])], dim=1), decoder.cache)
-        else:
-            logits = model(text, both(tokens[:, :first]))[1][:, -1]
-        for i, k in enumerate(free_positions):
-            logits = logits.float()
-            if rows != B:
-                cond, uncond = logits[:B], logits[B:]
-                logits = uncond + guidance * (cond - uncond)
-            tokens[:, k] = choose_tokens(logits, uniforms[:, k], temperature, top_k, top_p)
-            if i + 1 == len(free_positions):
-                break
-            upto = free_positions[i + 1]
-            if use_cache and upto == k + 1:  # one new token: the decoder's fast step
-                logits = decoder.step(both(tokens[:, k]))
-            elif use_cache:  # the new token and the run of fixed tokens after it
-                logits = model.forward_cached(both(tokens[:, k:upto]), decoder.cache)
+    # `precision` decides the dtype: a caller's autocast (the training loop writing sample grids) must not
+    with torch.autocast(device.type, enabled=False):
+        try:
+            first = free_positions[0]
+            if use_cache:
+                decoder = StepDecoder(model, rows)
+                logits = model.forward_cached(torch.cat([text, both(tokens[:, :first])], dim=1), decoder.cache)
             else:
-                logits = model(text, both(tokens[:, :upto]))[1][:, -1]
-    finally:
-        original.train(was_training)
+                logits = model(text, both(tokens[:, :first]))[1][:, -1]
+            for i, k in enumerate(free_positions):
+                logits = logits.float()
+                if rows != B:
+                    cond, uncond = logits[:B], logits[B:]
+                    logits = uncond + guidance * (cond - uncond)
+                tokens[:, k] = choose_tokens(logits, uniforms[:, k], temperature, top_k, top_p)
+                if i + 1 == len(free_positions):
+                    break
+                upto = free_positions[i + 1]
+                if use_cache and upto == k + 1:  # one new token: the decoder's fast step
+                    logits = decoder.step(both(tokens[:, k]))
+                elif use_cache:  # the new token and the run of fixed tokens after it
+                    logits = model.forward_cached(both(tokens[:, k:upto]), decoder.cache)
+                else:
+                    logits = model(text, both(tokens[:, :upto]))[1][:, -1]
+        finally:
+            original.train(was_training)
     return tokens
 
 

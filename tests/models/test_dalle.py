@@ -184,6 +184,17 @@ def test_step_decoder_matches_uncached_and_mixes_with_chunks(types, packed):
         StepDecoder(model, 3).step(image[:, 0])  # no text in the cache yet
 
 
+def test_sampling_ignores_a_callers_autocast():
+    # the training loop writes sample grids inside bf16 autocast; `precision` alone decides the dtype
+    model = DALLE(tiny_config()).eval()
+    text, _ = batch(3)
+    uniforms = row_uniforms([1, 2, 3], G * G)
+    plain = sample_image_tokens(model, text, uniforms, top_k=10, precision="fp32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = sample_image_tokens(model, text, uniforms, top_k=10, precision="fp32")
+    assert torch.equal(plain, inside)
+
+
 @pytest.mark.parametrize("types", [("full",), ("axial_row", "conv_like")])
 def test_greedy_and_seeded_sampling_cached_equals_uncached(types):
     model = DALLE(tiny_config(attention_types=types)).eval()
