@@ -8,10 +8,7 @@ whole prefix recomputed every step), their ratio, and the cached figure against 
 - "DALLE-pytorch here": DALLE-pytorch 1.6.6's own `generate_images` timed in the same run on the same
   batch and threads (dim 256, depth 4, 8 heads of 32, 32 text tokens, 512 codes, its default top-k
   filter), best of its cached and uncached modes, its final VAE decode subtracted. Needs the package,
-  which is not a duomodal dependency (its VAE wrappers import taming/omegaconf, stubbed here because
-  only the transformer is timed):
-  `.venv/bin/pip install --no-deps dalle-pytorch==1.6.6 einops==0.8.2 rotary-embedding-torch==0.2.3
-  axial-positional-embedding==0.2.1`
+  which is not a duomodal dependency: see dalle_pytorch_ref.py for the one-line install.
 - "vs 78": the issue's figure for DALLE-pytorch at batch 4 with 256 image tokens "on a machine like
   this one" (a constant, so it moves with this machine's load; the side-by-side ratio does not).
 
@@ -25,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
-import types
 
 import torch
 
+from dalle_pytorch_ref import import_dalle_pytorch, reference_dalle
 from duomodal.generate import bf16_supported, row_uniforms, sample_image_tokens
 from duomodal.models.dalle import DALLE, DALLEConfig
 
@@ -61,35 +57,11 @@ def tokens_per_second(model: DALLE, batch: int, precision: str, use_cache: bool,
     return batch * N / best
 
 
-def import_dalle_pytorch():
-    """DALLE-pytorch's DALLE and DiscreteVAE classes, or None when the package is not installed."""
-    stubs = {"taming": {}, "taming.models": {}, "taming.models.vqgan": {"VQModel": object, "GumbelVQ": object},
-             "omegaconf": {"OmegaConf": object}, "pkg_resources": {"get_distribution": lambda name: None}}
-    added = []
-    for name, attributes in stubs.items():
-        try:
-            __import__(name)
-        except ImportError:
-            module = types.ModuleType(name)
-            module.__dict__.update(attributes)
-            sys.modules[name] = module
-            added.append(name)
-    try:
-        from dalle_pytorch import DALLE as Reference, DiscreteVAE as ReferenceVAE
-    except ImportError:
-        return None
-    finally:
-        for name in added:
-            sys.modules.pop(name, None)
-    return Reference, ReferenceVAE
-
-
 def dalle_pytorch_tokens_per_second(classes, grid: int, batch: int, repeats: int) -> float:
     """DALLE-pytorch's generate_images, image tokens/s: the best of use_cache False/True, VAE decode excluded."""
-    Reference, ReferenceVAE = classes
     torch.manual_seed(0)
-    vae = ReferenceVAE(image_size=grid * 8, num_layers=3, num_tokens=512, codebook_dim=256, hidden_dim=64)
-    model = Reference(dim=256, vae=vae, num_text_tokens=1024, text_seq_len=32, depth=4, heads=8, dim_head=32).eval()
+    model = reference_dalle(classes, grid).eval()
+    vae = model.vae
     text = torch.randint(1, 1024, (batch, 32))
     best = float("inf")
     with torch.inference_mode():
