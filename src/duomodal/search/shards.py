@@ -29,6 +29,7 @@ class Distributed:
 
     rank: int = 0
     world_size: int = 1
+    owns_group: bool = False  # this object started the process group (and so ends it in `close`)
 
     @classmethod
     def from_env(cls) -> Distributed:
@@ -37,10 +38,22 @@ class Distributed:
             return cls()
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             # rank 0 plans (hashes new files) while the others wait: allow a long wait
             dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-        return cls(dist.get_rank(), dist.get_world_size())
+        return cls(dist.get_rank(), dist.get_world_size(), owns)
+
+    def close(self) -> None:
+        """Wait for every rank, then end the process group if this object started it. A rank that
+        exits with gloo still connected to a busy peer can abort ("terminate called without an active
+        exception"), so no rank leaves before rank 0 has merged."""
+        if self.world_size == 1 or not self.owns_group:
+            return
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's `value` on every rank (a barrier too)."""
