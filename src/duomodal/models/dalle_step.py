@@ -83,8 +83,8 @@ class StepDecoder:
 
         self.scale = 1.0 / math.sqrt(c.n_embd // c.n_head)  # folded into the query weights
         self.layers = [
-            (norm(b.ln_1), linear(b.attn.qkv, scale_first=c.n_embd), linear(b.attn.proj), norm(b.ln_2), linear(b.mlp[0], gelu=True),
-             linear(b.mlp[2]))
+            (norm(b.ln_1), linear(b.attn.qkv, scale_first=c.n_embd), linear(b.attn.proj),
+             norm(b.ln_2), linear(b.mlp[0], gelu=True), linear(b.mlp[2]))
             for b in model.blocks
         ]
         biases = {}
@@ -92,11 +92,13 @@ class StepDecoder:
             kind = c.layer_attention(layer)
             if kind != "full" and kind not in biases:
                 mask: torch.Tensor = getattr(model, f"mask_{kind}")
-                biases[kind] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+                bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+                biases[kind] = bias.masked_fill_(~mask, float("-inf"))
         self.mask_bias = [biases.get(c.layer_attention(layer)) for layer in range(c.n_layer)]
         G = c.image_grid_size
         self.embedding = model.image_embedding.weight.detach().to(dtype)
-        self.positions = (model.image_row.detach()[:, None] + model.image_col.detach()[None, :]).reshape(G * G, -1).to(dtype)
+        positions = model.image_row.detach()[:, None] + model.image_col.detach()[None, :]  # (G, G, C)
+        self.positions = positions.reshape(G * G, -1).to(dtype)
         self.ln_f = norm(model.ln_f)
         self.head = linear(model.image_head)
 
