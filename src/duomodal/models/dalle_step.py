@@ -54,8 +54,9 @@ class StepDecoder:
     (`StepLinear`: packed for oneDNN on the CPU, GELU and the residual adds fused, the attention scale
     folded into the query weights), precomputes the image position embeddings and each sparse layer's
     additive mask, and runs attention for the one query as two small batched matmuls instead of
-    ``scaled_dot_product_attention`` (whose CPU kernel is built for long query blocks). Prompts and runs of fixed tokens still go through
-    ``DALLE.forward_cached`` on the same ``cache``; ``step`` gives the logits it would.
+    ``scaled_dot_product_attention`` (whose CPU kernel is built for long query blocks). Prompts and runs
+    of fixed tokens still go through ``DALLE.forward_cached`` on the same ``cache``; ``step`` gives the
+    logits it would.
     packed: None = oneDNN packing where available; False = addmm everywhere.
     """
 
