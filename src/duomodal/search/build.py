@@ -106,22 +106,8 @@ def _run(
     progress: bool,
     create_meta: dict[str, str] | None,
 ) -> BuildReport:
-    dist = Distributed.from_env()
-    report = _run_on_rank(dist, index_dir, embedder, options, on_skip, progress, create_meta)
-    dist.close()  # every rank waits here until rank 0 has merged (after a failure, ranks just exit)
-    return report
-
-
-def _run_on_rank(
-    dist: Distributed,
-    index_dir: Path,
-    embedder: Embedder,
-    options: BuildOptions | None,
-    on_skip: SkipCallback | None,
-    progress: bool,
-    create_meta: dict[str, str] | None,
-) -> BuildReport:
     started = time.perf_counter()
+    dist = Distributed.from_env()
     lock = None
     report = None
     if dist.rank == 0:
@@ -153,6 +139,7 @@ def _run_on_rank(
     finally:
         if lock is not None:
             lock.release()
+    dist.close()  # every rank waits here until rank 0 has merged (after a failure, ranks just exit)
     report.seconds = time.perf_counter() - started
     return report
 
