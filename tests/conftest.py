@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny captioned dataset of coloured shapes, seeded, made on the fly."""
+"""Shared fixtures: a tiny captioned dataset of coloured shapes and a tiny DALL-E run, seeded, made on the fly."""
 
 from __future__ import annotations
 
@@ -43,6 +43,35 @@ def make_shape_dataset(root: Path, size: int = 16, copies: int = 2) -> Path:
 def shape_dataset(tmp_path_factory) -> Path:
     """3 shapes x 4 colours x 2 copies = 24 images, 16x16, each with two captions."""
     return make_shape_dataset(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="session")
+def dalle_run(tmp_path_factory, shape_dataset) -> Path:
+    """A tiny untrained DALL-E run: 16 px images as a 4x4 token grid, its VAE and tokenizer."""
+    from duomodal.config import to_dict
+    from duomodal.modelfile import save_model
+    from duomodal.models.dalle import DALLE, DALLEConfig, vae_identity
+    from duomodal.models.vae import DiscreteVAE, VAEConfig
+    from duomodal.text.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("dalle")
+    vae_config = VAEConfig(image_size=16, n_downsample=2, width=8, max_width=16, res_blocks=0,
+                           codebook_size=32, codebook_dim=8)
+    vae = DiscreteVAE(vae_config)
+    with torch.no_grad():  # codes that follow the picture, as in a trained VAE (not one code everywhere)
+        vae.encoder.out.bias.zero_()
+        vae.encoder.out.weight.mul_(10)
+    save_model(root / "vae", "vae", to_dict(vae_config), vae.state_dict())
+    captions = [p.read_text() for p in sorted(shape_dataset.glob("*.txt"))]
+    tokenizer = Tokenizer.train(captions, vocab_size=64, min_frequency=1)
+    config = DALLEConfig(text_seq_len=8, text_vocab_size=tokenizer.vocab_size, image_vocab_size=32,
+                         image_grid_size=4, image_size=16, n_layer=2, n_head=2, n_embd=32,
+                         vae_dir=str(root / "vae"), vae_id=vae_identity(root / "vae"))
+    run = root / "run"
+    save_model(run, "dalle", to_dict(config), DALLE(config).state_dict())
+    tokenizer.save(run / "tokenizer.json")
+    return run
 
 
 @pytest.fixture(autouse=True)

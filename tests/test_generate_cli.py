@@ -10,35 +10,8 @@ import torch
 from PIL import Image
 
 from duomodal.cli import main
-from duomodal.config import to_dict
 from duomodal.data.images import load_image, to_rgb, to_tensor
-from duomodal.modelfile import save_model
-from duomodal.models.dalle import DALLE, DALLEConfig, vae_identity
-from duomodal.models.vae import DiscreteVAE, VAEConfig, load_vae
-from duomodal.text.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def dalle_run(tmp_path_factory, shape_dataset):
-    """A tiny untrained DALL-E run: 16 px images as a 4x4 token grid, its VAE and tokenizer."""
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("dalle")
-    vae_config = VAEConfig(image_size=16, n_downsample=2, width=8, max_width=16, res_blocks=0,
-                           codebook_size=32, codebook_dim=8)
-    vae = DiscreteVAE(vae_config)
-    with torch.no_grad():  # codes that follow the picture, as in a trained VAE (not one code everywhere)
-        vae.encoder.out.bias.zero_()
-        vae.encoder.out.weight.mul_(10)
-    save_model(root / "vae", "vae", to_dict(vae_config), vae.state_dict())
-    captions = [p.read_text() for p in sorted(shape_dataset.glob("*.txt"))]
-    tokenizer = Tokenizer.train(captions, vocab_size=64, min_frequency=1)
-    config = DALLEConfig(text_seq_len=8, text_vocab_size=tokenizer.vocab_size, image_vocab_size=32,
-                         image_grid_size=4, image_size=16, n_layer=2, n_head=2, n_embd=32,
-                         vae_dir=str(root / "vae"), vae_id=vae_identity(root / "vae"))
-    run = root / "run"
-    save_model(run, "dalle", to_dict(config), DALLE(config).state_dict())
-    tokenizer.save(run / "tokenizer.json")
-    return run
+from duomodal.models.vae import DiscreteVAE, load_vae
 
 
 @pytest.fixture

@@ -17,8 +17,6 @@ from duomodal.cli import search as cli_search
 from duomodal.config import to_dict
 from duomodal.modelfile import save_model
 from duomodal.models.clip import ClipConfig, ContrastiveClip, load_clip
-from duomodal.models.dalle import DALLE, DALLEConfig, vae_identity
-from duomodal.models.vae import DiscreteVAE, VAEConfig
 from duomodal.search.build import build_index
 from duomodal.text.tokenizer import Tokenizer
 
@@ -56,25 +54,6 @@ def index_dir(tmp_path_factory, shape_dataset, clip_dir):
     directory = tmp_path_factory.mktemp("index") / "idx"
     build_index(shape_dataset, directory, load_clip(clip_dir, device="cpu"), clip_path=clip_dir, progress=False)
     return directory
-
-
-@pytest.fixture(scope="module")
-def dalle_run(tmp_path_factory, shape_dataset):
-    """A tiny untrained DALL-E run: 16 px images as a 4x4 token grid, its VAE and tokenizer."""
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("dalle")
-    vae_config = VAEConfig(image_size=16, n_downsample=2, width=8, max_width=16, res_blocks=0,
-                           codebook_size=32, codebook_dim=8)
-    save_model(root / "vae", "vae", to_dict(vae_config), DiscreteVAE(vae_config).state_dict())
-    captions = [p.read_text() for p in sorted(shape_dataset.glob("*.txt"))]
-    tokenizer = Tokenizer.train(captions, vocab_size=64, min_frequency=1)
-    config = DALLEConfig(text_seq_len=8, text_vocab_size=tokenizer.vocab_size, image_vocab_size=32,
-                         image_grid_size=4, image_size=16, n_layer=2, n_head=2, n_embd=32,
-                         vae_dir=str(root / "vae"), vae_id=vae_identity(root / "vae"))
-    run = root / "run"
-    save_model(run, "dalle", to_dict(config), DALLE(config).state_dict())
-    tokenizer.save(run / "tokenizer.json")
-    return run
 
 
 @pytest.fixture
