@@ -13,6 +13,7 @@ from duomodal.models.dalle import (
     ATTENTION_TYPES,
     DALLE,
     DALLEConfig,
+    attend,
     attention_mask,
     drop_captions,
     load_dalle,
@@ -182,6 +183,28 @@ def test_step_decoder_matches_uncached_and_mixes_with_chunks(types, packed):
         decoder.step(image[:, 0])  # the cache is full
     with pytest.raises(ValueError, match="the cache is at stream position 0"):
         StepDecoder(model, 3).step(image[:, 0])  # no text in the cache yet
+
+
+@pytest.mark.parametrize("kind", ["causal", "axial_row", "conv_like"])
+def test_explicit_attention_under_cpu_autocast_matches_sdpa(kind, monkeypatch):
+    B, nh, L, hs = 2, 2, T + G * G, 8
+    q, k, v = (torch.randn(B, nh, L, hs, requires_grad=True) for _ in range(3))
+    mask = None if kind == "causal" else attention_mask(kind, T, G)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    expected = sdpa(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("SDPA ran under CPU autocast")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attend(q, k, v, mask, mask is None)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), expected, atol=3e-2)
+    got.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert torch.equal(attend(q, k, v, mask, mask is None), expected)  # outside autocast: SDPA itself
 
 
 def test_sampling_ignores_a_callers_autocast():
