@@ -252,7 +252,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "dalle": {
-        # 32 px icons through the quick VAE (8x8 grid of 512 codes), 16 text tokens; ~15 minutes on 2 idle CPU
+        # 32 px icons through the quick VAE (8x8 grid of 512 codes), 16 text tokens; ~11 minutes on 2 idle CPU
         # cores, the least that gave recognisable shapes (600 steps gave blobs; docs/dalle.md)
         "quick": {
             "model": {"text_seq_len": 16, "text_vocab_size": 1024, "n_layer": 4, "n_head": 8, "n_embd": 256,
