@@ -213,9 +213,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     L, S = q.shape[-2], k.shape[-2]
     if is_causal:
         mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()  # as SDPA: top-left aligned
-    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (B, nh, L, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    B, nh, hs = q.shape[0], q.shape[1], q.shape[-1]
+    q = (q * (1.0 / math.sqrt(hs))).reshape(B * nh, L, hs)
+    k = k.transpose(-2, -1).reshape(B * nh, hs, S)
+    if mask is None:
+        scores = torch.bmm(q, k).view(B, nh, L, S)
+    else:  # the mask as an additive bias inside the matmul: no masking pass over the scores, none in backward
+        bias = torch.zeros(L, S, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        scores = torch.baddbmm(bias, q, k).view(B, nh, L, S)
     weights = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=dropout_p > 0)
     return weights @ v
 
