@@ -109,3 +109,27 @@ def test_prime_errors_are_one_clear_line(dalle_run, shape_dataset, tmp_path, cap
         err = capsys.readouterr().err
         assert err.startswith(message) if not message.endswith("\n") else err == message, (extra, err)
     assert not grid.exists()
+
+
+def test_sampling_defaults_and_plain_sampling(dalle_run, decoded_tokens, tmp_path):
+    """By default top-k 64 with guidance 3 (recorded in the JSON); `--top-k 0 --guidance 1` is plain sampling."""
+    from duomodal.config import DEFAULT_GUIDANCE, DEFAULT_TOP_K
+    from duomodal.generate import encode_prompt, row_uniforms, sample_image_tokens
+    from duomodal.models.dalle import load_dalle
+
+    assert (DEFAULT_TOP_K, DEFAULT_GUIDANCE) == (64, 3.0)
+    out = tmp_path / "default.png"
+    assert main(["generate", str(dalle_run), "a red square", "--num", "2", "--out", str(out), "--device", "cpu"]) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert (record["top_k"], record["guidance"], record["temperature"]) == (64, 3.0, 1.0)
+
+    decoded_tokens.clear()
+    plain = tmp_path / "plain.png"
+    assert main(["generate", str(dalle_run), "a red square", "--num", "2", "--top-k", "0", "--guidance", "1",
+                 "--out", str(plain), "--device", "cpu"]) == 0
+    record = json.loads(plain.with_suffix(".json").read_text())
+    assert record["top_k"] is None and record["guidance"] == 1.0
+    dalle = load_dalle(dalle_run, "cpu")
+    text = encode_prompt(dalle, "a red square")
+    expected = sample_image_tokens(dalle, text[None].expand(2, -1), row_uniforms([0, 1], 16))  # no top-k, no guidance
+    assert torch.equal(torch.cat(decoded_tokens).flatten(1), expected)

@@ -230,6 +230,14 @@ def load_json(path: str | os.PathLike) -> Any:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
+# Sampling defaults of DALL-E's user-facing entry points (`duomodal generate` / `edit`, the REST API,
+# generate_images / edit_image / complete_image, the training sample grids): the 64 likeliest image tokens
+# and classifier-free guidance 3, which drew the prompted icon's shape about twice as often as plain
+# temperature-1 sampling on the icons (docs/dalle.md). `--top-k 0 --guidance 1` is plain sampling.
+DEFAULT_TOP_K = 64
+DEFAULT_GUIDANCE = 3.0
+
+
 # Presets: the one place where named setups live. Each entry is a partial dict merged over the
 # run config's defaults with `merge`. Trainers register their kind here ("vae", "dalle", "clip").
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {

@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
+from duomodal.config import DEFAULT_GUIDANCE, DEFAULT_TOP_K
 from duomodal.models.dalle import DALLE, words_of
 from duomodal.models.dalle_step import StepDecoder
 
@@ -302,9 +303,9 @@ def generate_images(
     keep: int | None = None,
     scorer: Scorer | None = None,
     temperature: float = 1.0,
-    top_k: int | None = None,
+    top_k: int | None = DEFAULT_TOP_K,
     top_p: float | None = None,
-    guidance: float = 1.0,
+    guidance: float = DEFAULT_GUIDANCE,
     seed: int = 0,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
@@ -389,9 +390,9 @@ def edit_image(
     keep: int | None = None,
     scorer: Scorer | None = None,
     temperature: float = 1.0,
-    top_k: int | None = None,
+    top_k: int | None = DEFAULT_TOP_K,
     top_p: float | None = None,
-    guidance: float = 1.0,
+    guidance: float = DEFAULT_GUIDANCE,
     seed: int = 0,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
@@ -452,9 +453,9 @@ def complete_image(
     keep: int | None = None,
     scorer: Scorer | None = None,
     temperature: float = 1.0,
-    top_k: int | None = None,
+    top_k: int | None = DEFAULT_TOP_K,
     top_p: float | None = None,
-    guidance: float = 1.0,
+    guidance: float = DEFAULT_GUIDANCE,
     seed: int = 0,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,

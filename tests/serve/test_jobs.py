@@ -179,3 +179,11 @@ def test_shutting_down_stops_a_running_job_at_its_next_progress_report():
     assert running.status == "failed" and running.error == "the server is shutting down"
     assert running.done < 1000 and time.monotonic() - started < 5
     assert waiting.status == "queued"
+
+
+def test_generate_request_defaults_to_top_k_64_and_guidance_3():
+    from duomodal.serve.schemas import GenerateRequest
+
+    request = GenerateRequest(prompt="a red heart icon")
+    assert (request.top_k, request.guidance, request.temperature) == (64, 3.0, 1.0)
+    assert GenerateRequest(prompt="red", top_k=None, guidance=1.0).top_k is None  # plain sampling on request

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from duomodal.cli.common import _progress_bar
+from duomodal.config import DEFAULT_GUIDANCE, DEFAULT_TOP_K
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, num: int, keep: int) -> None:
@@ -19,10 +20,12 @@ def _add_sampling_options(parser: argparse.ArgumentParser, num: int, keep: int) 
     parser.add_argument("--clip", default=None, metavar="CLIP_DIR",
                         help="rerank with this CLIP model (duomodal or Hugging Face CLIP directory)")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest image tokens")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                        help=f"sample among the k likeliest image tokens (default {DEFAULT_TOP_K}; 0 = all)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    parser.add_argument("--guidance", type=float, default=1.0,
-                        help="classifier-free guidance scale (1 = off; 2-4 follows the prompt more closely)")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                        help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g}; 1 = off; higher follows "
+                        "the prompt more closely, until the images degrade)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="images sampled at once (default 16)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -102,6 +105,7 @@ def _load_dalle_for_cli(args: argparse.Namespace):
     if args.keep is None:
         args.keep = min(args.default_keep, args.num) if args.num >= 1 else args.default_keep
     check_counts(args.num, args.keep, args.batch_size)
+    args.top_k = args.top_k or None  # 0 = every image token
     check_sampling(args.temperature, args.top_k, args.top_p, args.guidance)
     device = resolve_device(args.device)
     dalle = load_dalle(args.run_dir, device)

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from duomodal.config import DEFAULT_GUIDANCE, DEFAULT_TOP_K
+
 MAX_K = 200  # most results one search may ask for
 MAX_QUERY_CHARS = 500  # longest text query / prompt accepted
 MAX_ID = 2**63 - 1  # ids are int64 in the vector index
@@ -82,10 +84,11 @@ class GenerateRequest(BaseModel):
         default=None, ge=1, description="keep the best `keep` by CLIP score (default: all)"
     )
     guidance: float = Field(
-        default=1.0, ge=0.0, le=20.0, description="classifier-free guidance scale; 1 = off"
+        default=DEFAULT_GUIDANCE, ge=0.0, le=20.0, description="classifier-free guidance scale; 1 = off"
     )
     temperature: float = Field(default=1.0, gt=0.0, le=5.0)
-    top_k: int | None = Field(default=None, ge=1, le=65536, description="sample among the top k tokens")
+    top_k: int | None = Field(default=DEFAULT_TOP_K, ge=1, le=65536,
+                              description="sample among the top k tokens; null = all")
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")

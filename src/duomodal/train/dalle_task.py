@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
-from duomodal.config import atomic_write_bytes, save_json, to_dict
+from duomodal.config import DEFAULT_GUIDANCE, DEFAULT_TOP_K, atomic_write_bytes, save_json, to_dict
 from duomodal.data.dataset import DataConfig
 from duomodal.data.images import ImageError, load_image, save_grid, to_tensor
 from duomodal.data.records import Record, filter_split, load_records
@@ -59,8 +59,8 @@ class SampleConfig:
     prompt_count: int = 8  # prompts taken from the data when `prompts` is empty (half val, half heldout)
     per_prompt: int = 6  # samples per prompt (one row each, after the real image when there is one)
     temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    guidance: float = 1.0
+    top_k: int = DEFAULT_TOP_K  # 0 = off
+    guidance: float = DEFAULT_GUIDANCE
 
     def __post_init__(self) -> None:
         if self.prompt_count < 1 or self.per_prompt < 1:
