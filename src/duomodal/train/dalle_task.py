@@ -164,9 +164,13 @@ class CaptionTable:
         rows: list[list[int]] = []
         offsets = [0]
         self.truncated = 0
+        # one batch call for all captions (the tokenizer runs it in parallel), then split per record
+        flat = tokenizer.hf.encode_batch([c for record in records for c in record.captions])
+        start = 0
         for record in records:
-            encoded = [[tokenizer.bos_id, *ids, tokenizer.eos_id]
-                       for ids in (e.ids for e in tokenizer.hf.encode_batch(list(record.captions)))]
+            count = len(record.captions)
+            encoded = [[tokenizer.bos_id, *e.ids, tokenizer.eos_id] for e in flat[start : start + count]]
+            start += count
             fitting = [ids for ids in encoded if len(ids) <= context]
             if not fitting:  # no caption fits: keep the shortest, cut before EOS
                 shortest = min(encoded, key=len)
