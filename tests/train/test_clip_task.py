@@ -109,6 +109,7 @@ WORKER = textwrap.dedent(
     captions = [f"a {a} {b} {c} icon" for a in words for b in words for c in words[::-1]]
     with open(f"{out_dir}/tokenizer{rank}.json", "w") as f:
         f.write(train_tokenizer(captions, 200).hf.to_str())
+    dist.barrier()  # leaving while the peer still talks over gloo can abort the process
     dist.destroy_process_group()
     """
 )

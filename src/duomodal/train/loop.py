@@ -480,7 +480,11 @@ def train(
     Under torchrun (WORLD_SIZE > 1) each process calls this; the result is the same on all."""
     info = init_distributed(device)
     try:
-        return _Trainer(task, config, Path(out_dir), info, run_config).run(resume)
+        result = _Trainer(task, config, Path(out_dir), info, run_config).run(resume)
+        # no rank leaves while rank 0 still writes: a process that exits with gloo connected to a busy
+        # peer can abort ("terminate called without an active exception")
+        barrier(info)
+        return result
     finally:
         shutdown(info)
 
