@@ -80,10 +80,11 @@ def main() -> None:
     parser.add_argument("--clip", default=None, help="grid only: rerank with this CLIP directory (keep 8 of --rerank-from)")
     parser.add_argument("--rerank-from", type=int, default=32, help="grid only: images generated per row with --clip")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None, help="default: off (0 = off too)")
+    parser.add_argument("--guidance", type=float, default=1.0, help="default 1: off (plain sampling)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    args.top_k = args.top_k or None
 
     data = Path(args.data)
     palette = json.loads((data / "dataset.json").read_text())["palette"]

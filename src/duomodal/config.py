@@ -260,7 +260,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "dalle": {
-        # 32 px icons through the quick VAE (8x8 grid of 512 codes), 16 text tokens; ~6 minutes on 2 idle CPU
+        # 32 px icons through the quick VAE (8x8 grid of 512 codes), 16 text tokens; ~5 minutes on 2 idle CPU
         # cores. Width 128 trains 2.5x the images per second of width 256 and reached the same held-out loss
         # in 57% of the time; below ~1.5 epochs the samples are colour blobs (docs/dalle.md)
         "quick": {
