@@ -261,8 +261,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "dalle": {
         # 32 px icons through the quick VAE (8x8 grid of 512 codes), 16 text tokens; ~5 minutes on 2 idle CPU
-        # cores. Width 128 trains 2.5x the images per second of width 256 and reached the same held-out loss
-        # in 57% of the time; below ~1.5 epochs the samples are colour blobs (docs/dalle.md)
+        # cores. Width 128 trains 2.3-2.5x the images per second of width 256 and learned more per second of
+        # training; runs of under one epoch drew colour blobs, not shapes (docs/dalle.md)
         "quick": {
             "model": {"text_seq_len": 16, "text_vocab_size": 1024, "n_layer": 4, "n_head": 4, "n_embd": 128,
                       "attention_types": ["full"], "caption_dropout": 0.1},

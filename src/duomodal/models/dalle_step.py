@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duomodal.models.dalle import DALLE
+from duomodal.models.dalle import DALLE, mask_bias
 
 
 def packed_linears_available(device: torch.device) -> bool:
@@ -93,8 +93,7 @@ class StepDecoder:
             kind = c.layer_attention(layer)
             if kind != "full" and kind not in biases:
                 mask: torch.Tensor = getattr(model, f"mask_{kind}")
-                bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-                biases[kind] = bias.masked_fill_(~mask, float("-inf"))
+                biases[kind] = mask_bias(mask, dtype)
         self.mask_bias = [biases.get(c.layer_attention(layer)) for layer in range(c.n_layer)]
         G = c.image_grid_size
         self.embedding = model.image_embedding.weight.detach().to(dtype)
