@@ -211,7 +211,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     backward pass dominates a training step at these short sequences: there the scores are computed
     explicitly, all in bf16 (the scale applied to the queries, not the larger scores; torch's CPU
     softmax accumulates in fp32 inside the kernel) and the mask added inside the matmul: the bf16 step at
-    DALLE-pytorch's size went from ~780 ms (SDPA, then fp32 scores) to ~565 ms (docs/dalle.md). Both
+    DALLE-pytorch's size went from ~780 ms with fp32 scores to ~565 ms (docs/dalle.md). Both
     compute the same function.
     """
     if not (q.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
