@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -85,6 +86,9 @@ def barrier(info: DistInfo) -> None:
 
 def shutdown(info: DistInfo) -> None:
     if info.enabled and info.owns_group and dist.is_initialized():
+        # DDP wrappers sit in reference cycles that hold the process group: collect them while the
+        # group is up, so its gloo threads are not left to interpreter teardown
+        gc.collect()
         dist.destroy_process_group()
 
 
