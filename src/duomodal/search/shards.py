@@ -45,9 +45,8 @@ class Distributed:
         return cls(dist.get_rank(), dist.get_world_size(), owns)
 
     def close(self) -> None:
-        """Wait for every rank, then end the process group if this object started it. A rank that
-        exits with gloo still connected to a busy peer can abort ("terminate called without an active
-        exception"), so no rank leaves before rank 0 has merged."""
+        """Wait for every rank, then end the process group if this object started it: no rank leaves
+        before rank 0 has merged."""
         if self.world_size == 1 or not self.owns_group:
             return
         import torch.distributed as dist

@@ -481,8 +481,7 @@ def train(
     info = init_distributed(device)
     try:
         result = _Trainer(task, config, Path(out_dir), info, run_config).run(resume)
-        # no rank leaves while rank 0 still writes: a process that exits with gloo connected to a busy
-        # peer can abort ("terminate called without an active exception")
+        # no rank leaves while rank 0 still writes
         barrier(info)
         return result
     finally:
