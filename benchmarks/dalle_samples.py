@@ -31,8 +31,9 @@ import numpy as np
 
 from duomodal.data.images import to_pil, to_tensor
 from duomodal.evaluate.metrics import dominant_color, ink_mask, template_ranks
-from duomodal.generate import _decode, _image_tokens, generate_images
+from duomodal.generate import decode_tokens, generate_images, image_tokens
 from duomodal.models.dalle import load_dalle
+from duomodal.models.sampling import SamplingOptions
 
 # (icon, colour) rows of the grid: held-out combinations of the icons-32 dataset (never trained on; the
 # icon was seen in other colours), then four trained ones
@@ -104,9 +105,9 @@ def main() -> None:
         for entry in chosen:
             prompt = caption(entry)
             try:
-                result = generate_images(dalle, prompt, num=args.per_prompt, temperature=args.temperature,
-                                         top_k=args.top_k, guidance=args.guidance, seed=0,
-                                         batch_size=args.per_prompt)
+                options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, guidance=args.guidance,
+                                          batch_size=args.per_prompt)
+                result = generate_images(dalle, prompt, num=args.per_prompt, options=options)
             except ValueError:  # a caption longer than the model's context
                 skipped += 1
                 continue
@@ -116,7 +117,7 @@ def main() -> None:
             generated += result.images
             wanted += [icon_index[entry["icon"]]] * len(result.images)
             real = to_pil(to_tensor(Image.open(data / entry["file"]), size))
-            reconstructed += _decode(dalle, _image_tokens(dalle, real)[None])
+            reconstructed += decode_tokens(dalle, image_tokens(dalle, real)[None])
             wanted_real.append(icon_index[entry["icon"]])
         shape = shape_figures(generated, wanted, masks, size)
         blind = shape_figures(generated, [wanted[(i + args.per_prompt) % len(wanted)] for i in range(len(wanted))],
@@ -148,8 +149,9 @@ def main() -> None:
         for r, (entry, split) in enumerate(rows_spec):
             prompt = caption(entry)
             num = args.rerank_from if scorer is not None else 8
-            result = generate_images(dalle, prompt, num=num, keep=8, scorer=scorer, temperature=args.temperature,
-                                     top_k=args.top_k, guidance=args.guidance, seed=0, batch_size=min(num, 32))
+            options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, guidance=args.guidance,
+                                      batch_size=min(num, 32))
+            result = generate_images(dalle, prompt, num=num, keep=8, scorer=scorer, options=options)
             real = Image.open(data / entry["file"]).convert("RGB").resize((size, size))
             for c, image in enumerate([real, *result.images]):
                 grid.paste(image.resize((cell, cell), Image.NEAREST), (c * (cell + 2), r * (cell + 2)))

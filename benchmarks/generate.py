@@ -27,8 +27,9 @@ import time
 import torch
 
 from dalle_pytorch_ref import import_dalle_pytorch, reference_dalle
-from duomodal.generate import bf16_supported, row_uniforms, sample_image_tokens
+from duomodal.device import bf16_supported
 from duomodal.models.dalle import DALLE, DALLEConfig
+from duomodal.models.sampling import row_uniforms, sample_image_tokens
 
 DALLE_PYTORCH_SAMPLING = 78.0  # image tokens/s at batch 4, dim 256, depth 4, 256 image tokens (issue 4)
 

@@ -1,4 +1,4 @@
-"""Config machinery: strict from_dict, command-line overrides, merge, atomic JSON writes, presets."""
+"""Config machinery: strict from_dict, command-line overrides, merge, presets."""
 
 from __future__ import annotations
 
@@ -9,20 +9,7 @@ from typing import Literal
 
 import pytest
 
-from duomodal import config as config_module
-from duomodal.config import (
-    PRESETS,
-    ConfigError,
-    atomic_write_bytes,
-    atomic_write_text,
-    from_dict,
-    load_json,
-    merge,
-    override,
-    preset,
-    save_json,
-    to_dict,
-)
+from duomodal.config import PRESETS, ConfigError, from_dict, merge, override, preset, to_dict
 
 
 @dataclass(frozen=True)
@@ -179,50 +166,6 @@ def test_presets_are_partial_dicts_for_merge():
     for kind, presets in PRESETS.items():
         for name in presets:
             assert isinstance(preset(kind, name), dict)
-
-
-# --- files --------------------------------------------------------------------------------------
-
-
-def test_save_and_load_json(tmp_path):
-    run = Run(train=TrainPart(name="ünïcode"))
-    path = tmp_path / "deep" / "config.json"
-    save_json(run, path)
-    text = path.read_text(encoding="utf-8")
-    assert text.endswith("\n") and '"lr": 0.0003' in text
-    assert from_dict(Run, load_json(path)) == run
-    assert [p.name for p in path.parent.iterdir()] == ["config.json"]  # no temporary file left
-
-
-def test_load_json_errors(tmp_path):
-    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'none.json'} does not exist$"):
-        load_json(tmp_path / "none.json")
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ConfigError, match=r"bad.json is not valid JSON: Expecting property name"):
-        load_json(tmp_path / "bad.json")
-
-
-def test_atomic_write_replaces_whole_files(tmp_path):
-    path = tmp_path / "file.bin"
-    atomic_write_bytes(path, b"old")
-    atomic_write_text(path, "new ✓")
-    assert path.read_text(encoding="utf-8") == "new ✓"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
-
-
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
-    path = tmp_path / "config.json"
-    save_json({"a": 1}, path)
-
-    def failing_fsync(fd):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(config_module.os, "fsync", failing_fsync)
-    with pytest.raises(OSError, match="disk full"):
-        save_json({"a": 2}, path)
-    monkeypatch.undo()
-    assert load_json(path) == {"a": 1}  # a reader sees the old file, whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # and no temporary file
 
 
 def test_configs_are_frozen():

@@ -11,31 +11,23 @@ from duomodal.generate import (
     MAX_NUM,
     GenerationError,
     box_to_token_mask,
-    choose_tokens,
     complete_image,
     edit_image,
     encode_prompt,
     generate_images,
     unseen_words,
 )
-from duomodal.models.dalle import DALLE, DALLEConfig
+from duomodal.models.dalle import DALLE, DALLEConfig, DalleRun
+from duomodal.models.sampling import SamplingOptions
 from duomodal.models.vae import DiscreteVAE, VAEConfig
 from duomodal.text.tokenizer import Tokenizer
 
+FP32 = SamplingOptions(precision="fp32")
 CAPTIONS = ["a red square", "a blue circle", "a green triangle", "square, red", "circle, blue"] * 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def dalle() -> DALLE:
+def dalle() -> DalleRun:
     torch.manual_seed(0)
     vae = DiscreteVAE(VAEConfig(image_size=16, n_downsample=2, width=8, max_width=16, res_blocks=0,
                                 codebook_size=32, codebook_dim=8)).eval()
@@ -45,8 +37,7 @@ def dalle() -> DALLE:
     model = DALLE(config).eval()
     with torch.no_grad():
         model.image_head.weight.mul_(10)  # peaked distributions, as in a trained model
-    model.attach(vae, tokenizer, {"a", "red", "square", "blue", "circle", "green", "triangle"})
-    return model
+    return DalleRun(model, vae, tokenizer, frozenset({"a", "red", "square", "blue", "circle", "green", "triangle"}))
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -65,20 +56,22 @@ class RednessScorer:
 
 
 def test_generate_counts_seeds_and_reproducibility(dalle):
-    result = generate_images(dalle, "a red square", num=5, keep=3, batch_size=2, seed=10, precision="fp32")
+    result = generate_images(dalle, "a red square", num=5, keep=3,
+                             options=SamplingOptions(batch_size=2, seed=10, precision="fp32"))
     assert len(result.images) == 3 and result.images[0].size == (16, 16)
     assert result.seeds == [10, 11, 12] and result.indices == [0, 1, 2] and result.scores is None
     # an image depends on its seed only, not on the batch it was drawn in
-    alone = generate_images(dalle, "a red square", num=1, seed=12, precision="fp32")
+    alone = generate_images(dalle, "a red square", num=1, options=SamplingOptions(seed=12, precision="fp32"))
     assert np.array_equal(pixels(alone.images[0]), pixels(result.images[2]))
-    other = generate_images(dalle, "a red square", num=3, seed=10, batch_size=3, precision="fp32")
+    other = generate_images(dalle, "a red square", num=3,
+                            options=SamplingOptions(seed=10, batch_size=3, precision="fp32"))
     assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(other.images, result.images))
 
 
 def test_reranking_keeps_the_best_by_score(dalle):
     scorer = RednessScorer()
-    result = generate_images(dalle, "a red square", num=6, keep=2, scorer=scorer, precision="fp32")
-    every = generate_images(dalle, "a red square", num=6, precision="fp32")
+    result = generate_images(dalle, "a red square", num=6, keep=2, scorer=scorer, options=FP32)
+    every = generate_images(dalle, "a red square", num=6, options=FP32)
     all_scores = scorer.score(every.images, ["x"] * 6)
     best = sorted(range(6), key=lambda i: -float(all_scores[i]))[:2]
     assert result.indices == best and result.seeds == best
@@ -88,24 +81,9 @@ def test_reranking_keeps_the_best_by_score(dalle):
 
 def test_guidance_runs_and_progress_is_reported(dalle):
     seen = []
-    result = generate_images(dalle, "a blue circle", num=3, batch_size=2, guidance=3.0, top_k=8, top_p=0.9,
-                             progress=lambda done, total: seen.append((done, total)))
+    result = generate_images(dalle, "a blue circle", num=3,
+                             options=SamplingOptions(batch_size=2, guidance=3.0, top_k=8, top_p=0.9), progress=lambda done, total: seen.append((done, total)))
     assert len(result.images) == 3 and seen == [(2, 3), (3, 3)]
-
-
-def test_choose_tokens_filters():
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
-    u = torch.tensor([0.999])
-    assert choose_tokens(logits, u, 0.0, None, None).item() == 1  # greedy
-    assert choose_tokens(logits, u, 1.0, 1, None).item() == 1  # top-k 1 = greedy
-    assert choose_tokens(logits, u, 1.0, None, 1e-6).item() == 1  # tiny top-p = greedy
-    assert choose_tokens(logits, u, 1.0, 2, None).item() == 3  # the 2 likeliest are 1 and 3
-    # inverse CDF follows the softmax probabilities
-    n = 20000
-    uniforms = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    picks = choose_tokens(logits.expand(n, -1), uniforms, 1.0, None, None)
-    freq = torch.bincount(picks, minlength=4).double() / n
-    assert torch.allclose(freq, torch.softmax(logits[0].double(), 0), atol=0.015)
 
 
 def test_bad_requests_have_clear_errors(dalle):
@@ -118,9 +96,9 @@ def test_bad_requests_have_clear_errors(dalle):
     with pytest.raises(GenerationError, match=r"characters this model's tokenizer never saw, in: sq€are"):
         generate_images(dalle, "a red sq€are", num=1)
     with pytest.raises(GenerationError, match=r"^top_p must be in \(0, 1\], got 0.0$"):
-        generate_images(dalle, "a red square", num=1, top_p=0.0)
+        generate_images(dalle, "a red square", num=1, options=SamplingOptions(top_p=0.0))
     with pytest.raises(GenerationError, match=r"^temperature must be >= 0 \(0 = greedy\), got -1.0$"):
-        generate_images(dalle, "a red square", num=1, temperature=-1.0)
+        generate_images(dalle, "a red square", num=1, options=SamplingOptions(temperature=-1.0))
     assert encode_prompt(dalle, "").tolist()[:2] == [2, 3]  # the empty prompt is the unconditional one
     assert unseen_words(dalle, "A purple square") == ["purple"]
 
@@ -139,7 +117,7 @@ def test_box_maps_to_token_cells():
 def test_edit_keeps_everything_outside_the_box(dalle):
     rng = np.random.default_rng(0)
     source = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
-    result = edit_image(dalle, source, (5, 4, 11, 8), "a blue circle", num=4, keep=3, precision="fp32")
+    result = edit_image(dalle, source, (5, 4, 11, 8), "a blue circle", num=4, keep=3, options=FP32)
     assert len(result.images) == 3 and result.score_kind == "fit" and len(result.scores) == 3
     assert result.scores == sorted(result.scores, reverse=True)
     original = pixels(source)
@@ -157,8 +135,8 @@ def test_edit_keeps_everything_outside_the_box(dalle):
 
 def test_completion_is_reproducible_and_checks_rows(dalle):
     source = Image.new("RGB", (16, 16), (200, 30, 30))
-    a = complete_image(dalle, source, "a red square", rows=2, num=2, seed=4, precision="fp32")
-    b = complete_image(dalle, source, "a red square", rows=2, num=2, seed=4, precision="fp32")
+    a = complete_image(dalle, source, "a red square", rows=2, num=2, options=SamplingOptions(seed=4, precision="fp32"))
+    b = complete_image(dalle, source, "a red square", rows=2, num=2, options=SamplingOptions(seed=4, precision="fp32"))
     assert all(np.array_equal(pixels(x), pixels(y)) for x, y in zip(a.images, b.images))
     with pytest.raises(GenerationError, match=r"rows must be between 0 and 3 \(the token grid has 4 rows\), got 4"):
         complete_image(dalle, source, "a red square", rows=4)

@@ -113,9 +113,9 @@ def test_prime_errors_are_one_clear_line(dalle_run, shape_dataset, tmp_path, cap
 
 def test_sampling_defaults_and_plain_sampling(dalle_run, decoded_tokens, tmp_path):
     """By default top-k 64 with guidance 3 (recorded in the JSON); `--top-k 0 --guidance 1` is plain sampling."""
-    from duomodal.config import DEFAULT_GUIDANCE, DEFAULT_TOP_K
-    from duomodal.generate import encode_prompt, row_uniforms, sample_image_tokens
+    from duomodal.generate import encode_prompt
     from duomodal.models.dalle import load_dalle
+    from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K, row_uniforms, sample_image_tokens
 
     assert (DEFAULT_TOP_K, DEFAULT_GUIDANCE) == (64, 3.0)
     out = tmp_path / "default.png"
@@ -129,7 +129,7 @@ def test_sampling_defaults_and_plain_sampling(dalle_run, decoded_tokens, tmp_pat
                  "--out", str(plain), "--device", "cpu"]) == 0
     record = json.loads(plain.with_suffix(".json").read_text())
     assert record["top_k"] is None and record["guidance"] == 1.0
-    dalle = load_dalle(dalle_run, "cpu")
-    text = encode_prompt(dalle, "a red square")
-    expected = sample_image_tokens(dalle, text[None].expand(2, -1), row_uniforms([0, 1], 16))  # no top-k, no guidance
+    run = load_dalle(dalle_run, "cpu")
+    text = encode_prompt(run, "a red square")
+    expected = sample_image_tokens(run.model, text[None].expand(2, -1), row_uniforms([0, 1], 16))  # no top-k, no guidance
     assert torch.equal(torch.cat(decoded_tokens).flatten(1), expected)

@@ -143,7 +143,7 @@ def save_confusion_png(matrix: torch.Tensor, labels: Sequence[str], path: str | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from duomodal.config import atomic_write_bytes
+    from duomodal.files import atomic_write_bytes
 
     n = len(labels)
     side = max(4.0, 0.45 * n + 2.0)
@@ -219,7 +219,7 @@ def write_predictions_csv(predictions: Sequence[Prediction], path: str | os.Path
     """One row per image: path, true label (if known), then label_1, prob_1, ... label_k, prob_k."""
     import io
 
-    from duomodal.config import atomic_write_text
+    from duomodal.files import atomic_write_text
 
     top_k = max((len(p.top) for p in predictions), default=0)
     buffer = io.StringIO()

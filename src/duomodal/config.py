@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import types
 import typing
-from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -191,51 +189,6 @@ def merge(config: T, changes: dict[str, Any]) -> T:
         return out
 
     return from_dict(type(config), deep_update(to_dict(config), changes))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # leave no half-written temporary file behind
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def save_json(data: Any, path: str | os.PathLike) -> None:
-    """Save a config (dataclass) or plain data as indented JSON, atomically."""
-    if dataclasses.is_dataclass(data):
-        data = to_dict(data)
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def load_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-
-
-# Sampling defaults of DALL-E's user-facing entry points (`duomodal generate` / `edit`, the REST API,
-# generate_images / edit_image / complete_image, the training sample grids): the 64 likeliest image tokens
-# and classifier-free guidance 3, which drew the prompted icon's shape about twice as often as plain
-# temperature-1 sampling on the icons (docs/dalle.md). `--top-k 0 --guidance 1` is plain sampling.
-DEFAULT_TOP_K = 64
-DEFAULT_GUIDANCE = 3.0
 
 
 # Presets: the one place where named setups live. Each entry is a partial dict merged over the

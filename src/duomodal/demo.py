@@ -15,7 +15,6 @@ from pathlib import Path
 
 from duomodal.train.checkpoints import list_checkpoints
 
-
 TRAINER_KINDS = ("vae", "dalle", "clip")
 
 

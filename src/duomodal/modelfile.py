@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from duomodal.config import ConfigError, atomic_write_bytes, atomic_write_text, load_json, save_json
+from duomodal.config import ConfigError
+from duomodal.files import atomic_write_bytes, atomic_write_text, load_json, save_json
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"

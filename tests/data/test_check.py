@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from duomodal.cli import main
-from duomodal.data.scan import check_dataset, file_sha256
+from duomodal.data.scan import check_dataset
 
 
 def crafted_png(path: Path, width: int, height: int) -> None:
@@ -151,9 +151,3 @@ def test_check_dataset_api_and_progress(shape_dataset, capsys):
     }
     with pytest.raises(ValueError, match=r"^max_pixels must be at least 1, got 0$"):
         check_dataset(shape_dataset, max_pixels=0)
-
-
-def test_file_sha256(tmp_path):
-    path = tmp_path / "f.bin"
-    path.write_bytes(b"abc")
-    assert file_sha256(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from duomodal.config import save_json
 from duomodal.data.icons import captions_for
+from duomodal.files import save_json
 
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
 PALETTE = {name: "#%02x%02x%02x" % rgb for name, rgb in COLORS.items()}

@@ -25,6 +25,8 @@ from duomodal.data.icons import captions_for
 from duomodal.evaluate import EvalError, EvalOptions, run_evaluation
 from duomodal.evaluate.metrics import dominant_color
 from duomodal.modelfile import save_model
+from duomodal.models.dalle import DalleRun
+from duomodal.models.sampling import SamplingOptions
 from duomodal.models.vae import DiscreteVAE, VAEConfig
 
 from .conftest import COLORS, HELDOUT, PALETTE, SHAPES
@@ -112,11 +114,12 @@ class FakeDalle(torch.nn.Module):
         return None, torch.zeros(B, n + 1, self.vae.codebook_size) + self.weight
 
 
-def fake_generate(dalle, prompt, num=16, keep=None, scorer=None, seed=0, batch_size=16, **kwargs):
+def fake_generate(run, prompt, num=16, keep=None, scorer=None, options=SamplingOptions(), **kwargs):
     """Even seeds: the prompted shape in the prompted colour; odd seeds: the wrong colour and shape."""
     color, shape = words(prompt.replace(",", " "), COLORS), words(prompt.replace(",", " "), SHAPES)
     wrong_color = [c for c in COLORS if c != color][0]
     wrong_shape = [s for s in SHAPES if s != shape][0]
+    seed = options.seed
     images = [draw(shape, color) if (seed + i) % 2 == 0 else draw(wrong_shape, wrong_color) for i in range(num)]
     return types.SimpleNamespace(images=images, scores=None, prompt=prompt)
 
@@ -128,7 +131,13 @@ def fakes(monkeypatch, vae_dir):
     clips = {"reranker": FakeClip("color", "fake:reranker"), "judge": FakeClip("shape", "fake:judge"),
              "same": FakeClip("shape", "fake:reranker")}
     monkeypatch.setattr("duomodal.models.clip.load_clip", lambda path, device=None: clips[Path(path).name])
-    monkeypatch.setattr("duomodal.models.dalle.load_dalle", lambda path, device=None: FakeDalle(load_vae(vae_dir)))
+
+    def fake_load_dalle(path, device=None):
+        vae = load_vae(vae_dir)
+        model = FakeDalle(vae)
+        return DalleRun(model, vae, model.tokenizer)
+
+    monkeypatch.setattr("duomodal.models.dalle.load_dalle", fake_load_dalle)
     monkeypatch.setattr("duomodal.generate.generate_images", fake_generate)
     return clips
 
@@ -315,10 +324,10 @@ def test_sampling_settings_are_checked_and_recorded(tmp_path, data, fakes):
 def test_a_prompt_the_model_cannot_read_is_skipped_and_counted(tmp_path, data, fakes, monkeypatch):
     from duomodal.generate import GenerationError
 
-    def picky(dalle, prompt, **kwargs):
+    def picky(run, prompt, **kwargs):
         if "triangle" in prompt:
             raise GenerationError(f"prompt {prompt!r} has characters this model's tokenizer never saw, in: triangle")
-        return fake_generate(dalle, prompt, **kwargs)
+        return fake_generate(run, prompt, **kwargs)
 
     monkeypatch.setattr("duomodal.generate.generate_images", picky)
     lines: list[str] = []

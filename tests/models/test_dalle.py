@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from duomodal.config import ConfigError, from_dict, to_dict
-from duomodal.generate import row_uniforms, sample_image_tokens
 from duomodal.models.dalle import (
     ATTENTION_TYPES,
     DALLE,
@@ -23,17 +22,9 @@ from duomodal.models.dalle import (
 )
 from duomodal.modelfile import ModelFileError, save_model
 from duomodal.models.dalle_step import StepDecoder, packed_linears_available
+from duomodal.models.sampling import choose_tokens, row_uniforms, sample_image_tokens
 
 T, G, VT, VI = 6, 4, 64, 32  # text positions, grid side, text vocab, image codebook
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(**changes) -> DALLEConfig:
@@ -261,6 +252,21 @@ def test_fixed_tokens_are_kept_and_the_rest_sampled_in_order():
     assert not torch.equal(fast[:, ~fixed_mask], image[:, ~fixed_mask])
 
 
+def test_choose_tokens_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    u = torch.tensor([0.999])
+    assert choose_tokens(logits, u, 0.0, None, None).item() == 1  # greedy
+    assert choose_tokens(logits, u, 1.0, 1, None).item() == 1  # top-k 1 = greedy
+    assert choose_tokens(logits, u, 1.0, None, 1e-6).item() == 1  # tiny top-p = greedy
+    assert choose_tokens(logits, u, 1.0, 2, None).item() == 3  # the 2 likeliest are 1 and 3
+    # inverse CDF follows the softmax probabilities
+    n = 20000
+    uniforms = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    picks = choose_tokens(logits.expand(n, -1), uniforms, 1.0, None, None)
+    freq = torch.bincount(picks, minlength=4).double() / n
+    assert torch.allclose(freq, torch.softmax(logits[0].double(), 0), atol=0.015)
+
+
 def test_overfits_one_batch():
     torch.manual_seed(0)
     config = tiny_config()
@@ -308,9 +314,9 @@ def test_load_dalle_roundtrip(tmp_path):
         load_dalle(run)
     tokenizer.save(run / "tokenizer.json")
     loaded = load_dalle(run)
-    assert not loaded.training and loaded.vae is not None and loaded.tokenizer.vocab_size == tokenizer.vocab_size
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-    assert not any(k.startswith("vae") for k in loaded.state_dict())  # the VAE is not part of the weights
+    assert not loaded.model.training and loaded.vae is not None and loaded.tokenizer.vocab_size == tokenizer.vocab_size
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.model.state_dict().values()))
+    assert not any(k.startswith("vae") for k in loaded.model.state_dict())  # the VAE is not part of the weights
     # a different VAE at the referenced path is refused
     other = DiscreteVAE(vae_config)
     save_model(tmp_path / "vae", "vae", to_dict(vae_config), other.state_dict())
@@ -319,7 +325,7 @@ def test_load_dalle_roundtrip(tmp_path):
 
 
 def test_bf16_sampling_uses_a_cast_copy_and_agrees_with_fp32():
-    from duomodal.generate import bf16_supported
+    from duomodal.device import bf16_supported
 
     if not bf16_supported(torch.device("cpu")):
         pytest.skip("no bf16 on this CPU")

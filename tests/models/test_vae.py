@@ -12,15 +12,6 @@ from duomodal.config import to_dict
 TINY = dict(image_size=16, n_downsample=2, width=16, max_width=32, res_blocks=1, codebook_size=32, codebook_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def shape_batch() -> torch.Tensor:
     """4 images 16x16: coloured squares and discs on white."""
     images = torch.ones(4, 3, 16, 16)

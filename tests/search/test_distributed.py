@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from duomodal.search.build import build_index
-from duomodal.search.shards import SHARD_DIR
 from duomodal.search.index import ImageIndex
+from duomodal.search.shards import SHARD_DIR
 
 from .conftest import FakeEmbedder
 from .test_index import make_images
@@ -67,7 +67,7 @@ def test_torchrun_two_processes_build_one_index(tmp_path):
 
 
 def test_shards_left_by_an_interrupted_run_are_merged_not_redone(tmp_path):
-    from duomodal.data.scan import file_sha256
+    from duomodal.files import file_sha256
     from duomodal.search.shards import write_shard
     from duomodal.search.store import NewImage
 

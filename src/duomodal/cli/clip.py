@@ -92,8 +92,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         save_confusion_png,
         write_predictions_csv,
     )
+    from duomodal.device import resolve_device
     from duomodal.models.clip import load_clip
-    from duomodal.train.distributed import resolve_device
 
     images = find_images(args.inputs, args.label_field)
     labels = _resolve_labels(args, sorted({label for _, label in images if label is not None}))
@@ -136,8 +136,8 @@ def _cmd_clip_eval(args: argparse.Namespace) -> int:
 
     from duomodal.classify import TEMPLATE_SETS, evaluate_records, label_classes_of
     from duomodal.data.records import filter_split, load_records
+    from duomodal.device import resolve_device
     from duomodal.models.clip import load_clip
-    from duomodal.train.distributed import resolve_device
 
     records = load_records(args.data)
     chosen = filter_split(records, args.split)

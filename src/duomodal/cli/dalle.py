@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from duomodal.cli.common import _progress_bar
-from duomodal.config import DEFAULT_GUIDANCE, DEFAULT_TOP_K
+from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K, PRECISIONS
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, num: int, keep: int) -> None:
@@ -28,7 +28,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser, num: int, keep: int) 
                         "the prompt more closely, until the images degrade)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="images sampled at once (default 16)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16 on CUDA, fp32 on the CPU (measured faster there)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
 
@@ -97,32 +97,36 @@ def _model_image(path: str, size: int, needs: str, note: str = ""):
 
 
 def _load_dalle_for_cli(args: argparse.Namespace):
-    """The model and scorer, after checking the counts, sampling options and prompt (errors come first)."""
-    from duomodal.generate import check_counts, check_sampling, encode_prompt
+    """The DALL-E run, the scorer and the sampling options, after checking the counts, sampling options and
+    prompt (errors come before the slow loading)."""
+    from duomodal.device import resolve_device
+    from duomodal.generate import check_counts, encode_prompt
     from duomodal.models.dalle import load_dalle
-    from duomodal.train.distributed import resolve_device
+    from duomodal.models.sampling import SamplingOptions
 
     if args.keep is None:
         args.keep = min(args.default_keep, args.num) if args.num >= 1 else args.default_keep
-    check_counts(args.num, args.keep, args.batch_size)
+    check_counts(args.num, args.keep)
     args.top_k = args.top_k or None  # 0 = every image token
-    check_sampling(args.temperature, args.top_k, args.top_p, args.guidance)
+    options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                              precision=args.precision)
     device = resolve_device(args.device)
-    dalle = load_dalle(args.run_dir, device)
-    encode_prompt(dalle, args.prompt)
-    _note_prompt(dalle, args.prompt)
+    run = load_dalle(args.run_dir, device)
+    encode_prompt(run, args.prompt)
+    _note_prompt(run, args.prompt)
     scorer = None
     if args.clip:
         from duomodal.models.clip import load_clip
 
         scorer = load_clip(args.clip, device)
-    return dalle, scorer
+    return run, scorer, options
 
 
-def _note_prompt(dalle, prompt: str) -> None:
+def _note_prompt(run, prompt: str) -> None:
     from duomodal.generate import unseen_words
 
-    unseen = unseen_words(dalle, prompt)
+    unseen = unseen_words(run, prompt)
     if unseen:
         print(f"note: no training caption has the word(s) {', '.join(unseen)}; the model has not learnt them",
               file=sys.stderr)
@@ -135,8 +139,8 @@ def _write_generation(result, args: argparse.Namespace, extra: dict, first=None)
 
     import torch
 
-    from duomodal.config import atomic_write_text
     from duomodal.data.images import save_grid, to_tensor
+    from duomodal.files import atomic_write_text
 
     out = Path(args.out)
     images = ([first] if first is not None else []) + list(result.images)
@@ -167,24 +171,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--prime-rows needs --prime IMAGE, the image to complete")
     if args.prime is not None and args.prime_rows is None:
         raise ValueError("--prime needs --prime-rows R, the number of the image's token rows to keep")
-    dalle, scorer = _load_dalle_for_cli(args)
+    run, scorer, options = _load_dalle_for_cli(args)
     prime = None
     if args.prime is not None:
-        G = dalle.config.image_grid_size
+        G = run.config.image_grid_size
         if not 1 <= args.prime_rows < G:
             raise ValueError(f"--prime-rows must be from 1 to {G - 1} (this model's token grid has {G} rows), "
                              f"got {args.prime_rows}")
-        prime, _ = _model_image(args.prime, dalle.config.image_size, "--prime")
+        prime, _ = _model_image(args.prime, run.config.image_size, "--prime")
     started = time.perf_counter()
     bar, update = _progress_bar(args.num, "generate")
-    options = dict(num=args.num, keep=args.keep, scorer=scorer, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                   progress=update, precision=args.precision)
+    counts = dict(num=args.num, keep=args.keep, scorer=scorer, options=options, progress=update)
     try:
         if prime is None:
-            result = generate_images(dalle, args.prompt, **options)
+            result = generate_images(run, args.prompt, **counts)
         else:
-            result = complete_image(dalle, prime, args.prompt, rows=args.prime_rows, **options)
+            result = complete_image(run, prime, args.prompt, rows=args.prime_rows, **counts)
     finally:
         bar.close()
     seconds = time.perf_counter() - started
@@ -208,8 +210,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     from duomodal.generate import edit_image
 
     box = _parse_box(args.box)
-    dalle, scorer = _load_dalle_for_cli(args)
-    S = dalle.config.image_size
+    run, scorer, options = _load_dalle_for_cli(args)
+    S = run.config.image_size
     image, width = _model_image(args.image, S, "edit", " (the box is scaled with it)")
     if width != S:  # resized from a width x width square: check the box in its pixels, then scale it
         x0, y0, x1, y1 = box
@@ -221,11 +223,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     bar, update = _progress_bar(args.num, "edit")
     try:
-        result = edit_image(
-            dalle, image, box, args.prompt, num=args.num, keep=args.keep, scorer=scorer,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance,
-            seed=args.seed, batch_size=args.batch_size, progress=update, precision=args.precision,
-        )
+        result = edit_image(run, image, box, args.prompt, num=args.num, keep=args.keep, scorer=scorer,
+                            options=options, progress=update)
     finally:
         bar.close()
     seconds = time.perf_counter() - started

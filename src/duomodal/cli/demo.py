@@ -39,8 +39,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import time
 
     from duomodal.cli import main
-    from duomodal.config import save_json
     from duomodal.demo import DEMO_SETUPS, plan, serve_argv
+    from duomodal.files import save_json
 
     stages = plan(args.work, args.preset, args.device, args.limit, tuple(args.train_set), args.eval_prompts)
     print(f"duomodal demo ({args.preset}): {DEMO_SETUPS[args.preset].estimate}; everything goes to {args.work}",

@@ -62,21 +62,11 @@ def _add_index_options(parser: argparse.ArgumentParser, keep_recorded: bool = Fa
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _search_load_clip(path: str, device: str | None):
+def _search_load_clip(path: str, device):
     """The CLIP embedder at `path` (tests replace this to inject a small embedder)."""
     from duomodal.models.clip import load_clip
 
     return load_clip(path, device=device)
-
-
-def _index_device(args: argparse.Namespace) -> str | None:
-    if args.device:
-        return args.device
-    import torch
-
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
 
 
 def _index_options(args: argparse.Namespace, recorded: dict[str, str] | None):
@@ -117,10 +107,11 @@ def _print_build_report(report) -> None:
 
 
 def _cmd_index_build(args: argparse.Namespace) -> int:
+    from duomodal.device import resolve_device
     from duomodal.search.build import build_index
 
     options = _index_options(args, None)
-    embedder = _search_load_clip(args.clip, _index_device(args))
+    embedder = _search_load_clip(args.clip, resolve_device(args.device))
     report = build_index(args.dir, args.out, embedder, clip_path=args.clip, options=options,
                          on_skip=_print_skip, progress=not args.quiet)
     _print_build_report(report)
@@ -128,6 +119,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_index_update(args: argparse.Namespace) -> int:
+    from duomodal.device import resolve_device
     from duomodal.search.build import update_index
     from duomodal.search.store import MetadataStore
 
@@ -138,7 +130,7 @@ def _cmd_index_update(args: argparse.Namespace) -> int:
     if not clip:
         raise ValueError(f"{args.index_dir} records no CLIP directory; pass --clip CLIP_DIR")
     options = _index_options(args, recorded)
-    embedder = _search_load_clip(clip, _index_device(args))
+    embedder = _search_load_clip(clip, resolve_device(args.device))
     report = update_index(args.index_dir, embedder, options=options, on_skip=_print_skip, progress=not args.quiet)
     _print_build_report(report)
     return 0

@@ -132,7 +132,6 @@ def _cmd_train_clip(args: argparse.Namespace) -> int:
     from duomodal.config import to_dict
     from duomodal.text.tokenizer import Tokenizer
     from duomodal.train.clip_task import ClipRunConfig, ClipTask
-
     from duomodal.train.distributed import init_distributed, shutdown
 
     config = _resolve_run_config(ClipRunConfig, "clip", args)

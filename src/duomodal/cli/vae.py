@@ -22,9 +22,9 @@ def _add_vae_commands(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from duomodal.data.images import ImageError, load_image
+    from duomodal.device import resolve_device
     from duomodal.models.vae import load_vae
     from duomodal.reconstruct import reconstruct, save_reconstruction_grid
-    from duomodal.train.distributed import resolve_device
 
     vae = load_vae(args.run_dir, resolve_device(args.device))
     images, names = [], []

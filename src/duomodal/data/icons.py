@@ -47,7 +47,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from duomodal.config import atomic_write_text
+from duomodal.files import atomic_write_text
 
 # The fixed palette, ordered so that the first few colours are the most distinct from each other
 # (``colors=k`` takes the first k). Hex values are Material Design 600/700 shades, except black.

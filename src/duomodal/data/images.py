@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
-from duomodal.config import atomic_write_bytes
+from duomodal.files import atomic_write_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # 50 megapixels: a 7000x7000 photo passes; decoding it takes ~150 MB. Pillow's own guard also applies

@@ -7,7 +7,6 @@ files). Memory stays bounded by one image of at most `max_pixels` plus one hash 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from duomodal.data.images import DEFAULT_MAX_PIXELS, EMPTY, TOO_LARGE, UNREADABLE, ImageError, load_image
 from duomodal.data.records import MANIFEST, NO_CAPTION, ORPHAN_CAPTION, Problem, scan_dataset
+from duomodal.files import file_sha256
 
 DUPLICATE = "duplicate"
 # Every problem kind, in the order the summary lists them, with the summary's words for it.
@@ -30,7 +30,6 @@ PROBLEM_KINDS = {
     DUPLICATE: "duplicate files",
     MANIFEST: "manifest problems",
 }
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -67,15 +66,6 @@ class CheckReport:
             "problem_counts": self.counts(),
             "problems": [{"path": p.path, "kind": p.kind, "reason": p.reason} for p in self.problems],
         }
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_dataset(

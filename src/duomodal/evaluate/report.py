@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from duomodal.config import atomic_write_bytes, atomic_write_text
+from duomodal.files import atomic_write_bytes, atomic_write_text
 
 
 @dataclass(frozen=True)

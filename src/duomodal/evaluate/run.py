@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from duomodal.data.images import ImageError, load_image, to_pil, to_tensor
 from duomodal.data.records import Record, load_records
+from duomodal.device import resolve_device
 from duomodal.evaluate import metrics as M
 from duomodal.evaluate.report import Section, fmt, fmt_accuracy, plot_image_rows, plot_training_curves, write_report
 
@@ -73,12 +74,6 @@ class EvalResult:
     paths: dict[str, Path]  # "markdown", "html", "metrics"
 
 
-def _device(options: EvalOptions) -> torch.device:
-    if options.device:
-        return torch.device(options.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 # --- data --------------------------------------------------------------------------------------
 
 
@@ -113,8 +108,8 @@ def load_images(records: Sequence[Record], log: Log, skipped: list[str]) -> Load
 
 def dataset_palette(root: Path) -> dict[str, str]:
     """The colour palette of an icon dataset (dataset.json), else the icon recipe's PALETTE."""
-    from duomodal.config import load_json
     from duomodal.data.icons import PALETTE, SUMMARY_FILE
+    from duomodal.files import load_json
 
     summary = root / SUMMARY_FILE
     if summary.is_file():
@@ -397,13 +392,13 @@ def run_evaluation(options: EvalOptions, log: Log | None = None) -> EvalResult:
     from duomodal.evaluate.samples import evaluate_dalle
 
     if options.dalle is not None:
-        from duomodal.generate import check_sampling
+        from duomodal.models.sampling import check_sampling
 
         check_sampling(options.temperature, options.top_k, options.top_p, options.guidance)
     records = load_records(options.data, options.val_fraction)
     ctx = EvalContext(
         options=options,
-        device=_device(options),
+        device=resolve_device(options.device),
         by_split={s: [r for r in records if r.split == s] for s in ("train", "val", "heldout")},
         palette=dataset_palette(Path(options.data)),
         icons=sorted({r.labels["icon"] for r in records if "icon" in r.labels}),

@@ -43,6 +43,8 @@ from duomodal.data.records import Record
 from duomodal.evaluate import metrics as M
 from duomodal.evaluate.report import Section, fmt, fmt_accuracy, plot_image_rows
 from duomodal.evaluate.shape import Judge, TemplateMatcher, TemplateScores, independence
+from duomodal.models.dalle import DalleRun
+from duomodal.models.sampling import SamplingOptions
 
 PROMPT_SPLITS = ("train", "heldout")
 LIKELIHOOD_SPLITS = ("train", "val", "heldout")
@@ -75,10 +77,11 @@ def choose_prompts(records: Sequence[Record], count: int, seed: int, palette: di
 
 
 @torch.no_grad()
-def image_token_nats(dalle: Any, images: Sequence[Image.Image], captions: Sequence[str], batch_size: int) -> tuple[float, int]:
+def image_token_nats(run: DalleRun, images: Sequence[Image.Image], captions: Sequence[str], batch_size: int) -> tuple[float, int]:
     """(mean cross-entropy in nats per image token, tokens counted) of real images given their captions."""
     if not images:
         raise M.MetricError("no images to measure the likelihood of")
+    dalle = run.model
     was_training = dalle.training
     dalle.eval()
     device = next(dalle.parameters()).device
@@ -86,10 +89,10 @@ def image_token_nats(dalle: Any, images: Sequence[Image.Image], captions: Sequen
     try:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            pixels = torch.stack([to_tensor(im, dalle.vae.image_size) for im in chunk]).to(device)
-            tokens = dalle.vae.encode(pixels).flatten(1).to(device)  # (B, N)
-            text = dalle.tokenizer.encode_batch(list(captions[start : start + batch_size]),
-                                                dalle.config.text_seq_len, truncate=True).to(device)  # (B, T)
+            pixels = torch.stack([to_tensor(im, run.vae.image_size) for im in chunk]).to(device)
+            tokens = run.vae.encode(pixels).flatten(1).to(device)  # (B, N)
+            text = run.tokenizer.encode_batch(list(captions[start : start + batch_size]),
+                                                run.config.text_seq_len, truncate=True).to(device)  # (B, T)
             _, image_logits = dalle(text, tokens[:, :-1])  # (B, N, V)
             total += float(F.cross_entropy(image_logits.float().flatten(0, 1), tokens.flatten(), reduction="sum"))
             count += tokens.numel()
@@ -116,13 +119,14 @@ class PromptSamples:
     name_blind_iou: list[float | None] | None = None  # IoU of each image with another prompt's icon
 
 
-def sample_prompt(dalle: Any, prompt: Prompt, index: int, options: Any, palette: dict[str, str],
+def sample_prompt(run: DalleRun, prompt: Prompt, index: int, options: Any, palette: dict[str, str],
                   reranker: Any, judge: Judge | None, matcher: TemplateMatcher | None, generated: int) -> PromptSamples:
     from duomodal.generate import generate_images
 
-    result = generate_images(dalle, prompt.text, num=generated, seed=options.seed + index * SEED_STRIDE,
-                             batch_size=min(generated, options.batch_size), temperature=options.temperature,
-                             top_k=options.top_k, top_p=options.top_p, guidance=options.guidance)
+    sampling = SamplingOptions(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+                               guidance=options.guidance, seed=options.seed + index * SEED_STRIDE,
+                               batch_size=min(generated, options.batch_size))
+    result = generate_images(run, prompt.text, num=generated, options=sampling)
     images = result.images
     colors = [M.dominant_color(im, palette) for im in images]
     shapes = judge_scores = None
@@ -221,9 +225,9 @@ def evaluate_dalle(ctx: Any) -> tuple[dict[str, Any], list[Section]]:
     """Likelihood, prompt samples and reranking. `ctx` is the run's ``EvalContext``."""
     from duomodal.models.dalle import load_dalle
 
-    dalle = load_dalle(ctx.options.dalle, device=ctx.device)
+    run = load_dalle(ctx.options.dalle, device=ctx.device)
     result: dict[str, Any] = {"path": str(ctx.options.dalle)}
-    result["bits_per_image_token"], likelihood = likelihood_section(dalle, ctx)
+    result["bits_per_image_token"], likelihood = likelihood_section(run, ctx)
     samples_section = Section("DALL-E: samples, colour and shape accuracy")
     if not _has_labels(ctx.by_split):
         reason = "the dataset has no icon/color labels (an icon dataset from `duomodal data icons` has them)"
@@ -234,14 +238,14 @@ def evaluate_dalle(ctx: Any) -> tuple[dict[str, Any], list[Section]]:
     matcher = None
     if len(ctx.icons) >= 2:
         records = [r for split in ctx.by_split.values() for r in split]
-        matcher = TemplateMatcher.from_records(records, dalle.config.image_size, ctx.log)
+        matcher = TemplateMatcher.from_records(records, run.config.image_size, ctx.log)
     rerank_section = Section("Reranking with CLIP")
-    result.update(sample_splits(dalle, ctx, reranker, judge, matcher, result["judge"], samples_section,
+    result.update(sample_splits(run, ctx, reranker, judge, matcher, result["judge"], samples_section,
                                 rerank_section))
     return result, [likelihood, samples_section, rerank_section]
 
 
-def likelihood_section(dalle: Any, ctx: Any) -> tuple[dict[str, Any], Section]:
+def likelihood_section(run: DalleRun, ctx: Any) -> tuple[dict[str, Any], Section]:
     """Bits per image token of real images given their first caption, per split."""
     section = Section("DALL-E: likelihood of real images")
     figures: dict[str, Any] = {}
@@ -252,12 +256,12 @@ def likelihood_section(dalle: Any, ctx: Any) -> tuple[dict[str, Any], Section]:
             figures[split] = {"bits": None, "images": 0}
             rows.append((split, "0", "n/a", "n/a"))
             continue
-        nats, tokens = image_token_nats(dalle, loaded.images, [r.captions[0] for r in loaded.records],
+        nats, tokens = image_token_nats(run, loaded.images, [r.captions[0] for r in loaded.records],
                                         ctx.options.batch_size)
         bits = M.bits_per_token(nats)
         figures[split] = {"bits": bits, "nats": nats, "images": len(loaded.images), "tokens": tokens}
         rows.append((split, str(len(loaded.images)), fmt(bits, 3), fmt(nats, 3)))
-    uniform = M.bits_per_token(math.log(dalle.vae.codebook_size))
+    uniform = M.bits_per_token(math.log(run.vae.codebook_size))
     section.table(("split", "images", "bits / image token", "nats / image token"), rows,
                   caption="Cross-entropy of the VAE tokens of real images given their first caption "
                   f"(uniform guessing would be {uniform:.2f} bits).")
@@ -279,7 +283,7 @@ def scorers(ctx: Any) -> tuple[Any, Judge | None, dict[str, Any]]:
     return reranker, judge, info
 
 
-def sample_splits(dalle: Any, ctx: Any, reranker: Any, judge: Judge | None, matcher: TemplateMatcher | None,
+def sample_splits(run: DalleRun, ctx: Any, reranker: Any, judge: Judge | None, matcher: TemplateMatcher | None,
                   judge_info: dict[str, Any], samples_section: Section, rerank_section: Section) -> dict[str, Any]:
     """Sample every prompt of both prompt splits; fill the two sections; return the figures."""
     from duomodal.generate import GenerationError
@@ -297,7 +301,7 @@ def sample_splits(dalle: Any, ctx: Any, reranker: Any, judge: Judge | None, matc
         samples, skipped = [], []
         for i, p in enumerate(tqdm(prompts, desc=f"sampling {split} prompts", file=sys.stderr, leave=False)):
             try:
-                samples.append(sample_prompt(dalle, p, i, options, ctx.palette, reranker, judge, matcher, generated))
+                samples.append(sample_prompt(run, p, i, options, ctx.palette, reranker, judge, matcher, generated))
             except GenerationError as e:  # e.g. a prompt with characters the model's tokenizer never saw
                 ctx.log(f"skipped prompt {p.text!r}: {e}")
                 skipped.append({"prompt": p.text, "reason": str(e)})

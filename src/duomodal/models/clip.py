@@ -14,7 +14,6 @@ mask is needed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,8 @@ from PIL import Image
 from torch import nn
 
 from duomodal.config import ConfigError, from_dict
+from duomodal.device import resolve_device
+from duomodal.files import file_sha256
 from duomodal.modelfile import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -243,7 +244,7 @@ class ClipEmbedder:
         device: torch.device | str | None = None,
         batch_size: int = 64,
     ):
-        self.device = torch.device(device) if device is not None else _default_device()
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.encode_texts = encode_texts
         self.preprocess_images = preprocess_images
@@ -307,20 +308,12 @@ class ClipEmbedder:
         return (image_features * text_features[rows]).sum(-1)
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 # --- loading ---------------------------------------------------------------------------------------
 
 
 def file_model_id(prefix: str, path: Path) -> str:
     """``prefix:`` + the first 12 hex digits of the file's SHA-256: a stable identity of the weights."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"{prefix}:{digest.hexdigest()[:12]}"
+    return f"{prefix}:{file_sha256(path)[:12]}"
 
 
 def load_clip(path: str | os.PathLike, device: torch.device | str | None = None) -> ClipEmbedder:

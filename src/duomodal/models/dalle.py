@@ -13,25 +13,36 @@ construction. Attention per layer is one of ``full`` (causal), ``axial_row``, ``
 sees every text token and, among the image tokens before it, only those of its pattern.
 
 Sampling runs one new token per step through a ``KVCache`` (``forward_cached`` here, ``StepDecoder`` in
-``models/dalle_step.py`` for single tokens); ``duomodal.generate`` holds the sampler itself.
+``models/dalle_step.py`` for single tokens); ``models/sampling.py`` holds the sampler itself.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duomodal.config import ConfigError, from_dict, load_json
-from duomodal.modelfile import TOKENIZER_FILE, WEIGHTS_FILE, ModelFileError, load_state_dict_strict, load_weights, read_config
+from duomodal.config import ConfigError, from_dict
+from duomodal.files import file_sha256, load_json
+from duomodal.modelfile import (
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    ModelFileError,
+    load_state_dict_strict,
+    load_weights,
+    read_config,
+)
+
+if TYPE_CHECKING:
+    from duomodal.models.vae import DiscreteVAE
+    from duomodal.text.tokenizer import Tokenizer
 
 ATTENTION_TYPES = ("full", "axial_row", "axial_col", "conv_like")
 VAE_SUBDIR = "vae"  # a run directory keeps a copy of its VAE here, so it stays usable when moved
@@ -305,11 +316,6 @@ class DALLE(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         for p in (self.text_position, self.image_row, self.image_col):
             nn.init.normal_(p, mean=0.0, std=0.02)
-        # The frozen VAE and the tokenizer travel with a loaded model but are not part of the module
-        # tree: they are saved in their own files and must stay out of state_dict() and parameters().
-        self.__dict__["vae"] = None
-        self.__dict__["tokenizer"] = None
-        self.__dict__["caption_words"] = None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -319,12 +325,6 @@ class DALLE(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def attach(self, vae: Any, tokenizer: Any, caption_words: set[str] | None = None) -> None:
-        """Give the model the VAE and tokenizer it was trained with, and its captions' words (for generation)."""
-        self.__dict__["vae"] = vae
-        self.__dict__["tokenizer"] = tokenizer
-        self.__dict__["caption_words"] = caption_words
 
     def text_ids(self, text: torch.Tensor) -> torch.Tensor:
         """Tokenizer ids (B, T) -> embedding ids with per-position padding tokens (B, T)."""
@@ -415,14 +415,6 @@ class DALLE(nn.Module):
 # --- loading -------------------------------------------------------------------------------------
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def vae_identity(vae_dir: str | os.PathLike) -> str:
     """sha256 of a VAE directory's weights: the identity that token caches and models are keyed by."""
     path = Path(vae_dir) / WEIGHTS_FILE
@@ -431,8 +423,27 @@ def vae_identity(vae_dir: str | os.PathLike) -> str:
     return file_sha256(path)
 
 
-def load_dalle(run_dir: str | os.PathLike, device: torch.device | str | None = None) -> DALLE:
-    """A trained DALL-E from a run (or model) directory, in eval mode, with its VAE and tokenizer attached."""
+@dataclass(frozen=True)
+class DalleRun:
+    """A trained DALL-E with what generation needs beside it: the frozen VAE whose tokens it draws, the
+    tokenizer of its captions and the words those captions used (None when the run did not record them)."""
+
+    model: DALLE
+    vae: DiscreteVAE
+    tokenizer: Tokenizer
+    caption_words: frozenset[str] | None = None
+
+    @property
+    def config(self) -> DALLEConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.image_head.weight.device
+
+
+def load_dalle(run_dir: str | os.PathLike, device: torch.device | str | None = None) -> DalleRun:
+    """A trained DALL-E from a run (or model) directory, in eval mode, with its VAE and tokenizer."""
     from duomodal.models.vae import load_vae  # the VAE module is a sibling; imported when needed
     from duomodal.text.tokenizer import Tokenizer
 
@@ -457,8 +468,7 @@ def load_dalle(run_dir: str | os.PathLike, device: torch.device | str | None = N
             f"{tokenizer_path} has {tokenizer.vocab_size} tokens, the model expects {config.text_vocab_size}"
         )
     words_path = run_dir / CAPTION_WORDS_FILE
-    caption_words = set(load_json(words_path)) if words_path.is_file() else None
-    model.attach(vae, tokenizer, caption_words)
+    caption_words = frozenset(load_json(words_path)) if words_path.is_file() else None
     if device is not None:
         model.to(device)
-    return model.eval()
+    return DalleRun(model.eval(), vae, tokenizer, caption_words)

@@ -1,7 +1,7 @@
 """Fast sampling steps for DALL-E: one new image token per row through the KV cache.
 
 ``StepDecoder`` runs the same network as ``DALLE.forward_cached`` with the weights laid out once for a
-handful of rows; ``duomodal.generate`` uses it for every single-token step of sampling.
+handful of rows; the sampler (``models/sampling.py``) uses it for every single-token step.
 """
 
 from __future__ import annotations

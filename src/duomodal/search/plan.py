@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from duomodal.data.images import is_image_path
-from duomodal.data.scan import file_sha256
+from duomodal.files import file_sha256
 from duomodal.search.store import MetadataStore, NewImage, PendingFile
 
 CAPTION_MANIFEST = "captions.jsonl"

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from duomodal.config import atomic_write_bytes
+from duomodal.files import atomic_write_bytes
 from duomodal.search.store import IndexStoreError, MetadataStore, NewImage
 
 SHARD_DIR = "shards"

@@ -7,6 +7,8 @@ from PIL import Image
 
 from duomodal.data.images import to_pil, to_tensor
 from duomodal.generate import GenerationError, Scorer, edit_image, generate_images
+from duomodal.models.dalle import DalleRun
+from duomodal.models.sampling import SamplingOptions
 from duomodal.serve.jobs import JobOutput, Progress
 
 DEFAULT_MAX_NUM = 64  # images one request may ask for; generation on CPU is slow
@@ -44,32 +46,24 @@ def fit_to_model(
 class DalleGenerator:
     """Generation and region edits with a DALL-E, reranked by `scorer` (a CLIP) when given."""
 
-    def __init__(self, dalle, scorer: Scorer | None = None, max_num: int = DEFAULT_MAX_NUM, batch_size: int = 16):
+    def __init__(self, run: DalleRun, scorer: Scorer | None = None, max_num: int = DEFAULT_MAX_NUM,
+                 batch_size: int = 16):
         if not 1 <= max_num:
             raise ValueError(f"max_num must be at least 1, got {max_num}")
-        self.dalle = dalle
+        self.run = run
         self.scorer = scorer
         self.max_num = max_num
         self.batch_size = batch_size
 
     @property
     def image_size(self) -> int:
-        return int(self.dalle.config.image_size)
+        return int(self.run.config.image_size)
 
     def generate(self, prompt, *, num, keep, guidance, temperature, top_k, seed, progress: Progress) -> JobOutput:
-        result = generate_images(
-            self.dalle,
-            prompt,
-            num=num,
-            keep=keep,
-            scorer=self.scorer,
-            temperature=temperature,
-            top_k=top_k,
-            guidance=guidance,
-            seed=seed,
-            batch_size=min(self.batch_size, num),
-            progress=progress,
-        )
+        options = SamplingOptions(temperature=temperature, top_k=top_k, guidance=guidance, seed=seed,
+                                  batch_size=min(self.batch_size, num))
+        result = generate_images(self.run, prompt, num=num, keep=keep, scorer=self.scorer, options=options,
+                                 progress=progress)
         return JobOutput(result.images, result.scores, _score_kind(result.score_kind))
 
     def prepare_edit(self, image, box):
@@ -77,18 +71,9 @@ class DalleGenerator:
 
     def edit(self, image, box, prompt, *, num, keep, seed, progress: Progress) -> JobOutput:
         """Edit `box` of `image`, both as `prepare_edit` returned them."""
-        result = edit_image(
-            self.dalle,
-            image,
-            box,
-            prompt,
-            num=num,
-            keep=keep,
-            scorer=self.scorer,
-            seed=seed,
-            batch_size=min(self.batch_size, num),
-            progress=progress,
-        )
+        options = SamplingOptions(seed=seed, batch_size=min(self.batch_size, num))
+        result = edit_image(self.run, image, box, prompt, num=num, keep=keep, scorer=self.scorer, options=options,
+                            progress=progress)
         return JobOutput(result.images, result.scores, _score_kind(result.score_kind))
 
 

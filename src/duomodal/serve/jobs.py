@@ -10,12 +10,12 @@ is shut down, so stopping the server never waits for a long generation.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-import queue
 from dataclasses import dataclass, field
 
 from PIL import Image

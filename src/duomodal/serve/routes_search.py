@@ -9,13 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, Path, Query, UploadFile
 from fastapi.responses import FileResponse, Response
 
-from duomodal.serve.media import (
-    browser_media_type,
-    decode_upload,
-    encode_png,
-    make_thumbnail,
-    read_image_file,
-)
+from duomodal.serve.media import browser_media_type, decode_upload, encode_png, make_thumbnail, read_image_file
 from duomodal.serve.schemas import (
     MAX_ID,
     MAX_K,

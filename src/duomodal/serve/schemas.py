@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from duomodal.config import DEFAULT_GUIDANCE, DEFAULT_TOP_K
+from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
 
 MAX_K = 200  # most results one search may ask for
 MAX_QUERY_CHARS = 500  # longest text query / prompt accepted

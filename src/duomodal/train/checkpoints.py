@@ -12,13 +12,7 @@ from typing import Any
 
 import torch
 
-from duomodal.modelfile import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    load_training_state,
-    save_model,
-    save_training_state,
-)
+from duomodal.modelfile import CONFIG_FILE, WEIGHTS_FILE, load_training_state, save_model, save_training_state
 
 CHECKPOINTS_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")

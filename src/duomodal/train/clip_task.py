@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
 from duomodal.classify import TEMPLATE_SETS, caption_key, label_classes_of, retrieval_recall, zero_shot_accuracy
-from duomodal.config import ConfigError, atomic_write_bytes
+from duomodal.config import ConfigError
 from duomodal.data.dataset import CaptionedImageDataset, DataConfig
 from duomodal.data.images import parse_color
 from duomodal.data.records import Record, filter_split, load_records
+from duomodal.files import atomic_write_bytes
 from duomodal.models.clip import ClipConfig, ContrastiveClip, normalize_pixels, trim_padding
 from duomodal.text.tokenizer import Tokenizer
 from duomodal.train.distributed import train_tokenizer

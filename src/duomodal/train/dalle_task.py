@@ -25,11 +25,11 @@ from safetensors.torch import load_file, save
 from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
-from duomodal.config import DEFAULT_GUIDANCE, DEFAULT_TOP_K, atomic_write_bytes, save_json, to_dict
+from duomodal.config import to_dict
 from duomodal.data.dataset import DataConfig
 from duomodal.data.images import ImageError, load_image, save_grid, to_tensor
-from duomodal.data.records import Record, filter_split, load_records
-from duomodal.generate import row_uniforms, sample_image_tokens
+from duomodal.data.records import Record, load_records
+from duomodal.files import atomic_write_bytes, save_json
 from duomodal.modelfile import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from duomodal.models.dalle import (
     CAPTION_WORDS_FILE,
@@ -42,6 +42,7 @@ from duomodal.models.dalle import (
     weighted_loss,
     words_of,
 )
+from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K, row_uniforms, sample_image_tokens
 from duomodal.text.tokenizer import Tokenizer
 from duomodal.train.distributed import train_tokenizer
 from duomodal.train.loop import TrainConfig

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer as HFTokenizer
 
+from duomodal.device import resolve_device
 from duomodal.text.tokenizer import Tokenizer
 
 
@@ -28,21 +29,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
-    """'auto'/None -> cuda:<local_rank> when CUDA is there, else cpu; anything else as given."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
 
 
 def init_distributed(device: str | torch.device | None = None) -> DistInfo:

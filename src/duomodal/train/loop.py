@@ -32,24 +32,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from duomodal.config import atomic_write_bytes, load_json, save_json, to_dict
-from duomodal.modelfile import (
-    capture_rng_state,
-    load_state_dict_strict,
-    load_weights,
-    read_config,
-    restore_rng_state,
-)
+from duomodal.config import to_dict
+from duomodal.files import atomic_write_bytes, load_json, save_json
+from duomodal.modelfile import capture_rng_state, load_state_dict_strict, load_weights, read_config, restore_rng_state
 from duomodal.train.batches import BatchStream, to_device, val_batches
 from duomodal.train.checkpoints import list_checkpoints, load_checkpoint_state, save_checkpoint
-from duomodal.train.distributed import (
-    DistInfo,
-    all_gather_objects,
-    all_reduce_sum,
-    barrier,
-    init_distributed,
-    shutdown,
-)
+from duomodal.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
 from duomodal.train.plots import plot_loss
 from duomodal.train.schedules import warmup_cosine
 from duomodal.train.task import TrainTask

@@ -6,7 +6,7 @@ import io
 import json
 from pathlib import Path
 
-from duomodal.config import atomic_write_bytes
+from duomodal.files import atomic_write_bytes
 
 
 def plot_loss(metrics_path: Path, out_path: Path) -> None:
