@@ -2,8 +2,8 @@
 
 Each component (VAE, DALL-E, CLIP) is optional; a missing one is said so in the report and its
 sections are skipped. The DALL-E part (prompt samples, colour and shape accuracy, reranking) lives
-in ``samples.py``; this module holds the options, the data side, the VAE and CLIP figures, the
-training curves and the assembly of the report.
+in ``samples.py``, what both share in ``context.py``; this module holds the VAE and CLIP figures,
+the training curves and the assembly of the report.
 """
 
 from __future__ import annotations
@@ -11,112 +11,25 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from duomodal.data.images import ImageError, load_image, to_pil, to_tensor
+from duomodal.data.images import to_pil, to_tensor
 from duomodal.data.records import Record, load_records
 from duomodal.device import resolve_device
 from duomodal.evaluate import metrics as M
+from duomodal.evaluate.context import EvalContext, EvalOptions, EvalResult, LoadedImages, Log, dataset_palette
 from duomodal.evaluate.report import Section, fmt, fmt_accuracy, plot_image_rows, plot_training_curves, write_report
+from duomodal.evaluate.samples import evaluate_dalle, fmt_template_shape
 
-Log = Callable[[str], None]
 RECALL_KS = (1, 5, 10)
 EVAL_SPLITS = ("val", "heldout")
 
 
-class EvalError(ValueError):
-    """Options or inputs the evaluation cannot work with."""
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    data: Path  # the captioned-image dataset (an icon dataset gives colour/shape labels)
-    out: Path  # the report directory
-    vae: Path | None = None  # a VAE model or run directory
-    dalle: Path | None = None  # a DALL-E run directory
-    clip: Path | None = None  # the CLIP used for reranking and the CLIP figures
-    judge_clip: Path | None = None  # an independent CLIP that judges the shape of generated images
-    prompts: int = 16  # prompts per split (train, heldout) for the DALL-E samples
-    samples_per_prompt: int = 4  # images kept per prompt (k)
-    rerank_from: int = 16  # images generated per prompt when reranking (R >= k)
-    seed: int = 0  # prompt choice and sampling seed
-    temperature: float = 1.0  # DALL-E sampling, as in `duomodal generate`
-    top_k: int | None = None
-    top_p: float | None = None
-    guidance: float = 1.0  # classifier-free guidance scale (1 = off)
-    max_images: int = 256  # at most this many images per split for the VAE/CLIP/likelihood figures
-    batch_size: int = 32
-    val_fraction: float = 0.05  # for datasets whose manifest does not give splits
-    device: str | None = None  # "cpu", "cuda"...; default: CUDA when available
-
-    def __post_init__(self) -> None:
-        for name in ("prompts", "samples_per_prompt", "rerank_from", "max_images", "batch_size"):
-            if getattr(self, name) < 1:
-                raise EvalError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.rerank_from < self.samples_per_prompt:
-            raise EvalError(
-                f"rerank-from ({self.rerank_from}) must be at least samples-per-prompt "
-                f"({self.samples_per_prompt}): reranking keeps the best k of R"
-            )
-        if self.vae is None and self.dalle is None and self.clip is None:
-            raise EvalError("nothing to evaluate: give at least one of --vae, --dalle, --clip")
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    metrics: dict[str, Any]
-    paths: dict[str, Path]  # "markdown", "html", "metrics"
-
-
 # --- data --------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedImages:
-    records: list[Record]
-    images: list[Image.Image]
-
-
-def sample_records(records: Sequence[Record], limit: int, seed: int) -> list[Record]:
-    """At most `limit` records, a seeded choice, in path order."""
-    ordered = sorted(records, key=lambda r: str(r.path))
-    if len(ordered) <= limit:
-        return ordered
-    chosen = random.Random(seed).sample(range(len(ordered)), limit)
-    return [ordered[i] for i in sorted(chosen)]
-
-
-def load_images(records: Sequence[Record], log: Log, skipped: list[str]) -> LoadedImages:
-    """Decode the images; an unreadable one is skipped with one line saying which and why."""
-    kept, images = [], []
-    for record in records:
-        try:
-            images.append(load_image(record.path))
-        except ImageError as e:
-            log(f"skipped {record.path}: {e}")
-            skipped.append(str(record.path))
-            continue
-        kept.append(record)
-    return LoadedImages(kept, images)
-
-
-def dataset_palette(root: Path) -> dict[str, str]:
-    """The colour palette of an icon dataset (dataset.json), else the icon recipe's PALETTE."""
-    from duomodal.data.icons import PALETTE, SUMMARY_FILE
-    from duomodal.files import load_json
-
-    summary = root / SUMMARY_FILE
-    if summary.is_file():
-        palette = load_json(summary).get("palette")
-        if isinstance(palette, dict) and palette and all(isinstance(v, str) for v in palette.values()):
-            return dict(palette)
-    return dict(PALETTE)
 
 
 def _labelled(records: Sequence[Record], key: str) -> bool:
@@ -343,8 +256,6 @@ def headline(metrics: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _accuracies(entry: dict[str, Any], templates: int | None) -> str:
-    from duomodal.evaluate.samples import fmt_template_shape
-
     text = f"colour {fmt_accuracy(entry['color_accuracy'])}"
     if entry.get("shape_accuracy", {}).get("accuracy") is not None:
         text += f", shape (judge CLIP) {fmt_accuracy(entry['shape_accuracy'])}"
@@ -356,45 +267,8 @@ def _accuracies(entry: dict[str, Any], templates: int | None) -> str:
 # --- the whole evaluation --------------------------------------------------------------------------
 
 
-@dataclass
-class EvalContext:
-    """What every part of one evaluation shares: options, data, where to write, loaded images and CLIPs."""
-
-    options: EvalOptions
-    device: torch.device
-    by_split: dict[str, list[Record]]
-    palette: dict[str, str]
-    icons: list[str]  # every icon name of the dataset, sorted
-    out: Path
-    log: Log
-    skipped: list[str] = field(default_factory=list)  # unreadable images
-    _images: dict[str, LoadedImages] = field(default_factory=dict)
-    _clips: dict[Path, Any] = field(default_factory=dict)
-
-    def split_images(self, split: str) -> LoadedImages:
-        """At most max_images decoded images of a split (a seeded choice), loaded once."""
-        if split not in self._images:
-            chosen = sample_records(self.by_split[split], self.options.max_images, self.options.seed)
-            self._images[split] = load_images(chosen, self.log, self.skipped)
-        return self._images[split]
-
-    def clip(self, path: Path) -> Any:
-        """The CLIP at `path`, loaded once."""
-        if path not in self._clips:
-            from duomodal.models.clip import load_clip
-
-            self._clips[path] = load_clip(path, device=self.device)
-        return self._clips[path]
-
-
 def run_evaluation(options: EvalOptions, log: Log | None = None) -> EvalResult:
     """Measure every given component on the dataset and write report.md, report.html, metrics.json."""
-    from duomodal.evaluate.samples import evaluate_dalle
-
-    if options.dalle is not None:
-        from duomodal.models.sampling import check_sampling
-
-        check_sampling(options.temperature, options.top_k, options.top_p, options.guidance)
     records = load_records(options.data, options.val_fraction)
     ctx = EvalContext(
         options=options,
@@ -406,7 +280,34 @@ def run_evaluation(options: EvalOptions, log: Log | None = None) -> EvalResult:
         log=log or (lambda message: None),
     )
     ctx.out.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, Any] = {
+    metrics = _data_and_settings(ctx, records)
+    components = {"VAE": options.vae, "DALL-E": options.dalle, "CLIP": options.clip, "judge CLIP": options.judge_clip}
+    overview = _overview(metrics, components, options.max_images)
+    sections = [overview]
+    metrics["vae"] = _vae_part(ctx, sections)
+    if options.dalle is not None:
+        metrics["dalle"], dalle_sections = evaluate_dalle(ctx)
+        sections += dalle_sections
+    else:
+        metrics["dalle"] = {"skipped": "no --dalle given"}
+    metrics["clip"] = _clip_part(ctx, sections)
+    summary = headline(metrics)
+    if summary:
+        section = Section("Summary")
+        section.table(("", "figure"), summary)
+        sections.insert(1, section)
+    metrics["curves"], section = curves_section(components, ctx.out)
+    sections.append(section)
+    metrics["skipped_images"] = ctx.skipped
+    if ctx.skipped:
+        overview.text(f"{len(ctx.skipped)} unreadable image(s) were skipped (listed in metrics.json).")
+    paths = write_report(ctx.out, "duomodal evaluation report", sections, metrics)
+    return EvalResult(metrics, paths)
+
+
+def _data_and_settings(ctx: EvalContext, records: Sequence[Record]) -> dict[str, Any]:
+    options = ctx.options
+    return {
         "data": {
             "root": str(Path(options.data).absolute()),
             "counts": {s: len(v) for s, v in ctx.by_split.items()},
@@ -421,55 +322,39 @@ def run_evaluation(options: EvalOptions, log: Log | None = None) -> EvalResult:
             "top_p": options.top_p, "guidance": options.guidance,
         },
     }
-    counts = metrics["data"]["counts"]
+
+
+def _overview(metrics: dict[str, Any], components: dict[str, Path | None], max_images: int) -> Section:
+    data, counts = metrics["data"], metrics["data"]["counts"]
     overview = Section("Overview")
     overview.text(
-        f"Dataset `{metrics['data']['root']}`: {len(records)} captioned images (train {counts['train']}, "
-        f"val {counts['val']}, held-out {counts['heldout']}), {len(ctx.icons)} icon names, palette of "
-        f"{len(ctx.palette)} colours. Figures on a split use at most {options.max_images} of its images."
+        f"Dataset `{data['root']}`: {sum(counts.values())} captioned images (train {counts['train']}, "
+        f"val {counts['val']}, held-out {counts['heldout']}), {data['icons']} icon names, palette of "
+        f"{len(data['palette'])} colours. Figures on a split use at most {max_images} of its images."
     )
-    components = {"VAE": options.vae, "DALL-E": options.dalle, "CLIP": options.clip, "judge CLIP": options.judge_clip}
     overview.table(("component", "directory"), [(k, f"`{v}`" if v else "not given: its sections are skipped")
                                                for k, v in components.items()])
-    sections = [overview]
+    return overview
 
-    if options.vae is not None:
-        from duomodal.models.vae import load_vae
 
-        vae = load_vae(options.vae, device=ctx.device)
-        metrics["vae"], section = evaluate_vae(vae, ctx.split_images("val"), options.batch_size, ctx.out)
-        metrics["vae"]["path"] = str(options.vae)
-        sections.append(section)
-        del vae
-    else:
-        metrics["vae"] = {"skipped": "no --vae given"}
+def _vae_part(ctx: EvalContext, sections: list[Section]) -> dict[str, Any]:
+    if ctx.options.vae is None:
+        return {"skipped": "no --vae given"}
+    from duomodal.models.vae import load_vae
 
-    if options.dalle is not None:
-        metrics["dalle"], dalle_sections = evaluate_dalle(ctx)
-        sections += dalle_sections
-    else:
-        metrics["dalle"] = {"skipped": "no --dalle given"}
-
-    if options.clip is not None:
-        clip = ctx.clip(options.clip)
-        clip_results = {}
-        for split in tqdm(EVAL_SPLITS, desc="CLIP figures", file=sys.stderr, leave=False):
-            clip_results[split] = evaluate_clip_split(clip, ctx.split_images(split), ctx.palette, ctx.icons,
-                                                      options.seed)
-        metrics["clip"] = {"path": str(options.clip), "model_id": clip.model_id, **clip_results}
-        sections.append(clip_section(clip_results, options.clip, clip.model_id))
-    else:
-        metrics["clip"] = {"skipped": "no --clip given"}
-
-    summary = headline(metrics)
-    if summary:
-        section = Section("Summary")
-        section.table(("", "figure"), summary)
-        sections.insert(1, section)
-    metrics["curves"], section = curves_section(components, ctx.out)
+    vae = load_vae(ctx.options.vae, device=ctx.device)
+    result, section = evaluate_vae(vae, ctx.split_images("val"), ctx.options.batch_size, ctx.out)
     sections.append(section)
-    metrics["skipped_images"] = ctx.skipped
-    if ctx.skipped:
-        overview.text(f"{len(ctx.skipped)} unreadable image(s) were skipped (listed in metrics.json).")
-    paths = write_report(ctx.out, "duomodal evaluation report", sections, metrics)
-    return EvalResult(metrics, paths)
+    return {**result, "path": str(ctx.options.vae)}
+
+
+def _clip_part(ctx: EvalContext, sections: list[Section]) -> dict[str, Any]:
+    options = ctx.options
+    if options.clip is None:
+        return {"skipped": "no --clip given"}
+    clip = ctx.clip(options.clip)
+    results = {}
+    for split in tqdm(EVAL_SPLITS, desc="CLIP figures", file=sys.stderr, leave=False):
+        results[split] = evaluate_clip_split(clip, ctx.split_images(split), ctx.palette, ctx.icons, options.seed)
+    sections.append(clip_section(results, options.clip, clip.model_id))
+    return {"path": str(options.clip), "model_id": clip.model_id, **results}

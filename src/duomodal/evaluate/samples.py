@@ -28,9 +28,9 @@ import random
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,7 +44,10 @@ from duomodal.evaluate import metrics as M
 from duomodal.evaluate.report import Section, fmt, fmt_accuracy, plot_image_rows
 from duomodal.evaluate.shape import Judge, TemplateMatcher, TemplateScores, independence
 from duomodal.models.dalle import DalleRun
-from duomodal.models.sampling import SamplingOptions
+
+if TYPE_CHECKING:
+    from duomodal.models.clip import ClipEmbedder
+from duomodal.evaluate.context import EvalContext, EvalOptions, LoadedImages
 
 PROMPT_SPLITS = ("train", "heldout")
 LIKELIHOOD_SPLITS = ("train", "val", "heldout")
@@ -119,14 +122,14 @@ class PromptSamples:
     name_blind_iou: list[float | None] | None = None  # IoU of each image with another prompt's icon
 
 
-def sample_prompt(run: DalleRun, prompt: Prompt, index: int, options: Any, palette: dict[str, str],
-                  reranker: Any, judge: Judge | None, matcher: TemplateMatcher | None, generated: int) -> PromptSamples:
+def sample_prompt(run: DalleRun, prompt: Prompt, index: int, options: EvalOptions, palette: dict[str, str],
+                  scorers: Scorers, generated: int) -> PromptSamples:
+    """`generated` images for the prompt (index `index` of its split), with every assessment of them."""
     from duomodal.generate import generate_images
 
-    sampling = SamplingOptions(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                               guidance=options.guidance, seed=options.seed + index * SEED_STRIDE,
-                               batch_size=min(generated, options.batch_size))
+    sampling = options.sampling(options.seed + index * SEED_STRIDE, min(generated, options.batch_size))
     result = generate_images(run, prompt.text, num=generated, options=sampling)
+    reranker, judge, matcher = scorers.reranker, scorers.judge, scorers.matcher
     images = result.images
     colors = [M.dominant_color(im, palette) for im in images]
     shapes = judge_scores = None
@@ -221,8 +224,8 @@ def _grid(samples: Sequence[PromptSamples], choice: str, path: Path) -> None:
 # --- the DALL-E section ---------------------------------------------------------------------------------
 
 
-def evaluate_dalle(ctx: Any) -> tuple[dict[str, Any], list[Section]]:
-    """Likelihood, prompt samples and reranking. `ctx` is the run's ``EvalContext``."""
+def evaluate_dalle(ctx: EvalContext) -> tuple[dict[str, Any], list[Section]]:
+    """Likelihood, prompt samples and reranking."""
     from duomodal.models.dalle import load_dalle
 
     run = load_dalle(ctx.options.dalle, device=ctx.device)
@@ -234,18 +237,14 @@ def evaluate_dalle(ctx: Any) -> tuple[dict[str, Any], list[Section]]:
         samples_section.text(f"Not measured: {reason}.")
         result["samples"] = {"skipped": reason}
         return result, [likelihood, samples_section]
-    reranker, judge, result["judge"] = scorers(ctx)
-    matcher = None
-    if len(ctx.icons) >= 2:
-        records = [r for split in ctx.by_split.values() for r in split]
-        matcher = TemplateMatcher.from_records(records, run.config.image_size, ctx.log)
+    assessors = scorers(ctx, run.config.image_size)
+    result["judge"] = assessors.judge_info
     rerank_section = Section("Reranking with CLIP")
-    result.update(sample_splits(run, ctx, reranker, judge, matcher, result["judge"], samples_section,
-                                rerank_section))
+    result.update(sample_splits(run, ctx, assessors, samples_section, rerank_section))
     return result, [likelihood, samples_section, rerank_section]
 
 
-def likelihood_section(run: DalleRun, ctx: Any) -> tuple[dict[str, Any], Section]:
+def likelihood_section(run: DalleRun, ctx: EvalContext) -> tuple[dict[str, Any], Section]:
     """Bits per image token of real images given their first caption, per split."""
     section = Section("DALL-E: likelihood of real images")
     figures: dict[str, Any] = {}
@@ -268,8 +267,18 @@ def likelihood_section(run: DalleRun, ctx: Any) -> tuple[dict[str, Any], Section
     return figures, section
 
 
-def scorers(ctx: Any) -> tuple[Any, Judge | None, dict[str, Any]]:
-    """(reranking CLIP or None, shape judge or None, what to report about the judge)."""
+@dataclass(frozen=True)
+class Scorers:
+    """What assesses the samples: the reranking CLIP, the independent shape judge, the template matcher."""
+
+    reranker: ClipEmbedder | None
+    judge: Judge | None
+    matcher: TemplateMatcher | None  # None when the dataset has fewer than 2 icon names
+    judge_info: dict[str, Any]  # what to report about the judge (path, model id, independent, how)
+
+
+def scorers(ctx: EvalContext, image_size: int) -> Scorers:
+    """The reranker, judge and template matcher of this evaluation."""
     options = ctx.options
     reranker = ctx.clip(options.clip) if options.clip is not None else None
     judge_clip = ctx.clip(options.judge_clip) if options.judge_clip is not None else None
@@ -280,95 +289,136 @@ def scorers(ctx: Any) -> tuple[Any, Judge | None, dict[str, Any]]:
     judge = Judge(judge_clip, ctx.icons) if independent else None
     info = {"path": str(options.judge_clip) if options.judge_clip else None, "model_id": judge_id,
             "independent": independent, "how": how}
-    return reranker, judge, info
+    matcher = None
+    if len(ctx.icons) >= 2:
+        records = [r for split in ctx.by_split.values() for r in split]
+        matcher = TemplateMatcher.from_records(records, image_size, ctx.log)
+    return Scorers(reranker, judge, matcher, info)
 
 
-def sample_splits(run: DalleRun, ctx: Any, reranker: Any, judge: Judge | None, matcher: TemplateMatcher | None,
-                  judge_info: dict[str, Any], samples_section: Section, rerank_section: Section) -> dict[str, Any]:
+@dataclass
+class _Rows:
+    """The table rows of the samples and reranking sections, gathered split by split."""
+
+    samples: list[tuple[str, ...]] = field(default_factory=list)
+    rerank: list[tuple[str, ...]] = field(default_factory=list)
+    judge: list[tuple[str, M.Accuracy]] = field(default_factory=list)  # the judge on the dataset's images
+    matcher: list[tuple[str, M.Accuracy]] = field(default_factory=list)  # the matcher on the dataset's images
+
+
+def sample_splits(run: DalleRun, ctx: EvalContext, scorers: Scorers, samples_section: Section,
+                  rerank_section: Section) -> dict[str, Any]:
     """Sample every prompt of both prompt splits; fill the two sections; return the figures."""
-    from duomodal.generate import GenerationError
-
     options = ctx.options
-    generated = options.rerank_from if reranker is not None else options.samples_per_prompt
-    k = options.samples_per_prompt
+    generated = options.rerank_from if scorers.reranker is not None else options.samples_per_prompt
     result: dict[str, Any] = {"samples": {}, "reranking": {}, "prompts": {}}
-    table_rows, rerank_rows, judge_rows, matcher_rows = [], [], [], []
-    templates = len(matcher.icons) if matcher is not None else None
-    not_measured = {"accuracy": None, "correct": 0, "count": 0, "reason": judge_info["how"]}
+    rows = _Rows()
     for split in PROMPT_SPLITS:
         prompts = choose_prompts(ctx.by_split[split], options.prompts, options.seed, ctx.palette)
         result["prompts"][split] = [{"prompt": p.text, "icon": p.icon, "color": p.color} for p in prompts]
-        samples, skipped = [], []
-        for i, p in enumerate(tqdm(prompts, desc=f"sampling {split} prompts", file=sys.stderr, leave=False)):
-            try:
-                samples.append(sample_prompt(run, p, i, options, ctx.palette, reranker, judge, matcher, generated))
-            except GenerationError as e:  # e.g. a prompt with characters the model's tokenizer never saw
-                ctx.log(f"skipped prompt {p.text!r}: {e}")
-                skipped.append({"prompt": p.text, "reason": str(e)})
-        if matcher is not None:
-            add_name_blind(samples, matcher)
-        prompt_cell = str(len(samples)) + (f" ({len(skipped)} skipped)" if skipped else "")
-        if not samples:
-            result["samples"][split] = {"prompts": 0, "images": 0, "skipped_prompts": skipped}
-            table_rows.append((split, prompt_cell, "0", "n/a", "n/a", "n/a"))
-            continue
-        first = {**summarise(samples, "first"), "skipped_prompts": skipped}
-        first.setdefault("shape_accuracy", dict(not_measured))
-        result["samples"][split] = first
-        table_rows.append((split, prompt_cell, str(first["images"]), fmt_accuracy(first["color_accuracy"]),
-                           _shape_cell(first, judge), fmt_template_shape(first, templates)))
-        grid = f"dalle_samples_{split}.png"
-        _grid(samples, "first", ctx.out / grid)
-        samples_section.figure(grid, f"{split} prompts: the dataset image, then the first {k} samples "
-                               "(titles: dominant colour" + (", judge's icon)" if judge else ")"))
-        references = [(p, im) for p in prompts if (im := load_reference(p)) is not None]
-        if judge is not None:
-            judged = [judge.predict([im], p.color)[0] for p, im in references]
-            judge_rows.append((split, M.accuracy(judged, [p.icon for p, _ in references])))
-        if matcher is not None and references:
-            matched = matcher.predict([im for _, im in references])
-            matcher_rows.append((split, M.accuracy(matched, [p.icon for p, _ in references])))
-        if reranker is not None:
-            best = summarise(samples, "best")
-            best.setdefault("shape_accuracy", dict(not_measured))
-            result["reranking"][split] = {"without": first, "with": best}
-            for name, entry in (("first k", first), ("best k by CLIP", best)):
-                rerank_rows.append((split, name, str(entry["images"]), fmt_accuracy(entry["color_accuracy"]),
-                                    _shape_cell(entry, judge), fmt_template_shape(entry, templates),
-                                    fmt(entry.get("clip_score"), 3), fmt(entry.get("judge_clip_score"), 3)))
-            grid = f"dalle_reranked_{split}.png"
-            _grid(samples, "best", ctx.out / grid)
-            samples_section.figure(grid, f"{split} prompts after reranking: best {k} of {generated} by CLIP score.")
-
+        samples, skipped = _sample_prompts(run, ctx, split, prompts, scorers, generated)
+        _report_split(ctx, split, prompts, samples, skipped, scorers, generated, result, rows, samples_section)
     calibration = color_calibration(ctx.split_images, ctx.palette)
     result["color_classifier_on_dataset_images"] = {s: a.to_dict() for s, a in calibration.items()}
+    if scorers.matcher is not None:
+        result["template_matcher"] = {"icons": len(scorers.matcher.icons),
+                                      "accuracy_on_dataset_images": {s: a.to_dict() for s, a in rows.matcher}}
+    if rows.judge:
+        scorers.judge_info["accuracy_on_dataset_images"] = {s: a.to_dict() for s, a in rows.judge}
+    samples_section.blocks[:0] = _samples_header(ctx, scorers, rows, calibration)  # above the sample grids
+    _fill_rerank_section(rerank_section, rows.rerank, scorers.reranker is not None, generated,
+                         options.samples_per_prompt)
+    return result
+
+
+def _sample_prompts(run: DalleRun, ctx: EvalContext, split: str, prompts: Sequence[Prompt], scorers: Scorers,
+                    generated: int) -> tuple[list[PromptSamples], list[dict[str, str]]]:
+    """The samples of every prompt of a split, and the prompts skipped (with why)."""
+    from duomodal.generate import GenerationError
+
+    samples, skipped = [], []
+    for i, p in enumerate(tqdm(prompts, desc=f"sampling {split} prompts", file=sys.stderr, leave=False)):
+        try:
+            samples.append(sample_prompt(run, p, i, ctx.options, ctx.palette, scorers, generated))
+        except GenerationError as e:  # e.g. a prompt with characters the model's tokenizer never saw
+            ctx.log(f"skipped prompt {p.text!r}: {e}")
+            skipped.append({"prompt": p.text, "reason": str(e)})
+    if scorers.matcher is not None:
+        add_name_blind(samples, scorers.matcher)
+    return samples, skipped
+
+
+def _report_split(ctx: EvalContext, split: str, prompts: Sequence[Prompt], samples: list[PromptSamples],
+                  skipped: list[dict[str, str]], scorers: Scorers, generated: int, result: dict[str, Any],
+                  rows: _Rows, samples_section: Section) -> None:
+    """One split's figures into `result`, its rows into `rows`, its grids into `samples_section`."""
+    k = ctx.options.samples_per_prompt
+    judge, matcher = scorers.judge, scorers.matcher
+    templates = len(matcher.icons) if matcher is not None else None
+    not_measured = {"accuracy": None, "correct": 0, "count": 0, "reason": scorers.judge_info["how"]}
+    prompt_cell = str(len(samples)) + (f" ({len(skipped)} skipped)" if skipped else "")
+    if not samples:
+        result["samples"][split] = {"prompts": 0, "images": 0, "skipped_prompts": skipped}
+        rows.samples.append((split, prompt_cell, "0", "n/a", "n/a", "n/a"))
+        return
+    first = {**summarise(samples, "first"), "skipped_prompts": skipped}
+    first.setdefault("shape_accuracy", dict(not_measured))
+    result["samples"][split] = first
+    rows.samples.append((split, prompt_cell, str(first["images"]), fmt_accuracy(first["color_accuracy"]),
+                         _shape_cell(first, judge), fmt_template_shape(first, templates)))
+    grid = f"dalle_samples_{split}.png"
+    _grid(samples, "first", ctx.out / grid)
+    samples_section.figure(grid, f"{split} prompts: the dataset image, then the first {k} samples "
+                           "(titles: dominant colour" + (", judge's icon)" if judge else ")"))
+    references = [(p, im) for p in prompts if (im := load_reference(p)) is not None]
+    if judge is not None:
+        judged = [judge.predict([im], p.color)[0] for p, im in references]
+        rows.judge.append((split, M.accuracy(judged, [p.icon for p, _ in references])))
+    if matcher is not None and references:
+        matched = matcher.predict([im for _, im in references])
+        rows.matcher.append((split, M.accuracy(matched, [p.icon for p, _ in references])))
+    if scorers.reranker is None:
+        return
+    best = summarise(samples, "best")
+    best.setdefault("shape_accuracy", dict(not_measured))
+    result["reranking"][split] = {"without": first, "with": best}
+    for name, entry in (("first k", first), ("best k by CLIP", best)):
+        rows.rerank.append((split, name, str(entry["images"]), fmt_accuracy(entry["color_accuracy"]),
+                            _shape_cell(entry, judge), fmt_template_shape(entry, templates),
+                            fmt(entry.get("clip_score"), 3), fmt(entry.get("judge_clip_score"), 3)))
+    grid = f"dalle_reranked_{split}.png"
+    _grid(samples, "best", ctx.out / grid)
+    samples_section.figure(grid, f"{split} prompts after reranking: best {k} of {generated} by CLIP score.")
+
+
+def _samples_header(ctx: EvalContext, scorers: Scorers, rows: _Rows,
+                    calibration: dict[str, M.Accuracy]) -> list[Any]:
+    """The blocks above the sample grids: settings, the table, and how each figure is measured."""
+    options, judge, matcher = ctx.options, scorers.judge, scorers.matcher
     sampling = (f"temperature {options.temperature}, top-k {options.top_k or 'off'}, "
                 f"top-p {options.top_p or 'off'}, guidance {options.guidance}, seed {options.seed}")
     header: list[Any] = [
         f"Sampling: {sampling}.",
-        _samples_table(table_rows, k),
+        _samples_table(rows.samples, options.samples_per_prompt),
         "Colour accuracy: the dominant non-background colour of each image (each pixel is explained as a "
         "palette colour painted over the white background; near-white pixels and the anti-aliased fringe do "
         "not vote) must be the prompt's colour word; any image with ink gets some palette colour, so chance is "
         f"1 in {len(ctx.palette)}. The same classifier on the dataset's own images: "
         + "; ".join(f"{s}: {a}" for s, a in calibration.items()) + ".",
-        f"Shape judge: {judge_info['how']}. It ranks all {len(ctx.icons)} icon names, so chance is 1 in "
+        f"Shape judge: {scorers.judge_info['how']}. It ranks all {len(ctx.icons)} icon names, so chance is 1 in "
         f"{len(ctx.icons)}." if judge is not None
-        else f"Shape accuracy: **not measured**: {judge_info['how']}.",
+        else f"Shape accuracy: **not measured**: {scorers.judge_info['how']}.",
     ]
-    if judge_rows:
+    if rows.judge:
         header.append("Judge calibration (the judge on the dataset's own image of each prompt): "
-                      + "; ".join(f"{s}: {a}" for s, a in judge_rows) + ".")
-        judge_info["accuracy_on_dataset_images"] = {s: a.to_dict() for s, a in judge_rows}
+                      + "; ".join(f"{s}: {a}" for s, a in rows.judge) + ".")
     if matcher is not None:
-        result["template_matcher"] = {"icons": len(matcher.icons),
-                                      "accuracy_on_dataset_images": {s: a.to_dict() for s, a in matcher_rows}}
         header.append(
             f"Shape (template): no model involved; the icon among all {len(matcher.icons)} whose dataset image has "
             "the most overlapping ink mask (intersection over union; masks ignore colour, so a held-out pair is "
             "matched against the icon drawn in another colour). It rewards drawing the icon where and as large as "
             "the dataset does. On the dataset's own image of each prompt: "
-            + ("; ".join(f"{s}: {a}" for s, a in matcher_rows) or "n/a") + ". "
+            + ("; ".join(f"{s}: {a}" for s, a in rows.matcher) or "n/a") + ". "
             f"Top-1 must beat every one of the {len(matcher.icons)} templates, near-duplicate icons included, so "
             f"it stays near 0 for small models; top-{SHAPE_TOP_K}: the prompted icon's template is among the "
             f"{SHAPE_TOP_K} that overlap most; median rank: of the prompted icon's template among all "
@@ -377,12 +427,10 @@ def sample_splits(run: DalleRun, ctx: Any, reranker: Any, judge: Judge | None, m
             "same mean with the icon of the next prompt of the split that asks for another icon (name-blind: "
             "what a model that ignores "
             "the icon's name would get). IoU above the name-blind figure means shapes follow the prompt.")
-    samples_section.blocks[:0] = header  # the summary above the sample grids
-    _fill_rerank_section(rerank_section, rerank_rows, reranker is not None, generated, k)
-    return result
+    return header
 
 
-def color_calibration(split_images: Callable[[str], Any], palette: dict[str, str]) -> dict[str, M.Accuracy]:
+def color_calibration(split_images: Callable[[str], LoadedImages], palette: dict[str, str]) -> dict[str, M.Accuracy]:
     """The colour classifier's accuracy on the dataset's own labelled images of the prompt splits."""
     out = {}
     for split in PROMPT_SPLITS:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from tqdm import tqdm
 from duomodal.data.images import to_tensor
 from duomodal.data.records import Record
 from duomodal.evaluate import metrics as M
+
+if TYPE_CHECKING:
+    from duomodal.evaluate.context import EvalOptions
 
 
 @dataclass
@@ -151,7 +154,7 @@ def run_info(directory: Path | None) -> dict[str, Any]:
     return info
 
 
-def independence(options: Any, reranker_id: str | None, judge_id: str | None) -> tuple[bool, str]:
+def independence(options: EvalOptions, reranker_id: str | None, judge_id: str | None) -> tuple[bool, str]:
     """(is the judge independent of the reranker, the sentence that says why or why not)."""
     if options.judge_clip is None:
         return False, ("no --judge-clip given; the reranking CLIP would be judging its own choices, "
