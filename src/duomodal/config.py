@@ -213,9 +213,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "dalle": {
-        # 32 px icons through the quick VAE (8x8 grid of 512 codes), 16 text tokens; ~5 minutes on 2 idle CPU
-        # cores. Width 128 trains 2.3-2.5x the images per second of width 256 and learned more per second of
-        # training; runs of under one epoch drew colour blobs, not shapes (docs/dalle.md)
+        # 32 px icons through the quick VAE (8x8 grid of 512 codes), 16 text tokens, sized for 2 CPU cores:
+        # a narrow model learns more per second of training than a wide one there (docs/dalle.md)
         "quick": {
             "model": {"text_seq_len": 16, "text_vocab_size": 1024, "n_layer": 4, "n_head": 4, "n_embd": 128,
                       "attention_types": ["full"], "caption_dropout": 0.1},
@@ -235,7 +234,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "clip": {
-        # 32 px icons as 4x4 patches of 8 px, small ViT and text transformer; ~12 min on 2 CPU cores (docs/clip.md)
+        # 32 px icons as 4x4 patches of 8 px, small ViT and text transformer, sized for 2 CPU cores (docs/clip.md)
         "quick": {
             "model": {"image_size": 32, "patch_size": 8, "vision_width": 128, "vision_layers": 4, "vision_heads": 4,
                       "text_width": 128, "text_layers": 3, "text_heads": 4, "context_length": 32,

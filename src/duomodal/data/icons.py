@@ -11,9 +11,8 @@ The SVGs come from the ``material-design-icons-pack`` package (every icon of the
 Icons set, viewBox 0 0 24 24, paths without a fill of their own). They are rasterised with
 ``resvg-py``: it is a self-contained wheel (resvg is written in Rust), so it needs no system cairo
 library as cairosvg does, and resvg renders static SVG faithfully (anti-aliased, exact geometry),
-which the simple path-only MDI icons need and nothing more. An icon takes about 1.5 ms to render
-at 128 px, 2.5 ms with the PNG encoding; two render processes make the full 128 px build about
-a minute and a half on 2 cores.
+which the simple path-only MDI icons need and nothing more. Rendering runs in one process per core
+(build times in README.md).
 
 The colour is set on the root ``<svg>`` element (``fill="#rrggbb"``) and inherited by every path.
 

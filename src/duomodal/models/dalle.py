@@ -221,9 +221,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     ``scaled_dot_product_attention``, except on the CPU under bf16 autocast, where its flash kernel's
     backward pass dominates a training step at these short sequences: there the scores are computed
     explicitly, all in bf16 (the scale applied to the queries, not the larger scores; torch's CPU
-    softmax accumulates in fp32 inside the kernel) and the mask added inside the matmul: the bf16 step at
-    DALLE-pytorch's size went from ~780 ms with fp32 scores to ~565 ms (docs/dalle.md). Both
-    compute the same function.
+    softmax accumulates in fp32 inside the kernel) and the mask added inside the matmul, which is the
+    faster path there (timings in docs/dalle.md). Both compute the same function.
     """
     if not (q.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
