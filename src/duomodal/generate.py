@@ -161,6 +161,13 @@ def _select(images: list[Image.Image], seeds: list[int], prompt: str, keep: int,
     )
 
 
+def _rank(images: list[Image.Image], seeds: list[int], prompt: str, keep: int,
+          scorer: Scorer | None) -> GenerationResult:
+    """The `keep` best images by `scorer`, best first, or the first `keep` without a scorer."""
+    scores = scorer.score(images, [prompt] * len(images)) if scorer is not None else None
+    return _select(images, seeds, prompt, keep, scores, "scorer")
+
+
 def generate_images(
     run: DalleRun,
     prompt: str,
@@ -173,9 +180,7 @@ def generate_images(
     """Generate `num` images for `prompt`; keep the `keep` best by `scorer` (or the first `keep` without one)."""
     keep = check_counts(num, keep)
     tokens, seeds = sample_batches(run, prompt, num, options, progress=progress)
-    images = decode_tokens(run, tokens, options.batch_size)
-    scores = scorer.score(images, [prompt] * num) if scorer is not None else None
-    return _select(images, seeds, prompt, keep, scores, "scorer")
+    return _rank(decode_tokens(run, tokens, options.batch_size), seeds, prompt, keep, scorer)
 
 
 def complete_image(
@@ -197,9 +202,7 @@ def complete_image(
     fixed_mask = torch.zeros(G * G, dtype=torch.bool)
     fixed_mask[: rows * G] = True
     tokens, seeds = sample_batches(run, prompt, num, options, image_tokens(run, image), fixed_mask, progress)
-    images = decode_tokens(run, tokens, options.batch_size)
-    scores = scorer.score(images, [prompt] * num) if scorer is not None else None
-    return _select(images, seeds, prompt, keep, scores, "scorer")
+    return _rank(decode_tokens(run, tokens, options.batch_size), seeds, prompt, keep, scorer)
 
 
 # --- region edits --------------------------------------------------------------------------------
@@ -274,7 +277,7 @@ def edit_image(
         merged.paste(picture.crop(region), region[:2])
         images.append(merged)
     if scorer is not None:
-        return _select(images, seeds, prompt, keep, scorer.score(images, [prompt] * num), "scorer")
+        return _rank(images, seeds, prompt, keep, scorer)
     first_free = int(box_mask.flatten().nonzero()[0])
     text = encode_prompt(run, prompt)[None, :].expand(num, -1)
     fit = fixed_token_fit(run, text, tokens, first_free, fixed_mask, options.batch_size)
