@@ -24,19 +24,26 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from duomodal.config import to_dict
+from duomodal.config import ConfigError, to_dict
 from duomodal.files import atomic_write_bytes, load_json, save_json
 from duomodal.modelfile import capture_rng_state, load_state_dict_strict, load_weights, read_config, restore_rng_state
 from duomodal.train.batches import BatchStream, to_device, val_batches
-from duomodal.train.checkpoints import list_checkpoints, load_checkpoint_state, save_checkpoint
+from duomodal.train.checkpoints import (
+    CHECKPOINTS_DIR,
+    checkpoint_name,
+    list_checkpoints,
+    load_checkpoint_state,
+    save_checkpoint,
+)
 from duomodal.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
 from duomodal.train.plots import plot_loss
 from duomodal.train.schedules import warmup_cosine
@@ -71,21 +78,21 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "sample_every", "val_every", "val_batches", "checkpoint_every",
                      "num_workers", "weight_decay", "grad_clip", "ema_decay"):
             if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0):
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if not (0 <= self.min_lr_ratio <= 1):
-            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
         if self.ema_decay >= 1:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+            raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 
 
 class TrainingError(ValueError):
@@ -133,7 +140,68 @@ class _Ema:
 # --- the loop --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _StepStats:
+    """The figures of one optimizer step: `loss` and the task's `figures` are means over the
+    micro-batches, `items` and `dropped` count the items used and skipped as unreadable, `stop`
+    says a signal asked training to stop."""
+
+    loss: float
+    items: int
+    dropped: int
+    stop: bool
+    figures: dict[str, float]
+
+    def all_reduce(self, info: DistInfo) -> _StepStats:
+        """The step's figures over all processes, in one all-reduce: counts summed, loss and
+        figures averaged, `stop` set when any process was signalled (so all stop at one step).
+        Every process must name the same figures."""
+        named = {"loss": self.loss, "items": self.items, "dropped": self.dropped, "stop": float(self.stop),
+                 **{f"figure.{k}": self.figures[k] for k in sorted(self.figures)}}
+        packed = torch.tensor(list(named.values()), dtype=torch.float64)
+        summed = dict(zip(named, all_reduce_sum(packed.to(info.device), info).cpu().tolist()))
+        return _StepStats(
+            loss=summed["loss"] / info.world_size,
+            items=int(summed["items"]),
+            dropped=int(summed["dropped"]),
+            stop=summed["stop"] > 0,
+            figures={k: summed[f"figure.{k}"] / info.world_size for k in sorted(self.figures)},
+        )
+
+
+@dataclass
+class _Interval:
+    """The train figures summed since the last train line of metrics.jsonl."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    items: int = 0
+    seconds: float = 0.0
+
+    def add(self, stats: _StepStats, seconds: float) -> None:
+        self.seconds += seconds
+        self.items += stats.items
+        self.steps += 1
+        self.sums["loss"] = self.sums.get("loss", 0.0) + stats.loss
+        for k, v in stats.figures.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+
 class _Trainer:
+    """One training run: `run` restores or builds the model, trains it step by step and finishes.
+
+    The model and its optimizer are attributes once `run` has built them; the counters that
+    `__init__` sets are what a checkpoint saves and the result reports."""
+
+    model: torch.nn.Module
+    trained: torch.nn.Module  # the model, DDP-wrapped under torchrun: the forward passes go through it
+    params: list[torch.nn.Parameter]  # the trainable parameters (gradient clipping)
+    optimizer: torch.optim.AdamW
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    ema: _Ema | None
+    stream: BatchStream
+    val_set: Dataset | None
+
     def __init__(self, task: TrainTask, config: TrainConfig, out_dir: Path, info: DistInfo,
                  run_config: dict | None):
         self.task, self.config, self.out_dir, self.info = task, config, Path(out_dir), info
@@ -147,6 +215,17 @@ class _Trainer:
             )
         self.micro_batch = config.batch_size // (world * accum)
         self.precision = resolve_precision(config.precision, info.device)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self.dropped_total = 0
+        self.elapsed_before = 0.0  # seconds trained before this process started (a resumed run)
+        self.started = 0.0  # perf_counter() when this process began its steps
+        self.train_time = 0.0  # seconds in optimizer steps, validation and checkpoints left out
+        self.total_items = 0
+        self.interval = _Interval()
+        self.last_loss = float("nan")
+        self.val_figures: dict[str, float] = {}
 
     # signals -------------------------------------------------------------------------------------
 
@@ -186,12 +265,43 @@ class _Trainer:
     # the run -------------------------------------------------------------------------------------
 
     def run(self, resume: bool) -> dict[str, Any]:
+        """Train from scratch, or from the last checkpoint when `resume`; the final figures."""
         config, info, task = self.config, self.info, self.task
+        checkpoints = self._checkpoints_to_resume(resume)
+        train_set, self.val_set = task.datasets()
+        if len(train_set) // info.world_size < self.micro_batch:  # type: ignore[arg-type]
+            raise TrainingError(
+                f"the training split has {len(train_set)} items, fewer than one batch per process "  # type: ignore[arg-type]
+                f"({self.micro_batch} x {info.world_size} processes); lower train.batch_size or add data"
+            )
+        self._build()
+        epoch, position = 0, 0
+        if resume:
+            epoch, position = self._restore(*checkpoints[-1])
+        else:
+            torch.manual_seed(config.seed + info.rank)  # each rank its own random stream (noise, dropout...)
+        if info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            run = self.run_config if self.run_config is not None else {
+                "kind": task.kind, "model": task.model_config(), "train": to_dict(config)}
+            save_json(run, self.out_dir / RUN_FILE)
+        self.trained = (
+            DistributedDataParallel(self.model, device_ids=[info.device] if info.device.type == "cuda" else None)
+            if info.enabled else self.model
+        )
+        self.stream = BatchStream(train_set, task, self.micro_batch, info, config.seed, config.num_workers,
+                                  epoch, position)
+        self._train()
+        return self._finish()
+
+    def _checkpoints_to_resume(self, resume: bool) -> list[tuple[int, Path]]:
+        """The run directory's checkpoints; raises ValueError when there are none to resume from,
+        or when a new run would write over an existing one."""
         out_dir = self.out_dir
         checkpoints = list_checkpoints(out_dir)
         if resume and not checkpoints:
             raise ValueError(
-                f"--resume: {out_dir} has no checkpoint to resume from (looked in {out_dir / 'checkpoints'}); "
+                f"--resume: {out_dir} has no checkpoint to resume from (looked in {out_dir / CHECKPOINTS_DIR}); "
                 "run without --resume to start a new run"
             )
         if not resume and checkpoints:
@@ -199,253 +309,280 @@ class _Trainer:
                 f"{out_dir} already holds a training run (checkpoint at step {checkpoints[-1][0]}); "
                 "pass --resume to continue it, or choose another --out"
             )
+        return checkpoints
 
-        train_set, val_set = task.datasets()
-        if len(train_set) // info.world_size < self.micro_batch:  # type: ignore[arg-type]
-            raise TrainingError(
-                f"the training split has {len(train_set)} items, fewer than one batch per process "  # type: ignore[arg-type]
-                f"({self.micro_batch} x {info.world_size} processes); lower train.batch_size or add data"
-            )
-        torch.manual_seed(config.seed)  # the same initial weights on every rank
-        model = task.build_model().to(info.device)
-        optimizer = torch.optim.AdamW(
-            _param_groups(model, config.weight_decay), lr=config.lr, betas=tuple(config.betas),
+    def _build(self) -> None:
+        """The model (the same initial weights on every rank), AdamW, the fp16 scaler and the EMA."""
+        config, info = self.config, self.info
+        torch.manual_seed(config.seed)
+        self.model = self.task.build_model().to(info.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, config.weight_decay), lr=config.lr, betas=tuple(config.betas),
             fused=info.device.type in ("cuda", "cpu"),  # one kernel for all parameters (CPU: 2.4+)
         )
-        scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        ema = _Ema(model, config.ema_decay) if config.ema_decay > 0 else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.ema = _Ema(self.model, config.ema_decay) if config.ema_decay > 0 else None
 
-        step, epoch, position, dropped_total, elapsed_before = 0, 0, 0, 0, 0.0
-        last_checkpoint: Path | None = None
-        if resume:
-            step, last_checkpoint = checkpoints[-1]
-            saved_model = read_config(last_checkpoint, kind=task.kind)
-            if saved_model != json.loads(json.dumps(task.model_config())):
-                changed = sorted(k for k in set(saved_model) | set(task.model_config())
-                                 if saved_model.get(k) != task.model_config().get(k))
-                raise ValueError(
-                    f"--resume: the model config differs from the checkpoint's in {', '.join(changed)}; "
-                    "resume with the same model settings"
-                )
-            state = load_checkpoint_state(last_checkpoint)
-            weights = load_weights(last_checkpoint)
-            if ema is not None:
-                load_state_dict_strict(ema.model, weights, str(last_checkpoint))
-                weights = state["raw_model"]
-            load_state_dict_strict(model, weights, str(last_checkpoint))
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler is not None and "scaler" in state:
-                scaler.load_state_dict(state["scaler"])
-            per_rank = state["ranks"]
-            mine = per_rank[info.rank] if len(per_rank) == info.world_size else per_rank[0]
-            restore_rng_state(mine["rng"])
-            if len(per_rank) != info.world_size:
-                torch.manual_seed(config.seed + 1000 * step + info.rank)
-            epoch = state["epoch"]
+    # resume --------------------------------------------------------------------------------------
+
+    def _restore(self, step: int, path: Path) -> tuple[int, int]:
+        """Load checkpoint `path` of step `step`: weights, optimizer, scaler, RNG and counters; the
+        (epoch, position) in the data order to go on from."""
+        config, info = self.config, self.info
+        self._check_model_config(path)
+        state = load_checkpoint_state(path)
+        weights = load_weights(path)
+        if self.ema is not None:
+            # the checkpoint's weights are the EMA ones; the raw ones travel in the training state
+            load_state_dict_strict(self.ema.model, weights, str(path))
+            weights = state["raw_model"]
+        load_state_dict_strict(self.model, weights, str(path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        per_rank = state["ranks"]
+        same_world = len(per_rank) == info.world_size
+        mine = per_rank[info.rank] if same_world else per_rank[0]
+        restore_rng_state(mine["rng"])
+        if same_world:
+            position = mine["position"]
+        else:
+            # another process count: a fresh seed per rank, and the data order from the items
+            # the whole run has used in this epoch
+            torch.manual_seed(config.seed + 1000 * step + info.rank)
             position = state["items_in_epoch"] // (self.micro_batch * info.world_size)
-            if len(per_rank) == info.world_size:
-                position = mine["position"]
-            dropped_total = state["dropped_total"]
-            elapsed_before = state["elapsed_s"]
-            self._truncate_metrics(step)
-        else:
-            torch.manual_seed(config.seed + info.rank)
+        self.step, self.last_checkpoint = step, path
+        self.dropped_total = state["dropped_total"]
+        self.elapsed_before = state["elapsed_s"]
+        self._truncate_metrics(step)
+        return state["epoch"], position
 
-        if info.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            run = self.run_config if self.run_config is not None else {
-                "kind": task.kind, "model": task.model_config(), "train": to_dict(config)}
-            save_json(run, out_dir / RUN_FILE)
-        trained = (
-            DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
-            if info.enabled else model
-        )
-        stream = BatchStream(train_set, task, self.micro_batch, info, config.seed, config.num_workers, epoch, position)
-        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+    def _check_model_config(self, path: Path) -> None:
+        """Raises ValueError naming the fields where the task's model config differs from `path`'s."""
+        saved = read_config(path, kind=self.task.kind)
+        current = self.task.model_config()
+        if saved != json.loads(json.dumps(current)):
+            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            raise ValueError(
+                f"--resume: the model config differs from the checkpoint's in {', '.join(changed)}; "
+                "resume with the same model settings"
+            )
 
-        def autocast() -> contextlib.AbstractContextManager:
-            if autocast_dtype is None:
-                return contextlib.nullcontext()
-            return torch.autocast(device_type=info.device.type, dtype=autocast_dtype)
+    # training steps ------------------------------------------------------------------------------
 
-        def eval_model() -> torch.nn.Module:
-            return ema.model if ema is not None else model
-
-        def validate() -> dict[str, float]:
-            if val_set is None or len(val_set) == 0 or not info.is_main:  # type: ignore[arg-type]
-                return {}
-            counter = [0]
-            net = eval_model()
-            net.eval()
-            with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
-                with torch.no_grad(), autocast():
-                    figures = task.validate(net, val_batches(
-                        val_set, task, self.micro_batch * info.world_size, config.val_batches,
-                        info.device, counter))
-            model.train()
-            row = {"split": "val", "step": step, **{k: float(v) for k, v in figures.items()},
-                   "dropped": counter[0]}
-            self._log(row)
-            return {k: float(v) for k, v in figures.items()}
-
-        def write_samples() -> None:
-            if not info.is_main:
-                return
-            net = eval_model()
-            net.eval()
-            with torch.random.fork_rng(devices=[info.device] if info.device.type == "cuda" else []):
-                with torch.no_grad(), autocast():
-                    task.write_samples(net, out_dir / "samples" / f"step_{step:07d}.png", step)
-            model.train()
-
-        def checkpoint() -> Path:
-            per_rank = all_gather_objects(
-                {"rng": capture_rng_state(), "position": stream.position}, info)
-            path = out_dir / "checkpoints" / f"step_{step:07d}"
-            if info.is_main:
-                state: dict[str, Any] = {
-                    "step": step,
-                    "epoch": stream.epoch,
-                    "items_in_epoch": stream.position * self.micro_batch * info.world_size,
-                    "ranks": per_rank,
-                    "optimizer": optimizer.state_dict(),
-                    "dropped_total": dropped_total,
-                    "elapsed_s": elapsed_before + (time.perf_counter() - started),
-                    "world_size": info.world_size,
-                }
-                if scaler is not None:
-                    state["scaler"] = scaler.state_dict()
-                weights = model.state_dict()
-                if ema is not None:
-                    state["raw_model"] = weights
-                    weights = ema.model.state_dict()
-                path = save_checkpoint(out_dir, step, task.kind, task.model_config(), weights, state,
-                                       task.save_extras, config.keep_checkpoints)
-            barrier(info)
-            return path
-
-        params = [p for p in model.parameters() if p.requires_grad]
-        started = time.perf_counter()
-        train_time, interval_items, interval_time = 0.0, 0, 0.0
-        interval_sums: dict[str, float] = {}
-        interval_steps = 0
-        total_items = 0
-        last_loss = float("nan")
-        val_figures: dict[str, float] = {}
-        bar = tqdm(total=config.steps, initial=step, desc=f"train {task.kind}", unit="step",
-                   disable=not info.is_main, dynamic_ncols=True)
-        model.train()
-        with self._signals():
-            while step < config.steps:
+    def _train(self) -> None:
+        """Optimizer steps until train.steps or a stop signal, with the train lines, validations,
+        sample grids and checkpoints that fall due on the way."""
+        config = self.config
+        self.started = time.perf_counter()
+        with self._signals(), tqdm(total=config.steps, initial=self.step, desc=f"train {self.task.kind}",
+                                   unit="step", disable=not self.info.is_main, dynamic_ncols=True) as bar:
+            self.model.train()
+            while self.step < config.steps:
                 t0 = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum = torch.zeros((), device=info.device)
-                figure_sums: dict[str, float] = {}
-                items = dropped = 0
-                for micro in range(config.grad_accum):
-                    batch, kept, skipped = stream.next()
-                    items += kept
-                    dropped += skipped
-                    batch = to_device(batch, info.device)
-                    sync = (info.enabled and micro < config.grad_accum - 1)
-                    with (trained.no_sync() if sync else contextlib.nullcontext()):  # type: ignore[union-attr]
-                        with autocast():
-                            loss, figures = task.loss(trained, batch, step)
-                        scaled = loss.float() / config.grad_accum
-                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    loss_sum += loss.detach().float()
-                    for k, v in figures.items():
-                        figure_sums[k] = figure_sums.get(k, 0.0) + float(v)
-                keys = sorted(figure_sums)
-                stop = 1.0 if self.stop_signal is not None else 0.0
-                packed = torch.tensor(
-                    [float(loss_sum) / config.grad_accum, items, dropped, stop]
-                    + [figure_sums[k] / config.grad_accum for k in keys],
-                    dtype=torch.float64,
-                )
-                packed = all_reduce_sum(packed.to(info.device), info).cpu()
-                loss_value = float(packed[0]) / info.world_size
-                if not math.isfinite(loss_value):
-                    bar.close()
-                    kept_at = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else \
-                        "no checkpoint was saved yet"
-                    raise TrainingError(
-                        f"loss is {loss_value} at step {step + 1}: training stopped; {kept_at}. "
-                        "Lower train.lr or use train.precision=fp32, then resume with --resume"
-                    )
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-                lr = config.lr * warmup_cosine(step, config.steps, config.warmup_steps, config.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                elif math.isfinite(grad_norm):
-                    optimizer.step()
-                else:
-                    bar.close()
-                    raise TrainingError(
-                        f"gradient norm is {grad_norm} at step {step + 1}: training stopped; "
-                        f"the last good checkpoint is {last_checkpoint or 'none (none saved yet)'}"
-                    )
-                if ema is not None:
-                    ema.update(model)
-                step += 1
-                step_items, step_dropped = int(packed[1]), int(packed[2])
-                dropped_total += step_dropped
-                total_items += step_items
-                dt = time.perf_counter() - t0
-                train_time += dt
-                interval_time += dt
-                interval_items += step_items
-                interval_steps += 1
-                interval_sums["loss"] = interval_sums.get("loss", 0.0) + loss_value
-                for i, k in enumerate(keys):
-                    interval_sums[k] = interval_sums.get(k, 0.0) + float(packed[4 + i]) / info.world_size
-                last_loss = loss_value
+                stats = self._forward_backward().all_reduce(self.info)
+                lr, grad_norm = self._optimizer_step(stats)
+                self.step += 1
+                self._count(stats, time.perf_counter() - t0)
                 bar.update(1)
-                if step % config.log_every == 0 or step == config.steps:
-                    rate = interval_items / max(interval_time, 1e-9)
-                    row = {"split": "train", "step": step, "epoch": stream.epoch,
-                           **{k: v / interval_steps for k, v in interval_sums.items()},
-                           "lr": lr, "grad_norm": grad_norm, "items_per_s": rate,
-                           "dropped": dropped_total,
-                           "elapsed_s": elapsed_before + time.perf_counter() - started}
-                    self._log(row)
-                    bar.set_postfix(loss=f"{row['loss']:.4g}", items_s=f"{rate:.0f}")
-                    interval_sums, interval_steps, interval_items, interval_time = {}, 0, 0, 0.0
-                if config.val_every and step % config.val_every == 0 and step < config.steps:
-                    val_figures = validate()
-                if config.sample_every and step % config.sample_every == 0 and step < config.steps:
-                    write_samples()
-                if float(packed[3]) > 0:
-                    break
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-                    last_checkpoint = checkpoint()
-        bar.close()
-        interrupted = None
-        if self.stop_signal is not None or (step < config.steps):
-            interrupted = signal.Signals(self.stop_signal).name if self.stop_signal else "signal"
-            last_checkpoint = checkpoint()
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    row = self._log_train(lr, grad_norm)
+                    bar.set_postfix(loss=f"{row['loss']:.4g}", items_s=f"{row['items_per_s']:.0f}")
+                if self._due(config.val_every):
+                    self.val_figures = self._validate()
+                if self._due(config.sample_every):
+                    self._write_samples()
+                if stats.stop:
+                    break  # every rank stops here: _finish saves the checkpoint
+                if self._due(config.checkpoint_every):
+                    self.last_checkpoint = self._checkpoint()
+
+    def _due(self, every: int) -> bool:
+        """Whether a task done every `every` steps (0 = off) falls on this step; the last step is
+        left to _finish."""
+        return every > 0 and self.step % every == 0 and self.step < self.config.steps
+
+    def _forward_backward(self) -> _StepStats:
+        """The gradients of one optimizer step, accumulated over train.grad_accum micro-batches;
+        this process's figures of the step."""
+        config, info = self.config, self.info
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=info.device)
+        figure_sums: dict[str, float] = {}
+        items = dropped = 0
+        for micro in range(config.grad_accum):
+            batch, kept, skipped = self.stream.next()
+            items += kept
+            dropped += skipped
+            batch = to_device(batch, info.device)
+            # DDP averages the gradients over processes on the last micro-batch only
+            defer_sync = info.enabled and micro < config.grad_accum - 1
+            with (self.trained.no_sync() if defer_sync else contextlib.nullcontext()):  # type: ignore[operator]
+                with self._autocast():
+                    loss, figures = self.task.loss(self.trained, batch, self.step)
+                scaled = loss.float() / config.grad_accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += loss.detach().float()
+            for k, v in figures.items():
+                figure_sums[k] = figure_sums.get(k, 0.0) + float(v)
+        return _StepStats(
+            loss=float(loss_sum) / config.grad_accum,
+            items=items,
+            dropped=dropped,
+            stop=self.stop_signal is not None,
+            figures={k: v / config.grad_accum for k, v in figure_sums.items()},
+        )
+
+    def _optimizer_step(self, stats: _StepStats) -> tuple[float, float]:
+        """Clip the gradients and step at this step's learning rate, then update the EMA; the
+        (learning rate, gradient norm). Raises TrainingError on a NaN/inf loss or gradient norm."""
+        config = self.config
+        if not math.isfinite(stats.loss):
+            kept_at = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
+                "no checkpoint was saved yet"
+            raise TrainingError(
+                f"loss is {stats.loss} at step {self.step + 1}: training stopped; {kept_at}. "
+                "Lower train.lr or use train.precision=fp32, then resume with --resume"
+            )
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        lr = config.lr * warmup_cosine(self.step, config.steps, config.warmup_steps, config.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step itself when the norm is inf/NaN
+            self.scaler.update()
+        elif math.isfinite(grad_norm):
+            self.optimizer.step()
         else:
-            val_figures = validate()
-            write_samples()
-            if last_checkpoint is None or list_checkpoints(out_dir)[-1][0] != step:
-                last_checkpoint = checkpoint()
+            raise TrainingError(
+                f"gradient norm is {grad_norm} at step {self.step + 1}: training stopped; "
+                f"the last good checkpoint is {self.last_checkpoint or 'none (none saved yet)'}"
+            )
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return lr, grad_norm
+
+    def _count(self, stats: _StepStats, seconds: float) -> None:
+        """Add a finished step (all processes') to the run's totals and to the log interval."""
+        self.dropped_total += stats.dropped
+        self.total_items += stats.items
+        self.train_time += seconds
+        self.interval.add(stats, seconds)
+        self.last_loss = stats.loss
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.info.device.type, dtype=self.autocast_dtype)
+
+    # log, validate, sample -----------------------------------------------------------------------
+
+    def _log_train(self, lr: float, grad_norm: float) -> dict[str, Any]:
+        """Write the train line of the interval that ends at this step and start a new interval;
+        the line."""
+        interval = self.interval
+        rate = interval.items / max(interval.seconds, 1e-9)
+        row = {"split": "train", "step": self.step, "epoch": self.stream.epoch,
+               **{k: v / interval.steps for k, v in interval.sums.items()},
+               "lr": lr, "grad_norm": grad_norm, "items_per_s": rate,
+               "dropped": self.dropped_total,
+               "elapsed_s": self.elapsed_before + time.perf_counter() - self.started}
+        self._log(row)
+        self.interval = _Interval()
+        return row
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[torch.nn.Module]:
+        """The weights to evaluate (the EMA ones when kept), in eval mode, without gradients and
+        on a forked RNG, so that evaluating leaves training's random stream as it was."""
+        net = self.ema.model if self.ema is not None else self.model
+        net.eval()
+        devices = [self.info.device] if self.info.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
+            yield net
+        self.model.train()
+
+    def _validate(self) -> dict[str, float]:
+        """The validation figures, also written as a val line; rank 0 only ({} elsewhere), and {}
+        without a validation split."""
+        info = self.info
+        if self.val_set is None or len(self.val_set) == 0 or not info.is_main:  # type: ignore[arg-type]
+            return {}
+        counter = [0]
+        with self._evaluating() as net:
+            figures = self.task.validate(net, val_batches(
+                self.val_set, self.task, self.micro_batch * info.world_size, self.config.val_batches,
+                info.device, counter))
+        row = {"split": "val", "step": self.step, **{k: float(v) for k, v in figures.items()},
+               "dropped": counter[0]}
+        self._log(row)
+        return {k: float(v) for k, v in figures.items()}
+
+    def _write_samples(self) -> None:
+        if not self.info.is_main:
+            return
+        with self._evaluating() as net:
+            self.task.write_samples(net, self.out_dir / "samples" / f"step_{self.step:07d}.png", self.step)
+
+    # checkpoint and finish -----------------------------------------------------------------------
+
+    def _checkpoint(self) -> Path:
+        """Save the checkpoint of this step (rank 0 writes it; every rank gives its RNG state and
+        data position); its path. Every rank must call it at the same step."""
+        info = self.info
+        per_rank = all_gather_objects({"rng": capture_rng_state(), "position": self.stream.position}, info)
+        path = self.out_dir / CHECKPOINTS_DIR / checkpoint_name(self.step)
+        if info.is_main:
+            state: dict[str, Any] = {
+                "step": self.step,
+                "epoch": self.stream.epoch,
+                "items_in_epoch": self.stream.position * self.micro_batch * info.world_size,
+                "ranks": per_rank,
+                "optimizer": self.optimizer.state_dict(),
+                "dropped_total": self.dropped_total,
+                "elapsed_s": self.elapsed_before + (time.perf_counter() - self.started),
+                "world_size": info.world_size,
+            }
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
+            weights = self.model.state_dict()
+            if self.ema is not None:
+                state["raw_model"] = weights
+                weights = self.ema.model.state_dict()
+            path = save_checkpoint(self.out_dir, self.step, self.task.kind, self.task.model_config(), weights,
+                                   state, self.task.save_extras, self.config.keep_checkpoints)
+        barrier(info)
+        return path
+
+    def _finish(self) -> dict[str, Any]:
+        """After the last step: the final validation, samples, checkpoint and loss plot; after an
+        interruption: a checkpoint only. The result, also written to result.json."""
+        info, out_dir = self.info, self.out_dir
+        interrupted = None
+        if self.stop_signal is not None or self.step < self.config.steps:
+            # a rank that got no signal itself stopped because another one did
+            interrupted = signal.Signals(self.stop_signal).name if self.stop_signal else "signal"
+            self.last_checkpoint = self._checkpoint()
+        else:
+            self.val_figures = self._validate()
+            self._write_samples()
+            if self.last_checkpoint is None or list_checkpoints(out_dir)[-1][0] != self.step:
+                self.last_checkpoint = self._checkpoint()
             if info.is_main and (out_dir / METRICS_FILE).is_file():
                 plot_loss(out_dir / METRICS_FILE, out_dir / "loss.png")
         result: dict[str, Any] = {
             "run_dir": str(out_dir),
-            "step": step,
-            "loss": last_loss,
-            **{f"val_{k}": v for k, v in val_figures.items()},
-            "dropped": dropped_total,
-            "items_per_s": total_items / train_time if train_time else 0.0,
-            "wall_time_s": elapsed_before + time.perf_counter() - started,
-            "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+            "step": self.step,
+            "loss": self.last_loss,
+            **{f"val_{k}": v for k, v in self.val_figures.items()},
+            "dropped": self.dropped_total,
+            "items_per_s": self.total_items / self.train_time if self.train_time else 0.0,
+            "wall_time_s": self.elapsed_before + time.perf_counter() - self.started,
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "interrupted": interrupted,
             "precision": self.precision,
             "world_size": info.world_size,
