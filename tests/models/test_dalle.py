@@ -140,9 +140,13 @@ def test_caption_dropout():
     assert 0.18 < float(dropped) < 0.32
 
 
+BLOCKS = [{}, {"mlp": "relu2", "qk_norm": True}]  # the GPT-2 block, and the speedrun block
+
+
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("types", [("full",), ("axial_row", "axial_col", "conv_like", "full")])
-def test_cached_logits_match_uncached(types):
-    model = DALLE(tiny_config(n_layer=4, attention_types=types)).eval()
+def test_cached_logits_match_uncached(types, block):
+    model = DALLE(tiny_config(n_layer=4, attention_types=types, **block)).eval()
     text, image = batch(3)
     _, uncached = model(text, image[:, :-1])  # (B, N, VI)
     cache = model.new_cache(3)
@@ -154,12 +158,13 @@ def test_cached_logits_match_uncached(types):
     assert torch.allclose(model.forward_cached(image[:, 7:8], cache), uncached[:, 8], atol=1e-5)
 
 
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("types", [("full",), ("axial_row", "axial_col", "conv_like", "full")])
-def test_step_decoder_matches_uncached_and_mixes_with_chunks(types, packed):
+def test_step_decoder_matches_uncached_and_mixes_with_chunks(types, packed, block):
     if packed and not packed_linears_available(torch.device("cpu")):
         pytest.skip("this torch build has no oneDNN")
-    model = DALLE(tiny_config(n_layer=4, attention_types=types)).eval()
+    model = DALLE(tiny_config(n_layer=4, attention_types=types, **block)).eval()
     text, image = batch(3)
     _, uncached = model(text, image[:, :-1])  # (B, N, VI)
     decoder = StepDecoder(model, 3, packed=packed)
@@ -267,9 +272,10 @@ def test_choose_tokens_filters():
     assert torch.allclose(freq, torch.softmax(logits[0].double(), 0), atol=0.015)
 
 
-def test_overfits_one_batch():
+@pytest.mark.parametrize("block", [{}, {"mlp": "relu2", "qk_norm": True, "proj_init": "zero"}])
+def test_overfits_one_batch(block):
     torch.manual_seed(0)
-    config = tiny_config()
+    config = tiny_config(**block)
     model = DALLE(config)
     text, image = batch(4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -292,8 +298,23 @@ def test_config_validation_messages():
         tiny_config(conv_kernel_size=4)
     with pytest.raises(ConfigError, match=r"model.image_vocab_size is 0; resolve it from the VAE first"):
         DALLE(DALLEConfig())
-    config = tiny_config(attention_types=("axial_row", "full"))
+    with pytest.raises(ConfigError, match=r"^model.mlp: 'swiglu' is not one of gelu, relu2$"):
+        tiny_config(mlp="swiglu")
+    with pytest.raises(ConfigError, match=r"^model.proj_init: 'small' is not one of scaled, zero$"):
+        tiny_config(proj_init="small")
+    config = tiny_config(attention_types=("axial_row", "full"), mlp="relu2", qk_norm=True)
     assert from_dict(DALLEConfig, to_dict(config)) == config
+
+
+def test_zero_initialised_projections_make_each_block_the_identity():
+    model = DALLE(tiny_config(proj_init="zero"))
+    text, image = batch(2)
+    x = model._embed(torch.cat([model.text_ids(text), image[:, :-1]], dim=1), 0)
+    for layer, block in enumerate(model.blocks):
+        mask, is_causal = model._layer_mask(layer, 0, x.shape[1])
+        assert torch.equal(block(x, mask, is_causal), x)
+    default = DALLE(tiny_config())
+    assert all(float(b.attn.proj.weight.abs().sum()) > 0 for b in default.blocks)
 
 
 def test_load_dalle_roundtrip(tmp_path):

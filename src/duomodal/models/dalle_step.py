@@ -29,20 +29,27 @@ class StepLinear:
     on a transposed, contiguous copy, the faster layout for a few rows.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, packed: bool, gelu: bool = False):
-        self.bias, self.packed, self.gelu = bias, packed, gelu
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, packed: bool,
+                 activation: str = "none"):
+        self.bias, self.packed, self.activation = bias, packed, activation
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if packed else weight.t().contiguous()
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, in) -> x W^T + b, through GELU if asked, plus `residual` (B, out) if given."""
-        if self.packed and residual is not None and not self.gelu:
+        """x (B, in) -> x W^T + b, through the activation ("none", "gelu" or "relu2"), plus `residual`
+        (B, out) if given."""
+        if self.packed and residual is not None and self.activation == "none":
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
         if self.packed:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu" if self.gelu else "none",
-                                                   [], "tanh" if self.gelu else "")
+            fused = {"none": ("none", ""), "gelu": ("gelu", "tanh"), "relu2": ("relu", "")}[self.activation]
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, fused[0], [], fused[1])
         else:
             y = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
-            y = F.gelu(y, approximate="tanh") if self.gelu else y
+            if self.activation == "gelu":
+                y = F.gelu(y, approximate="tanh")
+            elif self.activation == "relu2":
+                y = F.relu(y)
+        if self.activation == "relu2":
+            y = y.square()
         return y if residual is None else y + residual
 
 
@@ -67,7 +74,7 @@ class StepDecoder:
         dtype = self.cache.keys.dtype
         self.packed = packed_linears_available(self.cache.keys.device) if packed is None else packed
 
-        def linear(module: nn.Linear, gelu: bool = False, scale_first: int = 0) -> StepLinear:
+        def linear(module: nn.Linear, activation: str = "none", scale_first: int = 0) -> StepLinear:
             """`module` as a StepLinear; its first `scale_first` outputs (the queries) scaled by 1/sqrt(hs)."""
             weight = module.weight.detach().to(dtype)
             bias = None if module.bias is None else module.bias.detach().to(dtype)
@@ -77,15 +84,17 @@ class StepDecoder:
                 if bias is not None:
                     bias = bias.clone()
                     bias[:scale_first] *= self.scale
-            return StepLinear(weight, bias, batch_size, self.packed, gelu)
+            return StepLinear(weight, bias, batch_size, self.packed, activation)
 
         def norm(module: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
             return module.weight.detach().to(dtype), module.bias.detach().to(dtype), module.eps
 
-        self.scale = 1.0 / math.sqrt(c.n_embd // c.n_head)  # folded into the query weights
+        self.scale = 1.0 / math.sqrt(c.n_embd // c.n_head)
+        # folded into the query weights, unless the queries are normalised after them (qk_norm)
+        scale_first = 0 if c.qk_norm else c.n_embd
         self.layers = [
-            (norm(b.ln_1), linear(b.attn.qkv, scale_first=c.n_embd), linear(b.attn.proj),
-             norm(b.ln_2), linear(b.mlp[0], gelu=True), linear(b.mlp[2]))
+            (norm(b.ln_1), linear(b.attn.qkv, scale_first=scale_first), linear(b.attn.proj),
+             norm(b.ln_2), linear(b.mlp[0], activation=c.mlp), linear(b.mlp[2]))
             for b in model.blocks
         ]
         biases = {}
@@ -114,6 +123,8 @@ class StepDecoder:
         x = self.embedding[tokens] + self.positions[index]  # (B, C)
         for layer, (ln_1, qkv, proj, ln_2, fc, out) in enumerate(self.layers):
             q, k, v = qkv(F.layer_norm(x, (C,), *ln_1[:2], ln_1[2])).view(B, 3, nh, C // nh).unbind(1)  # (B, nh, hs)
+            if c.qk_norm:
+                q, k = F.rms_norm(q, (C // nh,)) * self.scale, F.rms_norm(k, (C // nh,))
             cache.keys[layer, :, :, pos] = k
             cache.values[layer, :, :, pos] = v
             keys = cache.keys[layer, :, :, : pos + 1]  # (B, nh, pos + 1, hs)
