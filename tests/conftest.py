@@ -74,6 +74,15 @@ def dalle_run(tmp_path_factory, shape_dataset) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_clip_config():
+    """The tests' CLIP: 16 px images in 4 px patches, both towers 2 layers of width 32, 32-d, vocab 64."""
+    from duomodal.models.clip import ClipConfig
+
+    return ClipConfig(image_size=16, patch_size=4, vision_width=32, vision_layers=2, vision_heads=2, text_width=32,
+                      text_layers=2, text_heads=2, context_length=16, vocab_size=64, embed_dim=32)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything_and_use_one_thread():
     """Seeded, and one torch thread: tiny models gain nothing from two, and on a shared 2-core

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import string
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,19 +26,6 @@ from duomodal.models.clip import (
 )
 from duomodal.text.tokenizer import Tokenizer
 
-TINY = ClipConfig(
-    image_size=16,
-    patch_size=4,
-    vision_width=32,
-    vision_layers=2,
-    vision_heads=2,
-    text_width=32,
-    text_layers=2,
-    text_heads=2,
-    context_length=16,
-    vocab_size=64,
-    embed_dim=32,
-)
 CAPTIONS = ["a red square", "a green circle", "a blue triangle", "a yellow square", "red circle", "blue square"]
 
 
@@ -48,8 +36,8 @@ def _images(shape_dataset: Path, n: int = 4) -> list[Image.Image]:
 # --- the model -------------------------------------------------------------------------------------
 
 
-def test_forward_gives_normalised_features_of_either_side():
-    model = ContrastiveClip.from_config(TINY).eval()
+def test_forward_gives_normalised_features_of_either_side(tiny_clip_config):
+    model = ContrastiveClip.from_config(tiny_clip_config).eval()
     ids = torch.tensor([[2, 5, 6, 3, 0, 0], [2, 7, 3, 0, 0, 0]])
     out = model(pixel_values=torch.randn(2, 3, 16, 16), input_ids=ids)
     assert out.image.shape == (2, 32) and out.text.shape == (2, 32)
@@ -60,8 +48,8 @@ def test_forward_gives_normalised_features_of_either_side():
         model()
 
 
-def test_text_pooling_takes_the_eos_position_and_ignores_padding():
-    model = ContrastiveClip.from_config(TINY).eval()
+def test_text_pooling_takes_the_eos_position_and_ignores_padding(tiny_clip_config):
+    model = ContrastiveClip.from_config(tiny_clip_config).eval()
     short = torch.tensor([[2, 5, 6, 3, 0, 0, 0, 0]])
     other_padding = torch.tensor([[2, 5, 6, 3, 9, 9, 9, 9]])  # anything after EOS is invisible (causal)
     changed_before_eos = torch.tensor([[2, 5, 7, 3, 0, 0, 0, 0]])
@@ -71,14 +59,14 @@ def test_text_pooling_takes_the_eos_position_and_ignores_padding():
     assert not torch.allclose(a, c, atol=1e-3)
 
 
-def test_logit_scale_is_clamped_at_ln_100_as_open_clip():
-    model = ContrastiveClip.from_config(TINY).train()
+def test_logit_scale_is_clamped_at_ln_100_as_open_clip(tiny_clip_config):
+    model = ContrastiveClip.from_config(tiny_clip_config).train()
     with torch.no_grad():
         model.clip.logit_scale.fill_(7.0)
     out = model(input_ids=torch.tensor([[2, 5, 3]]))
     assert out.logit_scale.item() == pytest.approx(100.0, rel=1e-5)
     assert model.clip.logit_scale.item() == pytest.approx(LOGIT_SCALE_MAX)
-    assert math.exp(TINY.logit_scale_init) == pytest.approx(1 / 0.07)
+    assert math.exp(tiny_clip_config.logit_scale_init) == pytest.approx(1 / 0.07)
 
 
 def test_config_errors_name_the_value():
@@ -92,10 +80,10 @@ def test_config_errors_name_the_value():
 
 
 @pytest.fixture(scope="module")
-def duomodal_clip_dir(tmp_path_factory) -> Path:
+def duomodal_clip_dir(tmp_path_factory, tiny_clip_config) -> Path:
     torch.manual_seed(0)
     tokenizer = Tokenizer.train(CAPTIONS * 3, vocab_size=64, min_frequency=1)
-    config = ClipConfig(**{**to_dict(TINY), "vocab_size": tokenizer.vocab_size, "image_mean": (0.4, 0.5, 0.6)})
+    config = replace(tiny_clip_config, vocab_size=tokenizer.vocab_size, image_mean=(0.4, 0.5, 0.6))
     model = ContrastiveClip.from_config(config)
     directory = tmp_path_factory.mktemp("duomodal_clip")
     save_model(directory, "clip", to_dict(config), model.state_dict())

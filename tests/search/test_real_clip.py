@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,20 +18,19 @@ from duomodal.text.tokenizer import Tokenizer
 CAPTIONS = ["a red square", "a green circle", "a blue triangle", "a yellow square", "red circle", "blue square"]
 
 
-def save_tiny_clip(directory: Path, seed: int) -> Path:
+def save_tiny_clip(directory: Path, config: ClipConfig, seed: int) -> Path:
     torch.manual_seed(seed)
     tokenizer = Tokenizer.train(CAPTIONS * 3, vocab_size=64, min_frequency=1)
-    config = ClipConfig(image_size=16, patch_size=4, vision_width=32, vision_layers=2, vision_heads=2,
-                        text_width=32, text_layers=2, text_heads=2, context_length=16,
-                        vocab_size=tokenizer.vocab_size, embed_dim=32)
+    config = replace(config, vocab_size=tokenizer.vocab_size)
     save_model(directory, "clip", to_dict(config), ContrastiveClip.from_config(config).state_dict())
     tokenizer.save(directory / "tokenizer.json")
     return directory
 
 
 @pytest.fixture(scope="module")
-def tiny_clips(tmp_path_factory) -> tuple[Path, Path]:
-    return (save_tiny_clip(tmp_path_factory.mktemp("clip_a"), 0), save_tiny_clip(tmp_path_factory.mktemp("clip_b"), 1))
+def tiny_clips(tmp_path_factory, tiny_clip_config) -> tuple[Path, Path]:
+    return (save_tiny_clip(tmp_path_factory.mktemp("clip_a"), tiny_clip_config, 0),
+            save_tiny_clip(tmp_path_factory.mktemp("clip_b"), tiny_clip_config, 1))
 
 
 def test_index_and_search_with_a_real_clip(shape_dataset, tiny_clips, tmp_path, capsys):

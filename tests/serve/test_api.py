@@ -182,6 +182,18 @@ def test_query_the_library_refuses_is_400_with_its_message(client):
     assert response.json() == {"detail": "term '0*red' has weight 0; drop it or give a weight above 0"}
 
 
+def test_an_unexpected_value_error_in_a_handler_is_a_logged_500_not_a_400(fake_index, fake_clip, monkeypatch, caplog):
+    def broken_search(vector, k):
+        raise ValueError("an index bug, not the client's fault")
+
+    monkeypatch.setattr(fake_index, "search", broken_search)
+    with TestClient(create_app(fake_index, fake_clip), raise_server_exceptions=False) as client:
+        response = client.get("/api/search", params={"q": "red"})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal error: ValueError"}
+    assert "GET /api/search failed" in caplog.text
+
+
 # --- more like this ------------------------------------------------------------------------------
 
 

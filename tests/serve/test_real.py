@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,33 +17,18 @@ from duomodal import cli
 from duomodal.cli import search as cli_search
 from duomodal.config import to_dict
 from duomodal.modelfile import save_model
-from duomodal.models.clip import ClipConfig, ContrastiveClip, load_clip
+from duomodal.models.clip import ContrastiveClip, load_clip
 from duomodal.search.build import build_index
 from duomodal.text.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.timeout(60)
 
-TINY_CLIP = ClipConfig(
-    image_size=16,
-    patch_size=4,
-    vision_width=32,
-    vision_layers=2,
-    vision_heads=2,
-    text_width=32,
-    text_layers=2,
-    text_heads=2,
-    context_length=16,
-    vocab_size=64,
-    embed_dim=32,
-)
-
-
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory, shape_dataset):
+def clip_dir(tmp_path_factory, shape_dataset, tiny_clip_config):
     torch.manual_seed(0)
     captions = [p.read_text() for p in sorted(shape_dataset.glob("*.txt"))]
     tokenizer = Tokenizer.train(captions, vocab_size=64, min_frequency=1)
-    config = ClipConfig(**{**to_dict(TINY_CLIP), "vocab_size": tokenizer.vocab_size})
+    config = replace(tiny_clip_config, vocab_size=tokenizer.vocab_size)
     directory = tmp_path_factory.mktemp("clip")
     save_model(directory, "clip", to_dict(config), ContrastiveClip.from_config(config).state_dict())
     tokenizer.save(directory / "tokenizer.json")

@@ -18,11 +18,14 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 SCHEMA_VERSION = 1
 STORE_FILE = "index.sqlite"
+# Values bound in one IN (...) list: SQLite before 3.32 refuses statements with more than 999.
+SQL_IN_CHUNK = 500
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -98,6 +101,13 @@ class PendingFile:
     size: int
     mtime_ns: int
     caption: str | None
+
+
+def in_chunks(values: Sequence[Any], size: int = SQL_IN_CHUNK) -> Iterator[tuple[list[Any], str]]:
+    """`values` in slices of at most `size`, each with its "?,?,?" placeholders for ``IN (...)``."""
+    for start in range(0, len(values), size):
+        chunk = list(values[start : start + size])
+        yield chunk, ",".join("?" * len(chunk))
 
 
 def vector_to_blob(vector: np.ndarray) -> bytes:
@@ -210,14 +220,7 @@ class MetadataStore:
         return None if row is None else ImageRow(*row)
 
     def by_paths(self, paths: Sequence[str]) -> dict[str, ImageRow]:
-        found: dict[str, ImageRow] = {}
-        for start in range(0, len(paths), 500):
-            chunk = list(paths[start : start + 500])
-            marks = ",".join("?" * len(chunk))
-            with self._lock:
-                rows = self._db.execute(f"SELECT {_COLUMNS} FROM images WHERE path IN ({marks})", chunk)
-                found.update((r[1], ImageRow(*r)) for r in rows.fetchall())
-        return found
+        return {r[1]: ImageRow(*r) for r in self._select_in(_COLUMNS, "path", paths)}
 
     def by_sha256(self, sha256: str) -> list[ImageRow]:
         with self._lock:
@@ -225,14 +228,7 @@ class MetadataStore:
             return [ImageRow(*r) for r in rows.fetchall()]
 
     def rows(self, ids: Sequence[int]) -> dict[int, ImageRow]:
-        found: dict[int, ImageRow] = {}
-        for start in range(0, len(ids), 500):
-            chunk = [int(i) for i in ids[start : start + 500]]
-            marks = ",".join("?" * len(chunk))
-            with self._lock:
-                rows = self._db.execute(f"SELECT {_COLUMNS} FROM images WHERE id IN ({marks})", chunk)
-                found.update((r[0], ImageRow(*r)) for r in rows.fetchall())
-        return found
+        return {r[0]: ImageRow(*r) for r in self._select_in(_COLUMNS, "id", [int(i) for i in ids])}
 
     def iter_rows(self, chunk: int = 1000) -> Iterator[ImageRow]:
         """All rows in id order, read `chunk` at a time (bounded memory)."""
@@ -249,14 +245,15 @@ class MetadataStore:
             last = rows[-1][0]
 
     def vectors(self, ids: Sequence[int], dim: int) -> dict[int, np.ndarray]:
-        found: dict[int, np.ndarray] = {}
-        for start in range(0, len(ids), 500):
-            chunk = [int(i) for i in ids[start : start + 500]]
-            marks = ",".join("?" * len(chunk))
+        return {i: blob_to_vector(b, dim) for i, b in self._select_in("id, vector", "id", [int(i) for i in ids])}
+
+    def _select_in(self, columns: str, key: str, values: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """``SELECT columns FROM images WHERE key IN values``, any number of values."""
+        rows: list[tuple[Any, ...]] = []
+        for chunk, marks in in_chunks(values):
             with self._lock:
-                rows = self._db.execute(f"SELECT id, vector FROM images WHERE id IN ({marks})", chunk)
-                found.update((i, blob_to_vector(b, dim)) for i, b in rows.fetchall())
-        return found
+                rows.extend(self._db.execute(f"SELECT {columns} FROM images WHERE {key} IN ({marks})", chunk))
+        return rows
 
     def iter_vectors(self, dim: int, chunk: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids (n,) int64, vectors (n, D) float32) chunks in id order."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from duomodal import __version__
+from duomodal.models.sampling import GenerationError
+from duomodal.search.query import QueryError
 from duomodal.serve.jobs import JobQueue, QueueFullError
 from duomodal.serve.media import MAX_UPLOAD_BYTES, ThumbnailCache, UploadError, human_bytes
 from duomodal.serve.routes_generate import make_generate_router
@@ -42,6 +44,10 @@ SECURITY_HEADERS = [
         b"object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
     ),
 ]
+# The library's errors that a request's input can cause (a query of only negatives, an edit box
+# outside what the model sees), answered with their message and this status. Any other exception,
+# a ValueError included, is a bug of ours: logged, and a 500.
+REQUEST_ERRORS: dict[type[Exception], int] = {QueryError: 400, GenerationError: 400}
 
 
 def _json_error(status: int, detail: str) -> JSONResponse:
@@ -115,6 +121,15 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
 
 
+def _answer_with(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """An exception handler that answers `status` with the exception's message."""
+
+    async def refused(request: Request, exc: Exception) -> JSONResponse:
+        return _json_error(status, str(exc))
+
+    return refused
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -132,11 +147,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
         return _json_error(429, str(exc))
 
-    @app.exception_handler(ValueError)
-    async def library_refused(request: Request, exc: ValueError) -> JSONResponse:
-        # The library raises ValueError for input it can't use (a query of only negatives, a
-        # box outside the image): the message says what was wrong, so it goes to the client.
-        return _json_error(400, str(exc))
+    for error_type, status in REQUEST_ERRORS.items():
+        app.add_exception_handler(error_type, _answer_with(status))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
