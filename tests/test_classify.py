@@ -1,10 +1,12 @@
-"""Zero-shot classification: templates, prompt ensembling, recall@k, the classify CLI with bad images."""
+"""Zero-shot classification: templates, prompt ensembling, the classify and clip eval CLIs with bad images.
+The metrics themselves (recall@k, confusion matrix) are tested in tests/evaluate/test_metrics.py."""
 
 from __future__ import annotations
 
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,23 +15,17 @@ import torch
 from duomodal.classify import (
     ClassifyError,
     class_text_features,
-    confusion_matrix,
+    clip_figures,
     label_text,
     parse_labels,
     resolve_templates,
-    retrieval_recall,
-    zero_shot_accuracy,
+    zero_shot_label_accuracy,
 )
 from duomodal.cli import main
 from duomodal.config import to_dict
 from duomodal.modelfile import save_model
-from duomodal.models.clip import ClipConfig, ContrastiveClip
+from duomodal.models.clip import ContrastiveClip
 from duomodal.text.tokenizer import Tokenizer
-
-TINY = ClipConfig(
-    image_size=16, patch_size=4, vision_width=32, vision_layers=2, vision_heads=2, text_width=32, text_layers=2,
-    text_heads=2, context_length=16, vocab_size=64, embed_dim=32,
-)
 
 
 def test_templates_and_labels():
@@ -64,30 +60,30 @@ def test_prompt_ensembling_averages_normalised_template_embeddings():
     s = 2**-0.5
     assert torch.allclose(features, torch.tensor([[s, s], [0.0, 1.0]]), atol=1e-6)
     images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
-    assert zero_shot_accuracy(images, ["cat", "dog", "dog"], ["cat", "dog"], embed, ["a {}", "{}!"]) == pytest.approx(2 / 3)
-    assert zero_shot_accuracy(images, [None, "bird", None], ["cat", "dog"], embed, ["{}!"]) is None
+    assert zero_shot_label_accuracy(images, ["cat", "dog", "dog"], ["cat", "dog"], embed, ["a {}", "{}!"]) == \
+        pytest.approx(2 / 3)
+    assert zero_shot_label_accuracy(images, [None, "bird", None], ["cat", "dog"], embed, ["{}!"]) is None
 
 
-def test_retrieval_recall_by_hand_and_with_duplicate_captions():
+def test_clip_figures_name_recall_as_the_evaluation_does_and_match_captions_by_key():
     image = torch.eye(3)
     text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.2, 1.0], [0.0, 0.9, 0.1]])  # texts 1 and 2 point at each other's image
-    figures = retrieval_recall(image, text, ks=(1, 2))
-    assert figures["t2i_recall@1"] == pytest.approx(1 / 3)  # only text 0 finds its image first
-    assert figures["i2t_recall@1"] == pytest.approx(1 / 3)
-    assert figures["t2i_recall@2"] == pytest.approx(1.0)
-    assert figures["i2t_recall@2"] == pytest.approx(1.0)
-    # texts 1 and 2 share a caption: retrieving either image for either counts
-    same = retrieval_recall(image, text, keys=["a", "b", "b"], ks=(1,))
-    assert same["t2i_recall@1"] == 1.0 and same["i2t_recall@1"] == 1.0
-    assert confusion_matrix([0, 1, 1], [0, 0, 1], 2).tolist() == [[1, 1], [0, 1]]
+    labels = [{"color": "red"}, {"color": "red"}, {}]  # image 1 is nearer "blue": zero-shot gets 1 of 2
+    embed = {"red": torch.tensor([1.0, 0.0, 0.0]), "blue": torch.tensor([0.0, 0.8, 0.6])}
+    figures = clip_figures(image, text, ["a red", "a blue", "A  Blue"], labels, {"color": ["blue", "red"]},
+                           lambda texts: torch.stack([embed[t] for t in texts]), ["{}"])
+    # captions 1 and 2 read the same, so retrieving either image for either text counts
+    assert figures == {"text_to_image_recall@1": 1.0, "image_to_text_recall@1": 1.0,
+                       "text_to_image_recall@5": 1.0, "image_to_text_recall@5": 1.0,
+                       "text_to_image_recall@10": 1.0, "image_to_text_recall@10": 1.0, "zero_shot_color": 0.5}
 
 
 @pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory) -> Path:
+def tiny_clip_dir(tmp_path_factory, tiny_clip_config) -> Path:
     torch.manual_seed(0)
     tokenizer = Tokenizer.train(["a red icon", "a green icon", "a blue icon", "red", "green"] * 3, vocab_size=64,
                                 min_frequency=1)
-    config = ClipConfig(**{**to_dict(TINY), "vocab_size": tokenizer.vocab_size})
+    config = replace(tiny_clip_config, vocab_size=tokenizer.vocab_size)
     directory = tmp_path_factory.mktemp("clip")
     save_model(directory, "clip", to_dict(config), ContrastiveClip.from_config(config).state_dict())
     tokenizer.save(directory / "tokenizer.json")
@@ -173,7 +169,7 @@ def test_clip_eval_and_export_cli(tiny_clip_dir, shape_dataset, tmp_path, capsys
     assert main(["clip", "eval", str(tiny_clip_dir), "--data", str(data), "--split", "heldout", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("heldout: 12 images (0 skipped), model duomodal-clip:")
-    assert "t2i_recall@10" in out and "zero_shot_color" in out
+    assert "text_to_image_recall@10" in out and "zero_shot_color" in out
     assert main(["clip", "export", str(tiny_clip_dir), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
     assert main(["clip", "eval", str(tmp_path / "hf"), "--data", str(data), "--split", "val", "--device", "cpu"]) == 1

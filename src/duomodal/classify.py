@@ -1,4 +1,5 @@
-"""Zero-shot classification with CLIP, and the retrieval figures CLIP is judged by.
+"""Zero-shot classification with CLIP, and the figures CLIP is judged by (computed by
+``duomodal.evaluate.metrics``).
 
 Each label becomes a text classifier by prompt ensembling (CLIP paper, section 3.1.4): the label
 is put into several templates ("a {} icon", "an icon of {}"), each prompt is embedded and
@@ -16,6 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from duomodal.data.records import caption_key
+from duomodal.evaluate import metrics as M
 
 # Built-in template sets. "{}" is replaced by the label with '-' and '_' read as spaces.
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
@@ -95,7 +99,7 @@ def zero_shot_probabilities(
 ENSEMBLE_MAX_CLASSES = 256  # above this many classes, validation uses only the first template (speed)
 
 
-def zero_shot_accuracy(
+def zero_shot_label_accuracy(
     image_features: torch.Tensor,
     true_labels: Sequence[str | None],
     classes: Sequence[str],
@@ -113,25 +117,37 @@ def zero_shot_accuracy(
     if len(classes) > ENSEMBLE_MAX_CLASSES:
         templates = templates[:1]
     class_features = class_text_features(embed_texts, classes, templates).to(image_features.device)  # (C, D)
-    predicted = (image_features[rows].float() @ class_features.T).argmax(1).tolist()
     index_of = {label: i for i, label in enumerate(classes)}
-    return accuracy(predicted, [index_of[true_labels[row]] for row in rows])
+    labels = [index_of[true_labels[row]] for row in rows]
+    return M.zero_shot_accuracy(image_features[rows], class_features, labels).value
 
 
-def accuracy(predicted: Sequence[int], true: Sequence[int]) -> float:
-    if len(predicted) != len(true):
-        raise ValueError(f"accuracy needs equal lengths, got {len(predicted)} and {len(true)}")
-    if not true:
-        return float("nan")
-    return sum(int(p == t) for p, t in zip(predicted, true)) / len(true)
+def clip_figures(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    captions: Sequence[str],
+    labels: Sequence[dict[str, str]],
+    label_classes: dict[str, list[str]],
+    embed_texts: Callable[[list[str]], torch.Tensor],
+    templates: Sequence[str],
+) -> dict[str, float]:
+    """Retrieval recall and zero-shot accuracy of N images paired with N captions.
 
-
-def confusion_matrix(predicted: Sequence[int], true: Sequence[int], num_classes: int) -> torch.Tensor:
-    """(C, C) counts; row = true class, column = predicted class."""
-    matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    for p, t in zip(predicted, true):
-        matrix[t, p] += 1
-    return matrix
+    image_features and text_features: (N, D) normalised, row i of each a pair; `captions` the texts,
+    `labels` each image's manifest labels. Gives ``text_to_image_recall@k`` and
+    ``image_to_text_recall@k`` (k = 1, 5, 10; a hit is any item whose caption reads the same) and
+    ``zero_shot_<field>`` for each field of `label_classes` that some image has among its classes.
+    """
+    similarity = text_features.float() @ image_features.float().T  # (N texts, N images)
+    relevant = M.same_key([caption_key(c) for c in captions])
+    figures = {name: recall.value for name, recall in M.retrieval_recall(similarity, relevant).items()}
+    for name, classes in label_classes.items():
+        value = zero_shot_label_accuracy(
+            image_features, [record_labels.get(name) for record_labels in labels], classes, embed_texts, templates
+        )
+        if value is not None:
+            figures[f"zero_shot_{name}"] = value
+    return figures
 
 
 def save_confusion_png(matrix: torch.Tensor, labels: Sequence[str], path: str | os.PathLike, title: str = "") -> None:
@@ -168,44 +184,6 @@ def save_confusion_png(matrix: torch.Tensor, labels: Sequence[str], path: str | 
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
-
-
-def caption_key(text: str) -> str:
-    """Captions that read the same (case, spacing) count as the same for retrieval hits."""
-    return " ".join(text.lower().split())
-
-
-def retrieval_recall(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    keys: Sequence[str] | None = None,
-    ks: Sequence[int] = (1, 5, 10),
-) -> dict[str, float]:
-    """Text->image and image->text recall@k of paired, normalised features (row i of each is a pair).
-
-    With `keys` (e.g. the normalised caption of each pair), a hit is any item with the pair's key,
-    so identical captions or duplicate images do not count as misses.
-    """
-    n = image_features.shape[0]
-    if text_features.shape[0] != n:
-        raise ValueError(f"retrieval_recall needs paired features, got {n} images and {text_features.shape[0]} texts")
-    if n == 0:
-        return {}
-    similarity = text_features.float() @ image_features.float().T  # (N texts, N images)
-    if keys is None:
-        relevant = torch.eye(n, dtype=torch.bool)
-    else:
-        codes = {key: i for i, key in enumerate(dict.fromkeys(keys))}
-        key_ids = torch.tensor([codes[key] for key in keys])
-        relevant = key_ids[:, None] == key_ids[None, :]  # (N, N) symmetric
-    figures = {}
-    for k in ks:
-        kk = min(k, n)
-        t2i = similarity.topk(kk, dim=1).indices  # (N, kk) image ids per text
-        i2t = similarity.T.topk(kk, dim=1).indices  # (N, kk) text ids per image
-        figures[f"t2i_recall@{k}"] = relevant.gather(1, t2i).any(1).float().mean().item()
-        figures[f"i2t_recall@{k}"] = relevant.gather(1, i2t).any(1).float().mean().item()
-    return figures
 
 
 @dataclass
@@ -331,8 +309,8 @@ def classify_images(
             progress(len(images[start : start + batch_size]))
     if true_ids:
         return ClassifyResult(
-            labels, predictions, skipped, accuracy(predicted_ids, true_ids),
-            confusion_matrix(predicted_ids, true_ids, len(labels)),
+            labels, predictions, skipped, M.accuracy(predicted_ids, true_ids).value,
+            M.confusion_matrix(predicted_ids, true_ids, len(labels)),
         )
     return ClassifyResult(labels, predictions, skipped, None, None)
 
@@ -370,15 +348,11 @@ def evaluate_records(
         raise ClassifyError("none of the images could be read")
     image_features = torch.cat(image_parts)
     captions = [record.captions[0] for record in kept]
-    text_features = embedder.embed_texts(captions)
     figures: dict[str, float] = {"count": float(len(kept)), "skipped": float(skipped)}
-    figures.update(retrieval_recall(image_features, text_features, [caption_key(c) for c in captions]))
-    for name, classes in label_classes.items():
-        value = zero_shot_accuracy(
-            image_features, [record.labels.get(name) for record in kept], classes, embedder.embed_texts, templates
-        )
-        if value is not None:
-            figures[f"zero_shot_{name}"] = value
+    figures.update(clip_figures(
+        image_features, embedder.embed_texts(captions), captions, [record.labels for record in kept],
+        label_classes, embedder.embed_texts, templates,
+    ))
     return figures
 
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from duomodal.data.icons import PALETTE
+from duomodal.data.images import parse_color
 from duomodal.evaluate.metrics import (
     Accuracy,
     MetricError,
@@ -18,15 +19,17 @@ from duomodal.evaluate.metrics import (
     bits_per_token,
     codebook_usage,
     color_accuracy,
+    confusion_matrix,
     dominant_color,
     ink_mask,
     mask_iou,
     nearest_template,
     mean_score,
     mse,
-    parse_color,
     psnr,
     recall_at_k,
+    retrieval_recall,
+    same_key,
     template_ranks,
     token_counts,
     zero_shot_accuracy,
@@ -188,8 +191,10 @@ def test_dominant_color_on_another_background():
 def test_dominant_color_rejects_bad_inputs():
     with pytest.raises(MetricError, match="the palette is empty"):
         dominant_color(solid("red"), {})
-    with pytest.raises(MetricError, match=r"colour 'red' is not of the form #rrggbb"):
-        dominant_color(solid("red"), {"red": "red"})
+    with pytest.raises(MetricError, match=r"^palette colour 'nope' is not a colour"):
+        dominant_color(solid("red"), {"red": "nope"})
+    with pytest.raises(MetricError, match=r"^background colour \(0, 0\) must be a colour name, '#rrggbb' or three"):
+        dominant_color(solid("red"), PALETTE, background=(0, 0))
     with pytest.raises(MetricError, match=r"expected an \(H, W, 3\) array"):
         dominant_color(np.zeros((4, 4)), PALETTE)
 
@@ -255,6 +260,21 @@ def test_recall_at_k_rejects_bad_inputs():
         recall_at_k(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), 0)
 
 
+def test_retrieval_recall_by_hand_and_with_duplicate_captions():
+    image = torch.eye(3)
+    text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.2, 1.0], [0.0, 0.9, 0.1]])  # texts 1 and 2 point at each other's image
+    similarity = text @ image.T
+    figures = retrieval_recall(similarity, torch.eye(3, dtype=torch.bool), ks=(1, 2))
+    assert figures["text_to_image_recall@1"] == Accuracy(1, 3)  # only text 0 finds its image first
+    assert figures["image_to_text_recall@1"] == Accuracy(1, 3)
+    assert figures["text_to_image_recall@2"] == Accuracy(3, 3)
+    assert figures["image_to_text_recall@2"] == Accuracy(3, 3)
+    # texts 1 and 2 share a caption: retrieving either image for either counts
+    assert same_key(["a", "b", "b"]).tolist() == [[True, False, False], [False, True, True], [False, True, True]]
+    same = retrieval_recall(similarity, same_key(["a", "b", "b"]), ks=(1,))
+    assert same["text_to_image_recall@1"] == Accuracy(3, 3) and same["image_to_text_recall@1"] == Accuracy(3, 3)
+
+
 def test_zero_shot_accuracy():
     classes = torch.eye(3)  # three orthogonal class embeddings
     images = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8], [0.6, 0.7, 0.0], [0.1, 0.0, 0.2]])
@@ -264,6 +284,15 @@ def test_zero_shot_accuracy():
         zero_shot_accuracy(images, classes, [0, 1])
     with pytest.raises(MetricError, match=r"labels must lie in \[0, 3\)"):
         zero_shot_accuracy(images, classes, [0, 1, 2, 3])
+
+
+def test_confusion_matrix():
+    assert confusion_matrix([0, 1, 1], [0, 0, 1], 2).tolist() == [[1, 1], [0, 1]]  # rows true, columns predicted
+    assert confusion_matrix([], [], 2).tolist() == [[0, 0], [0, 0]]
+    with pytest.raises(MetricError, match="2 predictions but 1 true classes"):
+        confusion_matrix([0, 1], [0], 2)
+    with pytest.raises(MetricError, match=r"class indices must lie in \[0, 2\), got \[0, 2\]"):
+        confusion_matrix([0, 2], [0, 0], 2)
 
 
 # --- shape by template -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from duomodal.cli import main
+from duomodal.config import to_dict
 from duomodal.models.clip import ClipConfig, ContrastiveClip, load_clip
 from duomodal.train.clip_task import (
     AugmentConfig,
@@ -25,11 +27,12 @@ from duomodal.train.clip_task import (
     gather_features,
 )
 
-TINY = dict(
-    image_size=16, patch_size=4, vision_width=32, vision_layers=2, vision_heads=2, text_width=32, text_layers=2,
-    text_heads=2, context_length=16, vocab_size=64, embed_dim=32,
-)
-TINY_SETS = [f"model.{k}={v}" for k, v in TINY.items()] + ["data.image_size=16"]
+
+def model_sets(config: ClipConfig) -> list[str]:
+    """`--set` overrides that make `duomodal train clip` build `config` (the fields that differ from the default)."""
+    default = ClipConfig()
+    changed = [f.name for f in fields(config) if getattr(config, f.name) != getattr(default, f.name)]
+    return [f"model.{name}={getattr(config, name)}" for name in changed] + [f"data.image_size={config.image_size}"]
 
 
 def test_contrastive_loss_matches_a_hand_computed_case():
@@ -62,9 +65,9 @@ def _batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return pixels, ids
 
 
-def test_overfits_one_batch():
+def test_overfits_one_batch(tiny_clip_config):
     torch.manual_seed(0)
-    model = ContrastiveClip.from_config(ClipConfig(**TINY)).train()
+    model = ContrastiveClip.from_config(tiny_clip_config).train()
     pixels, ids = _batch(8, seed=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(60):
@@ -79,6 +82,7 @@ def test_overfits_one_batch():
 WORKER = textwrap.dedent(
     """
     import gc
+    import json
     import os
     import sys
     import torch
@@ -88,7 +92,8 @@ WORKER = textwrap.dedent(
 
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[4])
-    from test_clip_task import TINY, _batch
+    from test_clip_task import _batch
+    from duomodal.config import from_dict
     from duomodal.models.clip import ClipConfig, ContrastiveClip
     from duomodal.train.clip_task import contrastive_loss, gather_features
     from duomodal.train.distributed import train_tokenizer
@@ -96,7 +101,7 @@ WORKER = textwrap.dedent(
     rank, init_file, out_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)
-    model = ContrastiveClip.from_config(ClipConfig(**TINY)).train()
+    model = ContrastiveClip.from_config(from_dict(ClipConfig, json.loads(sys.argv[5]))).train()
     pixels, ids = _batch(8, seed=1)
     start, end = [(0, 3), (3, 8)][rank]  # uneven shares: 3 and 5 rows
     net = DistributedDataParallel(model)
@@ -124,15 +129,16 @@ WORKER = textwrap.dedent(
 )
 
 
-def test_two_process_gather_gives_the_single_process_loss_and_gradients(tmp_path):
+def test_two_process_gather_gives_the_single_process_loss_and_gradients(tmp_path, tiny_clip_config):
     """Also: both ranks end up with rank 0's tokenizer (BPE training breaks ties differently per process)."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     here = str(Path(__file__).parent)
+    config = json.dumps(to_dict(tiny_clip_config))
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(rank), str(tmp_path / "init"), str(tmp_path), here],
+            [sys.executable, str(script), str(rank), str(tmp_path / "init"), str(tmp_path), here, config],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in range(2)
@@ -142,7 +148,7 @@ def test_two_process_gather_gives_the_single_process_loss_and_gradients(tmp_path
         assert proc.returncode == 0, output
 
     torch.manual_seed(0)
-    model = ContrastiveClip.from_config(ClipConfig(**TINY)).train()
+    model = ContrastiveClip.from_config(tiny_clip_config).train()
     pixels, ids = _batch(8, seed=1)
     out = model(pixel_values=pixels, input_ids=ids)
     loss = contrastive_loss(out.image, out.text, out.logit_scale)
@@ -195,12 +201,12 @@ def _manifest_shapes(shape_dataset: Path, root: Path) -> Path:
     return root
 
 
-def test_train_clip_cli_learns_zero_shot_colour(shape_dataset, tmp_path, capsys):
+def test_train_clip_cli_learns_zero_shot_colour(shape_dataset, tmp_path, capsys, tiny_clip_config):
     from duomodal.classify import classify_images
 
     data = _manifest_shapes(shape_dataset, tmp_path / "shapes")
     out = tmp_path / "run"
-    sets = TINY_SETS + ["train.steps=120", "train.batch_size=12", "train.lr=3e-3", "train.warmup_steps=10",
+    sets = model_sets(tiny_clip_config) + ["train.steps=120", "train.batch_size=12", "train.lr=3e-3", "train.warmup_steps=10",
                         "train.val_every=120", "train.sample_every=0", "train.log_every=40",
                         "train.checkpoint_every=0", "augment.crop_scale_min=0.9"]
     argv = ["train", "clip", "--data", str(data), "--out", str(out), "--device", "cpu"]
@@ -210,10 +216,10 @@ def test_train_clip_cli_learns_zero_shot_colour(shape_dataset, tmp_path, capsys)
     assert "validation:" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if r.get("split") == "val"][-1]
-    assert {"t2i_recall@1", "i2t_recall@10", "zero_shot_color", "zero_shot_shape"} <= set(val)
+    assert {"text_to_image_recall@1", "image_to_text_recall@10", "zero_shot_color", "zero_shot_shape"} <= set(val)
     # "a red icon" is not caption-like here, so validation's zero-shot varies with BPE tie-breaking
     # (0.83-1.0 seen); well above chance (0.25) is what it shows. The ensembled check below is the strict one.
-    assert val["zero_shot_color"] >= 0.5 and val["t2i_recall@1"] >= 0.9, val
+    assert val["zero_shot_color"] >= 0.5 and val["text_to_image_recall@1"] >= 0.9, val
     embedder = load_clip(out, device="cpu")
     images = [(p, p.stem.split("_")[0]) for p in sorted(data.glob("*.png"))]
     # prompt ensembling over the shapes the data has: "a red square", "a red circle", "a red triangle"

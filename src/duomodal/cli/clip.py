@@ -115,8 +115,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         write_predictions_csv(result.predictions, args.csv)
         print(f"wrote {args.csv}")
     if result.accuracy is not None and result.confusion is not None:
-        counted = int(result.confusion.sum())
-        print(f"accuracy {result.accuracy:.4f} ({round(result.accuracy * counted)}/{counted} images with a known label)")
+        correct, counted = int(result.confusion.trace()), int(result.confusion.sum())
+        print(f"accuracy {result.accuracy:.4f} ({correct}/{counted} images with a known label)")
         confusion = args.confusion or str((Path(args.csv).parent if args.csv else Path(".")) / "confusion.png")
         save_confusion_png(result.confusion, labels, confusion, title=f"accuracy {result.accuracy:.3f}")
         print(f"wrote {confusion}")
@@ -155,5 +155,5 @@ def _cmd_clip_eval(args: argparse.Namespace) -> int:
     print(f"{args.split}: {int(figures.pop('count'))} images ({int(figures.pop('skipped'))} skipped), "
           f"model {embedder.model_id}, {time.perf_counter() - started:.1f} s")
     for name, value in figures.items():
-        print(f"  {name:<20} {value:.4f}")
+        print(f"  {name:<24} {value:.4f}")
     return 0

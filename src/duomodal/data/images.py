@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import io
 import math
+import operator
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +56,24 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def parse_color(text: str) -> tuple[int, int, int]:
-    """"#rrggbb", "#rgb", "rgb(1,2,3)" or a colour name -> (r, g, b)."""
+def parse_color(value: str | Sequence[int], what: str = "background colour") -> tuple[int, int, int]:
+    """A colour as (r, g, b): from "#rrggbb", "#rgb", "rgb(1,2,3)", a colour name, or three integers in 0..255.
+
+    `what` names the colour in the error message. Raises ValueError for anything else.
+    """
+    if isinstance(value, str):
+        try:
+            color = ImageColor.getrgb(value.strip())
+        except ValueError:
+            raise ValueError(f"{what} {value!r} is not a colour; use e.g. '#ffffff' or 'white'") from None
+        return tuple(color[:3])  # type: ignore[return-value]
     try:
-        color = ImageColor.getrgb(text)
-    except (ValueError, AttributeError):
-        raise ValueError(f"background colour {text!r} is not a colour; use e.g. '#ffffff' or 'white'") from None
-    return tuple(color[:3])  # type: ignore[return-value]
+        rgb = tuple(operator.index(v) for v in value)
+    except TypeError:  # not a sequence, or not of integers
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise ValueError(f"{what} {value!r} must be a colour name, '#rrggbb' or three integers in 0..255")
+    return rgb  # type: ignore[return-value]
 
 
 def load_image(

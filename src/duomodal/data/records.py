@@ -97,6 +97,12 @@ def relative_key(relative: str) -> str:
     return unicodedata.normalize("NFC", relative.replace(os.sep, "/"))
 
 
+def caption_key(caption: str) -> str:
+    """The key under which captions are compared: case and runs of spaces ignored, so captions that
+    read the same count as the same (a retrieval hit is any item with the query's caption key)."""
+    return " ".join(caption.lower().split())
+
+
 def hash_split(relative: str, val_fraction: float) -> str:
     """"val" or "train" from the SHA-256 of the relative path: stable whatever else is in the folder."""
     digest = hashlib.sha256(relative_key(relative).encode("utf-8", "surrogateescape")).digest()

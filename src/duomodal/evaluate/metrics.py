@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from duomodal.data.images import parse_color
+
 
 class MetricError(ValueError):
     """Inputs a metric cannot be computed from (empty, mismatched shapes, bad values)."""
@@ -142,20 +144,12 @@ def mean_score(scores: Sequence[float] | torch.Tensor) -> float:
 # --- colour --------------------------------------------------------------------------------------
 
 
-def parse_color(value: str | Sequence[int]) -> tuple[int, int, int]:
-    """'#rrggbb' or (r, g, b) -> (r, g, b)."""
-    if isinstance(value, str):
-        text = value.strip()
-        if len(text) != 7 or not text.startswith("#"):
-            raise MetricError(f"colour {value!r} is not of the form #rrggbb")
-        try:
-            return tuple(int(text[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
-        except ValueError:
-            raise MetricError(f"colour {value!r} is not of the form #rrggbb") from None
-    rgb = tuple(int(v) for v in value)
-    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-        raise MetricError(f"colour {value!r} must be three integers in 0..255")
-    return rgb  # type: ignore[return-value]
+def _rgb(value: str | Sequence[int], what: str) -> tuple[int, int, int]:
+    """``parse_color`` with its ValueError raised as a MetricError."""
+    try:
+        return parse_color(value, what)
+    except ValueError as e:
+        raise MetricError(str(e)) from None
 
 
 def dominant_color(
@@ -183,8 +177,8 @@ def dominant_color(
         if pixels.ndim != 3 or pixels.shape[-1] != 3:
             raise MetricError(f"expected an (H, W, 3) array of 0..255 values, got shape {pixels.shape}")
     names = [n for n in palette]
-    colors = np.array([parse_color(palette[n]) for n in names], dtype=np.float64)  # (K, 3)
-    bg = np.array(parse_color(background), dtype=np.float64)  # (3,)
+    colors = np.array([_rgb(palette[n], "palette colour") for n in names], dtype=np.float64)  # (K, 3)
+    bg = np.array(_rgb(background, "background colour"), dtype=np.float64)  # (3,)
     directions = colors - bg  # (K, 3)
     length2 = (directions**2).sum(1)  # (K,)
     usable = length2 > 1e-6
@@ -239,7 +233,7 @@ def ink_mask(image: Image.Image | np.ndarray, background: str | Sequence[int] = 
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
     if pixels.ndim != 3 or pixels.shape[-1] != 3:
         raise MetricError(f"expected an (H, W, 3) array of 0..255 values, got shape {pixels.shape}")
-    bg = np.array(parse_color(background), dtype=np.float64)
+    bg = np.array(_rgb(background, "background colour"), dtype=np.float64)
     return np.abs(pixels - bg).max(axis=2) >= threshold
 
 
@@ -297,7 +291,7 @@ def recall_at_k(similarity: torch.Tensor, relevant: torch.Tensor, k: int) -> Acc
     query. For image->text recall pass both matrices transposed. k larger than N counts all items.
     """
     similarity = torch.as_tensor(similarity)
-    relevant = torch.as_tensor(relevant, dtype=torch.bool)
+    relevant = torch.as_tensor(relevant, dtype=torch.bool, device=similarity.device)
     if similarity.dim() != 2 or similarity.shape != relevant.shape:
         raise MetricError(
             f"similarity {tuple(similarity.shape)} and relevant {tuple(relevant.shape)} must be the same (Q, N) shape"
@@ -312,6 +306,31 @@ def recall_at_k(similarity: torch.Tensor, relevant: torch.Tensor, k: int) -> Acc
     top = similarity.topk(min(k, similarity.shape[1]), dim=1).indices  # (Q, k)
     hits = relevant.gather(1, top).any(1)  # (Q,)
     return Accuracy(correct=int(hits.sum()), total=int(hits.numel()))
+
+
+RECALL_KS = (1, 5, 10)
+
+
+def retrieval_recall(similarity: torch.Tensor, relevant: torch.Tensor,
+                     ks: Sequence[int] = RECALL_KS) -> dict[str, Accuracy]:
+    """``text_to_image_recall@k`` and ``image_to_text_recall@k`` for each k.
+
+    similarity: (T, I) text-by-image scores; relevant: (T, I) bool, True where the image answers the
+    text (image->text recall reads both transposed: the texts that answer each image).
+    """
+    figures = {}
+    for k in ks:
+        figures[f"text_to_image_recall@{k}"] = recall_at_k(similarity, relevant, k)
+        figures[f"image_to_text_recall@{k}"] = recall_at_k(similarity.T, relevant.T, k)
+    return figures
+
+
+def same_key(keys: Sequence[str]) -> torch.Tensor:
+    """(N, N) bool, True where items i and j have the same key: the relevance of a paired set in which
+    a pair's text also answers every image whose text reads the same (duplicate captions are no misses)."""
+    codes = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    ids = torch.tensor([codes[key] for key in keys], dtype=torch.long)
+    return ids[:, None] == ids[None, :]
 
 
 def zero_shot_predictions(image_embeddings: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
@@ -337,3 +356,22 @@ def zero_shot_accuracy(image_embeddings: torch.Tensor, class_embeddings: torch.T
         raise MetricError(f"labels must lie in [0, {class_embeddings.shape[0]}), got {labels.tolist()[:10]}")
     predicted = zero_shot_predictions(image_embeddings, class_embeddings)
     return Accuracy(correct=int((predicted == labels).sum()), total=int(labels.numel()))
+
+
+# --- classification --------------------------------------------------------------------------------
+
+
+def confusion_matrix(predicted: Sequence[int] | torch.Tensor, true: Sequence[int] | torch.Tensor,
+                     num_classes: int) -> torch.Tensor:
+    """(C, C) LongTensor of counts; row = true class, column = predicted class."""
+    predicted = torch.as_tensor(predicted, dtype=torch.long).reshape(-1)
+    true = torch.as_tensor(true, dtype=torch.long).reshape(-1)
+    if predicted.numel() != true.numel():
+        raise MetricError(f"{predicted.numel()} predictions but {true.numel()} true classes")
+    if num_classes < 1:
+        raise MetricError(f"num_classes must be >= 1, got {num_classes}")
+    both = torch.cat([predicted, true])
+    if both.numel() and (int(both.min()) < 0 or int(both.max()) >= num_classes):
+        raise MetricError(f"class indices must lie in [0, {num_classes}), got {both.unique().tolist()[:10]}")
+    counts = torch.bincount(true * num_classes + predicted, minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes)

@@ -20,10 +20,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
-from duomodal.classify import TEMPLATE_SETS, caption_key, label_classes_of, retrieval_recall, zero_shot_accuracy
+from duomodal.classify import TEMPLATE_SETS, clip_figures, label_classes_of
 from duomodal.config import ConfigError
 from duomodal.data.dataset import CaptionedImageDataset, DataConfig
-from duomodal.data.images import parse_color
 from duomodal.data.records import Record, filter_split, load_records
 from duomodal.files import atomic_write_bytes
 from duomodal.models.clip import ClipConfig, ContrastiveClip, normalize_pixels, trim_padding
@@ -214,7 +213,7 @@ class ClipTask:
             records,
             self.config.model.image_size,
             tokenize=self._tokenize,
-            background=parse_color(self.config.data.background),
+            background=self.config.data.background_rgb,
         )
 
     def datasets(self) -> tuple[Dataset, Dataset | None]:
@@ -253,28 +252,22 @@ class ClipTask:
     def validate(self, model: torch.nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         """Mean contrastive loss per batch, recall@1/5/10 both ways on the whole split, zero-shot accuracy per label field."""
         device = next(model.parameters()).device
-        image_parts, text_parts, keys, indices, losses = [], [], [], [], []
+        image_parts, text_parts, captions, indices, losses = [], [], [], [], []
         for batch in batches:
             out = model(pixel_values=batch["pixel_values"].to(device), input_ids=batch["tokens"].to(device))
             image_parts.append(out.image.float())
             text_parts.append(out.text.float())
             losses.append(contrastive_loss(out.image.float(), out.text.float(), out.logit_scale.float()).item())
-            keys.extend(caption_key(c) for c in batch["caption"])
+            captions.extend(batch["caption"])
             indices.extend(int(i) for i in batch["index"])
         if not image_parts:
             return {}
-        image_features = torch.cat(image_parts).cpu()
-        text_features = torch.cat(text_parts).cpu()
         figures = {"loss": sum(losses) / len(losses)}
-        figures.update(retrieval_recall(image_features, text_features, keys))
-        templates = TEMPLATE_SETS[self.config.zero_shot_templates]
-        for name, classes in self.label_classes.items():
-            true_labels = [self.val_records[i].labels.get(name) for i in indices]
-            value = zero_shot_accuracy(
-                image_features, true_labels, classes, lambda t: self._embed_texts(model, t).cpu(), templates
-            )
-            if value is not None:
-                figures[f"zero_shot_{name}"] = value
+        figures.update(clip_figures(
+            torch.cat(image_parts).cpu(), torch.cat(text_parts).cpu(), captions,
+            [self.val_records[i].labels for i in indices], self.label_classes,
+            lambda texts: self._embed_texts(model, texts).cpu(), TEMPLATE_SETS[self.config.zero_shot_templates],
+        ))
         return figures
 
     def write_samples(self, model: torch.nn.Module, path: Path, step: int) -> None:
