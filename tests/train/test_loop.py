@@ -15,7 +15,8 @@ from torch.utils.data import Dataset, default_collate
 
 from duomodal.data.images import save_grid
 from duomodal.modelfile import load_weights
-from duomodal.train.loop import TrainConfig, TrainingError, train
+from duomodal.train.loop import train
+from duomodal.train.recipe import TrainConfig, TrainingError
 
 
 class Pairs(Dataset):
@@ -34,6 +35,14 @@ class Pairs(Dataset):
         return {"x": self.x[i], "y": self.y[i]}
 
 
+class TinyNet(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def hidden_matrices(self):
+        return [self[0].weight]  # what train.optimizer=muon orthogonalises
+
+
 class TinyTask:
     """y = w x + b with input noise (so the RNG matters); hooks to inject NaN or a signal."""
 
@@ -47,7 +56,7 @@ class TinyTask:
         return {"hidden": 8}
 
     def build_model(self):
-        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        return TinyNet()
 
     def datasets(self):
         return Pairs(self.n, self.bad), Pairs(8)
@@ -108,15 +117,16 @@ def test_outputs_of_a_run(tmp_path):
     assert metric_steps(run, "val") == [4, 8, 12]
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.8])
-def test_sigterm_saves_and_resume_is_exact(tmp_path, ema_decay):
+@pytest.mark.parametrize("recipe", [{"ema_decay": 0.0}, {"ema_decay": 0.8},
+                                    {"optimizer": "muon", "schedule": "wsd", "weight_decay": 0.01}])
+def test_sigterm_saves_and_resume_is_exact(tmp_path, recipe):
     """Interrupt at step 7 (mid-epoch: 4 steps per epoch), resume, and end with the very weights
     of an uninterrupted run."""
-    full = train(TinyTask(), config(ema_decay=ema_decay), tmp_path / "full")
-    stopped = train(TinyTask(signal_at=6), config(ema_decay=ema_decay), tmp_path / "cut")
+    full = train(TinyTask(), config(**recipe), tmp_path / "full")
+    stopped = train(TinyTask(signal_at=6), config(**recipe), tmp_path / "cut")
     assert stopped["interrupted"] == "SIGTERM" and stopped["step"] == 7
     assert stopped["checkpoint"].endswith("step_0000007")
-    resumed = train(TinyTask(), config(ema_decay=ema_decay), tmp_path / "cut", resume=True)
+    resumed = train(TinyTask(), config(**recipe), tmp_path / "cut", resume=True)
     assert resumed["step"] == 12
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     for key in a:

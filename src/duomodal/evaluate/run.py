@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from duomodal.data.images import to_pil, to_tensor
-from duomodal.data.records import Record, load_records
+from duomodal.data.records import Record, caption_key, load_records
 from duomodal.device import resolve_device
 from duomodal.evaluate import metrics as M
 from duomodal.evaluate.context import EvalContext, EvalOptions, EvalResult, LoadedImages, Log, dataset_palette
@@ -89,14 +89,10 @@ def evaluate_vae(vae: Any, loaded: LoadedImages, batch_size: int, out: Path) -> 
 # --- CLIP --------------------------------------------------------------------------------------
 
 
-def _caption_key(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 def relevance_matrix(records: Sequence[Record]) -> torch.Tensor:
     """(N texts, N images): text i (the first caption of record i) answers image j when j has that caption."""
-    keys = [{_caption_key(c) for c in r.captions} for r in records]
-    texts = [_caption_key(r.captions[0]) for r in records]
+    keys = [{caption_key(c) for c in r.captions} for r in records]
+    texts = [caption_key(r.captions[0]) for r in records]
     return torch.tensor([[text in image_keys for image_keys in keys] for text in texts], dtype=torch.bool)
 
 

@@ -347,6 +347,11 @@ class DALLE(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The weight matrices inside the blocks (attention and MLP), as opposed to embeddings, heads,
+        norms and biases: the parameters an optimizer such as Muon treats as linear maps."""
+        return [m.weight for block in self.blocks for m in block.modules() if isinstance(m, nn.Linear)]
+
     def text_ids(self, text: torch.Tensor) -> torch.Tensor:
         """Tokenizer ids (B, T) -> embedding ids with per-position padding tokens (B, T)."""
         return text_ids_with_padding(text, self.config.text_pad_id, self.config.text_vocab_size)

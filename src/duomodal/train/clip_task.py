@@ -28,7 +28,7 @@ from duomodal.files import atomic_write_bytes
 from duomodal.models.clip import ClipConfig, ContrastiveClip, normalize_pixels, trim_padding
 from duomodal.text.tokenizer import Tokenizer
 from duomodal.train.distributed import train_tokenizer
-from duomodal.train.loop import TrainConfig
+from duomodal.train.recipe import TrainConfig
 
 # --- loss ------------------------------------------------------------------------------------------
 

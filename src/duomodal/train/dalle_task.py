@@ -45,7 +45,7 @@ from duomodal.models.dalle import (
 from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K, row_uniforms, sample_image_tokens
 from duomodal.text.tokenizer import Tokenizer
 from duomodal.train.distributed import train_tokenizer
-from duomodal.train.loop import TrainConfig
+from duomodal.train.recipe import TrainConfig
 
 log = logging.getLogger(__name__)
 

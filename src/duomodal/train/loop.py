@@ -1,6 +1,7 @@
 """The one training loop, for every model kind (a ``TrainTask`` supplies the model-specific part).
 
-``train(task, config, out_dir)`` runs AdamW with warm-up + cosine learning rate, gradient clipping
+``train(task, config, out_dir)`` runs the recipe of ``train/recipe.py`` (AdamW or Muon, warm-up then a
+cosine or warmup-stable-decay learning rate), gradient clipping
 and accumulation, optional EMA weights and mixed precision, on one process or under ``torchrun``
 with DDP (gloo on CPU, NCCL on CUDA; only rank 0 writes). ``train.batch_size`` is the global batch
 of one optimizer step, split over processes and accumulation steps, so the same config gives the
@@ -26,14 +27,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from duomodal.config import ConfigError, to_dict
+from duomodal.config import to_dict
 from duomodal.files import atomic_write_bytes, load_json, save_json
 from duomodal.modelfile import capture_rng_state, load_state_dict_strict, load_weights, read_config, restore_rng_state
 from duomodal.train.batches import BatchStream, to_device, val_batches
@@ -46,77 +47,18 @@ from duomodal.train.checkpoints import (
 )
 from duomodal.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
 from duomodal.train.plots import plot_loss
-from duomodal.train.schedules import warmup_cosine
+from duomodal.train.recipe import (
+    MuonWithAdamW,
+    TrainConfig,
+    TrainingError,
+    build_optimizer,
+    lr_multiplier,
+    resolve_precision,
+)
 from duomodal.train.task import TrainTask
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 1000  # optimizer steps in all
-    batch_size: int = 64  # global batch of one optimizer step (all processes x accumulation steps)
-    lr: float = 1e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # the cosine decays the learning rate to lr * min_lr_ratio
-    warmup_steps: int = 100  # linear warm-up steps
-    weight_decay: float = 0.0  # AdamW decay, on weight matrices and conv kernels only
-    betas: tuple[float, ...] = (0.9, 0.99)  # AdamW betas
-    grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    grad_accum: int = 1  # micro-batches per optimizer step
-    ema_decay: float = 0.0  # EMA of weights (saved weights are the EMA ones); 0 = off
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    seed: int = 0
-    log_every: int = 50  # steps between train lines in metrics.jsonl
-    sample_every: int = 500  # steps between sample grids in samples/; 0 = only at the end
-    val_every: int = 500  # steps between validations; 0 = only at the end
-    val_batches: int = 0  # validation batches per validation; 0 = the whole validation split
-    checkpoint_every: int = 1000  # steps between checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2  # checkpoints kept (the newest)
-    num_workers: int = 0  # DataLoader worker processes per training process
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sample_every", "val_every", "val_batches", "checkpoint_every",
-                     "num_workers", "weight_decay", "grad_clip", "ema_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr > 0):
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        if not (0 <= self.min_lr_ratio <= 1):
-            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
-        if self.ema_decay >= 1:
-            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-
-
-class TrainingError(ValueError):
-    """Training cannot go on (a NaN/inf loss, a data set too small for one batch...)."""
-
-
-# --- helpers ---------------------------------------------------------------------------------------
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU; fp16 needs CUDA."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
-    return precision
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class _Ema:
@@ -196,7 +138,7 @@ class _Trainer:
     model: torch.nn.Module
     trained: torch.nn.Module  # the model, DDP-wrapped under torchrun: the forward passes go through it
     params: list[torch.nn.Parameter]  # the trainable parameters (gradient clipping)
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.Optimizer | MuonWithAdamW
     scaler: torch.amp.GradScaler | None  # fp16 only
     ema: _Ema | None
     stream: BatchStream
@@ -312,15 +254,12 @@ class _Trainer:
         return checkpoints
 
     def _build(self) -> None:
-        """The model (the same initial weights on every rank), AdamW, the fp16 scaler and the EMA."""
+        """The model (the same initial weights on every rank), the optimizer, the fp16 scaler and the EMA."""
         config, info = self.config, self.info
         torch.manual_seed(config.seed)
         self.model = self.task.build_model().to(info.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model, config.weight_decay), lr=config.lr, betas=tuple(config.betas),
-            fused=info.device.type in ("cuda", "cpu"),  # one kernel for all parameters (CPU: 2.4+)
-        )
+        self.optimizer = build_optimizer(self.model, config, info.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.ema = _Ema(self.model, config.ema_decay) if config.ema_decay > 0 else None
 
@@ -449,7 +388,7 @@ class _Trainer:
             self.scaler.unscale_(self.optimizer)
         clip = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        lr = config.lr * warmup_cosine(self.step, config.steps, config.warmup_steps, config.min_lr_ratio)
+        lr = config.lr * lr_multiplier(config, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.scaler is not None:

@@ -24,6 +24,20 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return cosine_anneal(step - warmup_steps, 1.0, min_ratio, decay_steps)
 
 
+def warmup_stable_decay(step: int, total_steps: int, warmup_steps: int, cooldown_fraction: float,
+                        min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up as in `warmup_cosine`, then 1 until the last
+    `cooldown_fraction` of the steps, then a linear decay that reaches `min_ratio` at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    cooldown = max(1, round(total_steps * cooldown_fraction))
+    start = max(warmup_steps, total_steps - cooldown)
+    if step < start:
+        return 1.0
+    progress = min(1.0, (step - start + 1) / max(total_steps - start, 1))
+    return 1.0 + (min_ratio - 1.0) * progress
+
+
 def cosine_warmup_weight(step: int, target: float, warmup_steps: int) -> float:
     """0 at step 0 rising to `target` at `warmup_steps` on half a cosine (the KL weight)."""
     return cosine_anneal(step, 0.0, target, warmup_steps)

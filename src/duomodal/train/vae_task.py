@@ -17,7 +17,7 @@ from duomodal.data.images import save_grid
 from duomodal.data.records import filter_split, load_records
 from duomodal.evaluate.metrics import codebook_usage
 from duomodal.models.vae import KIND, DiscreteVAE, VAEConfig
-from duomodal.train.loop import TrainConfig
+from duomodal.train.recipe import TrainConfig
 from duomodal.train.schedules import cosine_anneal, cosine_warmup_weight
 
 SAMPLE_COUNT = 8  # originals (top row) above their reconstructions (bottom row)

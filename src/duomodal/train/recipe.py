@@ -1,0 +1,162 @@
+"""The training recipe: ``TrainConfig`` and what it decides for every model kind, the optimizer and the
+learning-rate schedule.
+
+``train.optimizer=adamw`` is AdamW on every parameter. ``train.optimizer=muon`` follows the small-model
+speedruns (modded-nanogpt): Muon (momentum, then the update orthogonalised by Newton-Schulz iterations)
+for the model's hidden weight matrices, which it names with ``hidden_matrices()``, and AdamW for the rest
+(embeddings, output heads, norms, biases). Muon's step is scaled to AdamW's update size
+(``adjust_lr_fn="match_rms_adamw"``), so both take the same ``train.lr``. ``train.schedule=wsd`` holds the
+learning rate after warm-up and decays it linearly over the last ``train.cooldown_fraction`` of the steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from duomodal.config import ConfigError
+from duomodal.train.schedules import warmup_cosine, warmup_stable_decay
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps in all
+    batch_size: int = 64  # global batch of one optimizer step (all processes x accumulation steps)
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the schedule decays the learning rate to lr * min_lr_ratio
+    warmup_steps: int = 100  # linear warm-up steps
+    weight_decay: float = 0.0  # decoupled decay, on weight matrices and conv kernels only
+    betas: tuple[float, ...] = (0.9, 0.99)  # AdamW betas
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the model's hidden matrices, AdamW for the rest
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
+    schedule: Literal["cosine", "wsd"] = "cosine"  # after warm-up: cosine decay, or warmup-stable-decay
+    cooldown_fraction: float = 0.4  # wsd: the last fraction of the steps, decaying linearly to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    grad_accum: int = 1  # micro-batches per optimizer step
+    ema_decay: float = 0.0  # EMA of weights (saved weights are the EMA ones); 0 = off
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    seed: int = 0
+    log_every: int = 50  # steps between train lines in metrics.jsonl
+    sample_every: int = 500  # steps between sample grids in samples/; 0 = only at the end
+    val_every: int = 500  # steps between validations; 0 = only at the end
+    val_batches: int = 0  # validation batches per validation; 0 = the whole validation split
+    checkpoint_every: int = 1000  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # checkpoints kept (the newest)
+    num_workers: int = 0  # DataLoader worker processes per training process
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "sample_every", "val_every", "val_batches", "checkpoint_every",
+                     "num_workers", "weight_decay", "grad_clip", "ema_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0):
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not (0 <= self.min_lr_ratio <= 1):
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.ema_decay >= 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"train.optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"train.schedule must be cosine or wsd, got {self.schedule!r}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not 0 < self.cooldown_fraction <= 1:
+            raise ConfigError(f"train.cooldown_fraction must be in (0, 1], got {self.cooldown_fraction}")
+
+
+class TrainingError(ValueError):
+    """Training cannot go on (a NaN/inf loss, a data set too small for one batch...)."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU; fp16 needs CUDA."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
+    return precision
+
+
+def lr_multiplier(config: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` as a fraction of train.lr."""
+    if config.schedule == "wsd":
+        return warmup_stable_decay(step, config.steps, config.warmup_steps, config.cooldown_fraction,
+                                   config.min_lr_ratio)
+    return warmup_cosine(step, config.steps, config.warmup_steps, config.min_lr_ratio)
+
+
+def _adamw_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Decay on matrices and kernels only: norms, biases and scalars keep their scale."""
+    params = [p for p in params if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+class MuonWithAdamW:
+    """Muon for the hidden matrices and AdamW for every other parameter, stepped as one optimizer.
+
+    `param_groups` are the two optimizers' groups (Muon's first), so the loop sets one learning rate
+    on all of them; the state dict holds both optimizers' states under "muon" and "adamw".
+    """
+
+    def __init__(self, matrices: list[torch.nn.Parameter], others: list[torch.nn.Parameter], lr: float,
+                 weight_decay: float, betas: tuple[float, float], momentum: float, fused: bool):
+        self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                     adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW(_adamw_groups(others, weight_decay), lr=lr, betas=betas, fused=fused)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if set(state_dict) != {"muon", "adamw"}:
+            raise ConfigError("the checkpoint's optimizer state is not Muon + AdamW: it was trained with another "
+                              "train.optimizer; resume with the optimizer it was started with")
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig,
+                    device: torch.device) -> torch.optim.Optimizer | MuonWithAdamW:
+    """The optimizer of `config` over `model`'s trainable parameters.
+
+    Raises ConfigError for train.optimizer=muon on a model that names no hidden matrices."""
+    fused = device.type in ("cuda", "cpu")  # one AdamW kernel for all parameters
+    betas = (float(config.betas[0]), float(config.betas[1]))
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(_adamw_groups(model.parameters(), config.weight_decay), lr=config.lr,
+                                 betas=betas, fused=fused)
+    hidden = getattr(model, "hidden_matrices", None)
+    if hidden is None:
+        raise ConfigError(f"train.optimizer=muon needs a model that names its hidden matrices; "
+                          f"{type(model).__name__} does not: use train.optimizer=adamw")
+    matrices = [p for p in hidden() if p.requires_grad]
+    chosen = {id(p) for p in matrices}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+    return MuonWithAdamW(matrices, others, config.lr, config.weight_decay, betas, config.muon_momentum, fused)
