@@ -457,7 +457,7 @@ class _Trainer:
                 self.val_set, self.task, self.micro_batch * info.world_size, self.config.val_batches,
                 info.device, counter))
         row = {"split": "val", "step": self.step, **{k: float(v) for k, v in figures.items()},
-               "dropped": counter[0]}
+               "dropped": counter[0], "train_s": self.train_time}
         self._log(row)
         return {k: float(v) for k, v in figures.items()}
 
@@ -520,6 +520,7 @@ class _Trainer:
             **{f"val_{k}": v for k, v in self.val_figures.items()},
             "dropped": self.dropped_total,
             "items_per_s": self.total_items / self.train_time if self.train_time else 0.0,
+            "train_s": self.train_time,
             "wall_time_s": self.elapsed_before + time.perf_counter() - self.started,
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "interrupted": interrupted,

@@ -1,0 +1,195 @@
+"""DALL-E speedrun: two training recipes, the same wall-clock budget, the evaluation's own figures.
+
+Each recipe is the `quick` preset plus `--set` overrides (`--baseline` and `--candidate`, each a
+space-separated list of KEY=VALUE). A recipe first runs a short probe (`--probe-steps`) to measure its
+training speed on this machine; its run then gets as many steps as fit in `--minutes` of training at
+that speed, so that its learning-rate schedule ends when the budget does. Both recipes run back to
+back in one invocation (probes first, then the runs), so they see the same machine.
+
+For each recipe it prints: steps, images/s, val and held-out bits per image token (the training log's
+last validation, over the same images for both), and from `duomodal eval` on held-out (icon, colour)
+prompts with the default sampling (top-k 64, guidance 3): colour accuracy, the prompted icon's
+template in the top 10, and its median rank among all icons. Then the training time at which the
+candidate first reached the baseline's final val bits (linear between validations), and it writes
+`OUT/speedrun.png` (val and held-out bits against training minutes) and `OUT/speedrun.json`.
+
+    flock /tmp/duomodal-heavy.lock .venv/bin/python benchmarks/speedrun_dalle.py \
+        --data work/icons-32 --vae work/vae-quick --out work/speedrun --minutes 2 \
+        --baseline "" --candidate "train.optimizer=muon"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VALIDATIONS = 8  # validations over a run: the points of the quality-vs-minutes curve
+
+
+def run(command: list[str], log: Path) -> None:
+    """Run a duomodal command, its output to `log`; exit with the log's tail when it fails."""
+    with open(log, "w") as f:
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = log.read_text().splitlines()[-20:]
+        sys.exit(f"{' '.join(command)} failed ({done.returncode}); last lines of {log}:\n" + "\n".join(tail))
+
+
+def duomodal(*args: str) -> list[str]:
+    return [sys.executable, "-m", "duomodal", *args]
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train(args: argparse.Namespace, name: str, overrides: list[str], steps: int, out: Path) -> Path:
+    run_dir = out / name
+    every = max(1, steps // VALIDATIONS)
+    schedule = [f"train.steps={steps}", f"train.val_every={every}", f"train.log_every={min(50, every)}",
+                f"train.checkpoint_every={steps}", f"train.sample_every={steps}"]
+    sets = [item for s in [*overrides, *schedule] for item in ("--set", s)]
+    run(duomodal("train", "dalle", "--data", str(args.data), "--vae", str(args.vae), "--out", str(run_dir),
+                 "--preset", "quick", *sets), out / f"{name}.log")
+    return run_dir
+
+
+def probe(args: argparse.Namespace, name: str, overrides: list[str], out: Path) -> float:
+    """Training images per second of a recipe: the median over the probe's train lines after the first."""
+    every = max(1, args.probe_steps // 4)
+    sets = [item for s in [*overrides, f"train.steps={args.probe_steps}", f"train.log_every={every}",
+                           f"train.val_every={args.probe_steps}", "train.val_batches=1",
+                           f"train.checkpoint_every={args.probe_steps}", f"train.sample_every={args.probe_steps}"]
+            for item in ("--set", s)]
+    run_dir = out / f"probe-{name}"
+    run(duomodal("train", "dalle", "--data", str(args.data), "--vae", str(args.vae), "--out", str(run_dir),
+                 "--preset", "quick", *sets), out / f"probe-{name}.log")
+    rates = [r["items_per_s"] for r in metrics_rows(run_dir) if r.get("split") == "train"][1:]
+    return statistics.median(rates)
+
+
+def curve(run_dir: Path) -> list[dict]:
+    """(training seconds, val bits, held-out bits) at each validation, from the run's log."""
+    points = []
+    for row in metrics_rows(run_dir):
+        if row.get("split") == "val" and "image_bits" in row:
+            points.append({"seconds": row["train_s"], "val": row["image_bits"],
+                           "heldout": row.get("heldout_image_bits")})
+    return points
+
+
+def reach_time(points: list[dict], target: float) -> float | None:
+    """Training seconds at which the val curve first reaches `target`, linear between validations."""
+    previous = None
+    for p in points:
+        if p["val"] <= target:
+            if previous is None:
+                return p["seconds"]
+            fraction = (previous["val"] - target) / max(previous["val"] - p["val"], 1e-12)
+            return previous["seconds"] + fraction * (p["seconds"] - previous["seconds"])
+        previous = p
+    return None
+
+
+def evaluate(args: argparse.Namespace, run_dir: Path, out: Path) -> dict:
+    report = out / f"{run_dir.name}-report"
+    run(duomodal("eval", "--data", str(args.data), "--dalle", str(run_dir), "--out", str(report),
+                 "--prompts", str(args.eval_prompts), "--samples-per-prompt", "4", "--top-k", "64",
+                 "--guidance", "3", "--max-images", "512"), out / f"{run_dir.name}-eval.log")
+    metrics = json.loads((report / "metrics.json").read_text())["dalle"]
+    heldout = metrics["samples"]["heldout"]
+    return {
+        "eval_bits": {s: e.get("bits") for s, e in metrics["bits_per_image_token"].items()},
+        "colour": heldout["color_accuracy"]["accuracy"],
+        "shape_top10": heldout.get("shape_match_top10", {}).get("accuracy"),
+        "median_rank": heldout.get("shape_median_rank"),
+        "images": heldout["images"],
+    }
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (name, r), color in zip(results.items(), ("tab:gray", "tab:blue", "tab:orange", "tab:green")):
+        minutes = [p["seconds"] / 60 for p in r["curve"]]
+        ax.plot(minutes, [p["val"] for p in r["curve"]], "-o", color=color, ms=3, label=f"{name}: val")
+        if all(p["heldout"] is not None for p in r["curve"]):
+            ax.plot(minutes, [p["heldout"] for p in r["curve"]], "--", color=color, label=f"{name}: held-out")
+    ax.set_xlabel("training minutes (2 CPU cores)")
+    ax.set_ylabel("bits per image token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="the 32 px icon dataset (duomodal data icons)")
+    parser.add_argument("--vae", type=Path, required=True, help="the quick VAE run")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the runs, reports, plot and JSON")
+    parser.add_argument("--minutes", type=float, default=2.0, help="training budget of each recipe (default 2)")
+    parser.add_argument("--baseline", default="", help="overrides of the current recipe (default: the quick preset)")
+    parser.add_argument("--candidate", required=True, help="overrides of the candidate recipe")
+    parser.add_argument("--probe-steps", type=int, default=40, help="steps of each speed probe (default 40)")
+    parser.add_argument("--eval-prompts", type=int, default=50, help="held-out prompts evaluated (default 50)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    recipes = {"baseline": shlex.split(args.baseline), "candidate": shlex.split(args.candidate)}
+    started = time.perf_counter()
+    speed = {name: probe(args, name, overrides, args.out) for name, overrides in recipes.items()}
+    results = {}
+    for name, overrides in recipes.items():
+        steps = max(1, round(args.minutes * 60 * speed[name] / batch_size(overrides)))
+        run_dir = train(args, name, overrides, steps, args.out)
+        final = json.loads((run_dir / "result.json").read_text())
+        results[name] = {"overrides": overrides, "steps": steps, "probe_images_per_s": speed[name],
+                         "images_per_s": final["items_per_s"], "train_s": final.get("train_s"),
+                         "curve": curve(run_dir),
+                         **evaluate(args, run_dir, args.out)}
+    target = results["baseline"]["curve"][-1]["val"]
+    results["candidate"]["reaches_baseline_val_s"] = reach_time(results["candidate"]["curve"], target)
+    plot(results, args.out / "speedrun.png")
+    (args.out / "speedrun.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"budget {args.minutes:g} min of training per recipe; {time.perf_counter() - started:.0f} s in all")
+    header = ("recipe", "steps", "img/s", "val bits", "held-out bits", "colour", "shape top-10", "median rank")
+    print(" | ".join(header))
+    for name, r in results.items():
+        last = r["curve"][-1]
+        print(" | ".join([name, str(r["steps"]), f"{r['images_per_s'] or r['probe_images_per_s']:.0f}",
+                          f"{last['val']:.3f}", f"{last['heldout']:.3f}" if last["heldout"] else "n/a",
+                          f"{100 * r['colour']:.1f}%",
+                          f"{100 * r['shape_top10']:.1f}%" if r["shape_top10"] is not None else "n/a",
+                          f"{r['median_rank']:g}" if r["median_rank"] is not None else "n/a"]))
+    reach = results["candidate"]["reaches_baseline_val_s"]
+    print(f"candidate reaches the baseline's final val bits ({target:.3f}) after "
+          + (f"{reach / 60:.2f} min of training" if reach is not None else "no point of its run"))
+    for name, r in results.items():
+        print(f"{name}: {' '.join(r['overrides']) or '(the quick preset)'}")
+    print(f"wrote {args.out / 'speedrun.png'} and {args.out / 'speedrun.json'}")
+
+
+def batch_size(overrides: list[str]) -> int:
+    """The recipe's batch size: its train.batch_size override, else the quick preset's."""
+    from duomodal.config import PRESETS
+
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "train.batch_size":
+            return int(value)
+    return int(PRESETS["dalle"]["quick"]["train"]["batch_size"])
+
+
+if __name__ == "__main__":
+    main()
