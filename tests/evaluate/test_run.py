@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from duomodal.cli import main
 from duomodal.config import to_dict
-from duomodal.data.icons import captions_for
+from duomodal.data.icons import captions_for, unseen_phrasing
 from duomodal.evaluate import EvalError, EvalOptions, run_evaluation
 from duomodal.evaluate.metrics import dominant_color
 from duomodal.modelfile import save_model
@@ -171,6 +171,12 @@ def test_full_evaluation_with_known_answers(tmp_path, data, vae_dir, fakes):
     assert len(prompts["train"]) == 3
     assert {(p["icon"], p["color"]) for p in prompts["heldout"]} == HELDOUT
     assert all(p["prompt"] == captions_for(p["icon"], p["color"])[0] for p in prompts["heldout"])
+    # the same held-out pairs again, asked in phrasings no training caption has, from the same seeds
+    reworded = prompts["heldout_reworded"]
+    assert [(p["icon"], p["color"]) for p in reworded] == [(p["icon"], p["color"]) for p in prompts["heldout"]]
+    assert [p["prompt"] for p in reworded] == [unseen_phrasing(p["icon"], p["color"], i) for i, p in enumerate(reworded)]
+    assert m["dalle"]["samples"]["heldout_reworded"]["color_accuracy"] == \
+        m["dalle"]["samples"]["heldout"]["color_accuracy"]
 
     # first 2 of seeds s, s+1: one right, one wrong, in colour and in shape
     train = m["dalle"]["samples"]["train"]
@@ -240,10 +246,10 @@ def test_full_evaluation_with_known_answers(tmp_path, data, vae_dir, fakes):
     assert "so chance is 1 in 4. The same classifier on the dataset's own images: train: 100.0% (18/18); heldout: 100.0% (4/4)." in report
     assert "It ranks all 3 icon names, so chance is 1 in 3." in report
     for figure in ("dalle_samples_train.png", "dalle_samples_heldout.png", "dalle_reranked_heldout.png",
-                   "curves_vae.png"):
+                   "dalle_samples_heldout_reworded.png", "curves_vae.png"):
         assert f"]({figure})" in report and (out / figure).is_file()
     page = (out / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 6 and "https://" not in page
+    assert page.count('src="data:image/png;base64,') == 8 and "https://" not in page
 
 
 def test_without_a_judge_shape_accuracy_is_not_measured(tmp_path, data, fakes):

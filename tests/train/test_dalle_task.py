@@ -101,6 +101,30 @@ def test_task_items_and_loss(tmp_path, shape_dataset):
     assert {"loss", "text_loss", "image_bits"} <= set(figures)
 
 
+def test_training_captions_are_augmented_and_validation_captions_are_not(tmp_path, shape_dataset):
+    vae_dir = random_vae(tmp_path / "vae")
+    config = DALLERunConfig(vae=str(vae_dir), token_cache=str(tmp_path / "cache"))
+    augmented = ["captions.synonym=0.5", "captions.word_dropout=0.2", "captions.noise_tokens=0.5"]
+    config = override(config, [*DALLE_TINY[1::2], "model.text_seq_len=12", *augmented])
+    task = DALLETask(config, shape_dataset, tmp_path / "run", show_progress=False)
+    train, val = task.datasets()
+    tokenizer = task.tokenizer
+    texts = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        ids = train[0]["text"]
+        assert ids[0] == tokenizer.bos_id and tokenizer.eos_id in ids.tolist() and ids.shape == (12,)
+        texts.add(tuple(ids.tolist()))
+    plain = {tuple(task.captions.tokens[k].long().tolist())
+             for k in range(int(task.captions.offsets[0]), int(task.captions.offsets[1]))}
+    assert len(texts - plain) > 3  # reworded or noised most of the time
+    torch.manual_seed(0)
+    first = val[0]["text"]
+    torch.manual_seed(1)
+    assert torch.equal(val[0]["text"], first) and tuple(first.tolist()) in {
+        tuple(task.captions.tokens[k].long().tolist()) for k in range(len(task.captions.tokens))}
+
+
 def test_cli_train_generate_edit_and_resume(tmp_path, shape_dataset, capsys):
     vae_run = tmp_path / "vae"
     assert main(["train", "vae", "--data", str(shape_dataset), "--out", str(vae_run), "--device", "cpu",

@@ -165,6 +165,25 @@ def captions_for(slug: str, color: str) -> tuple[str, ...]:
     )
 
 
+# Phrasings of "this icon in this colour" that neither `captions_for` nor the caption augmentation
+# (data/captions.py) writes, with words no icon name has ("clipart", "shaded", "tinted", "painted"...),
+# some right beside the colour word: the evaluation asks with them whether a model follows a prompt
+# worded as a user would word it.
+UNSEEN_PHRASINGS = (
+    "{name} clipart, {color}",
+    "please show {a} {name} shaded {color}",
+    "{color} tinted {name} graphic",
+    "{a} {name} sketch painted {color}",
+)
+
+
+def unseen_phrasing(slug: str, color: str, index: int) -> str:
+    """Phrasing `index` (cycled) of UNSEEN_PHRASINGS for the icon in the colour."""
+    name = icon_words(slug)
+    template = UNSEEN_PHRASINGS[index % len(UNSEEN_PHRASINGS)]
+    return template.format(name=name, color=color, a=_article(name))
+
+
 def image_file(slug: str, color: str) -> str:
     return f"{IMAGES_DIR}/{slug}{_NAME_SEPARATOR}{color}.png"
 

@@ -28,7 +28,7 @@ import random
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from duomodal.data.images import to_tensor
+from duomodal.data.icons import UNSEEN_PHRASINGS, unseen_phrasing
 from duomodal.data.records import Record
 from duomodal.evaluate import metrics as M
 from duomodal.evaluate.report import Section, fmt, fmt_accuracy, plot_image_rows
@@ -49,7 +50,10 @@ if TYPE_CHECKING:
     from duomodal.models.clip import ClipEmbedder
 from duomodal.evaluate.context import EvalContext, EvalOptions, LoadedImages
 
-PROMPT_SPLITS = ("train", "heldout")
+DATA_SPLITS = ("train", "heldout")  # the dataset splits that prompts come from
+# the prompt sets: the data splits' first captions, and the held-out pairs again in words no training
+# caption has (data/icons.py UNSEEN_PHRASINGS), sampled from the same seeds as "heldout"
+PROMPT_SPLITS = (*DATA_SPLITS, "heldout_reworded")
 LIKELIHOOD_SPLITS = ("train", "val", "heldout")
 SEED_STRIDE = 100_003  # prompt p samples from seeds options.seed + p * SEED_STRIDE + i
 SHAPE_TOP_K = 10  # shape_match_top10: the prompted icon's template among this many best
@@ -57,7 +61,7 @@ SHAPE_TOP_K = 10  # shape_match_top10: the prompted icon's template among this m
 
 @dataclass(frozen=True)
 class Prompt:
-    text: str  # the dataset's first caption of the pair
+    text: str  # the dataset's first caption of the pair, or an unseen phrasing of it
     icon: str
     color: str
     record: Record  # the dataset image of the pair (a reference in the grid)
@@ -74,6 +78,15 @@ def choose_prompts(records: Sequence[Record], count: int, seed: int, palette: di
     if len(keys) > count:
         keys = sorted(random.Random(seed).sample(keys, count))
     return [Prompt(pairs[k].captions[0], k[0], k[1], pairs[k]) for k in keys]
+
+
+def split_prompts(ctx: EvalContext, split: str) -> list[Prompt]:
+    """The prompts of one prompt split (PROMPT_SPLITS)."""
+    options = ctx.options
+    if split == "heldout_reworded":
+        prompts = choose_prompts(ctx.by_split["heldout"], options.prompts, options.seed, ctx.palette)
+        return [replace(p, text=unseen_phrasing(p.icon, p.color, i)) for i, p in enumerate(prompts)]
+    return choose_prompts(ctx.by_split[split], options.prompts, options.seed, ctx.palette)
 
 
 # --- likelihood -------------------------------------------------------------------------------------
@@ -314,7 +327,7 @@ def sample_splits(run: DalleRun, ctx: EvalContext, scorers: Scorers, samples_sec
     result: dict[str, Any] = {"samples": {}, "reranking": {}, "prompts": {}}
     rows = _Rows()
     for split in PROMPT_SPLITS:
-        prompts = choose_prompts(ctx.by_split[split], options.prompts, options.seed, ctx.palette)
+        prompts = split_prompts(ctx, split)
         result["prompts"][split] = [{"prompt": p.text, "icon": p.icon, "color": p.color} for p in prompts]
         samples, skipped = _sample_prompts(run, ctx, split, prompts, scorers, generated)
         _report_split(ctx, split, prompts, samples, skipped, scorers, generated, result, rows, samples_section)
@@ -370,8 +383,10 @@ def _report_split(ctx: EvalContext, split: str, prompts: Sequence[Prompt], sampl
     _grid(samples, "first", ctx.out / grid)
     samples_section.figure(grid, f"{split} prompts: the dataset image, then the first {k} samples "
                            "(titles: dominant colour" + (", judge's icon)" if judge else ")"))
-    references = [(p, im) for p in prompts if (im := load_reference(p)) is not None]
-    if judge is not None:
+    # the judge and the matcher on the dataset's own images: once per data split (a reworded split's
+    # images are its data split's)
+    references = [(p, im) for p in prompts if (im := load_reference(p)) is not None] if split in DATA_SPLITS else []
+    if judge is not None and references:
         judged = [judge.predict([im], p.color)[0] for p, im in references]
         rows.judge.append((split, M.accuracy(judged, [p.icon for p, _ in references])))
     if matcher is not None and references:
@@ -433,7 +448,7 @@ def _samples_header(ctx: EvalContext, scorers: Scorers, rows: _Rows,
 def color_calibration(split_images: Callable[[str], LoadedImages], palette: dict[str, str]) -> dict[str, M.Accuracy]:
     """The colour classifier's accuracy on the dataset's own labelled images of the prompt splits."""
     out = {}
-    for split in PROMPT_SPLITS:
+    for split in DATA_SPLITS:
         loaded = split_images(split)
         pairs = [(im, r.labels["color"]) for im, r in zip(loaded.images, loaded.records)
                  if r.labels.get("color") in palette]
@@ -485,7 +500,8 @@ def _samples_table(rows: list[tuple[str, ...]], k: int):
     return Table(("prompts from", "prompts", "images", "colour accuracy", "shape (judge CLIP)", "shape (template)"),
                  tuple(rows),
                  caption=f"First {k} samples per prompt, no reranking. Held-out prompts are (icon, colour) "
-                 "pairs the models never saw in training.")
+                 "pairs the models never saw in training; heldout_reworded asks for the same pairs in phrasings "
+                 "that no training caption uses (" + "; ".join(f"\"{p}\"" for p in UNSEEN_PHRASINGS) + ").")
 
 
 def _fill_rerank_section(section: Section, rows: list[tuple[str, ...]], reranking: bool, generated: int,

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
 from duomodal.config import to_dict
+from duomodal.data.captions import CaptionAugmentConfig, augment_caption, insert_noise_tokens
 from duomodal.data.dataset import DataConfig
 from duomodal.data.images import ImageError, load_image, save_grid, to_tensor
 from duomodal.data.records import Record, load_records
@@ -43,7 +44,7 @@ from duomodal.models.dalle import (
     words_of,
 )
 from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K, row_uniforms, sample_image_tokens
-from duomodal.text.tokenizer import Tokenizer
+from duomodal.text.tokenizer import SPECIAL_TOKENS, Tokenizer
 from duomodal.train.distributed import train_tokenizer
 from duomodal.train.recipe import TrainConfig
 
@@ -77,6 +78,7 @@ class DALLERunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)  # data.image_size is taken from the VAE
     samples: SampleConfig = field(default_factory=SampleConfig)
+    captions: CaptionAugmentConfig = field(default_factory=CaptionAugmentConfig)  # training captions' augmentation
     vae: str = ""  # the trained VAE directory (--vae)
     token_cache: str = ""  # folder of cached VAE tokens; "" = $XDG_CACHE_HOME/duomodal/dalle-tokens
 
@@ -159,12 +161,15 @@ def encode_images(records: list[Record], vae: Any, vae_id: str, data: DataConfig
 
 
 class CaptionTable:
-    """Every caption of every record, encoded once: ``tokens[offsets[i]:offsets[i + 1]]`` are record i's."""
+    """Every caption of every record, encoded once: ``tokens[offsets[i]:offsets[i + 1]]`` are record i's,
+    ``texts`` the same captions as words (for augmentation)."""
 
     def __init__(self, records: list[Record], tokenizer: Tokenizer, context: int):
         rows: list[list[int]] = []
+        self.texts: list[str] = []
         offsets = [0]
         self.truncated = 0
+        self.tokenizer, self.context = tokenizer, context
         # one batch call for all captions (the tokenizer runs it in parallel), then split per record
         flat = tokenizer.hf.encode_batch([c for record in records for c in record.captions])
         start = 0
@@ -172,27 +177,44 @@ class CaptionTable:
             count = len(record.captions)
             encoded = [[tokenizer.bos_id, *e.ids, tokenizer.eos_id] for e in flat[start : start + count]]
             start += count
-            fitting = [ids for ids in encoded if len(ids) <= context]
+            fitting = [(ids, c) for ids, c in zip(encoded, record.captions) if len(ids) <= context]
             if not fitting:  # no caption fits: keep the shortest, cut before EOS
-                shortest = min(encoded, key=len)
-                fitting = [shortest[: context - 1] + [tokenizer.eos_id]]
+                shortest, caption = min(zip(encoded, record.captions), key=lambda pair: len(pair[0]))
+                fitting = [(shortest[: context - 1] + [tokenizer.eos_id], caption)]
                 self.truncated += 1
-            rows.extend(ids + [tokenizer.pad_id] * (context - len(ids)) for ids in fitting)
+            rows.extend(ids + [tokenizer.pad_id] * (context - len(ids)) for ids, _ in fitting)
+            self.texts.extend(caption for _, caption in fitting)
             offsets.append(len(rows))
         self.tokens = torch.tensor(rows, dtype=torch.int32).view(-1, context)  # (K, T)
         self.offsets = torch.tensor(offsets, dtype=torch.long)  # (M + 1,)
+
+    def augmented(self, row: int, augment: CaptionAugmentConfig) -> torch.Tensor:
+        """Caption `row` (T,) reworded and noised by `augment`; its plain tokens when the rewording
+        does not fit the context."""
+        tokenizer = self.tokenizer
+        ids = self.tokens[row].long()
+        if augment.rewrites_text:
+            words = [tokenizer.bos_id, *tokenizer.tokens(augment_caption(self.texts[row], augment)), tokenizer.eos_id]
+            if len(words) <= self.context:
+                ids = torch.tensor(words + [tokenizer.pad_id] * (self.context - len(words)), dtype=torch.long)
+        length = int((ids != tokenizer.pad_id).sum())
+        ids, _ = insert_noise_tokens(ids, length, len(SPECIAL_TOKENS), tokenizer.vocab_size, augment.noise_tokens)
+        return ids
 
 
 class TokenizedCaptions(Dataset):
     """Items {"text": (T,) long, "image": (N,) long, "index", "split"}; None for unreadable images.
 
-    Training items take a random fitting caption (torch's RNG, which the loop seeds per item);
-    with `rotate` the caption is chosen by index instead, the same every time (validation)."""
+    Training items take a random fitting caption (torch's RNG, which the loop seeds per item), reworded
+    by `augment` when given; with `rotate` the caption is chosen by index instead, the same every time
+    and never augmented (validation)."""
 
     def __init__(self, rows: list[int], captions: CaptionTable, images: TokenTable,
-                 splits: list[int] | None = None, rotate: bool = False):
+                 splits: list[int] | None = None, rotate: bool = False,
+                 augment: CaptionAugmentConfig | None = None):
         self.rows, self.captions, self.images, self.rotate = rows, captions, images, rotate
         self.splits = splits
+        self.augment = augment if augment is not None and augment.enabled and not rotate else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -203,8 +225,10 @@ class TokenizedCaptions(Dataset):
             return None
         first, end = int(self.captions.offsets[row]), int(self.captions.offsets[row + 1])
         choice = index % (end - first) if self.rotate else int(torch.randint(end - first, ()))
+        text = (self.captions.tokens[first + choice].long() if self.augment is None
+                else self.captions.augmented(first + choice, self.augment))
         return {
-            "text": self.captions.tokens[first + choice].long(),
+            "text": text,
             "image": self.images.tokens[row].long(),
             "index": index,
             "split": self.splits[index] if self.splits is not None else 0,
@@ -322,7 +346,7 @@ class DALLETask:
 
     def datasets(self) -> tuple[Dataset, Dataset | None]:
         self._prepare()
-        train = TokenizedCaptions(self.train_rows, self.captions, self.images)
+        train = TokenizedCaptions(self.train_rows, self.captions, self.images, augment=self.config.captions)
         val = TokenizedCaptions(self.val_rows, self.captions, self.images, self.val_splits, rotate=True)
         return train, val
 
