@@ -8,7 +8,7 @@ from torch import nn
 
 from duomodal.config import ConfigError
 from duomodal.models.dalle import DALLE, DALLEConfig
-from duomodal.train.recipe import MuonWithAdamW, TrainConfig, build_optimizer, lr_multiplier
+from duomodal.train.recipe import Muon, MuonWithAdamW, TrainConfig, build_optimizer, lr_multiplier
 
 
 def tiny_dalle() -> DALLE:
@@ -53,6 +53,24 @@ def test_muon_steps_and_its_state_round_trips():
     adamw = torch.optim.AdamW(model.parameters())
     with pytest.raises(ConfigError, match="not Muon \\+ AdamW: it was trained with another train.optimizer"):
         again.load_state_dict(adamw.state_dict())
+
+
+def test_batched_muon_matches_torch_muon():
+    torch.manual_seed(0)
+    shapes = [(8, 24), (24, 8), (8, 24), (16, 16), (8, 32)]  # tall and wide, repeated and single shapes
+    ours = [nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    mine = Muon(ours, lr=0.02, weight_decay=0.1, momentum=0.95)
+    reference = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        mine.step()
+        reference.step()
+    for p, q in zip(ours, theirs):
+        assert torch.allclose(p, q, atol=2e-3, rtol=0), float((p - q).abs().max())
+        assert torch.equal(mine.state[p]["momentum_buffer"], reference.state[q]["momentum_buffer"])
 
 
 def test_recipe_errors_are_clear():

@@ -4,13 +4,14 @@ learning-rate schedule.
 ``train.optimizer=adamw`` is AdamW on every parameter. ``train.optimizer=muon`` follows the small-model
 speedruns (modded-nanogpt): Muon (momentum, then the update orthogonalised by Newton-Schulz iterations)
 for the model's hidden weight matrices, which it names with ``hidden_matrices()``, and AdamW for the rest
-(embeddings, output heads, norms, biases). Muon's step is scaled to AdamW's update size
-(``adjust_lr_fn="match_rms_adamw"``), so both take the same ``train.lr``. ``train.schedule=wsd`` holds the
+(embeddings, output heads, norms, biases). Muon's step is scaled to AdamW's update size (as
+torch.optim.Muon's ``adjust_lr_fn="match_rms_adamw"``), so both take the same ``train.lr``. ``train.schedule=wsd`` holds the
 learning rate after warm-up and decays it linearly over the last ``train.cooldown_fraction`` of the steps.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -105,6 +106,58 @@ def _adamw_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> 
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
+# Keller Jordan's quintic Newton-Schulz coefficients, as torch.optim.Muon uses them
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+
+
+def orthogonalize(updates: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Newton-Schulz orthogonalisation of a stack of matrices (n, r, c) with r <= c, in bf16."""
+    a, b, c = NS_COEFFICIENTS
+    x = updates.bfloat16()
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # spectral norm at most 1
+    for _ in range(NS_STEPS):
+        gram = x @ x.mT  # (n, r, r)
+        x = a * x + torch.baddbmm(gram, gram, gram, beta=b, alpha=c) @ x
+    return x
+
+
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon's update (Nesterov momentum, Newton-Schulz orthogonalisation, the step scaled to
+    AdamW's size by 0.2 * sqrt(max(rows, cols)), decoupled weight decay), with the matrices of one shape
+    orthogonalised together as one batch: a model's layers repeat a few shapes, and on a CPU the small
+    per-matrix matmuls cost more in calls than in arithmetic (benchmarks/step_dalle.py times both)."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, momentum: float):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum})
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon takes matrices, got a parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            params = [p for p in group["params"] if p.grad is not None]
+            by_shape: dict[tuple[int, int], list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buffer, momentum)  # Nesterov
+                wide = update if update.shape[0] <= update.shape[1] else update.mT
+                by_shape.setdefault(tuple(wide.shape), []).append((p, wide))
+            for pairs in by_shape.values():
+                ortho = orthogonalize(torch.stack([wide for _, wide in pairs]))
+                for (p, _), o in zip(pairs, ortho):
+                    o = o if p.shape[0] <= p.shape[1] else o.mT
+                    p.mul_(1 - lr * decay)
+                    p.add_(o.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+
+
 class MuonWithAdamW:
     """Muon for the hidden matrices and AdamW for every other parameter, stepped as one optimizer.
 
@@ -114,8 +167,7 @@ class MuonWithAdamW:
 
     def __init__(self, matrices: list[torch.nn.Parameter], others: list[torch.nn.Parameter], lr: float,
                  weight_decay: float, betas: tuple[float, float], momentum: float, fused: bool):
-        self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                     adjust_lr_fn="match_rms_adamw")
+        self.muon = Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum)
         self.adamw = torch.optim.AdamW(_adamw_groups(others, weight_decay), lr=lr, betas=betas, fused=fused)
 
     @property
