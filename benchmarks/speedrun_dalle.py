@@ -1,7 +1,8 @@
 """DALL-E speedrun: two training recipes, the same wall-clock budget, the evaluation's own figures.
 
-Each recipe is the `quick` preset plus `--set` overrides (`--baseline` and `--candidate`, each a
-space-separated list of KEY=VALUE). A recipe first runs a short probe (`--probe-steps`) to measure its
+Each recipe is the `quick` preset plus `--set` overrides (`--baseline`, and one `--candidate` or more,
+each a space-separated list of KEY=VALUE; a candidate may start with a label and a colon,
+``"wsd: train.schedule=wsd"``). A recipe first runs a short probe (`--probe-steps`) to measure its
 training speed on this machine; its run then gets as many steps as fit in `--minutes` of training at
 that speed, so that its learning-rate schedule ends when the budget does. Both recipes run back to
 back in one invocation (probes first, then the runs), so they see the same machine.
@@ -143,12 +144,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the runs, reports, plot and JSON")
     parser.add_argument("--minutes", type=float, default=2.0, help="training budget of each recipe (default 2)")
     parser.add_argument("--baseline", default="", help="overrides of the current recipe (default: the quick preset)")
-    parser.add_argument("--candidate", required=True, help="overrides of the candidate recipe")
+    parser.add_argument("--candidate", action="append", required=True,
+                        help="overrides of a candidate recipe, optionally 'LABEL: overrides'; repeat for more")
     parser.add_argument("--probe-steps", type=int, default=40, help="steps of each speed probe (default 40)")
     parser.add_argument("--eval-prompts", type=int, default=50, help="held-out prompts evaluated (default 50)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    recipes = {"baseline": shlex.split(args.baseline), "candidate": shlex.split(args.candidate)}
+    recipes = {"baseline": shlex.split(args.baseline)}
+    for k, candidate in enumerate(args.candidate, start=1):
+        label, _, overrides = candidate.rpartition(":") if ":" in candidate.split("=")[0] else ("", "", candidate)
+        recipes[label.strip() or (f"candidate{k}" if len(args.candidate) > 1 else "candidate")] = shlex.split(overrides)
     started = time.perf_counter()
     speed = {name: probe(args, name, overrides, args.out) for name, overrides in recipes.items()}
     results = {}
@@ -161,7 +166,8 @@ def main() -> None:
                          "curve": curve(run_dir),
                          **evaluate(args, run_dir, args.out)}
     target = results["baseline"]["curve"][-1]["val"]
-    results["candidate"]["reaches_baseline_val_s"] = reach_time(results["candidate"]["curve"], target)
+    for name in recipes:
+        results[name]["reaches_baseline_val_s"] = reach_time(results[name]["curve"], target)
     plot(results, args.out / "speedrun.png")
     (args.out / "speedrun.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"budget {args.minutes:g} min of training per recipe; {time.perf_counter() - started:.0f} s in all")
@@ -173,9 +179,10 @@ def main() -> None:
         print(" | ".join([name, str(r["steps"]), f"{r['images_per_s'] or r['probe_images_per_s']:.0f}",
                           f"{last['val']:.3f}", f"{last['heldout']:.3f}" if last["heldout"] else "n/a",
                           describe(r["heldout"]), describe(r["heldout_reworded"])]))
-    reach = results["candidate"]["reaches_baseline_val_s"]
-    print(f"candidate reaches the baseline's final val bits ({target:.3f}) after "
-          + (f"{reach / 60:.2f} min of training" if reach is not None else "no point of its run"))
+    for name in list(recipes)[1:]:
+        reach = results[name]["reaches_baseline_val_s"]
+        print(f"{name} reaches the baseline's final val bits ({target:.3f}) after "
+              + (f"{reach / 60:.2f} min of training" if reach is not None else "no point of its run"))
     for name, r in results.items():
         print(f"{name}: {' '.join(r['overrides']) or '(the quick preset)'}")
     print(f"wrote {args.out / 'speedrun.png'} and {args.out / 'speedrun.json'}")
