@@ -220,9 +220,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "quick": {
             "model": {"text_seq_len": 16, "text_vocab_size": 1024, "n_layer": 4, "n_head": 4, "n_embd": 128,
                       "attention_types": ["full"], "caption_dropout": 0.1},
-            "train": {"steps": 2600, "batch_size": 32, "lr": 4e-3, "warmup_steps": 50, "weight_decay": 0.01,
+            "train": {"steps": 2800, "batch_size": 32, "lr": 4e-3, "warmup_steps": 50, "weight_decay": 0.01,
                       "optimizer": "muon", "schedule": "wsd", "precision": "bf16", "log_every": 50,
-                      "val_every": 650, "val_batches": 32, "sample_every": 1300, "checkpoint_every": 650},
+                      "val_every": 700, "val_batches": 32, "sample_every": 1400, "checkpoint_every": 700},
             "data": {"image_size": 32},
         },
         # the seed post's setup: 128 px icons through the seed VAE (16x16 grid of 512 codes), 32 text tokens
