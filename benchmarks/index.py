@@ -17,7 +17,6 @@ import resource
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
