@@ -23,31 +23,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from speedrun_common import (
+    duomodal,
+    metrics_rows,
+    parse_recipes,
+    percent,
+    preset_batch_size,
+    probe_rate,
+    reach_time,
+    run,
+    set_args,
+)
 
 VALIDATIONS = 8  # validations over a run: the points of the quality-vs-minutes curve
 
 
-def run(command: list[str], log: Path) -> None:
-    """Run a duomodal command, its output to `log`; exit with the log's tail when it fails."""
-    with open(log, "w") as f:
-        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        tail = log.read_text().splitlines()[-20:]
-        sys.exit(f"{' '.join(command)} failed ({done.returncode}); last lines of {log}:\n" + "\n".join(tail))
-
-
-def duomodal(*args: str) -> list[str]:
-    return [sys.executable, "-m", "duomodal", *args]
-
-
-def metrics_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def train_command(args: argparse.Namespace, overrides: list[str], run_dir: Path) -> list[str]:
+    return duomodal("train", "dalle", "--data", str(args.data), "--vae", str(args.vae), "--out", str(run_dir),
+                    "--preset", "quick", *set_args(overrides))
 
 
 def train(args: argparse.Namespace, name: str, overrides: list[str], steps: int, out: Path) -> Path:
@@ -55,24 +51,8 @@ def train(args: argparse.Namespace, name: str, overrides: list[str], steps: int,
     every = max(1, steps // VALIDATIONS)
     schedule = [f"train.steps={steps}", f"train.val_every={every}", f"train.log_every={min(50, every)}",
                 f"train.checkpoint_every={steps}", f"train.sample_every={steps}"]
-    sets = [item for s in [*overrides, *schedule] for item in ("--set", s)]
-    run(duomodal("train", "dalle", "--data", str(args.data), "--vae", str(args.vae), "--out", str(run_dir),
-                 "--preset", "quick", *sets), out / f"{name}.log")
+    run(train_command(args, [*overrides, *schedule], run_dir), out / f"{name}.log")
     return run_dir
-
-
-def probe(args: argparse.Namespace, name: str, overrides: list[str], out: Path) -> float:
-    """Training images per second of a recipe: the median over the probe's train lines after the first."""
-    every = max(1, args.probe_steps // 4)
-    sets = [item for s in [*overrides, f"train.steps={args.probe_steps}", f"train.log_every={every}",
-                           f"train.val_every={args.probe_steps}", "train.val_batches=1",
-                           f"train.checkpoint_every={args.probe_steps}", f"train.sample_every={args.probe_steps}"]
-            for item in ("--set", s)]
-    run_dir = out / f"probe-{name}"
-    run(duomodal("train", "dalle", "--data", str(args.data), "--vae", str(args.vae), "--out", str(run_dir),
-                 "--preset", "quick", *sets), out / f"probe-{name}.log")
-    rates = [r["items_per_s"] for r in metrics_rows(run_dir) if r.get("split") == "train"][1:]
-    return statistics.median(rates)
 
 
 def curve(run_dir: Path) -> list[dict]:
@@ -83,19 +63,6 @@ def curve(run_dir: Path) -> list[dict]:
             points.append({"seconds": row["train_s"], "val": row["image_bits"],
                            "heldout": row.get("heldout_image_bits")})
     return points
-
-
-def reach_time(points: list[dict], target: float) -> float | None:
-    """Training seconds at which the val curve first reaches `target`, linear between validations."""
-    previous = None
-    for p in points:
-        if p["val"] <= target:
-            if previous is None:
-                return p["seconds"]
-            fraction = (previous["val"] - target) / max(previous["val"] - p["val"], 1e-12)
-            return previous["seconds"] + fraction * (p["seconds"] - previous["seconds"])
-        previous = p
-    return None
 
 
 def evaluate(args: argparse.Namespace, run_dir: Path, out: Path) -> dict:
@@ -150,15 +117,14 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=50, help="held-out prompts evaluated (default 50)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    recipes = {"baseline": shlex.split(args.baseline)}
-    for k, candidate in enumerate(args.candidate, start=1):
-        label, _, overrides = candidate.rpartition(":") if ":" in candidate.split("=")[0] else ("", "", candidate)
-        recipes[label.strip() or (f"candidate{k}" if len(args.candidate) > 1 else "candidate")] = shlex.split(overrides)
+    recipes = parse_recipes(args.baseline, args.candidate)
     started = time.perf_counter()
-    speed = {name: probe(args, name, overrides, args.out) for name, overrides in recipes.items()}
+    speed = {name: probe_rate(lambda o, d: train_command(args, o, d), overrides, args.probe_steps,
+                              args.out / f"probe-{name}", args.out / f"probe-{name}.log")
+             for name, overrides in recipes.items()}
     results = {}
     for name, overrides in recipes.items():
-        steps = max(1, round(args.minutes * 60 * speed[name] / batch_size(overrides)))
+        steps = max(1, round(args.minutes * 60 * speed[name] / preset_batch_size("dalle", overrides)))
         run_dir = train(args, name, overrides, steps, args.out)
         final = json.loads((run_dir / "result.json").read_text())
         results[name] = {"overrides": overrides, "steps": steps, "probe_images_per_s": speed[name],
@@ -167,7 +133,7 @@ def main() -> None:
                          **evaluate(args, run_dir, args.out)}
     target = results["baseline"]["curve"][-1]["val"]
     for name in recipes:
-        results[name]["reaches_baseline_val_s"] = reach_time(results[name]["curve"], target)
+        results[name]["reaches_baseline_val_s"] = reach_time(results[name]["curve"], "val", target, True)
     plot(results, args.out / "speedrun.png")
     (args.out / "speedrun.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"budget {args.minutes:g} min of training per recipe; {time.perf_counter() - started:.0f} s in all")
@@ -189,23 +155,9 @@ def main() -> None:
 
 
 def describe(figures: dict) -> str:
-    def percent(value: float | None) -> str:
-        return "n/a" if value is None else f"{100 * value:.1f}%"
-
     rank = figures.get("median_rank")
     return f"{percent(figures.get('colour'))}, {percent(figures.get('shape_top10'))}, " + \
         ("n/a" if rank is None else f"{rank:g}")
-
-
-def batch_size(overrides: list[str]) -> int:
-    """The recipe's batch size: its train.batch_size override, else the quick preset's."""
-    from duomodal.config import PRESETS
-
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.strip() == "train.batch_size":
-            return int(value)
-    return int(PRESETS["dalle"]["quick"]["train"]["batch_size"])
 
 
 if __name__ == "__main__":

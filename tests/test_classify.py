@@ -19,7 +19,7 @@ from duomodal.classify import (
     label_text,
     parse_labels,
     resolve_templates,
-    zero_shot_label_accuracy,
+    zero_shot_label_figures,
 )
 from duomodal.cli import main
 from duomodal.config import to_dict
@@ -60,9 +60,21 @@ def test_prompt_ensembling_averages_normalised_template_embeddings():
     s = 2**-0.5
     assert torch.allclose(features, torch.tensor([[s, s], [0.0, 1.0]]), atol=1e-6)
     images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
-    assert zero_shot_label_accuracy(images, ["cat", "dog", "dog"], ["cat", "dog"], embed, ["a {}", "{}!"]) == \
-        pytest.approx(2 / 3)
-    assert zero_shot_label_accuracy(images, [None, "bird", None], ["cat", "dog"], embed, ["{}!"]) is None
+    assert zero_shot_label_figures(images, ["cat", "dog", "dog"], ["cat", "dog"], embed, ["a {}", "{}!"]) == \
+        (pytest.approx(2 / 3), None)
+    assert zero_shot_label_figures(images, [None, "bird", None], ["cat", "dog"], embed, ["{}!"]) is None
+
+
+def test_zero_shot_reports_top10_for_many_classes():
+    classes = [f"c{i}" for i in range(12)]
+    class_vectors = torch.eye(12)
+    images = torch.stack([class_vectors[0], 0.9 * class_vectors[0] + 0.1 * class_vectors[5]])  # both nearest c0
+    labels = ["c0", "c5"]  # the second is wrong at top-1, right at top-10 (c5 ranks second)
+    embed = lambda texts: torch.stack([class_vectors[int(t[1:])] for t in texts])  # noqa: E731
+    assert zero_shot_label_figures(images, labels, classes, embed, ["{}"]) == (0.5, 1.0)
+    figures = clip_figures(images, images, ["a", "b"], [{"shape": "c0"}, {"shape": "c5"}], {"shape": classes},
+                           embed, ["{}"])
+    assert figures["zero_shot_shape"] == 0.5 and figures["zero_shot_shape_top10"] == 1.0
 
 
 def test_clip_figures_name_recall_as_the_evaluation_does_and_match_captions_by_key():
@@ -166,10 +178,14 @@ def test_clip_eval_and_export_cli(tiny_clip_dir, shape_dataset, tmp_path, capsys
         lines.append(json.dumps({"file": png.name, "caption": [f"a {color} {shape}"], "color": color,
                                  "split": "heldout" if copy == "1" else "train"}))
     (data / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    assert main(["clip", "eval", str(tiny_clip_dir), "--data", str(data), "--split", "heldout", "--device", "cpu"]) == 0
+    assert main(["clip", "eval", str(tiny_clip_dir), "--data", str(data), "--split", "heldout", "--device", "cpu",
+                 "--json", str(tmp_path / "eval.json")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("heldout: 12 images (0 skipped), model duomodal-clip:")
-    assert "text_to_image_recall@10" in out and "zero_shot_color" in out
+    assert "text_to_image_recall@10" in out and "zero_shot_color" in out and "unseen/zero_shot_color" in out
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["split"] == "heldout" and saved["count"] == 12 and list(saved["templates"]) == ["icon", "unseen"]
+    assert 0 <= saved["unseen/zero_shot_color"] <= 1 and "unseen/text_to_image_recall@10" not in saved
     assert main(["clip", "export", str(tiny_clip_dir), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
     assert main(["clip", "eval", str(tmp_path / "hf"), "--data", str(data), "--split", "val", "--device", "cpu"]) == 1

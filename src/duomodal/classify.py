@@ -26,6 +26,8 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "plain": ("{}",),
     "icon": ("a {} icon", "{} icon", "an icon of {}", "a {} symbol"),
     "color": ("a {} icon", "{} icon", "an icon in {}", "something {}"),
+    # wordings that the icon captions and their augmentation never use: does a model follow a user's words?
+    "unseen": ("{} clipart", "a {} graphic", "a sketch of {}", "picture showing {}"),
     "photo": (
         "a photo of a {}.",
         "a blurry photo of a {}.",
@@ -96,30 +98,31 @@ def zero_shot_probabilities(
     return logits.softmax(dim=-1)
 
 
-ENSEMBLE_MAX_CLASSES = 256  # above this many classes, validation uses only the first template (speed)
+ZERO_SHOT_TOP_K = 10  # a label field with more classes than this also reports top-10 accuracy
 
 
-def zero_shot_label_accuracy(
+def zero_shot_label_figures(
     image_features: torch.Tensor,
     true_labels: Sequence[str | None],
     classes: Sequence[str],
     embed_texts: Callable[[list[str]], torch.Tensor],
     templates: Sequence[str],
-) -> float | None:
-    """Top-1 accuracy of zero-shot classification over `classes` for the rows whose label is a class.
+) -> tuple[float, float | None] | None:
+    """(top-1, top-10) accuracy of zero-shot classification over `classes` for the rows whose label is a
+    class, every class prompt-ensembled over all `templates`; top-10 is None with 10 classes or fewer.
 
-    None when no row has such a label. With more than ENSEMBLE_MAX_CLASSES classes only the first
-    template is used (thousands of icon names x several templates is slow to embed on a CPU).
+    None when no row has such a label.
     """
     rows = [row for row, label in enumerate(true_labels) if label is not None and label in classes]
     if not rows:
         return None
-    if len(classes) > ENSEMBLE_MAX_CLASSES:
-        templates = templates[:1]
     class_features = class_text_features(embed_texts, classes, templates).to(image_features.device)  # (C, D)
     index_of = {label: i for i, label in enumerate(classes)}
     labels = [index_of[true_labels[row]] for row in rows]
-    return M.zero_shot_accuracy(image_features[rows], class_features, labels).value
+    top1 = M.zero_shot_accuracy(image_features[rows], class_features, labels).value
+    if len(classes) <= ZERO_SHOT_TOP_K:
+        return top1, None
+    return top1, M.zero_shot_accuracy(image_features[rows], class_features, labels, k=ZERO_SHOT_TOP_K).value
 
 
 def clip_figures(
@@ -136,17 +139,21 @@ def clip_figures(
     image_features and text_features: (N, D) normalised, row i of each a pair; `captions` the texts,
     `labels` each image's manifest labels. Gives ``text_to_image_recall@k`` and
     ``image_to_text_recall@k`` (k = 1, 5, 10; a hit is any item whose caption reads the same) and
-    ``zero_shot_<field>`` for each field of `label_classes` that some image has among its classes.
+    ``zero_shot_<field>`` (top-1; and ``zero_shot_<field>_top10`` for fields of more than 10 classes)
+    for each field of `label_classes` that some image has among its classes.
     """
     similarity = text_features.float() @ image_features.float().T  # (N texts, N images)
     relevant = M.same_key([caption_key(c) for c in captions])
     figures = {name: recall.value for name, recall in M.retrieval_recall(similarity, relevant).items()}
     for name, classes in label_classes.items():
-        value = zero_shot_label_accuracy(
+        accuracies = zero_shot_label_figures(
             image_features, [record_labels.get(name) for record_labels in labels], classes, embed_texts, templates
         )
-        if value is not None:
-            figures[f"zero_shot_{name}"] = value
+        if accuracies is None:
+            continue
+        figures[f"zero_shot_{name}"] = accuracies[0]
+        if accuracies[1] is not None:
+            figures[f"zero_shot_{name}_top{ZERO_SHOT_TOP_K}"] = accuracies[1]
     return figures
 
 
@@ -319,7 +326,7 @@ def evaluate_records(
     embedder,
     records: Sequence,
     label_classes: dict[str, list[str]],
-    templates: Sequence[str],
+    template_sets: dict[str, Sequence[str]],
     batch_size: int = 64,
     on_skip: Callable[[str, str], None] | None = None,
 ) -> dict[str, float]:
@@ -327,9 +334,13 @@ def evaluate_records(
 
     `records` are ``duomodal.data.records.Record``s (e.g. one split); `label_classes` maps each label
     field to its classes (all values in the dataset, so held-out combinations compete with all).
+    Zero-shot figures come once per template set of `template_sets` (name -> templates): the first
+    set's as ``zero_shot_<field>``, every other set's as ``<set>/zero_shot_<field>``.
     """
     from duomodal.data.images import ImageError, load_image
 
+    if not template_sets:
+        raise ClassifyError("evaluate_records needs at least one template set")
     image_parts, kept = [], []
     skipped = 0
     for start in range(0, len(records), batch_size):
@@ -348,11 +359,15 @@ def evaluate_records(
         raise ClassifyError("none of the images could be read")
     image_features = torch.cat(image_parts)
     captions = [record.captions[0] for record in kept]
+    text_features = embedder.embed_texts(captions)
     figures: dict[str, float] = {"count": float(len(kept)), "skipped": float(skipped)}
-    figures.update(clip_figures(
-        image_features, embedder.embed_texts(captions), captions, [record.labels for record in kept],
-        label_classes, embedder.embed_texts, templates,
-    ))
+    for position, (set_name, templates) in enumerate(template_sets.items()):
+        part = clip_figures(image_features, text_features, captions, [record.labels for record in kept],
+                            label_classes, embedder.embed_texts, templates)
+        if position == 0:
+            figures.update(part)
+        else:
+            figures.update({f"{set_name}/{k}": v for k, v in part.items() if k.startswith("zero_shot_")})
     return figures
 
 

@@ -126,3 +126,25 @@ def test_data_config_validation():
         DataConfig(background="nope")
     with pytest.raises(ValueError, match=r"^image_size must be at least 1, got 0$"):
         CaptionedImageDataset([], 0)
+
+
+def test_memory_cache_gives_the_decoded_pixels_exactly_and_keeps_to_its_budget(shape_dataset, monkeypatch):
+    import duomodal.data.dataset as dataset_module
+
+    records = load_records(shape_dataset)
+    decoded = [CaptionedImageDataset(records, 8)[i]["image"] for i in range(len(records))]
+    cached = CaptionedImageDataset(records, 8, memory_cache_mb=1)
+    assert all(torch.equal(cached[i]["image"], decoded[i]) for i in range(len(records)))
+    decodes = []
+    monkeypatch.setattr(dataset_module, "load_image", lambda *a, **k: decodes.append(a) or Image.new("RGB", (8, 8)))
+    assert all(torch.equal(cached[i]["image"], decoded[i]) for i in range(len(records)))
+    assert decodes == []  # the second pass came from memory, bit for bit
+    # a budget of one image's bytes keeps one image; the other is decoded at each read
+    small = CaptionedImageDataset(records, 8)
+    small._cache_left = 3 * 8 * 8
+    small[0], small[1]
+    decodes.clear()
+    small[0], small[1]
+    assert len(decodes) == 1
+    with pytest.raises(ValueError, match="data.memory_cache_mb must be >= 0"):
+        DataConfig(memory_cache_mb=-1)

@@ -223,6 +223,13 @@ def test_full_evaluation_with_known_answers(tmp_path, data, vae_dir, fakes):
     assert m["clip"]["val"]["zero_shot_color"] == {"accuracy": 1.0, "correct": 2, "count": 2, "classes": 4}
     assert m["clip"]["heldout"]["text_to_image_recall@10"]["count"] == 4
     assert m["clip"]["heldout"]["text_to_image_recall@10"]["accuracy"] == 1.0
+    # every icon name of the dataset competes in zero-shot icon; top-10 of 3 names always holds
+    heldout_clip = m["clip"]["heldout"]
+    assert heldout_clip["zero_shot_icon"]["classes"] == 3 and heldout_clip["zero_shot_icon"]["count"] == 4
+    assert heldout_clip["zero_shot_icon_top10"]["accuracy"] == 1.0
+    assert heldout_clip["zero_shot_color_unseen"]["count"] == 4
+    # name search: one query per icon of the split's images, against those images
+    assert heldout_clip["name_search_top10"] == {"accuracy": 1.0, "correct": 2, "count": 2, "images": 4}
 
     assert m["curves"]["VAE"]["series"] == ["train loss", "train lr"]
     assert m["curves"]["DALL-E"]["skipped"].startswith("no metrics.jsonl")
@@ -238,9 +245,13 @@ def test_full_evaluation_with_known_answers(tmp_path, data, vae_dir, fakes):
         assert heading in report
     train_cell = (f"top-1 3/6, top-10 6/6, median rank {train['shape_median_rank']:g} of 3, "
                   f"IoU {train['shape_iou']:.2f} vs {train['shape_iou_name_blind']:.2f} name-blind")
-    assert f"| train | 3 | 6 | 50.0% (3/6) | 50.0% (3/6) | {train_cell} |" in report
-    assert (f"| heldout | best k by CLIP | 4 | 100.0% (4/4) | 100.0% (4/4) | top-1 4/4, top-10 4/4, median rank 1 "
-            f"of 3, IoU 1.00 vs {blind} name-blind |") in report
+    # the judge ranks all 3 icon names: every image has its icon in its top 10
+    assert train["shape_judge_top10"] == {"accuracy": 1.0, "correct": 6, "count": 6}
+    assert heldout["with"]["shape_judge_median_rank"] == 1.0
+    judge_cell = f"top-1 50.0% (3/6), top-10 100.0% (6/6), median rank {train['shape_judge_median_rank']:g} of 3"
+    assert f"| train | 3 | 6 | 50.0% (3/6) | {judge_cell} | {train_cell} |" in report
+    assert (f"| heldout | best k by CLIP | 4 | 100.0% (4/4) | top-1 100.0% (4/4), top-10 100.0% (4/4), median rank 1 "
+            f"of 3 | top-1 4/4, top-10 4/4, median rank 1 of 3, IoU 1.00 vs {blind} name-blind |") in report
     assert "name-blind: what a model that ignores the icon's name would get" in report
     assert "Shape judge: judge" in report
     assert "so chance is 1 in 4. The same classifier on the dataset's own images: train: 100.0% (18/18); heldout: 100.0% (4/4)." in report

@@ -69,7 +69,7 @@ def prompt_samples(icon: str, ranks: list[int], iou: list[float], blind: list[fl
     count = len(ranks)
     prompt = Prompt(f"a blue {icon} icon", icon, "blue", Record(Path(f"{icon}.png"), (f"a blue {icon} icon",), "train"))
     predicted = [icon if r == 1 else "other" for r in ranks]
-    return PromptSamples(prompt, [picture(DOT)] * count, ["blue"] * count, None, None, None,
+    return PromptSamples(prompt, [picture(DOT)] * count, ["blue"] * count, None, None, None, None,
                          TemplateScores(predicted, ranks, iou), None, [0, 1], best, blind)
 
 

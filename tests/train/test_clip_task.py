@@ -25,6 +25,7 @@ from duomodal.train.clip_task import (
     augment_image,
     contrastive_loss,
     gather_features,
+    sigmoid_loss,
 )
 
 
@@ -45,6 +46,63 @@ def test_contrastive_loss_matches_a_hand_computed_case():
     assert contrastive_loss(image, text, scale).item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
     # perfectly aligned orthogonal pairs at a high temperature scale: loss near zero
     assert contrastive_loss(image, image, torch.tensor(100.0)).item() < 1e-6
+
+
+def test_sigmoid_loss_matches_a_hand_computed_case():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    # logits = 2 * image @ text.T - 1 = [[1, 0.2], [-1, 0.6]]; +1 on the diagonal, -1 off it
+    expected = -(math.log(1 / (1 + math.exp(-1))) + math.log(1 / (1 + math.exp(0.2)))
+                 + math.log(1 / (1 + math.exp(-1))) + math.log(1 / (1 + math.exp(-0.6)))) / 2
+    assert sigmoid_loss(image, text, torch.tensor(2.0), torch.tensor(-1.0)).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_sigmoid_model_has_a_learned_bias_and_overfits_one_batch(tiny_clip_config):
+    from dataclasses import replace
+
+    from duomodal.train.clip_task import pair_loss
+
+    torch.manual_seed(0)
+    config = replace(tiny_clip_config, loss="sigmoid", logit_scale_init=math.log(10))
+    model = ContrastiveClip.from_config(config).train()
+    assert "logit_bias" in model.state_dict() and "logit_bias" not in ContrastiveClip.from_config(
+        tiny_clip_config).state_dict()
+    pixels, ids = _batch(8, seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        out = model(pixel_values=pixels, input_ids=ids)
+        loss = pair_loss(out.image, out.text, out)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert out.logit_bias is not None and out.logit_bias.item() != -10.0
+    similarity = out.image @ out.text.T
+    assert torch.equal(similarity.argmax(1), torch.arange(8)), "each image's own caption is its best match"
+
+
+def test_eager_attention_gives_the_sdpa_features(tiny_clip_config):
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    sdpa = ContrastiveClip.from_config(tiny_clip_config).eval()
+    eager = ContrastiveClip.from_config(replace(tiny_clip_config, attention="eager")).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    pixels, ids = _batch(4, seed=2)
+    a, b = sdpa(pixel_values=pixels, input_ids=ids), eager(pixel_values=pixels, input_ids=ids)
+    assert torch.allclose(a.image, b.image, atol=1e-5) and torch.allclose(a.text, b.text, atol=1e-5)
+
+
+def test_muon_takes_the_towers_layer_matrices(tiny_clip_config):
+    from duomodal.train.recipe import MuonWithAdamW, TrainConfig, build_optimizer
+
+    model = ContrastiveClip.from_config(tiny_clip_config)
+    matrices = model.hidden_matrices()
+    layers = tiny_clip_config.text_layers + tiny_clip_config.vision_layers
+    assert len(matrices) == 6 * layers and all(p.ndim == 2 for p in matrices)  # q, k, v, out, fc1, fc2
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(".encoder.layers." in names[id(p)] for p in matrices)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    assert isinstance(optimizer, MuonWithAdamW)
 
 
 def test_gather_outside_torch_distributed_is_the_identity():
@@ -227,3 +285,24 @@ def test_train_clip_cli_learns_zero_shot_colour(shape_dataset, tmp_path, capsys,
     result = classify_images(embedder, images, ["blue", "green", "red", "yellow"], templates)
     assert result.accuracy is not None and result.accuracy >= 0.9, result.accuracy
     assert (out / "tokenizer.json").is_file() and (out / "samples").is_dir()
+
+
+def test_caption_augmentation_rewords_training_captions_only(shape_dataset, tmp_path, tiny_clip_config):
+    from duomodal.config import from_dict
+    from duomodal.train.clip_task import ClipTask
+
+    data = _manifest_shapes(shape_dataset, tmp_path / "shapes")
+    config = from_dict(ClipRunConfig, {"model": to_dict(tiny_clip_config), "data": {"image_size": 16},
+                                       "captions": {"word_dropout": 0.4}})
+    task = ClipTask(config, data)
+    train, val = task.datasets()
+    torch.manual_seed(0)
+    shorter = 0
+    for index in range(len(train)):
+        item = train[index]
+        plain = task._tokenize(item["caption"])
+        shorter += int((item["tokens"] != 0).sum() < (plain != 0).sum())
+    assert shorter > 0, "word dropout left some training caption shorter"
+    for index in range(len(val)):
+        item = val[index]
+        assert torch.equal(item["tokens"], task._tokenize(item["caption"])), "validation captions stay as written"

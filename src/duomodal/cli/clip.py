@@ -54,8 +54,11 @@ def _add_clip_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("clip_dir", metavar="CLIP_DIR", help="duomodal CLIP run/model dir or Hugging Face CLIP dir")
     evaluate.add_argument("--data", required=True, help="dataset folder")
     evaluate.add_argument("--split", default="val", choices=["train", "val", "heldout"], help="default val")
-    evaluate.add_argument("--templates", dest="template_set", default="icon", choices=sorted(TEMPLATE_SETS),
-                          help="template set for zero-shot (default icon)")
+    evaluate.add_argument("--templates", dest="template_sets", action="append", default=None,
+                          choices=sorted(TEMPLATE_SETS),
+                          help="template set for zero-shot, repeatable (default: icon, then unseen: wordings the "
+                          "icon captions never use)")
+    evaluate.add_argument("--json", default=None, help="also write the figures to this JSON file")
     evaluate.add_argument("--limit", type=int, default=0, help="evaluate at most this many images (0 = all)")
     evaluate.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
     evaluate.set_defaults(func=_cmd_clip_eval)
@@ -148,12 +151,22 @@ def _cmd_clip_eval(args: argparse.Namespace) -> int:
         return 1
     embedder = load_clip(args.clip_dir, resolve_device(args.device))
     started = time.perf_counter()
+    names = list(dict.fromkeys(args.template_sets or ["icon", "unseen"]))
     figures = evaluate_records(
-        embedder, chosen, label_classes_of(records), TEMPLATE_SETS[args.template_set],
+        embedder, chosen, label_classes_of(records), {name: TEMPLATE_SETS[name] for name in names},
         on_skip=lambda path, reason: print(f"skipping {path}: {reason}", file=sys.stderr),
     )
-    print(f"{args.split}: {int(figures.pop('count'))} images ({int(figures.pop('skipped'))} skipped), "
-          f"model {embedder.model_id}, {time.perf_counter() - started:.1f} s")
+    seconds = time.perf_counter() - started
+    print(f"{args.split}: {int(figures['count'])} images ({int(figures['skipped'])} skipped), "
+          f"model {embedder.model_id}, {seconds:.1f} s; zero-shot with the {names[0]!r} templates"
+          + "".join(f", {name}/ with the {name!r} templates" for name in names[1:]))
     for name, value in figures.items():
-        print(f"  {name:<24} {value:.4f}")
+        if name not in ("count", "skipped"):
+            print(f"  {name:<32} {value:.4f}")
+    if args.json:
+        from duomodal.files import save_json
+
+        save_json({"split": args.split, "model_id": embedder.model_id, "seconds": seconds,
+                   "templates": {name: list(TEMPLATE_SETS[name]) for name in names}, **figures}, args.json)
+        print(f"wrote {args.json}")
     return 0

@@ -30,12 +30,17 @@ class DataConfig:
     image_size: int = 32  # images are resized (shortest side) and centre-cropped to this square
     val_fraction: float = 0.05  # share of images in "val" when the manifest gives no split
     background: str = "#ffffff"  # colour that transparent pixels are composited on
+    # Decoded images kept in memory (uint8) after their first read, per split, so that later epochs and
+    # validations skip decoding and resizing; images past this budget are decoded every time. 0 = off.
+    memory_cache_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
             raise ValueError(f"data.image_size must be at least 1, got {self.image_size}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.memory_cache_mb < 0:
+            raise ValueError(f"data.memory_cache_mb must be >= 0, got {self.memory_cache_mb}")
         parse_color(self.background)
 
     @property
@@ -51,6 +56,7 @@ class CaptionedImageDataset(Dataset):
         tokenize: Tokenize | None = None,
         background: tuple[int, int, int] | str = WHITE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        memory_cache_mb: int = 0,
     ):
         if image_size < 1:
             raise ValueError(f"image_size must be at least 1, got {image_size}")
@@ -60,21 +66,38 @@ class CaptionedImageDataset(Dataset):
         self.background = parse_color(background) if isinstance(background, str) else tuple(background)
         self.max_pixels = max_pixels
         self._reported: set[int] = set()  # indices already logged as bad (in this process)
+        # index -> (3, S, S) uint8: to_tensor's values are k / 255, so the memory copy is exact
+        self._pixels: dict[int, torch.Tensor] = {}
+        self._cache_left = memory_cache_mb * 2**20
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def _image(self, index: int) -> torch.Tensor | None:
+        """(3, S, S) float in [0, 1], from the memory cache or decoded (None when unreadable)."""
+        pixels = self._pixels.get(index)
+        if pixels is not None:
+            return pixels.float().div_(255.0)
         record = self.records[index]
         try:
-            image = load_image(record.path, self.background, self.max_pixels)
+            image = to_tensor(load_image(record.path, self.background, self.max_pixels), self.image_size)
         except ImageError as e:
             if index not in self._reported:
                 self._reported.add(index)
                 log.warning("skipping %s", e)
             return None
+        if image.numel() <= self._cache_left:
+            self._pixels[index] = image.mul(255.0).round_().to(torch.uint8)
+            self._cache_left -= image.numel()
+        return image
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        image = self._image(index)
+        if image is None:
+            return None
+        record = self.records[index]
         caption = record.captions[int(torch.randint(len(record.captions), ()))]
-        item: dict[str, Any] = {"image": to_tensor(image, self.image_size), "caption": caption, "index": index}
+        item: dict[str, Any] = {"image": image, "caption": caption, "index": index}
         if self.tokenize is not None:
             tokens = self.tokenize(caption)
             item["tokens"] = torch.as_tensor(tokens, dtype=torch.long)  # (T,)
@@ -92,4 +115,5 @@ def open_split(
     Pass `records` (from load_records) to avoid scanning the folder again for each split."""
     if records is None:
         records = load_records(root, config.val_fraction)
-    return CaptionedImageDataset(filter_split(records, split), config.image_size, tokenize, config.background_rgb)
+    return CaptionedImageDataset(filter_split(records, split), config.image_size, tokenize, config.background_rgb,
+                                 memory_cache_mb=config.memory_cache_mb)

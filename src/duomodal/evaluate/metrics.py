@@ -347,15 +347,23 @@ def zero_shot_predictions(image_embeddings: torch.Tensor, class_embeddings: torc
 
 
 def zero_shot_accuracy(image_embeddings: torch.Tensor, class_embeddings: torch.Tensor,
-                       labels: Sequence[int] | torch.Tensor) -> Accuracy:
-    """Does the most similar class embedding belong to each image's label (an index into classes)?"""
+                       labels: Sequence[int] | torch.Tensor, k: int = 1) -> Accuracy:
+    """Is each image's label (an index into classes) among its k most similar class embeddings?"""
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if labels.numel() != image_embeddings.shape[0]:
         raise MetricError(f"{image_embeddings.shape[0]} images but {labels.numel()} labels")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= class_embeddings.shape[0]):
         raise MetricError(f"labels must lie in [0, {class_embeddings.shape[0]}), got {labels.tolist()[:10]}")
-    predicted = zero_shot_predictions(image_embeddings, class_embeddings)
-    return Accuracy(correct=int((predicted == labels).sum()), total=int(labels.numel()))
+    if k < 1:
+        raise MetricError(f"k must be >= 1, got {k}")
+    if k == 1:
+        predicted = zero_shot_predictions(image_embeddings, class_embeddings)
+        return Accuracy(correct=int((predicted == labels).sum()), total=int(labels.numel()))
+    zero_shot_predictions(image_embeddings[:0], class_embeddings)  # the same shape checks
+    similarity = image_embeddings.float() @ class_embeddings.float().T  # (N, C)
+    top = similarity.topk(min(k, similarity.shape[1]), dim=1).indices  # (N, k)
+    hits = (top == labels.to(top.device)[:, None]).any(1)
+    return Accuracy(correct=int(hits.sum()), total=int(labels.numel()))
 
 
 # --- classification --------------------------------------------------------------------------------

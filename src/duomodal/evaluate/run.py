@@ -119,7 +119,10 @@ def class_embeddings(embed_texts: Callable[[list[str]], torch.Tensor], prompt_se
 
 def evaluate_clip_split(clip: Any, loaded: LoadedImages, palette: dict[str, str], icons: list[str],
                         seed: int) -> dict[str, Any]:
-    """Recall@k both ways and zero-shot colour (and icon) accuracy on one split."""
+    """Recall@k both ways, zero-shot colour and icon accuracy (with the captions' wording and with wordings
+    they never use), and name search on one split."""
+    from duomodal.classify import TEMPLATE_SETS, class_text_features
+
     records = loaded.records
     result: dict[str, Any] = {"images": len(records)}
     if not records:
@@ -135,23 +138,40 @@ def evaluate_clip_split(clip: Any, loaded: LoadedImages, palette: dict[str, str]
     colored = [i for i, r in enumerate(records) if r.labels.get("color") in palette]
     if colored:
         colors = list(palette)
-        classes = class_embeddings(clip.embed_texts, [color_class_texts(c, ensemble_icons) for c in colors])
         labels = [colors.index(records[i].labels["color"]) for i in colored]
+        classes = class_embeddings(clip.embed_texts, [color_class_texts(c, ensemble_icons) for c in colors])
         result["zero_shot_color"] = M.zero_shot_accuracy(image_features[colored], classes, labels).to_dict()
         result["zero_shot_color"]["classes"] = len(colors)
-    # zero-shot icon: the candidates are the icon names of this split's images (at most max_images of
-    # them, so the text side stays small on a dataset of thousands of icons)
-    with_icon = [i for i, r in enumerate(records) if r.labels.get("icon")]
-    split_icons = sorted({records[i].labels["icon"] for i in with_icon})
-    if len(split_icons) > 1:
-        from duomodal.data.icons import captions_for
-
-        colors = list(palette)
-        classes = class_embeddings(clip.embed_texts, [[captions_for(icon, c)[0] for c in colors] for icon in split_icons])
-        labels = [split_icons.index(records[i].labels["icon"]) for i in with_icon]
-        result["zero_shot_icon"] = M.zero_shot_accuracy(image_features[with_icon], classes, labels).to_dict()
-        result["zero_shot_icon"]["classes"] = len(split_icons)
+        unseen = class_text_features(clip.embed_texts, colors, TEMPLATE_SETS["unseen"])
+        result["zero_shot_color_unseen"] = M.zero_shot_accuracy(image_features[colored], unseen, labels).to_dict()
+    # zero-shot icon: every icon name of the dataset competes (held-out images are of icons seen in other
+    # colours), each name prompt-ensembled over the icon templates, and over wordings never trained on
+    icon_index = {icon: i for i, icon in enumerate(icons)}
+    with_icon = [i for i, r in enumerate(records) if r.labels.get("icon") in icon_index]
+    if with_icon and len(icons) > 1:
+        labels = [icon_index[records[i].labels["icon"]] for i in with_icon]
+        for suffix, templates in (("", TEMPLATE_SETS["icon"]), ("_unseen", TEMPLATE_SETS["unseen"])):
+            classes = class_text_features(clip.embed_texts, icons, templates)
+            result[f"zero_shot_icon{suffix}"] = M.zero_shot_accuracy(image_features[with_icon], classes, labels).to_dict()
+            result[f"zero_shot_icon{suffix}"]["classes"] = len(icons)
+            result[f"zero_shot_icon{suffix}_top10"] = M.zero_shot_accuracy(
+                image_features[with_icon], classes, labels, k=10).to_dict()
+        result["name_search_top10"] = name_search(clip, image_features, records)
     return result
+
+
+def name_search(clip: Any, image_features: torch.Tensor, records: Sequence[Record], k: int = 10) -> dict[str, Any]:
+    """A user types an icon's name ("heart outline") into the search over these images: is an image of
+    that icon, in any colour, among the k most similar? One query per icon name of the images."""
+    from duomodal.data.icons import icon_words
+
+    names = sorted({r.labels["icon"] for r in records if r.labels.get("icon")})
+    queries = clip.embed_texts([icon_words(name) for name in names])  # (Q, D)
+    query_of = {name: q for q, name in enumerate(names)}
+    image_query = torch.tensor([query_of.get(r.labels.get("icon"), -1) for r in records])  # (N,)
+    relevant = image_query[None, :] == torch.arange(len(names))[:, None]  # (Q, N)
+    similarity = queries.float() @ image_features.float().T  # (Q, N)
+    return {**M.recall_at_k(similarity, relevant, k).to_dict(), "images": len(records)}
 
 
 def sample_strings(items: Sequence[str], limit: int, seed: int) -> list[str]:
@@ -167,28 +187,37 @@ def clip_section(results: dict[str, dict[str, Any]], clip_path: Path, model_id: 
     rows = []
     for split, r in results.items():
         if not r.get("images"):
-            rows.append((split, "0", *(["n/a"] * 8)))
+            rows.append((split, "0", *(["n/a"] * 6)))
             continue
         rows.append((
             split, str(r["images"]),
             *(fmt_accuracy(r.get(f"text_to_image_recall@{k}")) for k in RECALL_KS),
             *(fmt_accuracy(r.get(f"image_to_text_recall@{k}")) for k in RECALL_KS),
-            fmt_accuracy(r.get("zero_shot_color")),
-            fmt_accuracy(r.get("zero_shot_icon")) + (f", {r['zero_shot_icon']['classes']} names" if "zero_shot_icon" in r else ""),
         ))
-    section.table(
-        ("split", "images", "T→I R@1", "T→I R@5", "T→I R@10", "I→T R@1", "I→T R@5", "I→T R@10",
-         "zero-shot colour", "zero-shot icon"),
-        rows,
-        caption="Recall@k: share of queries whose match is among their k most similar items, searched among "
-        "the split's evaluated images (or their captions) only, so a larger split is a harder search.",
-    )
-    section.text(
-        "Zero-shot colour: each palette colour becomes a text classifier, the mean embedding of the "
-        "dataset's first caption template over up to 32 icon names (\"a red heart icon\", \"a red star icon\"...); "
-        "an image is right when its own colour's classifier is the most similar. Zero-shot icon: the same "
-        "with one classifier per icon name of the split's images, averaged over the palette colours."
-    )
+    section.table(("split", "images", "T→I R@1", "T→I R@5", "T→I R@10", "I→T R@1", "I→T R@5", "I→T R@10"), rows,
+                  caption="Recall@k: share of queries whose match is among their k most similar items, searched "
+                  "among the split's evaluated images (or their captions) only, so a larger split is a harder search.")
+    names = {"zero_shot_color": "zero-shot colour", "zero_shot_color_unseen": "zero-shot colour, unseen wording",
+             "zero_shot_icon": "zero-shot icon top-1", "zero_shot_icon_top10": "zero-shot icon top-10",
+             "zero_shot_icon_unseen": "zero-shot icon top-1, unseen wording",
+             "zero_shot_icon_unseen_top10": "zero-shot icon top-10, unseen wording",
+             "name_search_top10": "name search: the icon in the top 10"}
+    shown = [split for split, r in results.items() if r.get("images")]
+    rows = [(label, *(fmt_accuracy(results[split].get(key)) for split in shown))
+            for key, label in names.items() if any(key in results[split] for split in shown)]
+    if rows:
+        classes = next((results[s]["zero_shot_icon"]["classes"] for s in shown if "zero_shot_icon" in results[s]), None)
+        section.table(("figure", *shown), rows)
+        section.text(
+            "Zero-shot colour: each palette colour becomes a text classifier, the mean embedding of the "
+            "dataset's first caption template over up to 32 icon names (\"a red heart icon\", \"a red star icon\"...); "
+            "with unseen wording, the mean over templates no caption uses (\"red clipart\", \"a red graphic\"...). "
+            + (f"Zero-shot icon: all {classes} icon names of the dataset compete, each the mean embedding of "
+               "the icon templates (\"a heart icon\", \"an icon of heart\"...) or of the unseen ones; top-10 counts "
+               "the image's icon among the 10 most similar names. " if classes else "")
+            + "Name search: each icon name of the split typed as a query (\"heart outline\") against the split's "
+            "images; a hit when an image of that icon, in any colour, is in the top 10."
+        )
     return section
 
 
@@ -246,8 +275,12 @@ def headline(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     for split in EVAL_SPLITS:
         entry = clip.get(split, {})
         if entry.get("images"):
-            rows.append((f"CLIP {split}", f"text->image R@1 {fmt_accuracy(entry.get('text_to_image_recall@1'))}, "
-                                          f"zero-shot colour {fmt_accuracy(entry.get('zero_shot_color'))}"))
+            text = (f"text->image R@1 {fmt_accuracy(entry.get('text_to_image_recall@1'))}, "
+                    f"zero-shot colour {fmt_accuracy(entry.get('zero_shot_color'))}")
+            if "zero_shot_icon_top10" in entry:
+                text += (f", zero-shot icon top-10 {fmt_accuracy(entry['zero_shot_icon_top10'])}, "
+                         f"name search top-10 {fmt_accuracy(entry.get('name_search_top10'))}")
+            rows.append((f"CLIP {split}", text))
     return rows
 
 

@@ -128,6 +128,7 @@ class PromptSamples:
     shapes: list[str] | None  # judge's icon for each generated image (None without a judge)
     rerank_scores: list[float] | None  # reranking CLIP score of each image
     judge_scores: list[float] | None  # judge CLIP score of each image with the prompt
+    judge_ranks: list[int] | None  # rank of the prompted icon among all icons for the judge (1 = first)
     template: TemplateScores | None  # the template matcher on each image against the prompted icon
     masks: np.ndarray | None  # (R, S, S) ink mask of each image, for the name-blind comparison
     first: list[int]  # indices kept without reranking
@@ -145,9 +146,9 @@ def sample_prompt(run: DalleRun, prompt: Prompt, index: int, options: EvalOption
     reranker, judge, matcher = scorers.reranker, scorers.judge, scorers.matcher
     images = result.images
     colors = [M.dominant_color(im, palette) for im in images]
-    shapes = judge_scores = None
+    shapes = judge_scores = judge_ranks = None
     if judge is not None:
-        shapes, judge_scores = judge.assess(images, prompt.color, prompt.text)
+        shapes, judge_scores, judge_ranks = judge.assess(images, prompt.color, prompt.text, prompt.icon)
     k = options.samples_per_prompt
     rerank_scores = best = None
     if reranker is not None:
@@ -157,7 +158,7 @@ def sample_prompt(run: DalleRun, prompt: Prompt, index: int, options: EvalOption
     if matcher is not None:
         masks = matcher.masks(images)
         template = matcher.assess_masks(masks, [prompt.icon] * len(images))
-    return PromptSamples(prompt, images, colors, shapes, rerank_scores, judge_scores, template, masks,
+    return PromptSamples(prompt, images, colors, shapes, rerank_scores, judge_scores, judge_ranks, template, masks,
                          list(range(k)), best)
 
 
@@ -182,7 +183,7 @@ def summarise(samples: Sequence[PromptSamples], choice: str) -> dict[str, Any]:
     """Accuracies and mean scores over the kept images of every prompt; choice: "first" or "best"."""
     colors_predicted, colors_expected, shapes_predicted, shapes_expected = [], [], [], []
     rerank, judge, matched, matched_expected = [], [], [], []
-    ranks, ious, name_blind = [], [], []
+    ranks, ious, name_blind, judge_ranks = [], [], [], []
     for s in samples:
         kept = s.first if choice == "first" else (s.best or [])
         colors_predicted += [s.colors[i] for i in kept]
@@ -201,6 +202,8 @@ def summarise(samples: Sequence[PromptSamples], choice: str) -> dict[str, Any]:
             rerank += [s.rerank_scores[i] for i in kept]
         if s.judge_scores is not None:
             judge += [s.judge_scores[i] for i in kept]
+        if s.judge_ranks is not None:
+            judge_ranks += [s.judge_ranks[i] for i in kept]
     out: dict[str, Any] = {
         "prompts": len(samples),
         "images": len(colors_expected),
@@ -208,6 +211,9 @@ def summarise(samples: Sequence[PromptSamples], choice: str) -> dict[str, Any]:
     }
     if shapes_expected:
         out["shape_accuracy"] = M.accuracy(shapes_predicted, shapes_expected).to_dict()
+    if judge_ranks:
+        out["shape_judge_top10"] = M.Accuracy(sum(r <= SHAPE_TOP_K for r in judge_ranks), len(judge_ranks)).to_dict()
+        out["shape_judge_median_rank"] = float(np.median(judge_ranks))
     if matched:
         out["shape_match_accuracy"] = M.accuracy(matched, matched_expected).to_dict()
     if ranks:
@@ -473,7 +479,11 @@ def _has_labels(by_split: dict[str, list[Record]]) -> bool:
 def _shape_cell(entry: dict[str, Any], judge: Judge | None) -> str:
     if judge is None:
         return "not measured"
-    return fmt_accuracy(entry.get("shape_accuracy"))
+    text = "top-1 " + fmt_accuracy(entry.get("shape_accuracy"))
+    if "shape_judge_top10" in entry:
+        text += (f", top-10 {fmt_accuracy(entry['shape_judge_top10'])}, "
+                 f"median rank {entry['shape_judge_median_rank']:g} of {len(judge.icons)}")
+    return text
 
 
 def fmt_template_shape(entry: dict[str, Any], templates: int | None = None) -> str:

@@ -49,15 +49,22 @@ class Judge:
     def predict(self, images: Sequence[Image.Image], color: str) -> list[str]:
         return self.assess(images, color)[0]
 
-    def assess(self, images: Sequence[Image.Image], color: str, prompt: str | None = None) -> tuple[list[str], list[float] | None]:
-        """(the icon ranked first for each image, each image's cosine similarity with `prompt` if given)."""
+    def assess(self, images: Sequence[Image.Image], color: str, prompt: str | None = None,
+               wanted: str | None = None) -> tuple[list[str], list[float] | None, list[int] | None]:
+        """(the icon ranked first for each image, each image's cosine similarity with `prompt` if given,
+        the rank of the `wanted` icon among all icons for each image if given: 1 = first)."""
         features = self.clip.embed_images(list(images)).float()  # (N, D)
-        indices = M.zero_shot_predictions(features, self.class_embeddings(color))
-        scores = None
+        classes = self.class_embeddings(color)  # (C, D)
+        indices = M.zero_shot_predictions(features, classes)
+        scores = ranks = None
         if prompt is not None:
             text = F.normalize(self.clip.embed_texts([prompt]).float(), dim=-1)  # (1, D)
             scores = (features @ text.T).squeeze(1).tolist()  # (N,)
-        return [self.icons[i] for i in indices.tolist()], scores
+        if wanted is not None and wanted in self.icons:
+            similarity = features @ classes.T  # (N, C)
+            target = similarity[:, self.icons.index(wanted)]  # (N,)
+            ranks = ((similarity > target[:, None]).sum(1) + 1).tolist()
+        return [self.icons[i] for i in indices.tolist()], scores, ranks
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,15 @@ class ClipConfig:
     embed_dim: int = 128  # joint embedding size (projection_dim)
     mlp_ratio: int = 4  # MLP hidden = mlp_ratio * width
     hidden_act: Literal["quick_gelu", "gelu"] = "gelu"
-    logit_scale_init: float = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
+    # How attention is computed (the same weights either way): "sdpa" is torch's fused kernel, fastest on
+    # CUDA and in fp32; "eager" is plain matmuls, faster for short sequences in bf16 on a CPU, where the
+    # fused kernel's bf16 backward is slow (docs/clip.md).
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    logit_scale_init: float = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (SigLIP starts at ln 10)
+    # The contrastive loss the model is trained with: "softmax" (CLIP's InfoNCE over the batch) or
+    # "sigmoid" (SigLIP: each pair a binary match / no match; adds a learned logit bias to the model).
+    loss: Literal["softmax", "sigmoid"] = "softmax"
+    logit_bias_init: float = -10.0  # sigmoid only: the bias starts by calling every pair a non-match
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # per-channel normalisation of [0, 1] pixels
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
@@ -100,6 +108,10 @@ class ClipConfig:
             raise ConfigError(
                 f"model.image_mean and model.image_std need 3 values (R, G, B), got {self.image_mean}, {self.image_std}"
             )
+        if self.loss not in ("softmax", "sigmoid"):
+            raise ConfigError(f"model.loss must be softmax or sigmoid, got {self.loss!r}")
+        if self.attention not in ("sdpa", "eager"):
+            raise ConfigError(f"model.attention must be sdpa or eager, got {self.attention!r}")
         if any(s <= 0 for s in self.image_std):
             raise ConfigError(f"model.image_std values must be positive, got {self.image_std}")
 
@@ -142,11 +154,13 @@ def hf_config(config: ClipConfig) -> Any:
 
 @dataclass
 class ClipFeatures:
-    """L2-normalised features of whichever inputs were given, and exp(clamped logit scale)."""
+    """L2-normalised features of whichever inputs were given, exp(clamped logit scale) and, for a model
+    trained with the sigmoid loss, its logit bias."""
 
     image: torch.Tensor | None  # (B, D)
     text: torch.Tensor | None  # (B, D)
     logit_scale: torch.Tensor  # () scalar, the inverse temperature
+    logit_bias: torch.Tensor | None = None  # () scalar (sigmoid loss only)
 
 
 class ContrastiveClip(nn.Module):
@@ -155,19 +169,33 @@ class ContrastiveClip(nn.Module):
     Calling the module (rather than reaching into ``.clip``) keeps DDP's hooks in the path.
     """
 
-    def __init__(self, clip: nn.Module):
+    def __init__(self, clip: nn.Module, logit_bias: float | None = None):
         super().__init__()
         self.clip = clip
+        # SigLIP's learned bias (a sigmoid-loss model only; pretrained CLIPs and softmax models have none)
+        self.logit_bias = None if logit_bias is None else nn.Parameter(torch.tensor(float(logit_bias)))
 
     @classmethod
     def from_config(cls, config: ClipConfig) -> ContrastiveClip:
         from transformers import CLIPModel
 
-        return cls(CLIPModel(hf_config(config)))
+        hf = hf_config(config)
+        for part in (hf, hf.text_config, hf.vision_config):
+            part._attn_implementation = config.attention
+        return cls(CLIPModel(hf), config.logit_bias_init if config.loss == "sigmoid" else None)
 
     @property
     def embed_dim(self) -> int:
         return int(self.clip.config.projection_dim)
+
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The 2-D weights inside both towers' transformer layers (attention and MLP), the ones
+        ``train.optimizer=muon`` gives to Muon; embeddings, projections and norms stay with AdamW."""
+        matrices = []
+        for tower in (self.clip.text_model, self.clip.vision_model):
+            for layer in tower.encoder.layers:
+                matrices += [p for p in layer.parameters() if p.ndim == 2]
+        return matrices
 
     def forward(
         self,
@@ -187,7 +215,7 @@ class ContrastiveClip(nn.Module):
             with torch.no_grad():  # as open_clip after each step: the stored value never passes ln 100
                 self.clip.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
         logit_scale = self.clip.logit_scale.clamp(0, LOGIT_SCALE_MAX).exp()
-        return ClipFeatures(image=image, text=text, logit_scale=logit_scale)
+        return ClipFeatures(image=image, text=text, logit_scale=logit_scale, logit_bias=self.logit_bias)
 
 
 # --- preprocessing ---------------------------------------------------------------------------------

@@ -22,11 +22,12 @@ from torch.utils.data import Dataset, default_collate
 
 from duomodal.classify import TEMPLATE_SETS, clip_figures, label_classes_of
 from duomodal.config import ConfigError
+from duomodal.data.captions import CaptionAugmentConfig, augment_caption, insert_noise_tokens
 from duomodal.data.dataset import CaptionedImageDataset, DataConfig
 from duomodal.data.records import Record, filter_split, load_records
 from duomodal.files import atomic_write_bytes
-from duomodal.models.clip import ClipConfig, ContrastiveClip, normalize_pixels, trim_padding
-from duomodal.text.tokenizer import Tokenizer
+from duomodal.models.clip import ClipConfig, ClipFeatures, ContrastiveClip, normalize_pixels, trim_padding
+from duomodal.text.tokenizer import SPECIAL_TOKENS, Tokenizer
 from duomodal.train.distributed import train_tokenizer
 from duomodal.train.recipe import TrainConfig
 
@@ -40,6 +41,22 @@ def contrastive_loss(
     logits_per_image = logit_scale * image_features @ text_features.T  # (N, N)
     targets = torch.arange(image_features.shape[0], device=image_features.device)
     return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.T, targets)) / 2
+
+
+def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                 logit_bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP's loss over normalised (N, D) pairs: every (image, text) pair is a binary match (the
+    diagonal) or non-match, -log sigmoid(+-(scale * cosine + bias)) summed over texts, averaged over images."""
+    logits = logit_scale * image_features @ text_features.T + logit_bias  # (N, N)
+    signs = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1  # +1 diagonal, -1 elsewhere
+    return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
+
+
+def pair_loss(image_features: torch.Tensor, text_features: torch.Tensor, out: ClipFeatures) -> torch.Tensor:
+    """The model's own loss: sigmoid when it has a logit bias, else softmax."""
+    if out.logit_bias is None:
+        return contrastive_loss(image_features, text_features, out.logit_scale.float())
+    return sigmoid_loss(image_features, text_features, out.logit_scale.float(), out.logit_bias.float())
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -103,6 +120,7 @@ class ClipRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    captions: CaptionAugmentConfig = field(default_factory=CaptionAugmentConfig)  # training captions reworded
     zero_shot_templates: str = "icon"  # built-in template set for zero-shot validation on label fields
 
     def __post_init__(self) -> None:
@@ -208,19 +226,30 @@ class ClipTask:
     def _tokenize(self, text: str) -> torch.Tensor:
         return torch.tensor(self.tokenizer.encode(text, self.config.model.context_length), dtype=torch.long)
 
-    def _dataset(self, records: list[Record]) -> CaptionedImageDataset:
+    def _tokenize_augmented(self, text: str) -> torch.Tensor:
+        """A training caption reworded by the caption augmentation (the loop seeds each item's draws)."""
+        captions = self.config.captions
+        ids = self._tokenize(augment_caption(text, captions) if captions.rewrites_text else text)
+        if captions.noise_tokens:
+            length = int((ids != self.tokenizer.pad_id).sum())
+            ids, _ = insert_noise_tokens(ids, length, len(SPECIAL_TOKENS), self.tokenizer.vocab_size,
+                                         captions.noise_tokens)
+        return ids
+
+    def _dataset(self, records: list[Record], memory_cache_mb: int = 0, augment: bool = False) -> CaptionedImageDataset:
         return CaptionedImageDataset(
             records,
             self.config.model.image_size,
-            tokenize=self._tokenize,
+            tokenize=self._tokenize_augmented if augment and self.config.captions.enabled else self._tokenize,
             background=self.config.data.background_rgb,
+            memory_cache_mb=memory_cache_mb,
         )
 
     def datasets(self) -> tuple[Dataset, Dataset | None]:
-        train = self._dataset(self.train_records)
+        train = self._dataset(self.train_records, self.config.data.memory_cache_mb, augment=True)
         if self.config.augment.crop_scale_min < 1.0 or self.config.augment.horizontal_flip:
             train = AugmentedDataset(train, self.config.augment)
-        val = self._dataset(self.val_records) if self.val_records else None
+        val = self._dataset(self.val_records, self.config.data.memory_cache_mb) if self.val_records else None
         return train, val
 
     def collate(self, items: list[Any]) -> dict[str, Any]:
@@ -233,7 +262,7 @@ class ClipTask:
         device = next(model.parameters()).device
         out = model(pixel_values=batch["pixel_values"].to(device), input_ids=batch["tokens"].to(device))
         image, text = gather_features(out.image.float(), out.text.float())
-        loss = contrastive_loss(image, text, out.logit_scale.float())
+        loss = pair_loss(image, text, out)
         with torch.no_grad():
             logits = image @ text.T
             targets = torch.arange(logits.shape[0], device=logits.device)
@@ -257,17 +286,18 @@ class ClipTask:
             out = model(pixel_values=batch["pixel_values"].to(device), input_ids=batch["tokens"].to(device))
             image_parts.append(out.image.float())
             text_parts.append(out.text.float())
-            losses.append(contrastive_loss(out.image.float(), out.text.float(), out.logit_scale.float()).item())
+            losses.append(pair_loss(out.image.float(), out.text.float(), out).item())
             captions.extend(batch["caption"])
             indices.extend(int(i) for i in batch["index"])
         if not image_parts:
             return {}
         figures = {"loss": sum(losses) / len(losses)}
-        figures.update(clip_figures(
-            torch.cat(image_parts).cpu(), torch.cat(text_parts).cpu(), captions,
-            [self.val_records[i].labels for i in indices], self.label_classes,
-            lambda texts: self._embed_texts(model, texts).cpu(), TEMPLATE_SETS[self.config.zero_shot_templates],
-        ))
+        with torch.autocast("cpu", enabled=False):  # similarities and rankings in fp32, even under bf16 training
+            figures.update(clip_figures(
+                torch.cat(image_parts).cpu(), torch.cat(text_parts).cpu(), captions,
+                [self.val_records[i].labels for i in indices], self.label_classes,
+                lambda texts: self._embed_texts(model, texts).cpu(), TEMPLATE_SETS[self.config.zero_shot_templates],
+            ))
         return figures
 
     def write_samples(self, model: torch.nn.Module, path: Path, step: int) -> None:
@@ -288,7 +318,7 @@ class ClipTask:
         model.eval()
         with torch.no_grad():
             out = model(pixel_values=batch["pixel_values"].to(device), input_ids=batch["tokens"].to(device))
-            similarity = (out.text.float() @ out.image.float().T).cpu()  # (texts, images)
+            similarity = (out.text.float() @ out.image.float().T).float().cpu()  # (texts, images), fp32 under autocast
         model.train(was_training)
         n = similarity.shape[0]
         fig, ax = plt.subplots(figsize=(2 + 0.5 * n, 1 + 0.5 * n))
