@@ -62,6 +62,9 @@ class BatchStream:
         )
         sampler.set_epoch(self.epoch)
         indices = list(sampler)[: self.batches_per_epoch() * self.micro_batch]
+        order = getattr(self.task, "order_epoch", None)  # a task may arrange its rank's share into batches
+        if order is not None:
+            indices = order(indices, self.micro_batch, torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
         loader = DataLoader(
             SeededItems(self.dataset, self.seed, self.epoch),
             batch_size=self.micro_batch,
@@ -90,6 +93,30 @@ class BatchStream:
             dropped_total += dropped
             if kept:
                 return batch, kept, dropped_total
+
+
+def grouped_order(indices: list[int], groups: list[Any], micro_batch: int, fraction: float,
+                  generator: torch.Generator) -> list[int]:
+    """`indices` (an epoch's shuffled share) rearranged so that about `fraction` of its micro-batches each
+    hold items of one group only (`groups[i]`: the group of item i), the rest mixed as they came.
+
+    The grouped items keep their shuffled order within each group; the batches are then shuffled, so
+    grouped and mixed batches alternate at random. Every index stays exactly once.
+    """
+    count = len(indices) // micro_batch * micro_batch
+    if micro_batch < 2 or fraction <= 0 or count == 0:
+        return indices
+    cut = round(count * min(fraction, 1.0)) // micro_batch * micro_batch
+    grouped, mixed = indices[:cut], indices[cut:]
+    by_group: dict[Any, list[int]] = {}
+    for index in grouped:
+        by_group.setdefault(groups[index], []).append(index)
+    runs = [index for members in by_group.values() for index in members]  # one run per group
+    # cut into batches: a batch straddling two groups' runs is the only mixed one per group boundary
+    batches = [runs[i : i + micro_batch] for i in range(0, len(runs), micro_batch)]
+    batches += [mixed[i : i + micro_batch] for i in range(0, len(mixed), micro_batch)]
+    order = torch.randperm(len(batches), generator=generator).tolist()
+    return [index for b in order for index in batches[b]]
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

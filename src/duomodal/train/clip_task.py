@@ -28,6 +28,7 @@ from duomodal.data.records import Record, filter_split, load_records
 from duomodal.files import atomic_write_bytes
 from duomodal.models.clip import ClipConfig, ClipFeatures, ContrastiveClip, normalize_pixels, trim_padding
 from duomodal.text.tokenizer import SPECIAL_TOKENS, Tokenizer
+from duomodal.train.batches import grouped_order
 from duomodal.train.distributed import train_tokenizer
 from duomodal.train.recipe import TrainConfig
 
@@ -115,12 +116,26 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class BatchConfig:
+    # A manifest label field (e.g. "color"): about `group_fraction` of the batches are drawn from one value
+    # of it, so that their negatives share it and differ in everything else (hard negatives: same colour,
+    # other icons). "" = off: every batch a random draw.
+    group_field: str = ""
+    group_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.group_fraction <= 1.0:
+            raise ConfigError(f"batches.group_fraction must be in [0, 1], got {self.group_fraction}")
+
+
+@dataclass(frozen=True)
 class ClipRunConfig:
     model: ClipConfig = field(default_factory=ClipConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     captions: CaptionAugmentConfig = field(default_factory=CaptionAugmentConfig)  # training captions reworded
+    batches: BatchConfig = field(default_factory=BatchConfig)
     zero_shot_templates: str = "icon"  # built-in template set for zero-shot validation on label fields
 
     def __post_init__(self) -> None:
@@ -198,6 +213,11 @@ class ClipTask:
         self._check_caption_lengths()
         # Zero-shot label fields: every manifest field with at least two values across the dataset.
         self.label_classes = label_classes_of(self.records)
+        group = self.config.batches.group_field
+        if group and group not in self.label_classes:
+            known = ", ".join(sorted(self.label_classes)) or "none"
+            raise ConfigError(f"batches.group_field {group!r} is not a label field of {self.data_root} with two "
+                              f"values or more; label fields: {known}")
 
     def _check_caption_lengths(self) -> None:
         context = self.config.model.context_length
@@ -251,6 +271,14 @@ class ClipTask:
             train = AugmentedDataset(train, self.config.augment)
         val = self._dataset(self.val_records, self.config.data.memory_cache_mb) if self.val_records else None
         return train, val
+
+    def order_epoch(self, indices: list[int], micro_batch: int, generator: torch.Generator) -> list[int]:
+        """The training loop's hook: an epoch's shuffled share of the training items, arranged into batches."""
+        field_name = self.config.batches.group_field
+        if not field_name:
+            return indices
+        groups = [record.labels.get(field_name) for record in self.train_records]
+        return grouped_order(indices, groups, micro_batch, self.config.batches.group_fraction, generator)
 
     def collate(self, items: list[Any]) -> dict[str, Any]:
         batch = default_collate(items)
