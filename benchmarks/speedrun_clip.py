@@ -46,11 +46,11 @@ def train(args: argparse.Namespace, name: str, overrides: list[str], steps: int)
     return run_dir
 
 
-def curve(run_dir: Path, seconds_per_step: float) -> list[dict]:
+def curve(run_dir: Path, seconds_per_step: float | None) -> list[dict]:
     """At each validation: the step, its training seconds at the probe's speed ("seconds"; what the run took
     on a quiet machine) and as measured ("train_s"; slower while other jobs share the cores), val
     recall@10 and val zero-shot icon top-10."""
-    return [{"step": row["step"], "seconds": row["step"] * seconds_per_step, "train_s": row["train_s"],
+    return [{"step": row["step"], "seconds": row["step"] * (seconds_per_step or 0.0), "train_s": row["train_s"],
              **{key: row.get(key) for key in CURVE_KEYS}}
             for row in metrics_rows(run_dir) if row.get("split") == "val" and CURVE_KEYS[0] in row]
 
@@ -71,14 +71,15 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     colors = ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+    by_step = any(r.get("probe_images_per_s") is None for r in results.values())
     for (name, r), color in zip(results.items(), colors):
-        minutes = [p["seconds"] / 60 for p in r["curve"]]
+        minutes = [p["step"] if by_step else p["seconds"] / 60 for p in r["curve"]]
         ax.plot(minutes, [p[CURVE_KEYS[0]] for p in r["curve"]], "-o", color=color, ms=3,
                 label=f"{name}: val text->image R@10")
         if all(p[CURVE_KEYS[1]] is not None for p in r["curve"]):
             ax.plot(minutes, [p[CURVE_KEYS[1]] for p in r["curve"]], "--", color=color,
                     label=f"{name}: val zero-shot icon top-10")
-    ax.set_xlabel("training minutes (2 CPU cores)")
+    ax.set_xlabel("training steps" if by_step else "training minutes at the probe's speed (2 CPU cores)")
     ax.set_ylabel("share of val images")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -94,45 +95,71 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the runs, evaluations, plot and JSON")
     parser.add_argument("--minutes", type=float, default=3.0, help="training budget of each recipe (default 3)")
     parser.add_argument("--baseline", default="", help="overrides of the current recipe (default: the quick preset)")
-    parser.add_argument("--candidate", action="append", required=True,
+    parser.add_argument("--candidate", action="append", default=[],
                         help="overrides of a candidate recipe, optionally 'LABEL: overrides'; repeat for more")
     parser.add_argument("--probe-steps", type=int, default=24, help="steps of each speed probe (default 24)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="train every recipe this many steps instead of probing (for recipes whose steps cost "
+                        "the same: one model, one precision); curves are then drawn against steps")
+    parser.add_argument("--replot", action="store_true",
+                        help="train nothing: redo the curves, plot and table from OUT's runs and speedrun.json")
     args = parser.parse_args()
+    if args.replot:
+        results = json.loads((args.out / "speedrun.json").read_text())
+        for name, r in results.items():
+            rate = r.get("probe_images_per_s")
+            r["curve"] = curve(args.out / name, preset_batch_size("clip", r["overrides"]) / rate if rate else None)
+        summarise(args, results, None)
+        return
+    if not args.candidate:
+        parser.error("give at least one --candidate (or --replot)")
     args.out.mkdir(parents=True, exist_ok=True)
     recipes = parse_recipes(args.baseline, args.candidate)
     started = time.perf_counter()
     speed = {name: probe_rate(lambda o, d: train_command(args, o, d), overrides, args.probe_steps,
                               args.out / f"probe-{name}", args.out / f"probe-{name}.log", pick=max, lines=8)
-             for name, overrides in recipes.items()}
+             for name, overrides in recipes.items() if not args.steps}
     results = {}
     for name, overrides in recipes.items():
         batch = preset_batch_size("clip", overrides)
-        steps = max(1, round(args.minutes * 60 * speed[name] / batch))
+        steps = args.steps or max(1, round(args.minutes * 60 * speed[name] / batch))
         run_dir = train(args, name, overrides, steps)
         final = json.loads((run_dir / "result.json").read_text())
-        results[name] = {"overrides": overrides, "steps": steps, "probe_images_per_s": speed[name],
+        results[name] = {"overrides": overrides, "steps": steps, "probe_images_per_s": speed.get(name),
                          "images_per_s": final["items_per_s"], "train_s": final.get("train_s"),
-                         "curve": curve(run_dir, batch / speed[name]), "heldout": evaluate(args, run_dir)}
+                         "curve": curve(run_dir, batch / speed[name] if name in speed else None),
+                         "heldout": evaluate(args, run_dir)}
+    summarise(args, results, time.perf_counter() - started)
+
+
+def summarise(args: argparse.Namespace, results: dict[str, dict], seconds: float | None) -> None:
+    """Reach times, plot, JSON and the printed table."""
     target = results["baseline"]["curve"][-1][CURVE_KEYS[0]]
-    for name in recipes:
-        results[name]["reaches_baseline_recall_s"] = reach_time(results[name]["curve"], CURVE_KEYS[0], target, False)
+    by_step = any(r.get("probe_images_per_s") is None for r in results.values())
+    unit = "step" if by_step else "seconds"
+    for r in results.values():
+        reach = reach_time([{**p, "seconds": p[unit]} for p in r["curve"]], CURVE_KEYS[0], target, False)
+        r["reaches_baseline_recall_" + ("step" if by_step else "s")] = reach
     plot(results, args.out / "speedrun.png")
     (args.out / "speedrun.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"budget {args.minutes:g} min of training per recipe; {time.perf_counter() - started:.0f} s in all")
+    print((f"{results['baseline']['steps']} steps per recipe" if by_step
+           else f"budget {args.minutes:g} min of training per recipe at its probe's speed")
+          + (f"; {seconds:.0f} s in all" if seconds is not None else ""))
     print("held-out (icon, colour) images; zero-shot over all icon names, prompt-ensembled")
-    header = ("recipe", "steps", "img/s", "colour", "colour (unseen wording)", "icon top-1", "icon top-10",
-              "icon top-10 (unseen wording)", "T->I R@10")
+    header = ("recipe", "steps", "probe img/s", "run img/s", "colour", "colour (unseen wording)", "icon top-1",
+              "icon top-10", "icon top-10 (unseen wording)", "T->I R@10")
     print(" | ".join(header))
     for name, r in results.items():
         h = r["heldout"]
-        print(" | ".join([name, str(r["steps"]), f"{r['images_per_s'] or r['probe_images_per_s']:.0f}",
+        probe = r.get("probe_images_per_s")
+        print(" | ".join([name, str(r["steps"]), "n/a" if probe is None else f"{probe:.0f}", f"{r['images_per_s']:.0f}",
                           percent(h.get("zero_shot_color")), percent(h.get("unseen/zero_shot_color")),
                           percent(h.get("zero_shot_icon")), percent(h.get("zero_shot_icon_top10")),
                           percent(h.get("unseen/zero_shot_icon_top10")), percent(h.get("text_to_image_recall@10"))]))
-    for name in list(recipes)[1:]:
-        reach = results[name]["reaches_baseline_recall_s"]
-        print(f"{name} reaches the baseline's final val text->image R@10 ({target:.3f}) after "
-              + (f"{reach / 60:.2f} min of training" if reach is not None else "no point of its run"))
+    for name in list(results)[1:]:
+        reach = results[name]["reaches_baseline_recall_" + ("step" if by_step else "s")]
+        when = "no point of its run" if reach is None else (f"step {reach:.0f}" if by_step else f"{reach / 60:.2f} min")
+        print(f"{name} reaches the baseline's final val text->image R@10 ({target:.3f}) after {when} of training")
     for name, r in results.items():
         print(f"{name}: {' '.join(r['overrides']) or '(the quick preset)'}")
     print(f"wrote {args.out / 'speedrun.png'} and {args.out / 'speedrun.json'}")
