@@ -7,6 +7,7 @@ token sampler itself is ``duomodal.models.sampling``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ from duomodal.models.sampling import GenerationError, SamplingOptions, row_unifo
 
 MAX_NUM = 1024  # images one call may generate
 Progress = Callable[[int, int], None]  # (done, total), called after each batch
+# (tokens (b, N) of the batch being sampled, the index of its first image, complete token rows),
+# called each time the batch completes a token row; see sample_image_tokens' row_done
+Partial = Callable[[torch.Tensor, int, int], None]
 
 
 class Scorer(Protocol):
@@ -117,6 +121,7 @@ def sample_batches(
     fixed: torch.Tensor | None = None,
     fixed_mask: torch.Tensor | None = None,
     progress: Progress | None = None,
+    partial: Partial | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Image tokens (num, N) for `prompt`, sampled `options.batch_size` at a time, and each row's seed.
 
@@ -129,15 +134,20 @@ def sample_batches(
     batches = []
     for start, end in _chunks(num, options.batch_size):
         count = end - start
+        row_done = None if partial is None else functools.partial(_batch_rows, partial, start)
         batches.append(sample_image_tokens(
             run.model, text[None, :].expand(count, -1), row_uniforms(seeds[start:end], N),
             options.temperature, options.top_k, options.top_p, options.guidance, empty,
             fixed=None if fixed is None else fixed[None, :].expand(count, -1), fixed_mask=fixed_mask,
-            precision=options.precision,
+            precision=options.precision, row_done=row_done,
         ).cpu())
         if progress is not None:
             progress(end, num)
     return torch.cat(batches), seeds
+
+
+def _batch_rows(partial: Partial, first: int, tokens: torch.Tensor, rows: int) -> None:
+    partial(tokens, first, rows)
 
 
 def _select(images: list[Image.Image], seeds: list[int], prompt: str, keep: int,
@@ -176,10 +186,11 @@ def generate_images(
     scorer: Scorer | None = None,
     options: SamplingOptions = SamplingOptions(),
     progress: Progress | None = None,
+    partial: Partial | None = None,
 ) -> GenerationResult:
     """Generate `num` images for `prompt`; keep the `keep` best by `scorer` (or the first `keep` without one)."""
     keep = check_counts(num, keep)
-    tokens, seeds = sample_batches(run, prompt, num, options, progress=progress)
+    tokens, seeds = sample_batches(run, prompt, num, options, progress=progress, partial=partial)
     return _rank(decode_tokens(run, tokens, options.batch_size), seeds, prompt, keep, scorer)
 
 
@@ -193,6 +204,7 @@ def complete_image(
     scorer: Scorer | None = None,
     options: SamplingOptions = SamplingOptions(),
     progress: Progress | None = None,
+    partial: Partial | None = None,
 ) -> GenerationResult:
     """Keep the first `rows` token rows of `image` and generate the rest (the paper's priming)."""
     keep = check_counts(num, keep)
@@ -201,7 +213,8 @@ def complete_image(
         raise GenerationError(f"rows must be between 0 and {G - 1} (the token grid has {G} rows), got {rows}")
     fixed_mask = torch.zeros(G * G, dtype=torch.bool)
     fixed_mask[: rows * G] = True
-    tokens, seeds = sample_batches(run, prompt, num, options, image_tokens(run, image), fixed_mask, progress)
+    tokens, seeds = sample_batches(run, prompt, num, options, image_tokens(run, image), fixed_mask, progress,
+                                   partial)
     return _rank(decode_tokens(run, tokens, options.batch_size), seeds, prompt, keep, scorer)
 
 
@@ -222,6 +235,25 @@ def box_to_token_mask(box: tuple[int, int, int, int], image_size: int, grid_size
     mask = torch.zeros(grid_size, grid_size, dtype=torch.bool)
     mask[r0:r1, c0:c1] = True
     return mask
+
+
+def token_region(box_mask: torch.Tensor, image_size: int) -> tuple[int, int, int, int]:
+    """The pixel box (x0, y0, x1, y1; x1/y1 exclusive) of the token cells set in `box_mask` (grid, grid)."""
+    cell = image_size // box_mask.shape[0]
+    rows, cols = box_mask.nonzero()[:, 0], box_mask.nonzero()[:, 1]
+    return (int(cols.min()) * cell, int(rows.min()) * cell, (int(cols.max()) + 1) * cell, (int(rows.max()) + 1) * cell)
+
+
+def paste_region(source: Image.Image, pictures: list[Image.Image],
+                 region: tuple[int, int, int, int]) -> list[Image.Image]:
+    """`source` with `region` taken from each of `pictures`: an edit keeps every other pixel as it was."""
+    source = source.convert("RGB")
+    merged = []
+    for picture in pictures:
+        image = source.copy()
+        image.paste(picture.crop(region), region[:2])
+        merged.append(image)
+    return merged
 
 
 @torch.inference_mode()
@@ -253,6 +285,7 @@ def edit_image(
     scorer: Scorer | None = None,
     options: SamplingOptions = SamplingOptions(),
     progress: Progress | None = None,
+    partial: Partial | None = None,
 ) -> GenerationResult:
     """Regenerate the region `box` (pixels x0, y0, x1, y1; x1/y1 exclusive) of `image` for `prompt`.
 
@@ -266,16 +299,9 @@ def edit_image(
     S, G = run.config.image_size, run.config.image_grid_size
     box_mask = box_to_token_mask(box, S, G)
     fixed_mask = ~box_mask.flatten()
-    tokens, seeds = sample_batches(run, prompt, num, options, image_tokens(run, image), fixed_mask, progress)
-    cell = S // G
-    rows, cols = box_mask.nonzero()[:, 0], box_mask.nonzero()[:, 1]
-    region = (int(cols.min()) * cell, int(rows.min()) * cell, (int(cols.max()) + 1) * cell, (int(rows.max()) + 1) * cell)
-    source = image.convert("RGB")
-    images = []
-    for picture in decode_tokens(run, tokens, options.batch_size):
-        merged = source.copy()
-        merged.paste(picture.crop(region), region[:2])
-        images.append(merged)
+    tokens, seeds = sample_batches(run, prompt, num, options, image_tokens(run, image), fixed_mask, progress,
+                                   partial)
+    images = paste_region(image, decode_tokens(run, tokens, options.batch_size), token_region(box_mask, S))
     if scorer is not None:
         return _rank(images, seeds, prompt, keep, scorer)
     first_free = int(box_mask.flatten().nonzero()[0])

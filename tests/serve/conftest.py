@@ -115,9 +115,12 @@ class FakeIndex:
 
 
 class FakeGenerator:
-    """'Samples' dataset images (seeded), reranks them with the fake CLIP, reports progress."""
+    """'Samples' dataset images (seeded), reranks them with the fake CLIP, reports progress and a
+    preview per image (the image with its lower half blank)."""
 
     max_num = 8
+    image_size = 16
+    grid_size = 4
 
     def __init__(self, root: Path, scorer: FakeClip, seconds_per_image: float = 0.02):
         self.images = [Image.open(p).convert("RGB") for p in sorted(root.glob("*.png"))]
@@ -125,27 +128,37 @@ class FakeGenerator:
         self.seconds_per_image = seconds_per_image
         self.calls: list[dict] = []
 
-    def _rerank(self, images, prompt, keep) -> JobOutput:
+    def _rerank(self, images, prompt, keep, seeds) -> JobOutput:
         scores = self.scorer.score(images, [prompt] * len(images))
-        order = torch.argsort(scores, descending=True, stable=True)[: keep or len(images)]
-        return JobOutput([images[i] for i in order], [float(scores[i]) for i in order], "clip")
+        order = [int(i) for i in torch.argsort(scores, descending=True, stable=True)]
+        return JobOutput([images[i] for i in order], [float(scores[i]) for i in order], "clip",
+                         seeds=[seeds[i] for i in order], sample_indices=order, keep=keep)
 
-    def generate(self, prompt, *, num, keep, guidance, temperature, top_k, seed, progress):
+    def _sample(self, images, control):
+        for n, image in enumerate(images):
+            time.sleep(self.seconds_per_image)
+            half = image.copy()
+            half.paste((228, 231, 236), (0, 8, 16, 16))
+            control.preview([half], first=n, rows=2, grid_rows=4)
+            control.progress(n + 1, len(images))
+
+    def generate(self, prompt, *, num, keep, guidance, temperature, top_k, seed, control):
         self.calls.append(dict(prompt=prompt, num=num, keep=keep, guidance=guidance, seed=seed))
         if "explode" in prompt:
             raise ValueError("prompt 'explode' has a word the tokenizer refuses")
-        rng = np.random.default_rng(seed)
-        images = []
-        for n in range(num):
-            time.sleep(self.seconds_per_image)
-            images.append(self.images[int(rng.integers(len(self.images)))])
-            progress(n + 1, num)
-        return self._rerank(images, prompt, keep)
+        if "crash" in prompt:
+            raise MemoryError("out of memory")
+        images = [self.images[(seed + n) % len(self.images)] for n in range(num)]
+        self._sample(images, control)
+        return self._rerank(images, prompt, keep, [seed + n for n in range(num)])
 
     def prepare_edit(self, image, box):
         return image, box
 
-    def edit(self, image, box, prompt, *, num, keep, seed, progress):
+    def prepare_image(self, image):
+        return image
+
+    def edit(self, image, box, prompt, *, num, keep, seed, guidance, temperature, top_k, control):
         self.calls.append(dict(prompt=prompt, box=box, num=num, keep=keep, seed=seed))
         words = prompt.split()
         color = next((COLOR_RGB[w] for w in words if w in COLOR_RGB), (0, 0, 0))
@@ -154,8 +167,18 @@ class FakeGenerator:
             edited = image.copy()
             edited.paste(color, box)
             images.append(edited)
-            progress(n + 1, num)
-        return self._rerank(images, prompt, keep)
+        self._sample(images, control)
+        return self._rerank(images, prompt, keep, [seed + n for n in range(num)])
+
+    def complete(self, image, rows, prompt, *, num, keep, seed, guidance, temperature, top_k, control):
+        self.calls.append(dict(prompt=prompt, rows=rows, num=num, keep=keep, seed=seed))
+        images = []
+        for n in range(num):
+            completed = image.copy()
+            completed.paste((0, 0, 0), (0, rows * 4, 16, 16))
+            images.append(completed)
+        self._sample(images, control)
+        return self._rerank(images, prompt, keep, [seed + n for n in range(num)])
 
 
 @pytest.fixture(scope="session")

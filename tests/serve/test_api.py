@@ -68,6 +68,10 @@ def test_openapi_schema_lists_every_route_with_error_bodies(client):
         "/api/edit",
         "/api/jobs/{job_id}",
         "/api/jobs/{job_id}/images/{n}",
+        "/api/complete",
+        "/api/generator",
+        "/api/jobs/{job_id}/events",
+        "/api/jobs/{job_id}/preview/{n}",
         "/health",
     }
     post = schema["paths"]["/api/search"]["post"]

@@ -36,9 +36,18 @@ def test_generate_runs_in_the_background_and_returns_reranked_images(client, fak
     png = client.get(images[0]["url"])
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(png.content)).size == (16, 16)
-    missing = client.get(f"{job['url']}/images/3")
+    # Every sample stays, in sampling order with its rank, to compare with the reranked order.
+    samples = done["result"]["samples"]
+    assert [s["sample"] for s in samples] == list(range(6)) and [s["seed"] for s in samples] == list(range(7, 13))
+    assert sorted(s["index"] for s in samples) == list(range(6))
+    assert [s["score"] for s in sorted(samples, key=lambda s: s["index"])][:3] == scores
+    assert images == sorted(samples, key=lambda s: s["index"])[:3]
+    assert done["settings"] == {"num": 6, "keep": 3, "guidance": 3.0, "temperature": 1.0, "top_k": 64, "seed": 7,
+                                "box": None, "rows": None}
+    assert done["preview"] is None  # finished: the result replaces the previews
+    missing = client.get(f"{job['url']}/images/6")
     assert missing.status_code == 404
-    assert missing.json() == {"detail": f"job {job['id']} has 3 images, not 4"}
+    assert missing.json() == {"detail": f"job {job['id']} has 6 images, not 7"}
 
 
 def test_progress_is_visible_while_the_job_runs(client, fake_generator):
@@ -163,10 +172,10 @@ def test_shutting_down_stops_a_running_job_at_its_next_progress_report():
     jobs = JobQueue(max_pending=2)
     started = time.monotonic()
 
-    def slow(progress):
+    def slow(control):
         for step in range(1000):
             time.sleep(0.01)
-            progress(step + 1, 1000)
+            control.progress(step + 1, 1000)
         return JobOutput([], None)
 
     running = jobs.submit("generate", "slow", slow)

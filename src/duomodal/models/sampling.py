@@ -14,6 +14,7 @@ a box is a region edit. Tokens after the last free position are copied and never
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +142,7 @@ def sample_image_tokens(
     fixed_mask: torch.Tensor | None = None,
     use_cache: bool = True,
     precision: str = "auto",
+    row_done: Callable[[torch.Tensor, int], None] | None = None,
 ) -> torch.Tensor:
     """Image tokens (B, N) for captions `text` (B, T) (tokenizer ids).
 
@@ -149,10 +151,14 @@ def sample_image_tokens(
     empty-caption rows together and samples from ``uncond + guidance * (cond - uncond)``.
     fixed (B, N) with fixed_mask (N,) bool: positions taken from `fixed` instead of sampled.
     use_cache=False recomputes the whole prefix every step (the slow twin, for tests and benchmarks).
+    row_done(tokens (B, N), rows): called each time sampling moves on from a token row with free
+    positions (not after the last one), with the tokens so far (free positions not yet sampled hold
+    `fixed`, or 0) and the number of rows before the next free position; for previews and for
+    stopping early (an exception it raises ends the sampling).
     """
     check_sampling(temperature, top_k, top_p, guidance)
     config = model.config
-    N, B = config.image_token_count, text.shape[0]
+    N, B, grid = config.image_token_count, text.shape[0], config.image_grid_size
     device = model.image_head.weight.device
     if guidance != 1.0 and empty_text is None:
         raise GenerationError("classifier-free guidance needs the empty caption (empty_text)")
@@ -196,6 +202,8 @@ def sample_image_tokens(
                 if i + 1 == len(free_positions):
                     break
                 upto = free_positions[i + 1]
+                if row_done is not None and upto // grid != k // grid:
+                    row_done(tokens, k // grid + 1)
                 if use_cache and upto == k + 1:  # one new token: the decoder's fast step
                     logits = decoder.step(both(tokens[:, k]))
                 elif use_cache:  # the new token and the run of fixed tokens after it

@@ -165,7 +165,9 @@ def create_app(
     thumb_size: int = 256,
     thumb_cache_bytes: int = 64 * 1024 * 1024,
     query_cache_size: int = 256,
-    max_pending_jobs: int = 4,
+    max_pending_jobs: int = 8,
+    max_jobs_per_client: int = 4,
+    job_max_age_s: float = 3600.0,
     reopen_index: Callable[[], Any] | None = None,
     reload_check_s: float = 5.0,
 ) -> FastAPI:
@@ -195,7 +197,8 @@ def create_app(
         thumb_size=thumb_size,
         thumbnails=ThumbnailCache(thumb_cache_bytes),
         query_vectors=VectorCache(query_cache_size),
-        jobs=JobQueue(max_pending=max_pending_jobs, max_kept=max(32, max_pending_jobs)),
+        jobs=JobQueue(max_pending=max_pending_jobs, max_per_client=max_jobs_per_client,
+                      max_kept=max(32, max_pending_jobs), max_age_s=job_max_age_s),
         reopen_index=reopen_index,
         reload_check_s=reload_check_s,
     )

@@ -1,17 +1,34 @@
 """The server's generator: a trained DALL-E behind the `Generator` interface the routes use, with
-a CLIP as the reranker. Uploaded images for region edits are fitted to the model's image size."""
+a CLIP as the reranker. Uploaded images for edits and completions are fitted to the model's image
+size. While a batch samples, its partial token grids are decoded into previews every few token
+rows (never per token: a decode costs about as much as several sampling steps)."""
 
 from __future__ import annotations
 
-from PIL import Image
+import time
+
+import torch
+from PIL import Image, ImageDraw
 
 from duomodal.data.images import to_pil, to_tensor
-from duomodal.generate import GenerationError, Scorer, edit_image, generate_images
+from duomodal.generate import (
+    GenerationError,
+    GenerationResult,
+    Scorer,
+    box_to_token_mask,
+    complete_image,
+    decode_tokens,
+    edit_image,
+    generate_images,
+    paste_region,
+    token_region,
+)
 from duomodal.models.dalle import DalleRun
 from duomodal.models.sampling import SamplingOptions
-from duomodal.serve.jobs import JobOutput, Progress
+from duomodal.serve.jobs import JobControl, JobOutput
 
 DEFAULT_MAX_NUM = 64  # images one request may ask for; generation on CPU is slow
+UNDRAWN = (228, 231, 236)  # what a preview shows where no token has been sampled yet
 
 
 def fit_to_model(
@@ -43,8 +60,56 @@ def fit_to_model(
     return to_pil(to_tensor(image, size)), fitted
 
 
+class _Previews:
+    """The `partial` callback of one job: checks for cancelling at every token row it is called
+    for, and decodes the batch's tokens into previews at most every `every_rows` rows and
+    `min_interval_s`. Parts not sampled yet are shown blank; an edit's previews keep the image
+    outside the region, as its results do."""
+
+    def __init__(self, run: DalleRun, control: JobControl, source: Image.Image | None = None,
+                 region: tuple[int, int, int, int] | None = None, min_interval_s: float = 0.2):
+        self.run = run
+        self.control = control
+        self.source = source
+        self.size = int(run.config.image_size)
+        self.region = region or (0, 0, self.size, self.size)  # where sampling changes the picture
+        self.grid = int(run.config.image_grid_size)
+        self.every_rows = max(1, self.grid // 8)
+        self.min_interval_s = min_interval_s
+        self._batch = -1  # first sample of the batch last shown
+        self._rows = 0
+        self._time = float("-inf")
+
+    def __call__(self, tokens: torch.Tensor, first: int, rows: int) -> None:
+        self.control.check()
+        now = time.monotonic()
+        if first != self._batch:
+            self._batch, self._rows = first, 0
+        if rows - self._rows < self.every_rows or now - self._time < self.min_interval_s:
+            return
+        self._rows, self._time = rows, now
+        images = decode_tokens(self.run, tokens.detach().cpu(), batch_size=tokens.shape[0])
+        if self.source is not None:
+            images = paste_region(self.source, images, self.region)
+        x0, y0, x1, y1 = self.region
+        top = max(y0, self.size * rows // self.grid)
+        if top < y1:
+            for image in images:
+                ImageDraw.Draw(image).rectangle((x0, top, x1 - 1, y1 - 1), fill=UNDRAWN)
+        self.control.preview(images, first=first, rows=rows, grid_rows=self.grid)
+
+
+def _output(result: GenerationResult, keep: int) -> JobOutput:
+    return JobOutput(result.images, result.scores, _score_kind(result.score_kind), seeds=list(result.seeds),
+                     sample_indices=list(result.indices), keep=keep)
+
+
 class DalleGenerator:
-    """Generation and region edits with a DALL-E, reranked by `scorer` (a CLIP) when given."""
+    """Generation, completion and region edits with a DALL-E, reranked by `scorer` (a CLIP) when given.
+
+    Every sample is kept and ranked, so a job can show the reranked order beside the sampling order;
+    the job's `keep` marks how many of them are its result.
+    """
 
     def __init__(self, run: DalleRun, scorer: Scorer | None = None, max_num: int = DEFAULT_MAX_NUM,
                  batch_size: int = 16):
@@ -59,22 +124,48 @@ class DalleGenerator:
     def image_size(self) -> int:
         return int(self.run.config.image_size)
 
-    def generate(self, prompt, *, num, keep, guidance, temperature, top_k, seed, progress: Progress) -> JobOutput:
-        options = SamplingOptions(temperature=temperature, top_k=top_k, guidance=guidance, seed=seed,
-                                  batch_size=min(self.batch_size, num))
-        result = generate_images(self.run, prompt, num=num, keep=keep, scorer=self.scorer, options=options,
-                                 progress=progress)
-        return JobOutput(result.images, result.scores, _score_kind(result.score_kind))
+    @property
+    def grid_size(self) -> int:
+        return int(self.run.config.image_grid_size)
+
+    def _options(self, num: int, seed: int, guidance: float, temperature: float, top_k: int | None):
+        return SamplingOptions(temperature=temperature, top_k=top_k, guidance=guidance, seed=seed,
+                               batch_size=min(self.batch_size, num))
+
+    def generate(self, prompt, *, num, keep, guidance, temperature, top_k, seed, control: JobControl) -> JobOutput:
+        result = generate_images(self.run, prompt, num=num, keep=num, scorer=self.scorer,
+                                 options=self._options(num, seed, guidance, temperature, top_k),
+                                 progress=control.progress, partial=_Previews(self.run, control))
+        return _output(result, keep or num)
 
     def prepare_edit(self, image, box):
         return fit_to_model(image, box, self.image_size)
 
-    def edit(self, image, box, prompt, *, num, keep, seed, progress: Progress) -> JobOutput:
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        """The image as the model sees it (shorter side scaled to its size, centre square)."""
+        return fit_to_model(image, (0, 0, image.width, image.height), self.image_size)[0]
+
+    def edit(self, image, box, prompt, *, num, keep, seed, control: JobControl, guidance=None,
+             temperature=1.0, top_k=None) -> JobOutput:
         """Edit `box` of `image`, both as `prepare_edit` returned them."""
-        options = SamplingOptions(seed=seed, batch_size=min(self.batch_size, num))
-        result = edit_image(self.run, image, box, prompt, num=num, keep=keep, scorer=self.scorer, options=options,
-                            progress=progress)
-        return JobOutput(result.images, result.scores, _score_kind(result.score_kind))
+        defaults = SamplingOptions()
+        options = self._options(num, seed, defaults.guidance if guidance is None else guidance, temperature,
+                                defaults.top_k if top_k is None else top_k)
+        region = token_region(box_to_token_mask(box, self.image_size, self.grid_size), self.image_size)
+        result = edit_image(self.run, image, box, prompt, num=num, keep=num, scorer=self.scorer, options=options,
+                            progress=control.progress, partial=_Previews(self.run, control, image, region))
+        return _output(result, keep or num)
+
+    def complete(self, image, rows, prompt, *, num, keep, seed, control: JobControl, guidance=None,
+                 temperature=1.0, top_k=None) -> JobOutput:
+        """Keep the top `rows` token rows of `image` (as `prepare_image` returned it); draw the rest."""
+        defaults = SamplingOptions()
+        options = self._options(num, seed, defaults.guidance if guidance is None else guidance, temperature,
+                                defaults.top_k if top_k is None else top_k)
+        result = complete_image(self.run, image, prompt, rows, num=num, keep=num, scorer=self.scorer,
+                                options=options, progress=control.progress,
+                                partial=_Previews(self.run, control))
+        return _output(result, keep or num)
 
 
 def _score_kind(kind: str | None) -> str | None:

@@ -1,14 +1,20 @@
 """Generation routes (only when the server has a DALL-E run): text -> images reranked by CLIP,
-region edits, and the background jobs that run them."""
+region edits, completions, and the background jobs that run them (progress, partial previews as
+polled JSON or server-sent events, cancelling)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Path, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, File, Form, HTTPException, Path, Request, UploadFile
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from PIL import Image
 
-from duomodal.serve.jobs import Job
+from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
+from duomodal.serve.jobs import Job, JobFinishedError
 from duomodal.serve.media import decode_upload, encode_png
 from duomodal.serve.schemas import (
     JOB_ID_PATTERN,
@@ -17,8 +23,11 @@ from duomodal.serve.schemas import (
     ErrorResponse,
     GeneratedImage,
     GenerateRequest,
+    GeneratorInfo,
+    JobPreviewBody,
     JobResponse,
     JobResult,
+    JobSettings,
     Words,
 )
 from duomodal.serve.state import ServerState
@@ -26,22 +35,54 @@ from duomodal.serve.state import ServerState
 SUBMIT_ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 429)}
 LOOKUP_ERRORS = {status: {"model": ErrorResponse} for status in (404, 422)}
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the id /api/generate answered")]
+ImageNumber = Annotated[int, Path(ge=0, le=10_000)]
 MAX_BOX_COORD = 1_000_000
+EVENT_POLL_S = 0.1  # how often an event stream looks at its job
+MAX_EVENT_STREAM_S = 3600.0  # an event stream ends after this; the client reconnects or polls
+
+# The sampling settings an edit or completion form takes, beside the prompt and the image.
+Num = Annotated[int, Form(ge=1, description="images to sample (at most /api/generator max_generate)")]
+Keep = Annotated[int | None, Form(ge=1, description="keep the best `keep` (default: all)")]
+Seed = Annotated[int, Form(ge=0, le=MAX_SEED)]
+Guidance = Annotated[float, Form(ge=0.0, le=20.0, description="classifier-free guidance scale; 1 = off")]
+Temperature = Annotated[float, Form(gt=0.0, le=5.0)]
+TopK = Annotated[int, Form(ge=1, le=65536, description="sample among the top k tokens")]
+Prompt = Annotated[str, Form(min_length=1, max_length=MAX_QUERY_CHARS), Words]
+
+
+def _images(job: Job, numbers: list[int], ranks: bool = False) -> list[GeneratedImage]:
+    output = job.output
+    assert output is not None
+    return [
+        GeneratedImage(
+            index=n,
+            url=f"/api/jobs/{job.id}/images/{n}",
+            score=None if output.scores is None else float(output.scores[n]),
+            seed=None if output.seeds is None else int(output.seeds[n]),
+            sample=None if output.sample_indices is None else int(output.sample_indices[n]),
+        )
+        for n in numbers
+    ]
 
 
 def job_response(job: Job) -> JobResponse:
     result = None
     if job.status == "done" and job.output is not None:
-        scores = job.output.scores
-        images = [
-            GeneratedImage(
-                index=n,
-                url=f"/api/jobs/{job.id}/images/{n}",
-                score=None if scores is None else float(scores[n]),
-            )
-            for n in range(len(job.output.images))
-        ]
-        result = JobResult(prompt=job.prompt, score_kind=job.output.score_kind, images=images)
+        output = job.output
+        count = len(output.images)
+        kept = min(count, output.keep or count)
+        by_sample = list(range(count))
+        if output.sample_indices is not None:
+            by_sample.sort(key=lambda n: output.sample_indices[n])
+        result = JobResult(prompt=job.prompt, score_kind=output.score_kind, images=_images(job, list(range(kept))),
+                           samples=_images(job, by_sample))
+    preview = None
+    if job.preview is not None and not job.finished:
+        p = job.preview
+        preview = JobPreviewBody(
+            first=p.first, rows=p.rows, grid_rows=p.grid_rows, version=p.version,
+            images=[f"/api/jobs/{job.id}/preview/{n}?v={p.version}" for n in range(len(p.images))],
+        )
     return JobResponse(
         id=job.id,
         kind=job.kind,
@@ -50,6 +91,10 @@ def job_response(job: Job) -> JobResponse:
         total=job.total,
         progress=job.progress,
         error=job.error,
+        prompt=job.prompt,
+        created=job.created,
+        settings=JobSettings(**job.settings) if job.settings else None,
+        preview=preview,
         result=result,
         url=f"/api/jobs/{job.id}",
     )
@@ -58,6 +103,11 @@ def job_response(job: Job) -> JobResponse:
 def _accepted(job: Job) -> JSONResponse:
     body = job_response(job).model_dump(mode="json")
     return JSONResponse(body, status_code=202, headers={"Location": body["url"]})
+
+
+def _client(request: Request) -> str:
+    """Who a job counts against for the per-client cap: the peer address."""
+    return request.client.host if request.client is not None else ""
 
 
 def make_generate_router(state: ServerState) -> APIRouter:
@@ -77,15 +127,31 @@ def make_generate_router(state: ServerState) -> APIRouter:
                 status_code=422, detail=f"keep ({keep}) is larger than num ({num}): keep at most num"
             )
 
+    def read_image(file: UploadFile) -> Image.Image:
+        name = file.filename or "the upload"
+        return decode_upload(file.file.read(state.max_upload_bytes + 1), name, state.max_upload_bytes)
+
+    def found(job_id: str) -> Job:
+        job = state.jobs.get(job_id)
+        if job is None:
+            raise HTTPException(status_code=404, detail=f"no job {job_id} (finished jobs are kept a while)")
+        return job
+
+    @router.get("/generator", response_model=GeneratorInfo)
+    def generator_info() -> GeneratorInfo:
+        """The model's image size and token grid (a box snaps to its cells), and the defaults."""
+        return GeneratorInfo(image_size=int(generator.image_size), grid_size=int(generator.grid_size),
+                             max_generate=int(generator.max_num), guidance=DEFAULT_GUIDANCE, top_k=DEFAULT_TOP_K)
+
     @router.post("/generate", status_code=202, response_model=JobResponse, responses=SUBMIT_ERRORS)
-    def generate(request: GenerateRequest) -> JSONResponse:
+    def generate(request: GenerateRequest, http: Request) -> JSONResponse:
         """Start generating images for a prompt; poll the returned job for progress and results.
 
         With `keep`, the `num` samples are reranked by CLIP and the best `keep` are returned.
         """
         check_num(request.num, request.keep)
 
-        def work(progress):
+        def work(control):
             return generator.generate(
                 request.prompt,
                 num=request.num,
@@ -94,27 +160,35 @@ def make_generate_router(state: ServerState) -> APIRouter:
                 temperature=request.temperature,
                 top_k=request.top_k,
                 seed=request.seed,
-                progress=progress,
+                control=control,
             )
 
-        return _accepted(state.jobs.submit("generate", request.prompt, work))
+        settings = request.model_dump(exclude={"prompt"})
+        return _accepted(state.jobs.submit("generate", request.prompt, work, client=_client(http), settings=settings))
 
     @router.post("/edit", status_code=202, response_model=JobResponse, responses=SUBMIT_ERRORS)
     def edit(
+        http: Request,
         file: Annotated[UploadFile, File(description="the image to edit")],
-        prompt: Annotated[str, Form(min_length=1, max_length=MAX_QUERY_CHARS), Words],
+        prompt: Prompt,
         left: Annotated[int, Form(ge=0, le=MAX_BOX_COORD, description="box, in image pixels")],
         top: Annotated[int, Form(ge=0, le=MAX_BOX_COORD)],
         right: Annotated[int, Form(ge=1, le=MAX_BOX_COORD)],
         bottom: Annotated[int, Form(ge=1, le=MAX_BOX_COORD)],
-        num: Annotated[int, Form(ge=1)] = 8,
-        keep: Annotated[int | None, Form(ge=1)] = None,
-        seed: Annotated[int, Form(ge=0, le=MAX_SEED)] = 0,
+        num: Num = 8,
+        keep: Keep = None,
+        seed: Seed = 0,
+        guidance: Guidance = DEFAULT_GUIDANCE,
+        temperature: Temperature = 1.0,
+        top_k: TopK = DEFAULT_TOP_K,
     ) -> JSONResponse:
-        """Start regenerating the box (left, top, right, bottom) of an uploaded image from a prompt."""
+        """Start regenerating the box (left, top, right, bottom) of an uploaded image from a prompt.
+
+        The image is fitted to the model (shorter side scaled, centre square) and the box moved with
+        it; the tokens the box touches are sampled again, every other pixel is kept.
+        """
         check_num(num, keep)
-        name = file.filename or "the upload"
-        image = decode_upload(file.file.read(state.max_upload_bytes + 1), name, state.max_upload_bytes)
+        image = read_image(file)
         if not (left < right <= image.width and top < bottom <= image.height):
             raise HTTPException(
                 status_code=422,
@@ -123,33 +197,123 @@ def make_generate_router(state: ServerState) -> APIRouter:
             )
         image, box = generator.prepare_edit(image, (left, top, right, bottom))
 
-        def work(progress):
-            return generator.edit(image, box, prompt, num=num, keep=keep, seed=seed, progress=progress)
+        def work(control):
+            return generator.edit(image, box, prompt, num=num, keep=keep, seed=seed, guidance=guidance,
+                                  temperature=temperature, top_k=top_k, control=control)
 
-        return _accepted(state.jobs.submit("edit", prompt, work))
+        settings = dict(num=num, keep=keep, seed=seed, guidance=guidance, temperature=temperature, top_k=top_k,
+                        box=list(box))
+        return _accepted(state.jobs.submit("edit", prompt, work, client=_client(http), settings=settings))
+
+    @router.post("/complete", status_code=202, response_model=JobResponse, responses=SUBMIT_ERRORS)
+    def complete(
+        http: Request,
+        file: Annotated[UploadFile, File(description="the image whose top rows to keep")],
+        prompt: Prompt,
+        rows: Annotated[int, Form(ge=0, le=MAX_BOX_COORD, description="token rows to keep, from the top")],
+        num: Num = 8,
+        keep: Keep = None,
+        seed: Seed = 0,
+        guidance: Guidance = DEFAULT_GUIDANCE,
+        temperature: Temperature = 1.0,
+        top_k: TopK = DEFAULT_TOP_K,
+    ) -> JSONResponse:
+        """Start completing an image: keep its top `rows` token rows and let the model draw the rest
+        (the paper's priming). The image is fitted to the model first; see /api/generator for its grid."""
+        check_num(num, keep)
+        grid = int(generator.grid_size)
+        if rows >= grid:
+            raise HTTPException(
+                status_code=422,
+                detail=f"rows: {rows} is not less than the model's {grid} token rows: keep 0 to {grid - 1}",
+            )
+        image = generator.prepare_image(read_image(file))
+
+        def work(control):
+            return generator.complete(image, rows, prompt, num=num, keep=keep, seed=seed, guidance=guidance,
+                                      temperature=temperature, top_k=top_k, control=control)
+
+        settings = dict(num=num, keep=keep, seed=seed, guidance=guidance, temperature=temperature, top_k=top_k,
+                        rows=rows)
+        return _accepted(state.jobs.submit("complete", prompt, work, client=_client(http), settings=settings))
 
     @router.get("/jobs/{job_id}", response_model=JobResponse, responses=LOOKUP_ERRORS)
     def job(job_id: JobId) -> JobResponse:
-        """Progress of a generation job and, once done, its images (best first) with CLIP scores."""
-        found = state.jobs.get(job_id)
-        if found is None:
+        """Progress of a generation job, its partial previews while it samples and, once done, its
+        images (best first) with their scores and seeds."""
+        return job_response(found(job_id))
+
+    @router.delete("/jobs/{job_id}", response_model=JobResponse,
+                   responses={**LOOKUP_ERRORS, 409: {"model": ErrorResponse}})
+    def cancel(job_id: JobId) -> JobResponse:
+        """Cancel a job: a queued one never starts ("cancelled"); a running one stops at its next
+        token row ("cancelling", then "cancelled"). 409 when it has already finished."""
+        try:
+            job = state.jobs.cancel(job_id)
+        except JobFinishedError as e:
+            raise HTTPException(status_code=409, detail=str(e)) from None
+        if job is None:
             raise HTTPException(status_code=404, detail=f"no job {job_id} (finished jobs are kept a while)")
-        return job_response(found)
+        return job_response(job)
+
+    @router.get(
+        "/jobs/{job_id}/events",
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}},
+                         "description": "one `data:` line of the job (as GET /api/jobs/{job_id}) per change, "
+                                        "until it finishes"},
+                   **LOOKUP_ERRORS},
+    )
+    async def events(job_id: JobId, request: Request) -> StreamingResponse:
+        """The job as server-sent events: its state whenever progress, status or preview changes."""
+        found(job_id)
+
+        async def stream() -> AsyncIterator[str]:
+            last: Any = None
+            waited = 0.0
+            while waited < MAX_EVENT_STREAM_S:
+                job = state.jobs.get(job_id)
+                if job is None:
+                    return
+                now = (job.status, job.done, job.total, None if job.preview is None else job.preview.version)
+                if now != last:
+                    last = now
+                    yield f"data: {json.dumps(job_response(job).model_dump(mode='json'))}\n\n"
+                if job.finished or await request.is_disconnected():
+                    return
+                await asyncio.sleep(EVENT_POLL_S)
+                waited += EVENT_POLL_S
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
     @router.get(
         "/jobs/{job_id}/images/{n}",
         response_class=Response,
         responses={200: {"content": {"image/png": {}}}, **LOOKUP_ERRORS},
     )
-    def job_image(job_id: JobId, n: Annotated[int, Path(ge=0, le=10_000)]) -> Response:
-        """The n-th image of a finished job, as PNG."""
-        found = state.jobs.get(job_id)
-        if found is None or found.status != "done" or found.output is None:
+    def job_image(job_id: JobId, n: ImageNumber) -> Response:
+        """The n-th image of a finished job (by rank), as PNG."""
+        job = state.jobs.get(job_id)
+        if job is None or job.status != "done" or job.output is None:
             raise HTTPException(status_code=404, detail=f"job {job_id} has no images (yet)")
-        if n >= len(found.output.images):
+        if n >= len(job.output.images):
             raise HTTPException(
-                status_code=404, detail=f"job {job_id} has {len(found.output.images)} images, not {n + 1}"
+                status_code=404, detail=f"job {job_id} has {len(job.output.images)} images, not {n + 1}"
             )
-        return Response(encode_png(found.output.images[n]), media_type="image/png")
+        return Response(encode_png(job.output.images[n]), media_type="image/png")
+
+    @router.get(
+        "/jobs/{job_id}/preview/{n}",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}, **LOOKUP_ERRORS},
+    )
+    def job_preview(job_id: JobId, n: ImageNumber) -> Response:
+        """The n-th partial image of the batch a running job is sampling, as PNG."""
+        job = state.jobs.get(job_id)
+        preview = None if job is None else job.preview
+        if preview is None or n >= len(preview.images):
+            raise HTTPException(status_code=404, detail=f"job {job_id} has no preview {n} (now)")
+        return Response(encode_png(preview.images[n]), media_type="image/png",
+                        headers={"Cache-Control": "no-store"})
 
     return router

@@ -102,6 +102,8 @@ class GeneratedImage(BaseModel):
     index: int = Field(description="position in the result, best first when scored")
     url: str = Field(description="PNG of the image")
     score: float | None = Field(description="the image's score, higher is better (see score_kind)")
+    seed: int | None = Field(default=None, description="the seed that alone reproduces this image")
+    sample: int | None = Field(default=None, description="the image's position in sampling order")
 
 
 class JobResult(BaseModel):
@@ -110,16 +112,56 @@ class JobResult(BaseModel):
         description="clip: CLIP similarity to the prompt; fit: how well an edit fits the rest of "
         "the image (mean log-likelihood); None: not scored"
     )
-    images: list[GeneratedImage]
+    images: list[GeneratedImage] = Field(description="the kept images, best first")
+    samples: list[GeneratedImage] = Field(
+        default_factory=list,
+        description="every sample in sampling order, `index` being its rank by score (to compare the "
+        "reranked order with the sampling order)",
+    )
+
+
+class JobPreviewBody(BaseModel):
+    first: int = Field(description="the sample the first preview image shows")
+    rows: int = Field(description="token rows drawn so far")
+    grid_rows: int = Field(description="token rows in all")
+    version: int = Field(description="changes with every new preview; add it to the image URLs")
+    images: list[str] = Field(description="PNG URLs of the partial images")
+
+
+class JobSettings(BaseModel):
+    """What the job was asked for: with the prompt (and the source image) it reproduces the result."""
+
+    num: int
+    keep: int | None = None
+    guidance: float | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    seed: int
+    box: list[int] | None = Field(default=None, description="edit: left, top, right, bottom in model pixels")
+    rows: int | None = Field(default=None, description="complete: token rows kept from the image")
 
 
 class JobResponse(BaseModel):
     id: str
-    kind: Literal["generate", "edit"]
-    status: Literal["queued", "running", "done", "failed"]
+    kind: Literal["generate", "edit", "complete"]
+    status: Literal["queued", "running", "cancelling", "done", "failed", "cancelled"]
     done: int = Field(description="steps finished so far")
     total: int = Field(description="steps in all (0 until known)")
     progress: float = Field(ge=0.0, le=1.0)
     error: str | None = None
+    prompt: str = ""
+    created: float = Field(default=0.0, description="when the job was submitted, seconds since 1970")
+    settings: JobSettings | None = None
+    preview: JobPreviewBody | None = Field(
+        default=None, description="partial images while a batch samples (null before the first and once finished)"
+    )
     result: JobResult | None = None
     url: str = Field(description="poll this for progress and the result")
+
+
+class GeneratorInfo(BaseModel):
+    image_size: int = Field(description="the model's image side in pixels; uploads are fitted to it")
+    grid_size: int = Field(description="token grid side: a box snaps to cells of image_size / grid_size pixels")
+    max_generate: int = Field(description="largest `num` a job may ask for")
+    guidance: float = Field(description="default classifier-free guidance scale")
+    top_k: int | None = Field(description="default top-k")

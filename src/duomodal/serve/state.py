@@ -8,7 +8,8 @@ objects with the same methods. Their interfaces, as this package uses them:
   height, caption`.
 - embedder: `model_id`, `dim`, `embed_texts(list[str])`, `embed_images(list[PIL.Image])` (what
   `duomodal.search.query.query_vector` needs).
-- generator (see `duomodal.serve.generator`): `max_num`, `generate(...)`, `edit(...)`.
+- generator (see `Generator` below and `duomodal.serve.generator`): `max_num`, `image_size`,
+  `grid_size`, `generate(...)`, `edit(...)`, `complete(...)`.
 """
 
 from __future__ import annotations
@@ -26,14 +27,20 @@ import numpy as np
 from PIL import Image
 
 from duomodal.search.query import parse_query, query_vector
-from duomodal.serve.jobs import JobOutput, JobQueue, Progress
+from duomodal.serve.jobs import JobControl, JobOutput, JobQueue
 from duomodal.serve.media import MAX_UPLOAD_BYTES, ThumbnailCache
 
 logger = logging.getLogger(__name__)
 
 
 class Generator(Protocol):
+    """What the generation routes call (`duomodal.serve.generator.DalleGenerator`, or a stand-in).
+    Each job method gets the job's `JobControl` to report progress and previews through; a report
+    raises JobCancelled when the job should stop."""
+
     max_num: int
+    image_size: int  # uploads are fitted to image_size x image_size
+    grid_size: int  # token grid side
 
     def generate(
         self,
@@ -45,7 +52,7 @@ class Generator(Protocol):
         temperature: float,
         top_k: int | None,
         seed: int,
-        progress: Progress,
+        control: JobControl,
     ) -> JobOutput: ...
 
     def prepare_edit(
@@ -53,6 +60,10 @@ class Generator(Protocol):
     ) -> tuple[Image.Image, tuple[int, int, int, int]]:
         """The upload and box as `edit` takes them (fast; runs in the request, so a box the model
         can't use is refused at once); raises ValueError with what to change."""
+        ...
+
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        """The upload as `complete` takes it (fitted to the model's image size)."""
         ...
 
     def edit(
@@ -64,7 +75,25 @@ class Generator(Protocol):
         num: int,
         keep: int | None,
         seed: int,
-        progress: Progress,
+        guidance: float,
+        temperature: float,
+        top_k: int | None,
+        control: JobControl,
+    ) -> JobOutput: ...
+
+    def complete(
+        self,
+        image: Image.Image,
+        rows: int,
+        prompt: str,
+        *,
+        num: int,
+        keep: int | None,
+        seed: int,
+        guidance: float,
+        temperature: float,
+        top_k: int | None,
+        control: JobControl,
     ) -> JobOutput: ...
 
 
