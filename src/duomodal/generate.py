@@ -205,8 +205,13 @@ def complete_image(
     options: SamplingOptions = SamplingOptions(),
     progress: Progress | None = None,
     partial: Partial | None = None,
+    keep_pixels: bool = False,
 ) -> GenerationResult:
-    """Keep the first `rows` token rows of `image` and generate the rest (the paper's priming)."""
+    """Keep the first `rows` token rows of `image` and generate the rest (the paper's priming).
+
+    keep_pixels: the kept rows show the image's own pixels (as an edit's unchanged part does), not
+    the VAE's decoding of their tokens; the images are ranked as returned.
+    """
     keep = check_counts(num, keep)
     G = run.config.image_grid_size
     if not 0 <= rows < G:
@@ -215,7 +220,11 @@ def complete_image(
     fixed_mask[: rows * G] = True
     tokens, seeds = sample_batches(run, prompt, num, options, image_tokens(run, image), fixed_mask, progress,
                                    partial)
-    return _rank(decode_tokens(run, tokens, options.batch_size), seeds, prompt, keep, scorer)
+    images = decode_tokens(run, tokens, options.batch_size)
+    if keep_pixels and rows > 0:
+        S = run.config.image_size
+        images = paste_region(image, images, (0, rows * (S // G), S, S))
+    return _rank(images, seeds, prompt, keep, scorer)
 
 
 # --- region edits --------------------------------------------------------------------------------

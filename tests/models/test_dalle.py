@@ -358,3 +358,31 @@ def test_bf16_sampling_uses_a_cast_copy_and_agrees_with_fp32():
     bf16 = sample_image_tokens(model, text, temperature=0, precision="bf16")
     assert model.image_head.weight.dtype == torch.float32  # the model itself is left as it was
     assert float((fp32 == bf16).float().mean()) > 0.8
+
+
+def test_row_done_sees_each_finished_row_and_changes_nothing():
+    torch.manual_seed(0)
+    model = DALLE(tiny_config()).eval()
+    text, image = batch(2)
+    uniforms = row_uniforms([1, 2], G * G)
+    plain = sample_image_tokens(model, text, uniforms, top_k=10, precision="fp32")
+    seen = []
+    watched = sample_image_tokens(model, text, uniforms, top_k=10, precision="fp32",
+                                  row_done=lambda tokens, rows: seen.append((rows, tokens.clone())))
+    assert torch.equal(plain, watched)
+    assert [rows for rows, _ in seen] == [1, 2, 3]  # not after the last row: the caller has the tokens then
+    for rows, tokens in seen:
+        assert torch.equal(tokens[:, : rows * G], plain[:, : rows * G]) and (tokens[:, rows * G:] == 0).all()
+    # A region edit (free cells in rows 1-2, columns 1-2): called as sampling leaves row 1.
+    fixed_mask = torch.ones(G, G, dtype=torch.bool)
+    fixed_mask[1:3, 1:3] = False
+    seen.clear()
+    sample_image_tokens(model, text, uniforms, top_k=10, precision="fp32", fixed=image,
+                        fixed_mask=fixed_mask.flatten(), row_done=lambda tokens, rows: seen.append((rows, None)))
+    assert [rows for rows, _ in seen] == [2]
+    # An exception from it stops the sampling.
+    def stop(tokens, rows):
+        raise InterruptedError(f"stop after row {rows}")
+
+    with pytest.raises(InterruptedError, match="stop after row 1"):
+        sample_image_tokens(model, text, uniforms, precision="fp32", row_done=stop)

@@ -158,13 +158,15 @@ class DalleGenerator:
 
     def complete(self, image, rows, prompt, *, num, keep, seed, control: JobControl, guidance=None,
                  temperature=1.0, top_k=None) -> JobOutput:
-        """Keep the top `rows` token rows of `image` (as `prepare_image` returned it); draw the rest."""
+        """Keep the top `rows` token rows of `image` (as `prepare_image` returned it, its pixels
+        unchanged above the line); draw the rest."""
         defaults = SamplingOptions()
         options = self._options(num, seed, defaults.guidance if guidance is None else guidance, temperature,
                                 defaults.top_k if top_k is None else top_k)
+        below = (0, rows * (self.image_size // self.grid_size), self.image_size, self.image_size)
         result = complete_image(self.run, image, prompt, rows, num=num, keep=num, scorer=self.scorer,
-                                options=options, progress=control.progress,
-                                partial=_Previews(self.run, control))
+                                options=options, progress=control.progress, keep_pixels=True,
+                                partial=_Previews(self.run, control, image, below))
         return _output(result, keep or num)
 
 
