@@ -148,7 +148,7 @@ def test_a_worker_stopped_by_system_exit_is_replaced_at_the_next_submit():
         jobs.shutdown()
 
 
-def test_a_preview_is_published_and_dropped_when_the_job_finishes():
+def test_a_preview_is_published_while_the_job_runs():
     jobs = JobQueue(max_pending=2)
     seen = threading.Event()
     go_on = threading.Event()
@@ -166,7 +166,7 @@ def test_a_preview_is_published_and_dropped_when_the_job_finishes():
         assert (job.preview.version, job.preview.rows, job.preview.images) == (2, 2, ["partial", "more"])
         go_on.set()
         wait_until(lambda: job.finished)
-        assert job.status == "done" and job.preview is None
+        assert job.status == "done" and job.preview.version == 2
     finally:
         jobs.shutdown()
 

@@ -219,8 +219,9 @@ class JobQueue:
             self._run(job, work)
 
     def _finish_locked(self, job: Job, status: str, error: str | None = None) -> None:
+        # The last preview stays readable until the job is forgotten, so a page that saw its URL
+        # just before the job finished can still load it; the job's JSON no longer lists it.
         job.status, job.error = status, error
-        job.preview = None  # the result (or nothing) replaces the partial images
         job.finished_at = self._clock()
 
     def _forget_old_locked(self) -> None:

@@ -1,4 +1,5 @@
-// duomodal web page: text / image / "more like this" search, and generation with progress.
+// duomodal web page: text / image / "more like this" search, generation with live previews, and
+// the shared job view. studio.js (edits, completions) and gallery.js build on this file.
 // No framework and nothing loaded from elsewhere; talks only to this server's /api.
 "use strict";
 
@@ -41,12 +42,15 @@ function baseName(path) {
 
 // --- tabs ------------------------------------------------------------------------------------
 
+const TABS = ["search", "generate", "studio", "gallery"];
+const TAB_FOCUS = { search: "query", generate: "prompt", studio: "studio-prompt", gallery: "tab-gallery" };
+
 function selectTab(name) {
-  for (const tab of ["search", "generate"]) {
+  for (const tab of TABS) {
     $(`tab-${tab}`).setAttribute("aria-selected", String(tab === name));
     show($(`panel-${tab}`), tab === name);
   }
-  (name === "search" ? $("query") : $("prompt")).focus();
+  $(TAB_FOCUS[name]).focus();
 }
 
 // --- search ----------------------------------------------------------------------------------
@@ -72,6 +76,13 @@ function resultCard(hit) {
   score.textContent = hit.score.toFixed(3);
   caption.append(name, score);
   figure.append(img, caption);
+  if (health && health.generation) {
+    const tools = document.createElement("div");
+    tools.className = "card-tools";
+    tools.append(iconButton("✎", "edit this image in the studio",
+                            () => openInStudio(hit.image_url, { kind: "index", id: hit.id })));
+    figure.append(tools);
+  }
   const similar = () => searchSimilar(hit);
   figure.addEventListener("click", similar);
   figure.addEventListener("keydown", (event) => {
@@ -165,6 +176,124 @@ function setUpDrop() {
   });
 }
 
+// --- jobs: submit, follow (server-sent events, polling as the fallback), previews, cancel ---------
+
+const FINISHED = new Set(["done", "failed", "cancelled"]);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function pollJob(url, onUpdate) {
+  for (;;) {
+    const job = await fetchJSON(url);
+    onUpdate(job);
+    if (FINISHED.has(job.status)) return job;
+    await sleep(POLL_MS);
+  }
+}
+
+// Follow a job to its end, calling onUpdate(job) at each change; resolves with the finished job.
+function followJob(job, onUpdate) {
+  onUpdate(job);
+  if (FINISHED.has(job.status)) return Promise.resolve(job);
+  if (!window.EventSource) return pollJob(job.url, onUpdate);
+  return new Promise((resolve, reject) => {
+    const source = new EventSource(`${job.url}/events`);
+    let finished = false;
+    source.onmessage = (event) => {
+      const update = JSON.parse(event.data);
+      onUpdate(update);
+      if (FINISHED.has(update.status)) { finished = true; source.close(); resolve(update); }
+    };
+    source.onerror = () => {
+      source.close();
+      if (!finished) pollJob(job.url, onUpdate).then(resolve, reject);
+    };
+  });
+}
+
+// The progress bar, cancel button and live previews of one place on the page (Generate, Studio).
+class JobView {
+  constructor(prefix) {
+    this.box = $(`${prefix}-progress`);
+    this.bar = $(`${prefix}-progress-bar`);
+    this.text = $(`${prefix}-progress-text`);
+    this.cancelButton = $(`${prefix}-cancel`);
+    this.previews = $(`${prefix}-previews`);
+    this.job = null;
+    this.previewVersion = 0;
+    this.cancelButton.addEventListener("click", () => this.cancel());
+  }
+
+  async cancel() {
+    if (!this.job) return;
+    this.cancelButton.disabled = true;
+    try {
+      await fetchJSON(this.job.url, { method: "DELETE" });
+    } catch (e) { /* it finished meanwhile: its last update says how */ }
+  }
+
+  show(job) {
+    this.job = job;
+    show(this.box, true);
+    this.bar.value = job.progress;
+    const steps = job.total > 0 ? ` · ${job.done}/${job.total}` : "";
+    const label = { queued: "Waiting for the generator", running: "Generating", cancelling: "Cancelling",
+                    done: "Done", failed: "Failed", cancelled: "Cancelled" }[job.status];
+    const rows = job.preview ? ` · row ${job.preview.rows}/${job.preview.grid_rows}` : "";
+    this.text.textContent = `${label}${steps}${job.status === "running" ? rows : ""}`;
+    const running = !FINISHED.has(job.status);
+    show(this.cancelButton, running);
+    this.cancelButton.disabled = job.status === "cancelling";
+    if (job.preview && job.preview.version !== this.previewVersion) {
+      this.previewVersion = job.preview.version;
+      this.drawPreviews(job.preview);
+    }
+    if (!running) show(this.previews, false);
+  }
+
+  drawPreviews(preview) {
+    show(this.previews, true);
+    const cards = this.previews.children;
+    preview.images.forEach((url, i) => {
+      let card = cards[i];
+      if (!card) {
+        card = document.createElement("figure");
+        card.className = "card preview";
+        const img = document.createElement("img");
+        img.alt = "partial image";
+        const caption = document.createElement("figcaption");
+        card.append(img, caption);
+        this.previews.append(card);
+      }
+      card.dataset.rows = String(preview.rows);
+      card.querySelector("img").src = url;
+      card.querySelector("figcaption").textContent =
+        `sample ${preview.first + i + 1} · row ${preview.rows}/${preview.grid_rows}`;
+    });
+    while (this.previews.children.length > preview.images.length) this.previews.lastChild.remove();
+  }
+
+  // Submit with `submit()` (a promise of the 202 job), follow it; resolves with the finished job.
+  async run(submit) {
+    this.previewVersion = 0;
+    this.previews.replaceChildren();
+    this.cancelButton.disabled = false;
+    const job = await submit();
+    return followJob(job, (update) => this.show(update));
+  }
+}
+
+async function imageDataURL(url) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(await apiError(response));
+  const blob = await response.blob();
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error("could not read the image"));
+    reader.readAsDataURL(blob);
+  });
+}
+
 // --- generate --------------------------------------------------------------------------------
 
 function scoreLabel(image, kind) {
@@ -172,66 +301,90 @@ function scoreLabel(image, kind) {
   return kind === "clip" ? `CLIP ${image.score.toFixed(3)}` : `fit ${image.score.toFixed(2)}`;
 }
 
-function generatedCard(image, prompt, kind) {
+function iconButton(label, title, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "icon";
+  button.textContent = label;
+  button.title = title;
+  button.setAttribute("aria-label", title);
+  button.addEventListener("click", (event) => { event.stopPropagation(); onClick(); });
+  return button;
+}
+
+function generatedCard(image, prompt, kind, order) {
   const figure = document.createElement("figure");
   figure.className = "card";
+  figure.dataset.seed = String(image.seed);
   const img = document.createElement("img");
   img.src = image.url;
   img.alt = prompt;
   const score = scoreLabel(image, kind);
-  figure.title = `#${image.index + 1} · ${score}`;
+  const where = order === "sampled" ? `sample ${image.sample + 1} · rank ${image.index + 1}`
+                                    : `#${image.index + 1}`;
+  figure.title = `${where} · ${score} · seed ${image.seed}`;
   const caption = document.createElement("figcaption");
   const rank = document.createElement("span");
   rank.className = "name";
-  rank.textContent = `#${image.index + 1}`;
+  rank.textContent = where;
   const value = document.createElement("span");
   value.className = "score";
   value.textContent = score;
   caption.append(rank, value);
-  figure.append(img, caption);
+  const tools = document.createElement("div");
+  tools.className = "card-tools";
+  tools.append(iconButton("✎", "edit this image in the studio",
+                          () => openInStudio(image.url, { kind: "generated", prompt, seed: image.seed })));
+  figure.append(img, caption, tools);
   return figure;
 }
 
-function showProgress(job) {
-  show($("progress"), true);
-  $("progress-bar").value = job.progress;
-  const steps = job.total > 0 ? ` · ${job.done}/${job.total}` : "";
-  const label = { queued: "Waiting for the generator", running: "Generating", done: "Done",
-                  failed: "Failed" }[job.status];
-  $("progress-text").textContent = `${label}${steps}`;
-}
+const GENERATE_FIELDS = ["num", "keep", "guidance", "seed"];
 
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-async function generate(event) {
-  event.preventDefault();
-  const button = $("generate-button");
-  setError("generate-error", "");
+function generateRequest() {
   const keep = $("keep").value === "" ? null : Number($("keep").value);
-  const request = {
+  return {
     prompt: $("prompt").value,
     num: Number($("num").value),
     keep,
     guidance: Number($("guidance").value),
     seed: Number($("seed").value),
   };
+}
+
+function showCompare() {
+  show($("generated-samples"), $("compare-toggle").checked && $("generated-sampled").children.length > 0);
+}
+
+let generateView = null;
+
+async function generate(event) {
+  if (event) event.preventDefault();
+  const button = $("generate-button");
+  setError("generate-error", "");
+  const request = generateRequest();
   button.disabled = true;
   $("generated").replaceChildren();
+  $("generated-sampled").replaceChildren();
+  show($("generate-compare"), false);
+  showCompare();
   try {
-    let job = await fetchJSON("/api/generate", {
+    const job = await generateView.run(() => fetchJSON("/api/generate", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(request),
-    });
-    showProgress(job);
-    while (job.status === "queued" || job.status === "running") {
-      await sleep(POLL_MS);
-      job = await fetchJSON(job.url);
-      showProgress(job);
-    }
+    }));
+    if (job.status === "cancelled") return;
     if (job.status === "failed") throw new Error(job.error || "generation failed");
-    $("generated").replaceChildren(
-      ...job.result.images.map((image) => generatedCard(image, job.result.prompt, job.result.score_kind)));
+    const { prompt, score_kind: kind, images, samples } = job.result;
+    $("generated").replaceChildren(...images.map((image) => generatedCard(image, prompt, kind, "ranked")));
+    $("generated-sampled").replaceChildren(...samples.map((image) => generatedCard(image, prompt, kind, "sampled")));
+    show($("generate-compare"), samples.length > 1);
+    showCompare();
+    for (const image of images) {
+      galleryAdd({ kind: "generate", prompt, url: image.url, score: image.score, scoreKind: kind,
+                   seed: image.seed, settings: { ...job.settings, seed: image.seed, num: 1, keep: 1 } });
+    }
   } catch (e) {
     setError("generate-error", e.message);
   } finally {
@@ -239,11 +392,39 @@ async function generate(event) {
   }
 }
 
+// --- links -----------------------------------------------------------------------------------
+
+// A link that makes an image again: its prompt, seed and settings (image i of a job is drawn
+// from seed + i alone, so one image is `num=1` with its own seed).
+function reproduceLink(entry) {
+  const params = new URLSearchParams({ [entry.kind]: "1", prompt: entry.prompt });
+  for (const [key, value] of Object.entries(entry.settings || {})) {
+    if (value === null || value === undefined) continue;
+    params.set(key, Array.isArray(value) ? value.join(",") : String(value));
+  }
+  if (entry.source !== undefined && entry.source !== null) params.set("src", String(entry.source));
+  return `${location.origin}${location.pathname}#${params}`;
+}
+
+function openLink(hash) {
+  if (hash.get("generate") && health && health.generation) {
+    $("prompt").value = hash.get("prompt") || "";
+    for (const id of GENERATE_FIELDS) if (hash.get(id) !== null) $(id).value = hash.get(id);
+    selectTab("generate");
+    if ($("prompt").value) generate();
+    return true;
+  }
+  if ((hash.get("edit") || hash.get("complete")) && health && health.generation) {
+    openStudioLink(hash);
+    return true;
+  }
+  return false;
+}
+
 // --- start -----------------------------------------------------------------------------------
 
 async function start() {
-  $("tab-search").addEventListener("click", () => selectTab("search"));
-  $("tab-generate").addEventListener("click", () => selectTab("generate"));
+  for (const name of TABS) $(`tab-${name}`).addEventListener("click", () => selectTab(name));
   $("search-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const query = $("query").value.trim();
@@ -254,18 +435,25 @@ async function start() {
     event.target.value = "";
   });
   $("generate-form").addEventListener("submit", generate);
+  $("compare-toggle").addEventListener("change", showCompare);
+  generateView = new JobView("generate");
   setUpDrop();
+  renderGallery();
   try {
     health = await fetchJSON("/health");
     $("server-status").textContent = `${health.images.toLocaleString()} images indexed`;
     if (health.generation) {
-      show($("tab-generate"), true);
-      for (const id of ["num", "keep"]) $(id).max = String(health.max_generate);
+      for (const tab of ["generate", "studio", "gallery"]) show($(`tab-${tab}`), true);
+      for (const id of ["num", "keep", "studio-num", "studio-keep"]) $(id).max = String(health.max_generate);
+      await startStudio();
     }
   } catch (e) {
     $("server-status").textContent = e.message;
   }
+  // A "make again" link opened in this page only changes the hash.
+  window.addEventListener("hashchange", () => openLink(new URLSearchParams(location.hash.slice(1))));
   const hash = new URLSearchParams(location.hash.slice(1));
+  if (openLink(hash)) return;
   if (hash.get("q")) {
     $("query").value = hash.get("q");
     searchText(hash.get("q"));
