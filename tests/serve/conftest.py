@@ -216,7 +216,7 @@ def wait_for_job(client: TestClient, url: str, timeout: float = 10.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         body = client.get(url).json()
-        if body["status"] in ("done", "failed") or time.monotonic() > deadline:
+        if body["status"] in ("done", "failed", "cancelled") or time.monotonic() > deadline:
             return body
         time.sleep(0.02)
 
