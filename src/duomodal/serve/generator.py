@@ -29,6 +29,7 @@ from duomodal.serve.jobs import JobControl, JobOutput
 
 DEFAULT_MAX_NUM = 64  # images one request may ask for; generation on CPU is slow
 UNDRAWN = (228, 231, 236)  # what a preview shows where no token has been sampled yet
+PREVIEW_SHARE = 0.1  # decoding previews may take at most about this share of a job's time
 
 
 def fit_to_model(
@@ -62,9 +63,11 @@ def fit_to_model(
 
 class _Previews:
     """The `partial` callback of one job: checks for cancelling at every token row it is called
-    for, and decodes the batch's tokens into previews at most every `every_rows` rows and
-    `min_interval_s`. Parts not sampled yet are shown blank; an edit's previews keep the image
-    outside the region, as its results do."""
+    for, and decodes the batch's tokens into previews at most every `every_rows` rows, and no
+    sooner than `min_interval_s` or ten times the last decode's time after the previous one
+    (so previews cost at most about PREVIEW_SHARE of the job, however slow the VAE). Parts not
+    sampled yet are shown blank; an edit's previews keep the image outside the region, as its
+    results do."""
 
     def __init__(self, run: DalleRun, control: JobControl, source: Image.Image | None = None,
                  region: tuple[int, int, int, int] | None = None, min_interval_s: float = 0.2):
@@ -79,16 +82,19 @@ class _Previews:
         self._batch = -1  # first sample of the batch last shown
         self._rows = 0
         self._time = float("-inf")
+        self._decode_s = 0.0
 
     def __call__(self, tokens: torch.Tensor, first: int, rows: int) -> None:
         self.control.check()
         now = time.monotonic()
         if first != self._batch:
             self._batch, self._rows = first, 0
-        if rows - self._rows < self.every_rows or now - self._time < self.min_interval_s:
+        wait = max(self.min_interval_s, self._decode_s / PREVIEW_SHARE)
+        if rows - self._rows < self.every_rows or now - self._time < wait:
             return
         self._rows, self._time = rows, now
         images = decode_tokens(self.run, tokens.detach().cpu(), batch_size=tokens.shape[0])
+        self._decode_s = time.monotonic() - now
         if self.source is not None:
             images = paste_region(self.source, images, self.region)
         x0, y0, x1, y1 = self.region

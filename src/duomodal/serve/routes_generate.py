@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 
 from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
-from duomodal.serve.jobs import Job, JobFinishedError
+from duomodal.serve.jobs import Job, JobFinishedError, JobOutput
 from duomodal.serve.media import decode_upload, encode_png
 from duomodal.serve.schemas import (
     JOB_ID_PATTERN,
@@ -50,13 +50,11 @@ TopK = Annotated[int, Form(ge=1, le=65536, description="sample among the top k t
 Prompt = Annotated[str, Form(min_length=1, max_length=MAX_QUERY_CHARS), Words]
 
 
-def _images(job: Job, numbers: list[int], ranks: bool = False) -> list[GeneratedImage]:
-    output = job.output
-    assert output is not None
+def _images(job_id: str, output: JobOutput, numbers: list[int]) -> list[GeneratedImage]:
     return [
         GeneratedImage(
             index=n,
-            url=f"/api/jobs/{job.id}/images/{n}",
+            url=f"/api/jobs/{job_id}/images/{n}",
             score=None if output.scores is None else float(output.scores[n]),
             seed=None if output.seeds is None else int(output.seeds[n]),
             sample=None if output.sample_indices is None else int(output.sample_indices[n]),
@@ -74,8 +72,8 @@ def job_response(job: Job) -> JobResponse:
         by_sample = list(range(count))
         if output.sample_indices is not None:
             by_sample.sort(key=lambda n: output.sample_indices[n])
-        result = JobResult(prompt=job.prompt, score_kind=output.score_kind, images=_images(job, list(range(kept))),
-                           samples=_images(job, by_sample))
+        result = JobResult(prompt=job.prompt, score_kind=output.score_kind,
+                           images=_images(job.id, output, list(range(kept))), samples=_images(job.id, output, by_sample))
     preview = None
     if job.preview is not None and not job.finished:
         p = job.preview
@@ -308,7 +306,8 @@ def make_generate_router(state: ServerState) -> APIRouter:
         responses={200: {"content": {"image/png": {}}}, **LOOKUP_ERRORS},
     )
     def job_preview(job_id: JobId, n: ImageNumber) -> Response:
-        """The n-th partial image of the batch a running job is sampling, as PNG."""
+        """The n-th partial image of the batch a running job is sampling, as PNG (the last preview
+        stays readable until the job is forgotten)."""
         job = state.jobs.get(job_id)
         preview = None if job is None else job.preview
         if preview is None or n >= len(preview.images):

@@ -234,7 +234,12 @@ class JobView {
   show(job) {
     this.job = job;
     show(this.box, true);
-    this.bar.value = job.progress;
+    // Between batches the bar follows the rows of the batch being drawn.
+    const p = job.preview;
+    const total = job.total || (job.settings ? job.settings.num : 0);
+    const drawing = p && job.status === "running" && total > 0
+      ? (p.first + (p.images.length * p.rows) / p.grid_rows) / total : 0;
+    this.bar.value = Math.max(job.progress, Math.min(1, drawing));
     const steps = job.total > 0 ? ` · ${job.done}/${job.total}` : "";
     const label = { queued: "Waiting for the generator", running: "Generating", cancelling: "Cancelling",
                     done: "Done", failed: "Failed", cancelled: "Cancelled" }[job.status];
@@ -326,7 +331,7 @@ function generatedCard(image, prompt, kind, order) {
   const caption = document.createElement("figcaption");
   const rank = document.createElement("span");
   rank.className = "name";
-  rank.textContent = where;
+  rank.textContent = order === "sampled" ? `${image.sample + 1} → #${image.index + 1}` : where;
   const value = document.createElement("span");
   value.className = "score";
   value.textContent = score;
