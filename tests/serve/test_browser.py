@@ -236,6 +236,7 @@ def test_studio_edit_undo_complete_preview_cancel(studio_url, page):
     page.fill("#query", "blue square")
     page.press("#query", "Enter")
     page.wait_for_selector("#results figure")
+    source_id = page.get_attribute("#results figure >> nth=0", "data-id")
     page.hover("#results figure >> nth=0")
     page.click("#results figure >> nth=0 >> button[title='edit this image in the studio']")
     page.wait_for_selector("#studio-history figure")
@@ -275,7 +276,8 @@ def test_studio_edit_undo_complete_preview_cancel(studio_url, page):
     # The kept edit is in the gallery, with a link that makes it again from the indexed image.
     page.wait_for_function("() => document.querySelector('#gallery-count').textContent === '1'")
     link = page.get_attribute("#gallery .gallery-card a.again", "href")
-    assert "#edit=1&prompt=a+red+circle" in link and "box=4%2C4%2C12%2C12" in link and "src=1" in link
+    assert "#edit=1&prompt=a+red+circle" in link and "box=4%2C4%2C12%2C12" in link
+    assert link.endswith(f"&src={source_id}")
 
     # Undo: back to the original.
     page.click("#studio-undo")
@@ -315,4 +317,11 @@ def test_studio_edit_undo_complete_preview_cancel(studio_url, page):
     assert page.is_enabled("#studio-run")
     page.click("#tab-gallery")
     assert page.locator("#gallery .gallery-card").count() == 2
+
+    # The edit's link opens the indexed image in the studio with the box and prompt, and runs it.
+    page.goto(link)
+    page.wait_for_selector("#studio-candidates figure", timeout=30_000)
+    assert page.input_value("#studio-prompt") == "a red circle" and page.input_value("#studio-num") == "1"
+    assert page.inner_text("#studio-selection") == expected
+    assert page.locator("#studio-history figure").count() == 1
     assert page.problems == []
