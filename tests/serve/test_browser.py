@@ -228,7 +228,7 @@ COMPARE_IMAGES = """async ([a, b, box]) => {
 }"""
 
 
-def test_studio_edit_undo_complete_preview_cancel(studio_url, page):
+def test_studio_edit_undo_complete_preview_cancel(studio_url, page, shape_dataset):
     page.goto(studio_url)
     page.wait_for_function("() => !document.querySelector('#tab-studio').hidden")
 
@@ -324,4 +324,14 @@ def test_studio_edit_undo_complete_preview_cancel(studio_url, page):
     assert page.input_value("#studio-prompt") == "a red circle" and page.input_value("#studio-num") == "1"
     assert page.inner_text("#studio-selection") == expected
     assert page.locator("#studio-history figure").count() == 1
+
+    # Open an upload, then a gallery item, in the studio.
+    page.set_input_files("#studio-file", str(shape_dataset / "green_circle_0.png"))
+    page.wait_for_function("() => document.querySelector('#studio-history img').src.startsWith('blob:')"
+                           " && document.querySelectorAll('#studio-candidates figure').length === 0")
+    first = page.get_attribute("#studio-history img", "src")
+    page.click("#tab-gallery")
+    page.click("#gallery .gallery-card >> nth=0 >> button[title='edit this image in the studio']")
+    page.wait_for_function(f"() => document.querySelector('#studio-history img').src !== '{first}'")
+    assert page.is_visible("#panel-studio") and page.locator("#studio-history figure").count() == 1
     assert page.problems == []

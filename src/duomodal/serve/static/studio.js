@@ -154,13 +154,32 @@ async function historyItem(blob, label, origin) {
   return { blob, url, image: await loadImage(url), label, origin };
 }
 
-async function openInStudio(url, origin) {
+// A data: URL as a Blob, without fetch (the page's CSP lets it fetch only from this server).
+function blobFromDataURL(url) {
+  const [head, data] = url.split(",", 2);
+  const type = (head.match(/^data:([^;,]+)/) || [])[1] || "application/octet-stream";
+  const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+  return new Blob([bytes], { type });
+}
+
+// Open `source` (a URL of this server, a data: URL, or a Blob such as an uploaded File).
+async function openInStudio(source, origin) {
   selectTab("studio");
   setError("studio-error", "");
+  if (studio.busy) {
+    setError("studio-error", "a job is running on the current image: wait for it, or cancel it, first");
+    return;
+  }
   try {
-    const response = await fetch(url);
-    if (!response.ok) throw new Error(await apiError(response));
-    const blob = await fitToModel(await response.blob());
+    let blob = source;
+    if (typeof source === "string" && source.startsWith("data:")) {
+      blob = blobFromDataURL(source);
+    } else if (typeof source === "string") {
+      const response = await fetch(source);
+      if (!response.ok) throw new Error(await apiError(response));
+      blob = await response.blob();
+    }
+    blob = await fitToModel(blob);
     for (const item of studio.history) URL.revokeObjectURL(item.url);
     studio.history = [await historyItem(blob, "original", origin || { kind: "upload" })];
     $("studio-candidates").replaceChildren();
@@ -410,9 +429,7 @@ async function startStudio() {
   $("studio-file").addEventListener("change", (event) => {
     const file = event.target.files[0];
     event.target.value = "";
-    if (!file) return;
-    const url = URL.createObjectURL(file);
-    openInStudio(url, { kind: "upload", name: file.name }).finally(() => URL.revokeObjectURL(url));
+    if (file) openInStudio(file, { kind: "upload", name: file.name });
   });
   drawStudio();
 }
