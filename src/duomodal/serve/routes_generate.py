@@ -208,7 +208,9 @@ def make_generate_router(state: ServerState) -> APIRouter:
         http: Request,
         file: Annotated[UploadFile, File(description="the image whose top rows to keep")],
         prompt: Prompt,
-        rows: Annotated[int, Form(ge=0, le=MAX_BOX_COORD, description="token rows to keep, from the top")],
+        # The bound depends on the model, so it sits in the default (evaluated here), not the annotation.
+        rows: int = Form(ge=0, le=max(0, int(generator.grid_size) - 1),
+                         description="token rows to keep, from the top (less than the model's grid)"),
         num: Num = 8,
         keep: Keep = None,
         seed: Seed = 0,
@@ -219,12 +221,6 @@ def make_generate_router(state: ServerState) -> APIRouter:
         """Start completing an image: keep its top `rows` token rows and let the model draw the rest
         (the paper's priming). The image is fitted to the model first; see /api/generator for its grid."""
         check_num(num, keep)
-        grid = int(generator.grid_size)
-        if rows >= grid:
-            raise HTTPException(
-                status_code=422,
-                detail=f"rows: {rows} is not less than the model's {grid} token rows: keep 0 to {grid - 1}",
-            )
         image = generator.prepare_image(read_image(file))
 
         def work(control):
