@@ -110,6 +110,25 @@ def test_finished_jobs_are_forgotten_by_age_and_by_count():
         jobs.shutdown()
 
 
+def test_finished_jobs_are_forgotten_when_their_images_take_too_much_memory():
+    from PIL import Image
+
+    def four_images(control):  # 4 x 16 x 16 x 3 = 3072 bytes
+        return JobOutput([Image.new("RGB", (16, 16)) for _ in range(4)], None)
+
+    jobs = JobQueue(max_pending=2, max_kept=32, max_kept_bytes=7000)
+    try:
+        done = []
+        for n in range(3):
+            done.append(jobs.submit("generate", str(n), four_images))
+            wait_until(lambda: done[-1].finished)
+        assert done[0].image_bytes == 3072
+        jobs.submit("generate", "more", quick)  # forgetting happens on the queue's next call
+        assert jobs.get(done[0].id) is None and jobs.get(done[1].id) is done[1] and jobs.get(done[2].id) is done[2]
+    finally:
+        jobs.shutdown()
+
+
 @pytest.mark.parametrize("error", [MemoryError("no memory"), GeneratorExit("stray"), RuntimeError("bug"),
                                    BaseException("odd")])
 def test_the_worker_survives_any_error_and_reports_the_job_failed(error):

@@ -5,7 +5,8 @@ A request submits a job and gets its id at once; the page polls the job for prog
 previews and, when it is done, the images. One job runs at a time (a model is not shared between
 threads and the CPU has few cores). At most `max_pending` jobs wait or run, at most
 `max_per_client` of them from one client; finished jobs are forgotten after `max_age_s` seconds,
-or sooner when more than `max_kept` are remembered.
+or sooner when more than `max_kept` are remembered or their images take more than
+`max_kept_bytes`.
 
 A job's work gets a `JobControl`: it reports progress and previews through it, and every report
 raises `JobCancelled` once the job was cancelled (`cancel`) or the queue shut down, so a running
@@ -88,6 +89,14 @@ class Job:
         return self.status in FINISHED
 
     @property
+    def image_bytes(self) -> int:
+        """Memory the job's images take (decoded), results and last preview."""
+        images = list(self.output.images) if self.output is not None else []
+        images += list(self.preview.images) if self.preview is not None else []
+        return sum(image.width * image.height * len(image.getbands()) for image in images
+                   if isinstance(image, Image.Image))
+
+    @property
     def progress(self) -> float:
         if self.status == "done":
             return 1.0
@@ -126,7 +135,8 @@ Work = Callable[[JobControl], JobOutput]
 
 class JobQueue:
     def __init__(self, max_pending: int = 8, max_per_client: int = 4, max_kept: int = 32,
-                 max_age_s: float = 3600.0, clock: Callable[[], float] = time.monotonic):
+                 max_age_s: float = 3600.0, max_kept_bytes: int = 256 * 1024 * 1024,
+                 clock: Callable[[], float] = time.monotonic):
         if not 1 <= max_pending <= max_kept:
             raise ValueError(
                 f"max_pending={max_pending}, max_kept={max_kept}: need 1 <= max_pending <= max_kept"
@@ -139,6 +149,7 @@ class JobQueue:
         self.max_per_client = max_per_client
         self.max_kept = max_kept
         self.max_age_s = max_age_s
+        self.max_kept_bytes = max_kept_bytes
         self._clock = clock
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
@@ -225,11 +236,15 @@ class JobQueue:
         job.finished_at = self._clock()
 
     def _forget_old_locked(self) -> None:
+        """Forget finished jobs, oldest first, past `max_age_s`, past `max_kept` jobs, or while
+        the images of the finished ones take more than `max_kept_bytes`."""
         now = self._clock()
         finished = [job for job in self._jobs.values() if job.finished]
         excess = len(self._jobs) - self.max_kept
+        kept_bytes = sum(job.image_bytes for job in finished)
         for n, job in enumerate(finished):
-            if n < excess or now - (job.finished_at or now) > self.max_age_s:
+            if n < excess or now - (job.finished_at or now) > self.max_age_s or kept_bytes > self.max_kept_bytes:
+                kept_bytes -= job.image_bytes
                 del self._jobs[job.id]
 
     def _finish(self, job: Job, status: str, error: str | None = None) -> None:
