@@ -305,7 +305,10 @@ def test_studio_edit_undo_complete_preview_cancel(studio_url, page, shape_datase
     diff = page.evaluate(COMPARE_IMAGES, [steps[0], steps[1], [0, 4, 16, 16]])
     assert diff["outside"] == 0 and diff["inside"] > 0, diff
 
-    # Cancel a running job from the page.
+    # Cancel a running job from the page (a completion of the whole image: 2 batches x 3 slow rows).
+    page.focus("#studio-canvas")
+    page.keyboard.press("ArrowUp")
+    assert page.inner_text("#studio-selection").startswith("Keep the top 0 of 4 token rows")
     page.fill("#studio-num", "8")
     page.click("#studio-run")
     page.wait_for_selector("#studio-cancel:not([hidden])")
