@@ -5,7 +5,7 @@ The server decodes a batch's partial token grid into previews every few token ro
 every row. This times `DalleGenerator.generate` on a DALL-E run with previews on and off, in
 alternation, and prints the seconds of each, the ratio, and how many previews were decoded.
 
-    nice -n 19 flock /tmp/duomodal-heavy.lock python benchmarks/previews.py --dalle work/demo/runs/dalle
+    nice -n 19 flock /tmp/duomodal-heavy.lock python benchmarks/previews.py --dalle work/demo/runs/dalle --threads 1 --repeats 5
 """
 
 from __future__ import annotations
