@@ -34,11 +34,12 @@ class DemoSetup:
 DEMO_SETUPS = {
     "quick": DemoSetup(
         image_size=32, icon_limit=None, colors=8, train_preset="quick", eval_prompts=16,
-        # VAE and CLIP train shorter than their presets' own runs so that the whole demo fits in ~10
+        # VAE and CLIP train shorter than their presets' own runs so that the whole demo fits in ~13
         # minutes on 2 CPU cores (docs/RESULTS.md gives the figures of both); DALL-E gets its full quick
         # preset: shorter runs give colour blobs, not shapes.
-        overrides={"vae": ("train.steps=350",), "clip": ("train.steps=150",)},
-        estimate="about 10 minutes on 2 CPU cores, a few on a GPU",
+        overrides={"vae": ("train.steps=350",),
+                   "clip": ("train.steps=700", "train.val_every=350", "train.checkpoint_every=350")},
+        estimate="about 13 minutes on 2 CPU cores, a few on a GPU",
     ),
     "seed": DemoSetup(
         image_size=128, icon_limit=None, colors=8, train_preset="seed", eval_prompts=32, overrides={},
