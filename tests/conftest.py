@@ -39,6 +39,15 @@ def make_shape_dataset(root: Path, size: int = 16, copies: int = 2) -> Path:
     return root
 
 
+@pytest.fixture(params=["faiss", "milvus-lite"])
+def vector_store(request, tmp_path) -> str:
+    """The `--store` of an index under test: the same tests run on faiss and on milvus-lite."""
+    if request.param == "faiss":
+        return "faiss"
+    pytest.importorskip("milvus_lite", reason="install duomodal[milvus] to test the Milvus store")
+    return f"milvus:{tmp_path / 'vectors.db'}"
+
+
 @pytest.fixture(scope="session")
 def shape_dataset(tmp_path_factory) -> Path:
     """3 shapes x 4 colours x 2 copies = 24 images, 16x16, each with two captions."""

@@ -25,17 +25,19 @@ def fake_clip(monkeypatch):
     return loaded
 
 
-def test_build_search_update(shape_dataset, tmp_path, fake_clip, capsys):
+def test_build_search_update(shape_dataset, tmp_path, fake_clip, capsys, vector_store):
     photos = tmp_path / "photos"
     shutil.copytree(shape_dataset, photos)
     (photos / "broken.jpg").write_bytes(b"nope")
     clip_dir = tmp_path / "clip"
     clip_dir.mkdir()
     index_dir = tmp_path / "idx"
-    assert cli.main(["index", "build", str(photos), "--clip", str(clip_dir), "--out", str(index_dir), "--quiet"]) == 0
+    argv = ["index", "build", str(photos), "--clip", str(clip_dir), "--out", str(index_dir), "--quiet"]
+    assert cli.main([*argv, "--store", vector_store]) == 0
     out, err = capsys.readouterr()
     assert "skipped broken.jpg: not an image Pillow can read" in err
-    assert out.startswith(f"{index_dir}: 24 images (flat index) in ")
+    where = "" if vector_store == "faiss" else f" in {vector_store}"
+    assert out.startswith(f"{index_dir}: 24 images (flat index{where}) in ")
     assert out.rstrip().endswith("12 embedded, 12 reused, 0 moved, 0 refreshed, 0 removed, 0 unchanged, 1 skipped")
 
     assert cli.main(["search", str(index_dir), "red", "-k", "3", "--json"]) == 0
@@ -57,7 +59,7 @@ def test_build_search_update(shape_dataset, tmp_path, fake_clip, capsys):
     (photos / "red_square_0.png").rename(photos / "renamed.png")
     assert cli.main(["index", "update", str(index_dir), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert ": 24 images (flat index)" in out and "0 embedded, 0 reused, 1 moved" in out
+    assert f": 24 images (flat index{where})" in out and "0 embedded, 0 reused, 1 moved" in out
 
 
 def test_search_errors(shape_dataset, tmp_path, fake_clip, capsys):

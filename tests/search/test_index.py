@@ -41,8 +41,8 @@ def build(root, index_dir, embedder=None, **options):
     return build_index(root, index_dir, embedder or FakeEmbedder(), options=BuildOptions(**options), progress=False)
 
 
-def test_build_records_metadata_and_searches(shape_dataset, tmp_path):
-    report = build(shape_dataset, tmp_path / "idx")
+def test_build_records_metadata_and_searches(shape_dataset, tmp_path, vector_store):
+    report = build(shape_dataset, tmp_path / "idx", store=vector_store)
     assert (report.count, report.embedded, report.reused, report.index_type) == (24, 12, 12, "flat")
     with ImageIndex.open(tmp_path / "idx") as index:
         assert (index.count, index.dim, index.clip_model_id, index.root) == (24, 24, "fake-colour-v1", shape_dataset)
@@ -65,12 +65,12 @@ def test_build_records_metadata_and_searches(shape_dataset, tmp_path):
     assert row[1:] == (stat.st_size, stat.st_mtime_ns) and len(row[0]) == 64
 
 
-def test_update_add_change_delete_rename(tmp_path):
+def test_update_add_change_delete_rename(tmp_path, vector_store):
     root = tmp_path / "photos"
     paths = make_images(root, 6)
     (root / "sub").mkdir()
     embedder = FakeEmbedder()
-    build(root, tmp_path / "idx", embedder)
+    build(root, tmp_path / "idx", embedder, store=vector_store)
     assert embedder.images_embedded == 6
     before = all_rows(tmp_path / "idx")
 
@@ -102,11 +102,11 @@ def test_update_add_change_delete_rename(tmp_path):
     assert (again.unchanged, again.embedded, again.moved, again.removed) == (7, 0, 0, 0)
 
 
-def test_copies_reuse_vectors_and_captions_follow_sidecars(tmp_path):
+def test_copies_reuse_vectors_and_captions_follow_sidecars(tmp_path, vector_store):
     root = tmp_path / "photos"
     first = make_images(root, 2)[0]
     embedder = FakeEmbedder()
-    build(root, tmp_path / "idx", embedder)
+    build(root, tmp_path / "idx", embedder, store=vector_store)
     shutil.copy2(first, root / "copy.png")
     (root / "img_001.txt").write_text("\n  a blocky picture \nsecond caption\n")
     report = update_index(tmp_path / "idx", embedder, progress=False)
@@ -127,13 +127,14 @@ def test_captions_from_manifest(tmp_path):
     assert rows["images/img_000.png"][2] == "a red heart icon" and rows["images/img_001.png"][2] is None
 
 
-def test_unreadable_files_are_skipped_with_a_line_each(tmp_path):
+def test_unreadable_files_are_skipped_with_a_line_each(tmp_path, vector_store):
     root = tmp_path / "photos"
     make_images(root, 3)
     (root / "broken.png").write_bytes(b"\x89PNG not really")
     (root / "empty.jpg").write_bytes(b"")
     lines = []
-    report = build_index(root, tmp_path / "idx", FakeEmbedder(), on_skip=lambda p, r: lines.append(f"{p}: {r}"),
+    report = build_index(root, tmp_path / "idx", FakeEmbedder(), options=BuildOptions(store=vector_store),
+                         on_skip=lambda p, r: lines.append(f"{p}: {r}"),
                          progress=False)
     assert report.count == 3 and len(report.skipped) == 2
     assert sorted(p for p, _ in report.skipped) == ["broken.png", "empty.jpg"]
@@ -141,10 +142,10 @@ def test_unreadable_files_are_skipped_with_a_line_each(tmp_path):
     assert any(line.startswith("broken.png: not an image") for line in lines)
 
 
-def test_model_mismatch_is_a_clear_error(tmp_path):
+def test_model_mismatch_is_a_clear_error(tmp_path, vector_store):
     root = tmp_path / "photos"
     make_images(root, 2)
-    build(root, tmp_path / "idx")
+    build(root, tmp_path / "idx", store=vector_store)
     with pytest.raises(ModelMismatchError) as e:
         update_index(tmp_path / "idx", FakeEmbedder(model_id="other-clip"), progress=False)
     assert str(e.value) == (
@@ -210,10 +211,10 @@ def test_stale_faiss_file_is_brought_up_to_date(tmp_path):
 
 
 @pytest.mark.parametrize("index_type", ["hnsw", "ivf"])
-def test_approximate_index_types_update_incrementally(tmp_path, index_type):
+def test_approximate_index_types_update_incrementally(tmp_path, index_type, vector_store):
     root = tmp_path / "photos"
     paths = make_images(root, 30)
-    report = build(root, tmp_path / "idx", index_type=index_type)
+    report = build(root, tmp_path / "idx", index_type=index_type, store=vector_store)
     assert report.index_type == index_type
     paths[0].unlink()
     make_images(root, 2, seed=3, prefix="new")
@@ -224,33 +225,33 @@ def test_approximate_index_types_update_incrementally(tmp_path, index_type):
             assert index.search(index.vector(image_id), k=1)[0].id == image_id
 
 
-def test_index_type_can_be_changed_on_update(tmp_path):
+def test_index_type_can_be_changed_on_update(tmp_path, vector_store):
     make_images(tmp_path / "a", 5)
-    build(tmp_path / "a", tmp_path / "idx")
-    report = update_index(tmp_path / "idx", FakeEmbedder(), options=BuildOptions(index_type="hnsw"), progress=False)
+    build(tmp_path / "a", tmp_path / "idx", store=vector_store)
+    report = update_index(tmp_path / "idx", FakeEmbedder(), options=BuildOptions(index_type="hnsw", store=vector_store), progress=False)
     assert report.index_type == "hnsw"
     with ImageIndex.open(tmp_path / "idx") as index:
         assert index.index_type == "hnsw" and index.count == 5
 
 
-def test_auto_switches_to_hnsw_above_the_threshold(tmp_path, monkeypatch):
+def test_auto_switches_to_hnsw_above_the_threshold(tmp_path, monkeypatch, vector_store):
     import duomodal.search.index as index_module
 
     monkeypatch.setattr(index_module, "AUTO_EXACT_MAX", 5)
     root = tmp_path / "photos"
     make_images(root, 5)
-    assert build(root, tmp_path / "idx").index_type == "flat"
+    assert build(root, tmp_path / "idx", store=vector_store).index_type == "flat"
     make_images(root, 2, seed=1, prefix="new")
     assert update_index(tmp_path / "idx", FakeEmbedder(), progress=False).index_type == "hnsw"
     with ImageIndex.open(tmp_path / "idx") as index:
         assert (index.index_type, index.count) == ("hnsw", 7)
 
 
-def test_a_second_writer_is_refused_while_one_holds_the_index(tmp_path):
+def test_a_second_writer_is_refused_while_one_holds_the_index(tmp_path, vector_store):
     from duomodal.search.index import IndexLock
 
     make_images(tmp_path / "a", 1)
-    build(tmp_path / "a", tmp_path / "idx")
+    build(tmp_path / "a", tmp_path / "idx", store=vector_store)
     with IndexLock(tmp_path / "idx"):
         with pytest.raises(IndexStoreError) as e:
             update_index(tmp_path / "idx", FakeEmbedder(), progress=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from duomodal.search.build import BuildOptions, build_index
-from duomodal.search.index import ImageIndex
+from duomodal.search.index import ImageIndex, vector_store_spec
 from duomodal.search.store import STORE_FILE
 
 from .conftest import FakeEmbedder
@@ -30,7 +30,7 @@ class SlowEmbedder(fake.FakeEmbedder):
         time.sleep(0.05)
         return super().embed_images(images)
 
-build_index({root!r}, {index!r}, SlowEmbedder(), options=BuildOptions(batch_size=2), progress=False)
+build_index({root!r}, {index!r}, SlowEmbedder(), options=BuildOptions(batch_size=2, store={store!r}), progress=False)
 """
 
 
@@ -63,13 +63,13 @@ def vectors_by_path(index_dir: Path) -> dict[str, np.ndarray]:
         return {p: np.frombuffer(v, dtype="<f4") for p, v in db.execute("SELECT path, vector FROM images")}
 
 
-def test_killed_build_resumes_without_duplicates_or_losses(tmp_path):
+def test_killed_build_resumes_without_duplicates_or_losses(tmp_path, vector_store):
     root = tmp_path / "photos"
     make_images(root, 40)
     index_dir = tmp_path / "idx"
     script = tmp_path / "build.py"
     conftest = str(Path(__file__).with_name("conftest.py"))
-    script.write_text(SCRIPT.format(conftest=conftest, root=str(root), index=str(index_dir)))
+    script.write_text(SCRIPT.format(conftest=conftest, root=str(root), index=str(index_dir), store=vector_store))
 
     first = kill_when(index_dir, script, at_least=6)
     assert 6 <= first < 40
@@ -87,6 +87,6 @@ def test_killed_build_resumes_without_duplicates_or_losses(tmp_path):
     for path in expected:
         np.testing.assert_array_equal(resumed[path], expected[path])
     with ImageIndex.open(index_dir) as index:
-        assert index.count == 40
+        assert index.count == 40 and index.vector_store == vector_store_spec(vector_store)
         hits = index.search(index.vector(1), k=40)
         assert len({h.id for h in hits}) == 40

@@ -18,7 +18,7 @@ from duomodal.cli import search as cli_search
 from duomodal.config import to_dict
 from duomodal.modelfile import save_model
 from duomodal.models.clip import ContrastiveClip, load_clip
-from duomodal.search.build import build_index
+from duomodal.search.build import BuildOptions, build_index
 from duomodal.text.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,10 +35,16 @@ def clip_dir(tmp_path_factory, shape_dataset, tiny_clip_config):
     return directory
 
 
-@pytest.fixture(scope="module")
-def index_dir(tmp_path_factory, shape_dataset, clip_dir):
+@pytest.fixture(scope="module", params=["faiss", "milvus-lite"])
+def index_dir(request, tmp_path_factory, shape_dataset, clip_dir):
+    """The same index in each vector store (the serve tests run on both)."""
     directory = tmp_path_factory.mktemp("index") / "idx"
-    build_index(shape_dataset, directory, load_clip(clip_dir, device="cpu"), clip_path=clip_dir, progress=False)
+    store = "faiss"
+    if request.param == "milvus-lite":
+        pytest.importorskip("milvus_lite", reason="install duomodal[milvus] to test the Milvus store")
+        store = f"milvus:{directory.parent / 'vectors.db'}"
+    build_index(shape_dataset, directory, load_clip(clip_dir, device="cpu"), clip_path=clip_dir,
+                options=BuildOptions(store=store), progress=False)
     return directory
 
 
@@ -149,7 +155,7 @@ def test_fit_to_model_crops_the_centre_square_and_moves_the_box():
     assert same.size == (16, 16) and same_box == (0, 0, 16, 16)
 
 
-def test_a_running_server_picks_up_duomodal_index_update(served, clip_dir, shape_dataset, tmp_path):
+def test_a_running_server_picks_up_duomodal_index_update(served, clip_dir, shape_dataset, tmp_path, vector_store):
     import shutil
 
     from duomodal.search.build import update_index
@@ -158,7 +164,8 @@ def test_a_running_server_picks_up_duomodal_index_update(served, clip_dir, shape
     shutil.copytree(shape_dataset, photos)
     index_dir = tmp_path / "idx"
     embedder = load_clip(clip_dir, device="cpu")
-    build_index(photos, index_dir, embedder, clip_path=clip_dir, progress=False)
+    build_index(photos, index_dir, embedder, clip_path=clip_dir, options=BuildOptions(store=vector_store),
+                progress=False)
     status, started = served("--index", str(index_dir), "--device", "cpu")
     assert status == 0
     started["app"].state.duomodal.reload_check_s = 0.0  # the CLI checks every 5 s

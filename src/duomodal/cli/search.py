@@ -52,6 +52,11 @@ def _add_index_options(parser: argparse.ArgumentParser, keep_recorded: bool = Fa
         "--index-type", choices=("auto", "flat", "hnsw", "ivf"), default=None if keep_recorded else "auto",
         help=f"faiss index: flat (exact), hnsw or ivf (approximate), auto = flat up to 50k images ({default_note})",
     )
+    parser.add_argument(
+        "--store", default=None if keep_recorded else "faiss", metavar="STORE",
+        help="vector engine: faiss (a file in the index directory), milvus:PATH.db (milvus-lite) or "
+        f"milvus://HOST:PORT/COLLECTION (a Milvus server; token from $MILVUS_TOKEN) ({default_note.replace('auto', 'faiss')})",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per embedding batch (default 64)")
     parser.add_argument("--hnsw-m", type=int, default=None, help="hnsw graph degree (default 32)")
     parser.add_argument("--ef-construction", type=int, default=None, help="hnsw build width (default 80)")
@@ -86,8 +91,9 @@ def _index_options(args: argparse.Namespace, recorded: dict[str, str] | None):
     changes = {k: v for k, v in changes.items() if v is not None}
     base = FaissParams(**json.loads(recorded.get("faiss_params", "{}"))) if recorded else FaissParams()
     index_type = args.index_type or (recorded or {}).get("index_type_option", "auto")
+    store = args.store or (recorded or {}).get("vector_store") or "faiss"
     return BuildOptions(index_type=index_type, batch_size=args.batch_size,
-                        faiss=dataclasses.replace(base, **changes))
+                        faiss=dataclasses.replace(base, **changes), store=store)
 
 
 def _print_skip(path: str, reason: str) -> None:
@@ -100,7 +106,8 @@ def _print_build_report(report) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     print(
-        f"{report.index_dir}: {report.count} images ({report.index_type} index) in {report.seconds:.1f} s; "
+        f"{report.index_dir}: {report.count} images ({report.index_type} index"
+        f"{'' if report.vector_store == 'faiss' else ' in ' + report.vector_store}) in {report.seconds:.1f} s; "
         f"{report.embedded} embedded, {report.reused} reused, {report.moved} moved, {report.refreshed} refreshed, "
         f"{report.removed} removed, {report.unchanged} unchanged, {len(report.skipped)} skipped"
     )

@@ -1,4 +1,4 @@
-"""Building and updating an image index: scan, plan, embed in batches, write, sync faiss.
+"""Building and updating an image index: scan, plan, embed in batches, write, sync the vectors.
 
 One run (``build_index`` or ``update_index``; a build of an existing index is an update):
 
@@ -11,7 +11,8 @@ One run (``build_index`` or ``update_index``; a build of an existing index is an
    each batch in one SQLite transaction (and removes it from ``pending`` in the same one). Under
    ``torchrun`` rank r embeds every world_size-th pending file and writes shard files
    (``shards/*.safetensors``, atomic); after a barrier rank 0 merges them.
-3. sync: rank 0 brings the faiss file up to date with the store (``index.sync_faiss``).
+3. sync: rank 0 brings the vector engine up to date with the store (``index.sync_vectors``: the
+   faiss file, or the Milvus collection when the index was built with ``store="milvus:..."``).
 
 An interruption anywhere leaves the store consistent (every write is one transaction; shards are
 written atomically and merged idempotently); the next run plans again and finishes the work.
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from duomodal import __version__
 from duomodal.data.images import ImageError, load_image
-from duomodal.search.index import INDEX_TYPES, FaissParams, IndexLock, sync_faiss
+from duomodal.search.index import INDEX_TYPES, FaissParams, IndexLock, sync_vectors, vector_store_spec
 from duomodal.search.plan import BuildReport, SkipCallback, plan_run, skip_file
 from duomodal.search.query import Embedder
 from duomodal.search.shards import Distributed, merge_shards, write_records, write_shard
@@ -47,9 +48,14 @@ __all__ = ["BuildOptions", "BuildReport", "build_index", "update_index"]
 class BuildOptions:
     index_type: str = "auto"  # "auto" (flat up to AUTO_EXACT_MAX vectors, else hnsw) | "flat" | "hnsw" | "ivf"
     batch_size: int = 64  # images per embedding call
-    faiss: FaissParams = field(default_factory=FaissParams)
+    faiss: FaissParams = field(default_factory=FaissParams)  # also the Milvus index params (same meaning)
+    # vector engine: "faiss" (a file in the index directory) or a Milvus spec (see milvus.py);
+    # None: as recorded in the index (faiss for a new one)
+    store: str | None = None
 
     def __post_init__(self):
+        if self.store is not None:
+            vector_store_spec(self.store)  # ValueError naming a bad spec
         if self.index_type not in ("auto", *INDEX_TYPES):
             raise ValueError(f"index type {self.index_type!r} is not one of auto, {', '.join(INDEX_TYPES)}")
         size = self.batch_size
@@ -79,6 +85,8 @@ def build_index(
         "index_type_option": options.index_type,
         "faiss_params": json.dumps(_params_dict(options.faiss), sort_keys=True),
         "created_by": f"duomodal {__version__}",
+        "index_id": uuid.uuid4().hex,
+        "vector_store": vector_store_spec(options.store or "faiss"),
     }
     return _run(Path(index_dir), embedder, options, on_skip, progress, create_meta=meta)
 
@@ -133,9 +141,11 @@ def _run(
             with contextlib.closing(MetadataStore.open(index_dir)) as store:
                 merge_shards(store, index_dir, embedder.dim)
                 store.clear_pending()
-                faiss_index = sync_faiss(store, index_dir, writable=True, progress=tqdm if progress else None)
-                report.count = int(faiss_index.ntotal)
-                report.index_type = store.get_meta("index_type") or ""
+                vectors = sync_vectors(store, index_dir, writable=True, progress=tqdm if progress else None)
+                report.count = vectors.count
+                report.index_type = vectors.index_type
+                report.vector_store = store.get_meta("vector_store") or "faiss"
+                vectors.close()
     finally:
         if lock is not None:
             lock.release()
@@ -193,6 +203,8 @@ def _open_for_run(
             "index_type_option": options.index_type,
             "faiss_params": json.dumps(_params_dict(options.faiss), sort_keys=True),
         }
+        if options.store is not None:
+            changes["vector_store"] = vector_store_spec(options.store)
         if create_meta and create_meta.get("clip_path"):
             changes["clip_path"] = create_meta["clip_path"]
         store.set_meta(changes)

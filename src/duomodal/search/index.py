@@ -1,6 +1,10 @@
-"""An image index on disk: SQLite metadata + vectors (the truth) and a faiss index derived from them.
+"""An image index on disk: SQLite metadata + vectors (the truth) and a vector engine derived from them.
 
-Index directory layout::
+The engine is faiss (the default: a file in the index directory, below) or a Milvus collection
+(``store="milvus:..."``, see ``milvus.py``); ``sync_vectors`` picks the one the store's meta names and
+``ImageIndex`` searches through it, so everything above this module is the same for both.
+
+Index directory layout (faiss)::
 
     INDEX_DIR/index.sqlite           rows of images with their vectors, meta, change log (store.py)
     INDEX_DIR/vectors.<seq>.faiss    faiss index holding every vector up to change number <seq>
@@ -250,15 +254,58 @@ def _rebuild(
     return index
 
 
+class FaissVectors:
+    """Search over a synced faiss index (the vector backend of ``ImageIndex`` for the default store)."""
+
+    def __init__(self, index: faiss.Index, params: FaissParams):
+        self.faiss = index
+        self._params = params
+        self.index_type = faiss_index_type(index)
+
+    @property
+    def count(self) -> int:
+        return int(self.faiss.ntotal)
+
+    def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """(id, inner product) of the `k` nearest stored vectors to `query` (1, D), best first."""
+        scores, ids = self.faiss.search(query, k, params=search_params(self.index_type, self._params, k))
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+    def close(self) -> None:
+        pass
+
+
+def vector_store_spec(spec: str) -> str:
+    """The canonical form of a ``--store`` value: "faiss", "milvus:/abs/path.db" or
+    "milvus://HOST:PORT/COLLECTION"; ValueError naming the value otherwise."""
+    if spec == "faiss":
+        return spec
+    from duomodal.search.milvus import MilvusTarget
+
+    return MilvusTarget.parse(spec).spec
+
+
+def sync_vectors(
+    store: MetadataStore, index_dir: Path, writable: bool, progress: Callable | None = None
+) -> FaissVectors:
+    """The index's vector backend (faiss or Milvus, from the store's meta `vector_store`), holding
+    exactly the store's vectors (saved when `writable`; see `sync_faiss` and `milvus.sync_milvus`)."""
+    if store.get_meta("vector_store") in (None, "", "faiss"):
+        index = sync_faiss(store, index_dir, writable, progress)
+        return FaissVectors(index, read_params(store.meta()))
+    from duomodal.search.milvus import sync_milvus
+
+    return sync_milvus(store, writable, progress)
+
+
 class ImageIndex:
     """A searchable image index (open with ``ImageIndex.open``). Safe to search from threads."""
 
-    def __init__(self, index_dir: Path, store: MetadataStore, faiss_index: faiss.Index):
+    def __init__(self, index_dir: Path, store: MetadataStore, vectors: FaissVectors):
         self.index_dir = index_dir
         self._store = store
-        self._faiss = faiss_index
+        self._vectors = vectors  # FaissVectors or milvus.MilvusVectors: count, index_type, search, close
         self._meta = store.meta()
-        self._params = read_params(self._meta)
         self._seq = store.last_change()
 
     @classmethod
@@ -271,11 +318,14 @@ class ImageIndex:
         except (IndexStoreError, OSError):
             lock = None  # a build is running (or the directory is read-only): sync in memory only
         try:
-            faiss_index = sync_faiss(store, index_dir, writable=lock is not None, progress=progress)
+            vectors = sync_vectors(store, index_dir, writable=lock is not None, progress=progress)
+        except BaseException:
+            store.close()
+            raise
         finally:
             if lock is not None:
                 lock.release()
-        return cls(index_dir, store, faiss_index)
+        return cls(index_dir, store, vectors)
 
     # --- facts ------------------------------------------------------------------------------
 
@@ -293,7 +343,7 @@ class ImageIndex:
 
     @property
     def count(self) -> int:
-        return int(self._faiss.ntotal)
+        return self._vectors.count
 
     @property
     def root(self) -> Path:
@@ -301,7 +351,12 @@ class ImageIndex:
 
     @property
     def index_type(self) -> str:
-        return faiss_index_type(self._faiss)
+        return self._vectors.index_type
+
+    @property
+    def vector_store(self) -> str:
+        """Where the vectors are searched: "faiss" or a Milvus store spec."""
+        return self._meta.get("vector_store") or "faiss"
 
     def check_model(self, model_id: str) -> None:
         """Raise ModelMismatchError unless `model_id` is the CLIP model the index was built with."""
@@ -326,9 +381,7 @@ class ImageIndex:
             raise ValueError("query vector has NaN or infinite values")
         if self.count == 0:
             return []
-        params = search_params(self.index_type, self._params, int(k))
-        scores, ids = self._faiss.search(query, int(k), params=params)
-        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        found = self._vectors.search(query, int(k))
         rows = self._store.rows([i for i, _ in found])
         return [
             Hit(i, rows[i].path, s, rows[i].width, rows[i].height, rows[i].caption)
@@ -366,6 +419,7 @@ class ImageIndex:
         return self._store.last_change() != self._seq
 
     def close(self) -> None:
+        self._vectors.close()
         self._store.close()
 
     def __enter__(self) -> ImageIndex:

@@ -43,6 +43,7 @@ class BuildReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     count: int = 0  # images in the index afterwards
     index_type: str = ""
+    vector_store: str = "faiss"  # "faiss" or the Milvus store spec
     seconds: float = 0.0
 
 

@@ -1,0 +1,171 @@
+"""What only the Milvus store has: store specs, a collection owned by one index, a sync cut off
+half-way, moving an index between stores, a milvus-lite file busy in another process.
+(Everything else runs on both stores through the `vector_store` fixture.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from duomodal.search import milvus
+from duomodal.search.build import BuildOptions, build_index, update_index
+from duomodal.search.index import ImageIndex, vector_store_spec
+from duomodal.search.milvus import MilvusTarget
+from duomodal.search.store import IndexStoreError
+
+from .conftest import FakeEmbedder
+from .test_index import all_rows, make_images
+
+pytest.importorskip("milvus_lite", reason="install duomodal[milvus] to test the Milvus store")
+
+
+def build(root: Path, index_dir: Path, store: str, **options):
+    return build_index(root, index_dir, FakeEmbedder(), options=BuildOptions(store=store, **options), progress=False)
+
+
+def assert_every_image_finds_itself(index_dir: Path, count: int) -> None:
+    with ImageIndex.open(index_dir) as index:
+        assert index.count == count
+        for image_id, *_ in all_rows(index_dir).values():
+            top = index.search(index.vector(image_id), k=1)[0]
+            assert top.id == image_id and np.isclose(top.score, 1.0, atol=1e-5)
+
+
+def test_store_specs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert vector_store_spec("faiss") == "faiss"
+    assert vector_store_spec("milvus:./icons.db") == f"milvus:{tmp_path / 'icons.db'}"
+    assert MilvusTarget.parse("milvus:./icons.db") == MilvusTarget(str(tmp_path / "icons.db"), "duomodal_images")
+    server = MilvusTarget.parse("milvus://milvus.local:19530/icons_v2")
+    assert (server.uri, server.collection, server.is_lite) == ("http://milvus.local:19530", "icons_v2", False)
+    assert server.spec == "milvus://milvus.local:19530/icons_v2"
+    errors = {
+        "annoy": "store 'annoy' is not milvus:PATH.db or milvus://HOST:PORT/COLLECTION",
+        "milvus:icons": "store 'milvus:icons': a milvus-lite file name must end in .db, e.g. milvus:./icons.db",
+        "milvus://host/icons": "store 'milvus://host/icons' is not of the form milvus://HOST:PORT/COLLECTION",
+        "milvus://host:19530/9icons": "Milvus collection name '9icons' must start with a letter or _ and hold "
+        "only letters, digits and _",
+    }
+    for spec, message in errors.items():
+        with pytest.raises(ValueError) as e:
+            BuildOptions(store=spec)
+        assert str(e.value) == message
+
+
+def test_a_collection_belongs_to_one_index(tmp_path):
+    make_images(tmp_path / "a", 2)
+    make_images(tmp_path / "b", 2, seed=1)
+    store = f"milvus:{tmp_path / 'shared.db'}"
+    build(tmp_path / "a", tmp_path / "idx-a", store)
+    with pytest.raises(IndexStoreError) as e:
+        build(tmp_path / "b", tmp_path / "idx-b", store)
+    assert str(e.value).startswith(f"Milvus collection 'duomodal_images' at {vector_store_spec(store)} belongs to "
+                                   "another index (")
+    assert str(e.value).endswith("); choose another collection or file")
+    assert_every_image_finds_itself(tmp_path / "idx-a", 2)  # the first index is untouched
+
+
+@pytest.mark.parametrize("cut", ["apply", "rebuild"])
+def test_a_sync_cut_off_half_way_is_repaired_on_the_next_open(tmp_path, monkeypatch, cut):
+    """The store committed; Milvus got part of the work and the state was never recorded."""
+    root = tmp_path / "photos"
+    paths = make_images(root, 8)
+    store = f"milvus:{tmp_path / 'v.db'}"
+    build(root, tmp_path / "idx", store)
+    paths[0].unlink()
+    make_images(root, 5, seed=2, prefix="new")
+    monkeypatch.setattr(milvus, "INSERT_CHUNK", 2)
+    real = milvus._apply_changes if cut == "apply" else milvus._rebuild
+    calls = []
+
+    def cut_off(client, collection, *args, **kwargs):
+        calls.append(collection)
+        original_insert, original_upsert = client.insert, client.upsert
+        sent = []
+
+        def once(method):
+            def call(*a, **k):
+                if sent:
+                    raise RuntimeError("killed")
+                sent.append(1)
+                return method(*a, **k)
+            return call
+
+        client.insert, client.upsert = once(original_insert), once(original_upsert)
+        try:
+            return real(client, collection, *args, **kwargs)
+        finally:
+            client.insert, client.upsert = original_insert, original_upsert
+
+    monkeypatch.setattr(milvus, "_apply_changes" if cut == "apply" else "_rebuild", cut_off)
+    options = BuildOptions(index_type="hnsw") if cut == "rebuild" else None  # a new type means a rebuild
+    with pytest.raises(RuntimeError, match="killed"):
+        update_index(tmp_path / "idx", FakeEmbedder(), options=options, progress=False)
+    assert calls
+    monkeypatch.undo()
+    assert_every_image_finds_itself(tmp_path / "idx", 12)
+
+
+def test_an_index_moves_between_stores_on_update(tmp_path):
+    root = tmp_path / "photos"
+    make_images(root, 6)
+    build(root, tmp_path / "idx", "faiss")
+    with ImageIndex.open(tmp_path / "idx") as index:
+        before = [(h.id, round(h.score, 5)) for h in index.search(index.vector(1), k=6)]
+    store = f"milvus:{tmp_path / 'v.db'}"
+    report = update_index(tmp_path / "idx", FakeEmbedder(), options=BuildOptions(store=store), progress=False)
+    assert (report.vector_store, report.count, report.embedded) == (store, 6, 0)
+    with ImageIndex.open(tmp_path / "idx") as index:
+        assert index.vector_store == store
+        assert [(h.id, round(h.score, 5)) for h in index.search(index.vector(1), k=6)] == before
+    update_index(tmp_path / "idx", FakeEmbedder(), options=BuildOptions(store="faiss"), progress=False)
+    assert_every_image_finds_itself(tmp_path / "idx", 6)
+
+
+HOLDER = """
+import importlib.util, time
+spec = importlib.util.spec_from_file_location("fake", {conftest!r})
+fake = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fake)
+from duomodal.search.build import BuildOptions, build_index
+from duomodal.search.index import ImageIndex
+
+build_index({root!r}, {index!r}, fake.FakeEmbedder(), options=BuildOptions(store={store!r}), progress=False)
+index = ImageIndex.open({index!r})
+print("open", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_lite_file_held_by_another_process_is_a_clear_error(tmp_path):
+    """milvus-lite locks its file for the life of the process that opened it."""
+    make_images(tmp_path / "a", 2)
+    store = f"milvus:{tmp_path / 'v.db'}"
+    conftest = str(Path(__file__).with_name("conftest.py"))
+    script = HOLDER.format(conftest=conftest, root=str(tmp_path / "a"), index=str(tmp_path / "idx"), store=store)
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        with pytest.raises(IndexStoreError) as e:
+            ImageIndex.open(tmp_path / "idx")
+        assert str(e.value).startswith(f"cannot open Milvus at {store}: ")
+        assert str(e.value).endswith(
+            "(milvus-lite serves one process at a time: is another duomodal process using this file?)"
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.monotonic() + 10
+    while True:  # the file is free once the holder is gone
+        try:
+            assert_every_image_finds_itself(tmp_path / "idx", 2)
+            break
+        except IndexStoreError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
