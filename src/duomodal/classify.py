@@ -337,7 +337,8 @@ def evaluate_records(
     Zero-shot figures come once per template set of `template_sets` (name -> templates): the first
     set's as ``zero_shot_<field>``, every other set's as ``<set>/zero_shot_<field>``.
     """
-    from duomodal.data.images import ImageError, load_image
+    from duomodal.data.dataset import load_record_image
+    from duomodal.data.images import ImageError
 
     if not template_sets:
         raise ClassifyError("evaluate_records needs at least one template set")
@@ -347,12 +348,12 @@ def evaluate_records(
         images = []
         for record in records[start : start + batch_size]:
             try:
-                images.append(load_image(record.path))
+                images.append(load_record_image(record))
                 kept.append(record)
             except (ImageError, OSError) as e:
                 skipped += 1
                 if on_skip is not None:
-                    on_skip(str(record.path), str(e))
+                    on_skip(record.location, str(e))
         if images:
             image_parts.append(embedder.embed_images(images))
     if not kept:

@@ -15,9 +15,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from duomodal.data.images import DEFAULT_MAX_PIXELS, WHITE, ImageError, load_image, parse_color, to_tensor
+from duomodal.data.images import (
+    DEFAULT_MAX_PIXELS,
+    WHITE,
+    ImageError,
+    load_image,
+    load_image_bytes,
+    parse_color,
+    to_tensor,
+)
 from duomodal.data.records import Record, filter_split, load_records
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,22 @@ class DataConfig:
     @property
     def background_rgb(self) -> tuple[int, int, int]:
         return parse_color(self.background)
+
+
+def load_record_image(
+    record: Record, background: tuple[int, int, int] = WHITE, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """A record's image, from its file or its shard member, checked and decoded like `load_image`;
+    raises ImageError naming where it is and why it cannot be used."""
+    if record.member is None:
+        return load_image(record.path, background, max_pixels)
+    from duomodal.data.shards import read_member
+
+    try:
+        data = read_member(record)
+    except (OSError, ValueError) as e:
+        raise ImageError(record.location, f"cannot read shard member ({e})") from None
+    return load_image_bytes(data, record.location, background, max_pixels)
 
 
 class CaptionedImageDataset(Dataset):
@@ -80,7 +105,7 @@ class CaptionedImageDataset(Dataset):
             return pixels.float().div_(255.0)
         record = self.records[index]
         try:
-            image = to_tensor(load_image(record.path, self.background, self.max_pixels), self.image_size)
+            image = to_tensor(load_record_image(record, self.background, self.max_pixels), self.image_size)
         except ImageError as e:
             if index not in self._reported:
                 self._reported.add(index)

@@ -92,8 +92,27 @@ def load_image(
         raise ImageError(path, f"cannot read file ({e.strerror or e})") from None
     if size == 0:
         raise ImageError(path, "empty file (0 bytes)", EMPTY)
+    return _decode(path, path, background, max_pixels)
+
+
+def load_image_bytes(
+    data: bytes,
+    name: str,
+    background: tuple[int, int, int] = WHITE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """`load_image` for an image held in memory (a member of a tar shard); `name` says where it is
+    from in errors. Same checks, same normalisation, same ImageError kinds."""
+    if not data:
+        raise ImageError(name, "empty file (0 bytes)", EMPTY)
+    return _decode(io.BytesIO(data), Path(name), background, max_pixels)
+
+
+def _decode(
+    source: Path | io.BytesIO, path: Path, background: tuple[int, int, int], max_pixels: int
+) -> Image.Image:
     try:
-        with Image.open(path, formats=PILLOW_FORMATS) as image:
+        with Image.open(source, formats=PILLOW_FORMATS) as image:
             width, height = image.size  # from the header: nothing is decoded yet
             if width * height > max_pixels:
                 raise ImageError(path, _too_large_reason(width * height, max_pixels, (width, height)), TOO_LARGE)

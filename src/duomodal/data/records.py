@@ -49,11 +49,26 @@ class DatasetError(ValueError):
 
 
 @dataclass(frozen=True)
+class Member:
+    """Where an image lies inside a tar shard (see ``duomodal.data.shards``)."""
+
+    name: str  # the member's name in the tar
+    offset: int  # byte offset of its data in the shard file; -1 for a remote shard (read by streaming only)
+    size: int  # bytes
+
+
+@dataclass(frozen=True)
 class Record:
-    path: Path  # absolute path of the image file
+    path: Path  # absolute path of the image file, or of the shard holding it (see `member`)
     captions: tuple[str, ...]  # at least one
     split: str  # "train" | "val" | "heldout"
     labels: dict[str, str] = field(default_factory=dict, hash=False)  # extra manifest fields
+    member: Member | None = None  # set when the image is a member of a WebDataset shard
+
+    @property
+    def location(self) -> str:
+        """The image's place for messages and ordering: its path, or SHARD#MEMBER."""
+        return str(self.path) if self.member is None else f"{self.path}#{self.member.name}"
 
 
 @dataclass(frozen=True)
@@ -165,9 +180,15 @@ def scan_dataset(root: str | os.PathLike) -> DatasetScan:
 
 def load_records(root: str | os.PathLike, val_fraction: float = 0.05) -> list[Record]:
     """The captioned images under `root`, sorted by path. Images without caption are left out;
-    an error in the manifest, or a folder without any captioned image, raises DatasetError."""
+    an error in the manifest, or a folder without any captioned image, raises DatasetError.
+    `root` may also name WebDataset shards (see ``duomodal.data.shards``): their records are
+    read from the shards' caption members, in shard order."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    from duomodal.data import shards  # shards.py builds on this module
+
+    if shards.is_shard_source(root):
+        return shards.load_shard_records(shards.open_shards(root), val_fraction)
     scan = scan_dataset(root)
     manifest_problems = [p for p in scan.problems if p.kind == MANIFEST]
     if manifest_problems:

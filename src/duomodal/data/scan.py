@@ -34,8 +34,8 @@ PROBLEM_KINDS = {
 
 @dataclass
 class CheckReport:
-    root: Path
-    caption_source: str  # "sidecar .txt files", "captions.jsonl" or "captions.csv"
+    root: Path | str  # the folder, or the shard spec as given
+    caption_source: str  # "sidecar .txt files", "captions.jsonl", "captions.csv" or ".txt/.json shard members"
     max_pixels: int
     image_count: int  # image files found
     captioned_count: int  # images with at least one caption
@@ -75,6 +75,10 @@ def check_dataset(
     Raises DatasetError only when `root` is not a folder."""
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
+    from duomodal.data import shards
+
+    if shards.is_shard_source(root):
+        return shards.check_shards(shards.open_shards(root), max_pixels, progress)
     scan = scan_dataset(root)
     problems = list(scan.problems)
     captioned = set(scan.captioned_keys())

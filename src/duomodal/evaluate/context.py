@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from duomodal.data.images import ImageError, load_image
+from duomodal.data.dataset import load_record_image
+from duomodal.data.images import ImageError
 from duomodal.data.records import Record
 from duomodal.models.sampling import SamplingOptions, check_sampling
 
@@ -87,7 +88,7 @@ class LoadedImages:
 
 def sample_records(records: Sequence[Record], limit: int, seed: int) -> list[Record]:
     """At most `limit` records, a seeded choice, in path order."""
-    ordered = sorted(records, key=lambda r: str(r.path))
+    ordered = sorted(records, key=lambda r: r.location)
     if len(ordered) <= limit:
         return ordered
     chosen = random.Random(seed).sample(range(len(ordered)), limit)
@@ -99,10 +100,10 @@ def load_images(records: Sequence[Record], log: Log, skipped: list[str]) -> Load
     kept, images = [], []
     for record in records:
         try:
-            images.append(load_image(record.path))
+            images.append(load_record_image(record))
         except ImageError as e:
-            log(f"skipped {record.path}: {e}")
-            skipped.append(str(record.path))
+            log(f"skipped {record.location}: {e}")
+            skipped.append(record.location)
             continue
         kept.append(record)
     return LoadedImages(kept, images)

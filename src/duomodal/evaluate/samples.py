@@ -70,7 +70,7 @@ class Prompt:
 def choose_prompts(records: Sequence[Record], count: int, seed: int, palette: dict[str, str]) -> list[Prompt]:
     """A seeded sample of distinct (icon, colour) pairs among labelled records, in a fixed order."""
     pairs: dict[tuple[str, str], Record] = {}
-    for r in sorted(records, key=lambda r: str(r.path)):
+    for r in sorted(records, key=lambda r: r.location):
         icon, color = r.labels.get("icon"), r.labels.get("color")
         if icon and color in palette:
             pairs.setdefault((icon, color), r)
@@ -464,10 +464,10 @@ def color_calibration(split_images: Callable[[str], LoadedImages], palette: dict
 
 def load_reference(prompt: Prompt) -> Image.Image | None:
     """The dataset's image of the prompt's pair, or None when it cannot be read."""
-    from duomodal.data.images import load_image
+    from duomodal.data.dataset import load_record_image
 
     try:
-        return load_image(prompt.record.path)
+        return load_record_image(prompt.record)
     except ValueError:
         return None
 

@@ -89,16 +89,17 @@ class TemplateMatcher:
     @classmethod
     def from_records(cls, records: Sequence[Record], size: int, log: Callable[[str], None]) -> TemplateMatcher:
         """One template per icon: its first training image by path (another split if it has none)."""
-        from duomodal.data.images import load_image, to_pil
+        from duomodal.data.dataset import load_record_image
+        from duomodal.data.images import to_pil
 
         chosen: dict[str, Record] = {}
-        for r in sorted(records, key=lambda r: (r.split != "train", str(r.path))):
+        for r in sorted(records, key=lambda r: (r.split != "train", r.location)):
             if r.labels.get("icon"):
                 chosen.setdefault(r.labels["icon"], r)
         icons, masks = [], []
         for icon, record in tqdm(sorted(chosen.items()), desc="shape templates", file=sys.stderr, leave=False):
             try:
-                image = load_image(record.path)
+                image = load_record_image(record)
             except ValueError as e:
                 log(f"skipped the template of {icon}: {e}")
                 continue

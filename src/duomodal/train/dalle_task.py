@@ -28,7 +28,8 @@ from tqdm import tqdm
 from duomodal.config import to_dict
 from duomodal.data.captions import CaptionAugmentConfig, augment_caption, insert_noise_tokens
 from duomodal.data.dataset import DataConfig
-from duomodal.data.images import ImageError, load_image, save_grid, to_tensor
+from duomodal.data.dataset import load_record_image
+from duomodal.data.images import ImageError, save_grid, to_tensor
 from duomodal.data.records import Record, load_records
 from duomodal.files import atomic_write_bytes, save_json
 from duomodal.modelfile import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
@@ -98,7 +99,7 @@ def dataset_fingerprint(records: list[Record], vae_id: str, image_size: int, bac
                               "background": background}).encode())
     for record in records:
         stat = record.path.stat() if record.path.exists() else None
-        entry = [str(record.path), stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1]
+        entry = [record.location, stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1]
         digest.update(json.dumps(entry).encode())
     return digest.hexdigest()
 
@@ -137,7 +138,7 @@ def encode_images(records: list[Record], vae: Any, vae_id: str, data: DataConfig
         pixels, rows = [], []
         for offset, record in enumerate(chunk):
             try:
-                image = load_image(record.path, data.background_rgb)
+                image = load_record_image(record, data.background_rgb)
             except ImageError as e:
                 log.warning("skipping %s", e)
                 readable[start + offset] = False
