@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from duomodal.data.stream import ShardStream, StreamBatch, StreamPosition
 from duomodal.train.distributed import DistInfo
 from duomodal.train.task import TrainTask
 
@@ -117,6 +118,92 @@ def grouped_order(indices: list[int], groups: list[Any], micro_batch: int, fract
     batches += [mixed[i : i + micro_batch] for i in range(0, len(mixed), micro_batch)]
     order = torch.randperm(len(batches), generator=generator).tolist()
     return [index for b in order for index in batches[b]]
+
+
+class _CollateStream:
+    """Collate a StreamBatch in the worker: (batch or None, kept, dropped, finished shards)."""
+
+    def __init__(self, collate: Any):
+        self.drop_none = DropNone(collate)
+
+    def __call__(self, batch: StreamBatch) -> tuple[Any, int, int, list[int]]:
+        if not batch.items:
+            return None, 0, 0, batch.finished
+        return (*self.drop_none(batch.items), batch.finished)
+
+
+class ShardBatchStream:
+    """BatchStream's twin for a ShardStream: endless micro-batches of this rank's shards, epoch after
+    epoch; `position` (a dict: epoch and finished shards) goes into checkpoints, and a stream made
+    with it goes on from the next unfinished shard."""
+
+    def __init__(self, dataset: ShardStream, task: TrainTask, micro_batch: int, info: DistInfo,
+                 seed: int, num_workers: int, position: dict[str, Any] | None = None):
+        self.dataset, self.task, self.micro_batch, self.info = dataset, task, micro_batch, info
+        self.seed, self.num_workers = seed, num_workers
+        self._position = StreamPosition.from_dict(position) if position else StreamPosition()
+        self._iterator: Iterator | None = None
+        self._kept_in_epoch = False
+
+    @property
+    def epoch(self) -> int:
+        return self._position.epoch
+
+    @property
+    def position(self) -> dict[str, Any]:
+        return self._position.to_dict()
+
+    @staticmethod
+    def merge(positions: list[dict[str, Any]]) -> dict[str, Any]:
+        """One position from the ranks' positions of a run with another process count: the earliest
+        epoch, and the shards finished in it by any rank."""
+        parsed = [StreamPosition.from_dict(p) for p in positions]
+        epoch = min(p.epoch for p in parsed)
+        done = frozenset().union(*(p.done for p in parsed if p.epoch == epoch))
+        return StreamPosition(epoch, done).to_dict()
+
+    def _open(self) -> Iterator:
+        stream = self.dataset
+        stream.seed, stream.rank, stream.world_size = self.seed, self.info.rank, self.info.world_size
+        stream.micro_batch, stream.position = self.micro_batch, self._position
+        workers = min(self.num_workers, max(1, len(stream.rank_shards(self._position.epoch))))
+        loader = DataLoader(stream, batch_size=None, collate_fn=_CollateStream(self.task.collate),
+                            num_workers=workers if self.num_workers else 0,
+                            pin_memory=self.info.device.type == "cuda")
+        return iter(loader)
+
+    def next(self) -> tuple[Any, int, int]:
+        """(batch, kept, dropped); micro-batches whose items were all unreadable are skipped."""
+        dropped_total = 0
+        while True:
+            if self._iterator is None:
+                self._iterator = self._open()
+                self._kept_in_epoch = False
+            try:
+                batch, kept, dropped, finished = next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+                if not self._kept_in_epoch and not self._position.done:  # a whole epoch, nothing usable
+                    raise ValueError(
+                        f"rank {self.info.rank} read a whole epoch of {self.dataset.shards.spec} without one "
+                        "usable micro-batch; give each process more shards or lower train.batch_size"
+                    ) from None
+                self._position = StreamPosition(self._position.epoch + 1)
+                continue
+            self._position = StreamPosition(self._position.epoch, self._position.done | frozenset(finished))
+            dropped_total += dropped
+            if kept:
+                self._kept_in_epoch = True
+                return batch, kept, dropped_total
+
+
+def make_batch_stream(dataset: Dataset, task: TrainTask, micro_batch: int, info: DistInfo, seed: int,
+                      num_workers: int, epoch: int = 0, position: Any = 0) -> BatchStream | ShardBatchStream:
+    """The batch stream for a training set: a ShardStream streams, any other dataset is sampled."""
+    if isinstance(dataset, ShardStream):
+        return ShardBatchStream(dataset, task, micro_batch, info, seed, num_workers,
+                                position if isinstance(position, dict) else None)
+    return BatchStream(dataset, task, micro_batch, info, seed, num_workers, epoch, position)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -25,6 +25,7 @@ from duomodal.config import ConfigError
 from duomodal.data.captions import CaptionAugmentConfig, augment_caption, insert_noise_tokens
 from duomodal.data.dataset import CaptionedImageDataset, DataConfig
 from duomodal.data.records import Record, filter_split, load_records
+from duomodal.data.stream import training_stream
 from duomodal.files import atomic_write_bytes
 from duomodal.models.clip import ClipConfig, ClipFeatures, ContrastiveClip, normalize_pixels, trim_padding
 from duomodal.text.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -170,6 +171,16 @@ def augment_image(image: torch.Tensor, augment: AugmentConfig, generator: torch.
     return image
 
 
+class AugmentItem:
+    """Applies `augment_image` to the "image" of an item (the streamed twin of AugmentedDataset)."""
+
+    def __init__(self, augment: AugmentConfig):
+        self.augment = augment
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        return {**item, "image": augment_image(item["image"], self.augment)}
+
+
 class AugmentedDataset(Dataset):
     """Applies `augment_image` to the "image" of each (non-None) item of a dataset."""
 
@@ -196,7 +207,7 @@ class ClipTask:
     kind = "clip"
 
     def __init__(self, config: ClipRunConfig, data_root: str | Path, tokenizer: Tokenizer | None = None):
-        self.data_root = Path(data_root)
+        self.data_root = str(data_root)  # a folder or a shard spec (a URL is no path)
         self.records = load_records(self.data_root, val_fraction=config.data.val_fraction)
         self.train_records = filter_split(self.records, "train")
         self.val_records = filter_split(self.records, "val")
@@ -266,9 +277,17 @@ class ClipTask:
         )
 
     def datasets(self) -> tuple[Dataset, Dataset | None]:
-        train = self._dataset(self.train_records, self.config.data.memory_cache_mb, augment=True)
-        if self.config.augment.crop_scale_min < 1.0 or self.config.augment.horizontal_flip:
-            train = AugmentedDataset(train, self.config.augment)
+        augment = self.config.augment.crop_scale_min < 1.0 or self.config.augment.horizontal_flip
+        tokenize = self._tokenize_augmented if self.config.captions.enabled else self._tokenize
+        train = training_stream(
+            self.data_root, len(self.train_records), self.config.model.image_size, tokenize,
+            self.config.data.background_rgb, self.config.data.val_fraction,
+            AugmentItem(self.config.augment) if augment else None,
+        )
+        if train is None:
+            train = self._dataset(self.train_records, self.config.data.memory_cache_mb, augment=True)
+            if augment:
+                train = AugmentedDataset(train, self.config.augment)
         val = self._dataset(self.val_records, self.config.data.memory_cache_mb) if self.val_records else None
         return train, val
 

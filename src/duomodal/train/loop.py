@@ -37,7 +37,7 @@ from tqdm import tqdm
 from duomodal.config import to_dict
 from duomodal.files import atomic_write_bytes, load_json, save_json
 from duomodal.modelfile import capture_rng_state, load_state_dict_strict, load_weights, read_config, restore_rng_state
-from duomodal.train.batches import BatchStream, to_device, val_batches
+from duomodal.train.batches import BatchStream, ShardBatchStream, make_batch_stream, to_device, val_batches
 from duomodal.train.checkpoints import (
     CHECKPOINTS_DIR,
     checkpoint_name,
@@ -141,7 +141,7 @@ class _Trainer:
     optimizer: torch.optim.Optimizer | MuonWithAdamW
     scaler: torch.amp.GradScaler | None  # fp16 only
     ema: _Ema | None
-    stream: BatchStream
+    stream: BatchStream | ShardBatchStream
     val_set: Dataset | None
 
     def __init__(self, task: TrainTask, config: TrainConfig, out_dir: Path, info: DistInfo,
@@ -231,8 +231,8 @@ class _Trainer:
             DistributedDataParallel(self.model, device_ids=[info.device] if info.device.type == "cuda" else None)
             if info.enabled else self.model
         )
-        self.stream = BatchStream(train_set, task, self.micro_batch, info, config.seed, config.num_workers,
-                                  epoch, position)
+        self.stream = make_batch_stream(train_set, task, self.micro_batch, info, config.seed, config.num_workers,
+                                        epoch, position)
         self._train()
         return self._finish()
 
@@ -286,6 +286,9 @@ class _Trainer:
         restore_rng_state(mine["rng"])
         if same_world:
             position = mine["position"]
+        elif isinstance(mine["position"], dict):  # streamed shards: go on from the shards any rank finished
+            torch.manual_seed(config.seed + 1000 * step + info.rank)
+            position = ShardBatchStream.merge([r["position"] for r in per_rank])
         else:
             # another process count: a fresh seed per rank, and the data order from the items
             # the whole run has used in this epoch
@@ -479,7 +482,8 @@ class _Trainer:
             state: dict[str, Any] = {
                 "step": self.step,
                 "epoch": self.stream.epoch,
-                "items_in_epoch": self.stream.position * self.micro_batch * info.world_size,
+                "items_in_epoch": (self.stream.position * self.micro_batch * info.world_size
+                                   if isinstance(self.stream, BatchStream) else 0),
                 "ranks": per_rank,
                 "optimizer": self.optimizer.state_dict(),
                 "dropped_total": self.dropped_total,

@@ -15,6 +15,7 @@ from duomodal.config import to_dict
 from duomodal.data.dataset import CaptionedImageDataset, DataConfig, open_split
 from duomodal.data.images import save_grid
 from duomodal.data.records import filter_split, load_records
+from duomodal.data.stream import ShardStream, training_stream
 from duomodal.evaluate.metrics import codebook_usage
 from duomodal.models.vae import KIND, DiscreteVAE, VAEConfig
 from duomodal.train.recipe import TrainConfig
@@ -44,9 +45,9 @@ class VAETask:
 
     def __init__(self, config: VAERunConfig, data_dir: str | os.PathLike):
         self.config = config
-        self.data_dir = Path(data_dir)
+        self.data_dir = str(data_dir)  # a folder or a shard spec (a URL is no path)
         self._sample_images: torch.Tensor | None = None
-        self._datasets: tuple[CaptionedImageDataset, CaptionedImageDataset | None] | None = None
+        self._datasets: tuple[CaptionedImageDataset | ShardStream, CaptionedImageDataset | None] | None = None
 
     def model_config(self) -> dict[str, Any]:
         return to_dict(self.config.model)
@@ -54,11 +55,14 @@ class VAETask:
     def build_model(self) -> DiscreteVAE:
         return DiscreteVAE(self.config.model)
 
-    def datasets(self) -> tuple[CaptionedImageDataset, CaptionedImageDataset | None]:
+    def datasets(self) -> tuple[CaptionedImageDataset | ShardStream, CaptionedImageDataset | None]:
         if self._datasets is None:
             data = self.config.data
             records = load_records(self.data_dir, data.val_fraction)
-            train = open_split(self.data_dir, data, "train", records=records)
+            train = training_stream(self.data_dir, len(filter_split(records, "train")), data.image_size,
+                                    background=data.background_rgb, val_fraction=data.val_fraction)
+            if train is None:
+                train = open_split(self.data_dir, data, "train", records=records)
             val = open_split(self.data_dir, data, "val", records=records)
             if len(train) == 0:
                 raise ValueError(f"{self.data_dir} has no training images (found {len(records)} captioned images)")
