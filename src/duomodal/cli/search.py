@@ -16,7 +16,9 @@ def _add_search_commands(sub: argparse._SubParsersAction) -> None:
         "build",
         help="index the images under DIR (resumes an interrupted build; under torchrun, shards the work)",
     )
-    build.add_argument("dir", metavar="DIR", help="directory of images (searched recursively)")
+    build.add_argument("dir", metavar="DIR",
+                       help="directory of images (searched recursively), or local WebDataset shards "
+                       "(a folder made by `duomodal data pack`, or a pattern such as shards/{00000..00099}.tar)")
     build.add_argument("--clip", required=True, metavar="CLIP_DIR", help="CLIP model directory")
     build.add_argument("--out", required=True, metavar="INDEX_DIR", help="index directory to write")
     _add_index_options(build)
@@ -184,10 +186,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
             groups = [(g.hit, g.duplicates) for g in search_grouped(index, vector, args.k, args.dedup)]
         else:
             groups = [(hit, []) for hit in index.search(vector, args.k)]
-        root = index.root
+        source = index.source
 
     def as_dict(hit) -> dict:
-        return {"id": hit.id, "score": round(hit.score, 6), "path": hit.path, "file": str(root / hit.path),
+        return {"id": hit.id, "score": round(hit.score, 6), "path": hit.path, "file": source.display(hit.path),
                 "width": hit.width, "height": hit.height, "caption": hit.caption}
 
     if args.json:
@@ -206,7 +208,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     print(f"{'rank':>4}  {'score':>7}  path")
     for rank, (hit, duplicates) in enumerate(groups, start=1):
         extra = f"  (+{len(duplicates)} near-duplicate{'s' if len(duplicates) != 1 else ''})" if duplicates else ""
-        print(f"{rank:>4}  {hit.score:>7.4f}  {root / hit.path}{extra}")
+        print(f"{rank:>4}  {hit.score:>7.4f}  {source.display(hit.path)}{extra}")
     return 0
 
 

@@ -173,7 +173,8 @@ def _group(url: str, members: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, 
 
 
 def _interpret(url: str, key: str, group: dict[str, tuple[str, Any]], val_fraction: float,
-               text_of: Callable[[Any], bytes]) -> tuple[str, tuple[str, ...], str, dict[str, str]] | Problem:
+               text_of: Callable[[Any], bytes],
+               require_caption: bool = True) -> tuple[str, tuple[str, ...], str, dict[str, str]] | Problem:
     """(image extension, captions, split, labels) of a sample, or the Problem that skips it."""
     where = f"{url}#{key}"
     image_ext = next((ext for ext in group if ext in _IMAGE_EXTS or ext.split(".")[-1] in _IMAGE_EXTS), None)
@@ -208,7 +209,7 @@ def _interpret(url: str, key: str, group: dict[str, tuple[str, Any]], val_fracti
         except ValueError as e:  # json.JSONDecodeError is a ValueError
             return Problem(where, MANIFEST, f"{group[ext][0]}: {e}")
     captions = list(dict.fromkeys(c for c in captions if c))
-    if not captions:
+    if not captions and require_caption:
         return Problem(where, NO_CAPTION, "no caption (no .txt or .json member with caption text)")
     return image_ext, tuple(captions), split or hash_split(key, val_fraction), labels
 
@@ -237,9 +238,10 @@ def _json_split(meta: dict[str, Any]) -> str | None:
     return split
 
 
-def index_shard(url: str, val_fraction: float = 0.05) -> Iterator[SampleOrProblem]:
+def index_shard(url: str, val_fraction: float = 0.05, require_caption: bool = True) -> Iterator[SampleOrProblem]:
     """The samples of a local uncompressed shard, images left on disk (offset and size recorded).
-    A shard that is not a readable tar yields one Problem and ends."""
+    A shard that is not a readable tar yields one Problem and ends. Without `require_caption`,
+    samples without captions are yielded too (with none)."""
     path = _local_path(url)
 
     def text_of(payload: tuple[int, int]) -> bytes:
@@ -253,7 +255,7 @@ def index_shard(url: str, val_fraction: float = 0.05) -> Iterator[SampleOrProble
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             members = ((m.name, (m.offset_data, m.size)) for m in _regular_members(tar))
             for key, group in _group(url, members):
-                found = _interpret(url, key, group, val_fraction, text_of)
+                found = _interpret(url, key, group, val_fraction, text_of, require_caption)
                 if isinstance(found, Problem):
                     yield found
                     continue

@@ -34,10 +34,11 @@ import torch
 from tqdm import tqdm
 
 from duomodal import __version__
-from duomodal.data.images import ImageError, load_image
+from duomodal.data.images import ImageError
 from duomodal.search.index import INDEX_TYPES, FaissParams, IndexLock, sync_vectors, vector_store_spec
 from duomodal.search.plan import BuildReport, SkipCallback, plan_run, skip_file
 from duomodal.search.query import Embedder
+from duomodal.search.sources import FolderSource, ShardSource, open_source, resolve_root
 from duomodal.search.shards import Distributed, merge_shards, write_records, write_shard
 from duomodal.search.store import IndexStoreError, MetadataStore, ModelMismatchError, NewImage, PendingFile
 
@@ -72,13 +73,12 @@ def build_index(
     on_skip: SkipCallback | None = None,
     progress: bool = True,
 ) -> BuildReport:
-    """Index the images under `root` into `index_dir` (created, or resumed/updated if it exists)."""
-    root = Path(root).resolve()
-    if not root.is_dir():
-        raise IndexStoreError(f"{root} is not a directory of images")
+    """Index the images under `root` (a folder, or local WebDataset shards: a packed folder or a
+    pattern) into `index_dir` (created, or resumed/updated if it exists)."""
+    root = resolve_root(root)
     options = options or BuildOptions()
     meta = {
-        "root": str(root),
+        "root": root,
         "clip_model_id": embedder.model_id,
         "clip_path": str(Path(clip_path).resolve()) if clip_path else "",
         "dim": str(embedder.dim),
@@ -130,8 +130,9 @@ def _run(
     report = report or BuildReport(root, index_dir)
     try:
         batch_size = (options or BuildOptions()).batch_size
+        source = open_source(root, index_dir)
         with contextlib.closing(MetadataStore.open(index_dir)) as store:
-            _embed_pending(store, root, index_dir, embedder, batch_size, dist, report, on_skip, progress)
+            _embed_pending(store, source, index_dir, embedder, batch_size, dist, report, on_skip, progress)
         shares = dist.gather((report.embedded, report.reused, report.skipped))  # a barrier: shards are written
         if dist.rank == 0:
             if dist.world_size > 1:
@@ -169,9 +170,9 @@ def _prepare(
     lock = IndexLock(index_dir)
     try:
         with contextlib.closing(_open_for_run(index_dir, embedder, options, create_meta)) as store:
-            report = BuildReport(Path(store.get_meta("root")), index_dir)
+            report = BuildReport(store.get_meta("root"), index_dir)
             merge_shards(store, index_dir, embedder.dim)
-            plan_run(store, report.root, index_dir, report, on_skip, progress)
+            plan_run(store, open_source(report.root, index_dir), report, on_skip, progress)
     except BaseException:
         lock.release()
         raise
@@ -216,7 +217,7 @@ def _open_for_run(
 
 def _embed_pending(
     store: MetadataStore,
-    root: Path,
+    source: FolderSource | ShardSource,
     index_dir: Path,
     embedder: Embedder,
     batch_size: int,
@@ -230,7 +231,7 @@ def _embed_pending(
     desc = "embedding" if dist.world_size == 1 else f"embedding (rank {dist.rank})"
     bar = tqdm(total=share, desc=desc, unit="img", disable=not progress)
     for number, files in enumerate(store.iter_pending(dist.rank, dist.world_size, chunk=batch_size)):
-        records = _embed_batch(store, root, files, embedder, report, on_skip)
+        records = _embed_batch(store, source, files, embedder, report, on_skip)
         if dist.world_size == 1:
             write_records(store, records, [f.path for f in files])
         elif records:
@@ -241,7 +242,7 @@ def _embed_pending(
 
 def _embed_batch(
     store: MetadataStore,
-    root: Path,
+    source: FolderSource | ShardSource,
     files: list[PendingFile],
     embedder: Embedder,
     report: BuildReport,
@@ -264,7 +265,7 @@ def _embed_batch(
             copies.append((pending, first_of[pending.sha256]))
             continue
         try:
-            image = load_image(root / pending.path)
+            image = source.load_image(pending.path)
         except ImageError as e:
             skip_file(report, on_skip, pending.path, e.reason)
             continue

@@ -33,6 +33,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from duomodal.search.sources import FolderSource, ShardSource, open_source
 from duomodal.search.store import IndexStoreError, MetadataStore, ModelMismatchError
 
 INDEX_TYPES = ("flat", "hnsw", "ivf")
@@ -307,6 +308,7 @@ class ImageIndex:
         self._vectors = vectors  # FaissVectors or milvus.MilvusVectors: count, index_type, search, close
         self._meta = store.meta()
         self._seq = store.last_change()
+        self._source: FolderSource | ShardSource | None = None
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike, progress: Callable | None = None) -> ImageIndex:
@@ -410,9 +412,23 @@ class ImageIndex:
         return np.stack([found[int(i)] for i in ids]) if ids else np.zeros((0, self.dim), np.float32)
 
     def file_path(self, image_id: int) -> Path | None:
-        """The absolute path of an indexed image (None if the id is unknown)."""
+        """The absolute path of an indexed image (None if the id is unknown or is a shard member)."""
         hit = self.get(image_id)
-        return None if hit is None else self.root / hit.path
+        return None if hit is None else self.source.file_path(hit.path)
+
+    @property
+    def source(self) -> FolderSource | ShardSource:
+        """Where the indexed images are (a folder, or shards whose members `read_image_bytes` reads)."""
+        if self._source is None:
+            self._source = open_source(self._meta["root"], self.index_dir)
+        return self._source
+
+    def read_image_bytes(self, path: str) -> bytes:
+        """The bytes of an indexed image by its recorded path; OSError when it is gone."""
+        file = self.source.file_path(path)
+        if file is not None:
+            return file.read_bytes()
+        return self.source.read_bytes(path)
 
     def is_stale(self) -> bool:
         """True when the store has changed since this index was opened (open it again)."""

@@ -4,7 +4,8 @@ images themselves and their thumbnails, by id only."""
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from pathlib import PurePosixPath
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Path, Query, UploadFile
 from fastapi.responses import FileResponse, Response
@@ -118,6 +119,8 @@ def make_search_router(state: ServerState) -> APIRouter:
         if hit is None:
             raise _unknown_id(image_id)
         path = state.file_path(index, hit.path)
+        if path is None:  # a shard member
+            return _member_response(state, index, image_id, hit.path)
         if not path.is_file():
             raise HTTPException(
                 status_code=404,
@@ -143,7 +146,7 @@ def make_search_router(state: ServerState) -> APIRouter:
             if hit is None:
                 raise _unknown_id(image_id)
             try:
-                image = read_image_file(state.file_path(index, hit.path))
+                image = state.read_image(index, hit.path)
             except (OSError, ValueError) as e:
                 raise HTTPException(
                     status_code=404, detail=f"image {image_id} can't be read: {e}"
@@ -154,3 +157,23 @@ def make_search_router(state: ServerState) -> APIRouter:
         return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=300"})
 
     return router
+
+
+def _member_response(state: ServerState, index: Any, image_id: int, recorded: str) -> Response:
+    """An indexed shard member as is (or as PNG when a browser can't show its type)."""
+    try:
+        data = index.read_image_bytes(recorded)
+    except OSError:
+        raise HTTPException(
+            status_code=404,
+            detail=f"image {image_id} is in the index but its shard member is gone: "
+            "run `duomodal index update` on the index",
+        ) from None
+    media_type = browser_media_type(PurePosixPath(recorded))
+    if media_type is not None:
+        return Response(data, media_type=media_type)
+    try:
+        png = encode_png(state.read_image(index, recorded))
+    except (OSError, ValueError) as e:
+        raise HTTPException(status_code=404, detail=f"image {image_id} can't be read: {e}") from e
+    return Response(png, media_type="image/png")

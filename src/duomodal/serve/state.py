@@ -26,9 +26,10 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from duomodal.data.images import load_image_bytes
 from duomodal.search.query import parse_query, query_vector
 from duomodal.serve.jobs import JobControl, JobOutput, JobQueue
-from duomodal.serve.media import MAX_UPLOAD_BYTES, ThumbnailCache
+from duomodal.serve.media import MAX_UPLOAD_BYTES, ThumbnailCache, read_image_file
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,19 @@ class ServerState:
     def image_vector(self, image: Image.Image) -> np.ndarray:
         return query_vector(self.embedder, texts=[], images=[(1.0, image)])
 
-    def file_path(self, index: Any, recorded: str) -> Path:
-        """Where an indexed file is: its recorded path, relative paths taken from the index root."""
+    def file_path(self, index: Any, recorded: str) -> Path | None:
+        """Where an indexed file is: its recorded path, relative paths taken from the index root;
+        None for a member of a shard (read it with `index.read_image_bytes`)."""
+        source = getattr(index, "source", None)
+        if source is not None and source.file_path(recorded) is None:
+            return None
         path = Path(recorded)
         return path if path.is_absolute() else Path(index.root) / path
+
+    def read_image(self, index: Any, recorded: str) -> Image.Image:
+        """An indexed image as RGB, from its file or shard member; ImageError (a ValueError) or
+        OSError when it is gone or unreadable."""
+        path = self.file_path(index, recorded)
+        if path is not None:
+            return read_image_file(path)
+        return load_image_bytes(index.read_image_bytes(recorded), recorded)
