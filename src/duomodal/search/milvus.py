@@ -202,6 +202,8 @@ def _apply_changes(client, collection: str, store: MetadataStore, dim: int, afte
             client.delete(collection, ids=gone)
         if vectors:
             client.upsert(collection, [{"id": i, "vector": v.tolist()} for i, v in sorted(vectors.items())])
+    if ids:
+        client.flush(collection)  # seal what was written: unsealed rows are searched without the index
 
 
 def _rebuild(client, collection: str, store: MetadataStore, owner: str, dim: int, index_type: str,
@@ -222,5 +224,6 @@ def _rebuild(client, collection: str, store: MetadataStore, owner: str, dim: int
         client.insert(collection, [{"id": int(i), "vector": v.tolist()} for i, v in zip(ids, vectors)])
         if bar is not None:
             bar.update(len(ids))
+    client.flush(collection)  # seal and index the segments (milvus-lite brute-forces unsealed rows in Python)
     if bar is not None:
         bar.close()
