@@ -38,8 +38,8 @@ from duomodal.data.images import ImageError
 from duomodal.search.index import INDEX_TYPES, FaissParams, IndexLock, sync_vectors, vector_store_spec
 from duomodal.search.plan import BuildReport, SkipCallback, plan_run, skip_file
 from duomodal.search.query import Embedder
-from duomodal.search.sources import FolderSource, ShardSource, open_source, resolve_root
 from duomodal.search.shards import Distributed, merge_shards, write_records, write_shard
+from duomodal.search.sources import FolderSource, ShardSource, open_source, resolve_root
 from duomodal.search.store import IndexStoreError, MetadataStore, ModelMismatchError, NewImage, PendingFile
 
 __all__ = ["BuildOptions", "BuildReport", "build_index", "update_index"]

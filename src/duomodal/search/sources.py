@@ -77,7 +77,6 @@ class FolderSource:
     def __init__(self, root: Path, index_dir: Path):
         self.root = root
         self.index_dir = index_dir.resolve()
-        self._manifest: dict[str, str] | None = None
 
     def files(self) -> Iterator[SourceFile | Unreadable]:
         manifest = read_caption_manifest(self.root)
