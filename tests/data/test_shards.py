@@ -74,6 +74,7 @@ def test_pack_keeps_splits_captions_and_labels_of_the_icon_dataset(tmp_path, cap
     for record in packed[:: max(1, len(packed) // 5)]:
         assert record.member is not None and record.location.startswith(str(tmp_path / "packed"))
         assert load_record_image(record).tobytes() == load_record_image(by_caption[record.captions]).tobytes()
+    assert (tmp_path / "packed" / "dataset.json").read_text() == (icons / "dataset.json").read_text()
     manifest = json.loads((tmp_path / "packed" / SHARD_MANIFEST).read_text())
     assert manifest["counts"] == {s: n for s, n in counts.items() if n}
     shards = open_shards(tmp_path / "packed")

@@ -390,7 +390,7 @@ def pack_dataset(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
                  val_fraction: float = 0.05, on_skip: Callable[[str, str], None] | None = None) -> dict[str, Any]:
     """Write the captioned images of the folder dataset `source` as shards in `out`, one series per
     split (``train-000000.tar``...), each sample's split, captions and labels in its ``.json``, then
-    ``shards.json``. Images are copied byte for byte (not decoded; `duomodal data check` checks
+    ``shards.json`` (and an icon dataset's ``dataset.json``). Images are copied byte for byte (not decoded; `duomodal data check` checks
     them); a file that cannot be read is skipped (`on_skip(path, reason)`) and counted. Every shard
     is written atomically and ``shards.json`` last, so an interrupted pack leaves no half shard and
     is simply run again. Returns counts per split, shards per split and skipped."""
@@ -428,6 +428,10 @@ def pack_dataset(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
         names[split], counts[split] = writer.close(), writer.count
     manifest = {"version": MANIFEST_VERSION, "source": str(source), "shard_size": shard_size,
                 "splits": {s: n for s, n in names.items() if n}, "counts": {s: c for s, c in counts.items() if c}}
+    from duomodal.data.icons import SUMMARY_FILE
+
+    if (source / SUMMARY_FILE).is_file():  # an icon dataset's summary (its palette): evaluation reads it
+        atomic_write_text(out / SUMMARY_FILE, (source / SUMMARY_FILE).read_text(encoding="utf-8"))
     atomic_write_text(out / SHARD_MANIFEST, json.dumps(manifest, indent=2) + "\n")
     listed = {n for series in names.values() for n in series}
     for stale in out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):  # left by an earlier, larger pack
