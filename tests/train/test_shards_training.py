@@ -66,3 +66,10 @@ def test_train_resume_and_evaluate_from_shards(shape_dataset, tmp_path, capsys):
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["data"]["counts"] == {"train": 19, "val": 5, "heldout": 0} == summary["counts"]
     assert metrics["skipped_images"] == [] and metrics["vae"]["images"] == 5 and metrics["vae"]["psnr_db"] > 0
+
+
+def test_positions_of_another_process_count_merge_at_the_earliest_epoch():
+    from duomodal.train.batches import ShardBatchStream
+
+    positions = [{"epoch": 2, "done": [4, 1]}, {"epoch": 2, "done": [3]}, {"epoch": 3, "done": [0]}]
+    assert ShardBatchStream.merge(positions) == {"epoch": 2, "done": [1, 3, 4]}
