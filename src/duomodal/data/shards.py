@@ -459,7 +459,8 @@ class _ShardSeries:
             name = f"{self.split}-{len(self.names):06d}.tar"
             self._tmp = self.out / f".{name}.{os.getpid()}.tmp"
             self._file = open(self._tmp, "wb")
-            self._writer = webdataset.TarWriter(self._file, encoder=False, mtime=0.0)
+            # an int mtime: a float one makes tarfile add a pax header to every member (twice the parsing)
+            self._writer = webdataset.TarWriter(self._file, encoder=False, mtime=0)
             self.names.append(name)
         self._writer.write({"__key__": key, **members})
         self.count += 1

@@ -118,9 +118,10 @@ def _run(
     dist = Distributed.from_env()
     lock = None
     report = None
+    source = None
     if dist.rank == 0:
         try:
-            lock, report = _prepare(index_dir, embedder, options, create_meta, on_skip, progress)
+            lock, report, source = _prepare(index_dir, embedder, options, create_meta, on_skip, progress)
         except BaseException as e:
             dist.broadcast((f"rank 0 failed: {e}", None))  # let the other ranks stop too
             raise
@@ -130,7 +131,7 @@ def _run(
     report = report or BuildReport(root, index_dir)
     try:
         batch_size = (options or BuildOptions()).batch_size
-        source = open_source(root, index_dir)
+        source = source or open_source(root, index_dir)  # rank 0 goes on with the source it planned with
         with contextlib.closing(MetadataStore.open(index_dir)) as store:
             _embed_pending(store, source, index_dir, embedder, batch_size, dist, report, on_skip, progress)
         shares = dist.gather((report.embedded, report.reused, report.skipped))  # a barrier: shards are written
@@ -162,7 +163,7 @@ def _prepare(
     create_meta: dict[str, str] | None,
     on_skip: SkipCallback | None,
     progress: bool,
-) -> tuple[IndexLock, BuildReport]:
+) -> tuple[IndexLock, BuildReport, FolderSource | ShardSource]:
     """Rank 0: lock the index, check it fits this run, merge leftover shards, plan the work."""
     if create_meta is None:
         MetadataStore.open(index_dir).close()  # a clear error when there is no index
@@ -172,11 +173,12 @@ def _prepare(
         with contextlib.closing(_open_for_run(index_dir, embedder, options, create_meta)) as store:
             report = BuildReport(store.get_meta("root"), index_dir)
             merge_shards(store, index_dir, embedder.dim)
-            plan_run(store, open_source(report.root, index_dir), report, on_skip, progress)
+            source = open_source(report.root, index_dir)
+            plan_run(store, source, report, on_skip, progress)
     except BaseException:
         lock.release()
         raise
-    return lock, report
+    return lock, report, source
 
 
 def _open_for_run(
