@@ -99,7 +99,7 @@ def bench_shards(data: Path, work: Path, embedder, clip_dir: Path, options, shar
     every image recognised by content, none embedded again."""
     import time
 
-    from duomodal.data.shards import pack_dataset
+    from duomodal.data.pack import pack_dataset
     from duomodal.search.build import build_index, update_index
 
     started = time.perf_counter()

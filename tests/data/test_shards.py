@@ -15,8 +15,9 @@ from torch.utils.data import DataLoader
 
 from duomodal.cli import main
 from duomodal.data.dataset import CaptionedImageDataset, load_record_image
+from duomodal.data.pack import pack_dataset
 from duomodal.data.records import DatasetError, load_records
-from duomodal.data.shards import SHARD_MANIFEST, open_shards, pack_dataset
+from duomodal.data.shards import SHARD_MANIFEST, open_shards
 from duomodal.data.stream import ShardStream, StreamPosition
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from duomodal.data.shards import pack_dataset
+from duomodal.data.pack import pack_dataset
 from duomodal.search.build import build_index
 from duomodal.search.index import ImageIndex
 from duomodal.train.checkpoints import list_checkpoints, load_checkpoint_state

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from duomodal.data.shards import pack_dataset
+from duomodal.data.pack import pack_dataset
 from duomodal.search.build import BuildOptions, build_index, update_index
 from duomodal.search.index import ImageIndex
 from duomodal.search.query import parse_query, query_vector

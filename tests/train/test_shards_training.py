@@ -7,7 +7,8 @@ import json
 import pytest
 
 from duomodal.cli import main
-from duomodal.data.shards import open_shards, pack_dataset
+from duomodal.data.pack import pack_dataset
+from duomodal.data.shards import open_shards
 from duomodal.train.checkpoints import list_checkpoints, load_checkpoint_state
 
 pytestmark = pytest.mark.timeout(120)

@@ -145,7 +145,7 @@ def _add_data_pack(data_sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_data_pack(args: argparse.Namespace) -> int:
-    from duomodal.data.shards import pack_dataset
+    from duomodal.data.pack import pack_dataset
 
     summary = pack_dataset(args.dir, args.out, args.shard_size, args.val_fraction,
                            on_skip=lambda path, reason: print(f"skipped {path}: {reason}", file=sys.stderr))
