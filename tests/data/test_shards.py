@@ -96,6 +96,10 @@ def test_img2dataset_shards_by_pattern_and_by_pipe_url(tmp_path):
     assert all(r.member.offset == -1 for r in piped)  # streamed: no random access
     with pytest.raises(Exception, match="is in a remote shard, which is read as a stream only"):
         load_record_image(piped[0])
+    stream = ShardStream(open_shards(f"pipe:cat {tmp_path / 'shards'}/{{00000..00001}}.tar"), "train", 0, 8,
+                         val_fraction=0.2)
+    streamed = sorted(item["caption"] for batch in stream for item in batch.items)  # training reads remote shards
+    assert streamed == sorted(r.captions[0] for r in piped if r.split == "train")
 
 
 def test_spec_errors_name_the_problem(tmp_path):
