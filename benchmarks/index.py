@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import sys
@@ -49,15 +50,20 @@ def quick_random_clip(directory: Path, data: Path) -> Path:
 
 
 def linked_subset(data: Path, out: Path, limit: int) -> Path:
-    """The first `limit` images of `data` (sorted) as symlinks under `out`, with the caption manifest."""
+    """The first `limit` images of `data` (sorted) as hard links under `out` (copies across file
+    systems; symlinks would lead outside `out`, which the indexer skips), with the caption manifest."""
     from duomodal.search.sources import iter_image_files
 
     out.mkdir(parents=True)
-    for n, (relative, path) in enumerate(iter_image_files(data)):
+    usable = (entry for entry in iter_image_files(data) if entry.skip_reason is None)
+    for n, entry in enumerate(usable):
         if n >= limit:
             break
-        (out / relative).parent.mkdir(parents=True, exist_ok=True)
-        (out / relative).symlink_to(path.resolve())
+        (out / entry.relative).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(entry.path.resolve(), out / entry.relative)
+        except OSError:
+            shutil.copy2(entry.path.resolve(), out / entry.relative)
     if (data / "captions.jsonl").exists():
         shutil.copy(data / "captions.jsonl", out / "captions.jsonl")
     return out

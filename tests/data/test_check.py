@@ -71,6 +71,10 @@ def test_check_reports_every_bad_item(messy_dataset, capsys):
         "  unreadable or corrupt images: 2",
         "  zero-byte files:              1",
         "  images over the pixel limit:  1",
+        "  degenerate or sliver images:  0",
+        "  pipes, devices, sockets:      0",
+        "  links out of the folder:      0",
+        "  files over the size cap:      0",
         "  duplicate files:              1",
         "  manifest problems:            0",
         "usable: 3 captioned images decode and can be used for training",
@@ -83,8 +87,8 @@ def test_check_json(messy_dataset, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["images"] == 8 and report["usable_images"] == 3 and report["usable"] is True
     assert report["problem_counts"] == {
-        "no-caption": 1, "orphan-caption": 1, "unreadable": 2, "empty": 1, "too-large": 1, "duplicate": 1,
-        "manifest": 0,
+        "no-caption": 1, "orphan-caption": 1, "unreadable": 2, "empty": 1, "too-large": 1, "degenerate": 0,
+        "special-file": 0, "outside-root": 0, "oversized-file": 0, "duplicate": 1, "manifest": 0,
     }
     assert report["problems"][0] == {
         "path": "broken.png", "kind": "unreadable",

@@ -58,19 +58,23 @@ class DataConfig:
 
 
 def load_record_image(
-    record: Record, background: tuple[int, int, int] = WHITE, max_pixels: int = DEFAULT_MAX_PIXELS
+    record: Record,
+    background: tuple[int, int, int] = WHITE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    draft_size: int | None = None,
 ) -> Image.Image:
-    """A record's image, from its file or its shard member, checked and decoded like `load_image`;
-    raises ImageError naming where it is and why it cannot be used."""
+    """A record's image, from its file or its shard member, checked and decoded like `load_image`
+    (`draft_size` as there); raises ImageError naming where it is and why it cannot be used."""
     if record.member is None:
-        return load_image(record.path, background, max_pixels)
+        return load_image(record.path, background, max_pixels, draft_size=draft_size)
     from duomodal.data.shards import read_member
 
     try:
         data = read_member(record)
     except (OSError, ValueError) as e:
         raise ImageError(record.location, f"cannot read shard member ({e})") from None
-    return load_image_bytes(data, record.location, background, max_pixels)
+    return load_image_bytes(data, record.location, background, max_pixels, draft_size=draft_size)
 
 
 class CaptionedImageDataset(Dataset):
@@ -105,7 +109,8 @@ class CaptionedImageDataset(Dataset):
             return pixels.float().div_(255.0)
         record = self.records[index]
         try:
-            image = to_tensor(load_record_image(record, self.background, self.max_pixels), self.image_size)
+            image = load_record_image(record, self.background, self.max_pixels, draft_size=self.image_size)
+            image = to_tensor(image, self.image_size)
         except ImageError as e:
             if index not in self._reported:
                 self._reported.add(index)

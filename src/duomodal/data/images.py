@@ -1,8 +1,10 @@
 """Reading user images safely and turning them into tensors and back.
 
-`load_image` is the one door through which duomodal reads an image file: it refuses empty files,
-non-images and images whose header claims more pixels than a limit (a decompression bomb) before
-decoding anything, decodes fully (so a truncated file fails here, not halfway through training),
+`load_image` (a file) and `load_image_bytes` (bytes: an upload, a shard member) are the one door
+through which duomodal reads an image: they open only regular files under a size cap, refuse empty
+files, non-images, and images whose header claims more pixels than a limit (a decompression bomb) or
+an extreme aspect ratio (a few bytes that claim 20,000,000 x 1 pixels) before decoding anything,
+decode fully (so a truncated file fails here, not halfway through training),
 applies the EXIF orientation, takes the first frame of an animation, and normalises every mode to
 RGB (transparency composited on a background colour, palette/grey/CMYK/16-bit converted).
 """
@@ -16,17 +18,22 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
-from duomodal.files import atomic_write_bytes
+from duomodal.files import UnsafeFileError, atomic_write_bytes, open_regular
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # 50 megapixels: a 7000x7000 photo passes; decoding it takes ~150 MB. Pillow's own guard also applies
 # (it refuses more than 2 * Image.MAX_IMAGE_PIXELS, about 179 megapixels, before we see the header).
 DEFAULT_MAX_PIXELS = 50_000_000
+# Panoramas and banners are at most ~10:1; beyond 20:1 the centre square that every model sees is a
+# sliver of the image, and a header of 20,000,000 x 1 is an attack, not a picture.
+DEFAULT_MAX_ASPECT = 20.0
+DEFAULT_MAX_FILE_BYTES = 256 * 2**20  # a 50-megapixel PNG is at most ~150 MB
 WHITE = (255, 255, 255)
 # The only decoders Pillow may use, whatever a file's name says: a TIFF, PSD or EPS (which Pillow
 # hands to Ghostscript) renamed .png is refused. ("JPEG" also opens the multi-picture MPO files of
@@ -37,6 +44,8 @@ PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF")
 EMPTY = "empty"
 UNREADABLE = "unreadable"
 TOO_LARGE = "too-large"
+DEGENERATE = "degenerate"  # no pixels, or an extreme aspect ratio
+SPECIAL_FILE = "special-file"  # a named pipe, device or socket under an image's name
 
 _PIL_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
@@ -80,19 +89,33 @@ def load_image(
     path: str | os.PathLike,
     background: tuple[int, int, int] = WHITE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    draft_size: int | None = None,
 ) -> Image.Image:
     """Open, check, fully decode and normalise one image file to an RGB PIL image.
 
-    Raises ImageError (kind EMPTY, TOO_LARGE or UNREADABLE) naming the file and the reason.
+    Only a regular file of at most `max_bytes` is opened (a named pipe or a link to a device is
+    refused without blocking); the header's size must stay within `max_pixels` and `max_aspect`
+    before anything is decoded, so one decode holds at most about 4 * max_pixels bytes. With
+    `draft_size`, a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale whose sides are still at
+    least `draft_size` (for callers that only need that many pixels: training, thumbnails).
+    Raises ImageError (kind EMPTY, TOO_LARGE, DEGENERATE, SPECIAL_FILE or UNREADABLE) naming the
+    file and the reason.
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        file = open_regular(path, max_bytes)
+    except UnsafeFileError as e:
+        kind = SPECIAL_FILE if e.reason.startswith("not a regular file") else TOO_LARGE
+        raise ImageError(path, e.reason, kind) from None
     except OSError as e:
         raise ImageError(path, f"cannot read file ({e.strerror or e})") from None
-    if size == 0:
-        raise ImageError(path, "empty file (0 bytes)", EMPTY)
-    return _decode(path, path, background, max_pixels)
+    with file:
+        if os.fstat(file.fileno()).st_size == 0:
+            raise ImageError(path, "empty file (0 bytes)", EMPTY)
+        return _decode(file, path, background, max_pixels, max_aspect, draft_size)
 
 
 def load_image_bytes(
@@ -100,22 +123,47 @@ def load_image_bytes(
     name: str,
     background: tuple[int, int, int] = WHITE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+    draft_size: int | None = None,
 ) -> Image.Image:
-    """`load_image` for an image held in memory (a member of a tar shard); `name` says where it is
-    from in errors. Same checks, same normalisation, same ImageError kinds."""
+    """`load_image` for an image held in memory (an upload, a member of a tar shard); `name` says
+    where it is from in errors. Same checks, same normalisation, same ImageError kinds."""
     if not data:
         raise ImageError(name, "empty file (0 bytes)", EMPTY)
-    return _decode(io.BytesIO(data), Path(name), background, max_pixels)
+    return _decode(io.BytesIO(data), name, background, max_pixels, max_aspect, draft_size)
+
+
+def check_dimensions(name: str | os.PathLike, width: int, height: int, max_pixels: int, max_aspect: float) -> None:
+    """Raise ImageError (TOO_LARGE or DEGENERATE) unless a width x height image may be decoded."""
+    if width < 1 or height < 1:
+        raise ImageError(name, f"image header claims {width}x{height} pixels: no pixels to use", DEGENERATE)
+    if width * height > max_pixels:
+        raise ImageError(name, _too_large_reason(width * height, max_pixels, (width, height)), TOO_LARGE)
+    aspect = max(width, height) / min(width, height)
+    if aspect > max_aspect:
+        raise ImageError(
+            name,
+            f"image is {width}x{height} pixels, an aspect ratio of {aspect:.0f}:1, over the limit of "
+            f"{max_aspect:g}:1 (a square crop of it would hold almost nothing); crop it first",
+            DEGENERATE,
+        )
 
 
 def _decode(
-    source: Path | io.BytesIO, path: Path, background: tuple[int, int, int], max_pixels: int
+    file: BinaryIO,
+    name: str | os.PathLike,
+    background: tuple[int, int, int],
+    max_pixels: int,
+    max_aspect: float,
+    draft_size: int | None,
 ) -> Image.Image:
     try:
-        with Image.open(source, formats=PILLOW_FORMATS) as image:
+        with Image.open(file, formats=PILLOW_FORMATS) as image:
             width, height = image.size  # from the header: nothing is decoded yet
-            if width * height > max_pixels:
-                raise ImageError(path, _too_large_reason(width * height, max_pixels, (width, height)), TOO_LARGE)
+            check_dimensions(name, width, height, max_pixels, max_aspect)
+            if draft_size is not None and image.format == "JPEG":
+                image.draft(None, (draft_size, draft_size))
             image.load()  # the first frame of an animation; raises on truncated or corrupt data
             image = _exif_transpose(image)
             return to_rgb(image, background)
@@ -125,15 +173,15 @@ def _decode(
         found = _PIL_BOMB_PIXELS.search(str(e))
         pixels = int(found.group(1)) if found else None
         limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or 0)) or max_pixels
-        raise ImageError(path, _too_large_reason(pixels, limit), TOO_LARGE) from None
+        raise ImageError(name, _too_large_reason(pixels, limit), TOO_LARGE) from None
     except UnidentifiedImageError:
-        raise ImageError(path, "not an image Pillow can read (JPEG, PNG, WebP, BMP or GIF)") from None
+        raise ImageError(name, "not an image Pillow can read (JPEG, PNG, WebP, BMP or GIF)") from None
+    except MemoryError:
+        raise ImageError(name, "decoding it needs more memory than is free", TOO_LARGE) from None
     except OSError as e:
-        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
-            raise ImageError(path, f"cannot read file ({e.strerror or e})") from None
-        raise ImageError(path, f"corrupt or truncated image data: {e}") from None
+        raise ImageError(name, f"corrupt or truncated image data: {e}") from None
     except Exception as e:  # noqa: BLE001 - a corrupt file can make any decoder raise anything
-        raise ImageError(path, f"corrupt image data: {type(e).__name__}: {e}") from None
+        raise ImageError(name, f"corrupt image data: {type(e).__name__}: {e}") from None
 
 
 def _too_large_reason(pixels: int | None, limit: int, size: tuple[int, int] | None = None) -> str:
@@ -194,13 +242,19 @@ def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
         raise ValueError(f"image size must be at least 1, got {size}")
     image = to_rgb(image)
     if image.size != (size, size):
+        # The centre square is cut out of the source and only it is resized: the memory is that of
+        # the size x size result whatever the aspect ratio (scaling a 20000x1 image's short side up
+        # to `size` first would allocate gigabytes).
         width, height = image.size
         scale = size / min(width, height)
         resized = (max(size, round(width * scale)), max(size, round(height * scale)))
-        image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=3.0)
         left = (resized[0] - size) // 2
         top = (resized[1] - size) // 2
-        image = image.crop((left, top, left + size, top + size))
+        if scale == 1:
+            image = image.crop((left, top, left + size, top + size))
+        else:
+            box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
+            image = image.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
     array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)  # (3, S, S)
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import logging
 import os
 import unicodedata
 from collections.abc import Iterable
@@ -29,8 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from duomodal.data.images import IMAGE_EXTENSIONS, is_image_path
+from duomodal.data.images import DEFAULT_MAX_FILE_BYTES, IMAGE_EXTENSIONS, SPECIAL_FILE, UNREADABLE, is_image_path
+from duomodal.data.walk import (
+    MAX_CAPTION_FILE_BYTES,
+    MAX_MANIFEST_BYTES,
+    OUTSIDE_ROOT,
+    OVERSIZED_FILE,
+    check_file,
+    walk_files,
+)
+from duomodal.files import UnsafeFileError, read_regular
 
+log = logging.getLogger(__name__)
 JSONL_MANIFEST = "captions.jsonl"
 CSV_MANIFEST = "captions.csv"
 SPLITS = ("train", "val", "heldout")
@@ -42,6 +54,8 @@ _FALSE = ("false", "0", "no", "")
 NO_CAPTION = "no-caption"
 ORPHAN_CAPTION = "orphan-caption"
 MANIFEST = "manifest"
+# Files the walk refuses to read (walk.py): logged and left out by load_records.
+UNSAFE_KINDS = (SPECIAL_FILE, OUTSIDE_ROOT, OVERSIZED_FILE, UNREADABLE)
 
 
 class DatasetError(ValueError):
@@ -125,21 +139,27 @@ def hash_split(relative: str, val_fraction: float) -> str:
     return "val" if position < val_fraction else "train"
 
 
-def find_files(root: Path) -> tuple[list[str], list[str]]:
-    """(image paths, .txt paths) relative to `root`, sorted; hidden files and folders skipped."""
+def find_files(root: Path, skipped: list[Problem] | None = None) -> tuple[list[str], list[str]]:
+    """(image paths, .txt paths) relative to `root`, sorted; hidden files and folders skipped.
+    Files that must not be read (special files, links out of `root`, over the size caps) are left
+    out, each added to `skipped` as a Problem naming why."""
     images: list[str] = []
     texts: list[str] = []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        relative_folder = os.path.relpath(folder, root)
-        for name in files:
-            if name.startswith("."):
-                continue
-            relative = name if relative_folder == "." else f"{relative_folder}/{name}".replace(os.sep, "/")
-            if is_image_path(name):
-                images.append(relative)
-            elif name.lower().endswith(".txt"):
-                texts.append(relative)
+
+    def wanted(name: str) -> bool:
+        return is_image_path(name) or name.lower().endswith(".txt")
+
+    def cap(name: str) -> int:
+        return DEFAULT_MAX_FILE_BYTES if is_image_path(name) else MAX_CAPTION_FILE_BYTES
+
+    for entry in walk_files(root, wanted, cap):
+        if entry.skip_kind is not None:
+            if skipped is not None:
+                skipped.append(Problem(entry.relative, entry.skip_kind, f"skipped: {entry.skip_reason}"))
+        elif is_image_path(entry.relative):
+            images.append(entry.relative)
+        else:
+            texts.append(entry.relative)
     return sorted(images), sorted(texts)
 
 
@@ -149,16 +169,16 @@ def scan_dataset(root: str | os.PathLike) -> DatasetScan:
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a folder"
         raise DatasetError(f"dataset folder {root} {what}")
-    image_paths, text_paths = find_files(root)
-    images = {relative_key(p): p for p in image_paths}
     problems: list[Problem] = []
+    image_paths, text_paths = find_files(root, problems)
+    images = {relative_key(p): p for p in image_paths}
     jsonl, csv_path = root / JSONL_MANIFEST, root / CSV_MANIFEST
-    if jsonl.is_file():
+    if os.path.lexists(jsonl):
         source = JSONL_MANIFEST
         entries = _read_jsonl(jsonl, root, problems)
-        if csv_path.is_file():
+        if os.path.lexists(csv_path):
             problems.append(Problem(CSV_MANIFEST, MANIFEST, f"ignored: {JSONL_MANIFEST} is used; keep one manifest"))
-    elif csv_path.is_file():
+    elif os.path.lexists(csv_path):
         source = CSV_MANIFEST
         entries = _read_csv(csv_path, root, problems)
     else:
@@ -196,6 +216,11 @@ def load_records(root: str | os.PathLike, val_fraction: float = 0.05) -> list[Re
             f"{scan.root}: {len(manifest_problems)} problem(s) in the caption manifest, the first: "
             f"{manifest_problems[0]}; fix them (`duomodal data check {scan.root}` lists them all)"
         )
+    unsafe = [p for p in scan.problems if p.kind in UNSAFE_KINDS]
+    for problem in unsafe:
+        log.warning("skipping %s", problem)
+    if unsafe:
+        log.warning("%d files under %s are not read (special files, links out, oversized)", len(unsafe), scan.root)
     records = []
     for key in scan.captioned_keys():
         relative = scan.images[key]
@@ -234,7 +259,7 @@ def _read_sidecars(
             problems.append(Problem(text_path, ORPHAN_CAPTION, reason))
             continue
         try:
-            text = (root / text_path).read_text(encoding="utf-8-sig")
+            text = read_regular(root / text_path, MAX_CAPTION_FILE_BYTES).decode("utf-8-sig")
             captions = _unique(line.strip() for line in text.splitlines())
             source = text_path
         except UnicodeDecodeError as e:
@@ -258,7 +283,7 @@ def _strip_suffix(relative: str) -> str:
 def _read_jsonl(path: Path, root: Path, problems: list[Problem]) -> dict[str, CaptionEntry]:
     entries: dict[str, CaptionEntry] = {}
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        lines = _read_manifest(path, root).decode("utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         problems.append(Problem(JSONL_MANIFEST, MANIFEST, f"cannot read the manifest: {e}"))
         return entries
@@ -291,7 +316,8 @@ def _read_jsonl(path: Path, root: Path, problems: list[Problem]) -> dict[str, Ca
 def _read_csv(path: Path, root: Path, problems: list[Problem]) -> dict[str, CaptionEntry]:
     entries: dict[str, CaptionEntry] = {}
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        text = _read_manifest(path, root).decode("utf-8-sig")
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
             missing = [c for c in ("file", "caption") if c not in columns]
@@ -310,6 +336,14 @@ def _read_csv(path: Path, root: Path, problems: list[Problem]) -> dict[str, Capt
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         problems.append(Problem(CSV_MANIFEST, MANIFEST, f"cannot read the manifest: {e}"))
     return entries
+
+
+def _read_manifest(path: Path, root: Path) -> bytes:
+    """A manifest's bytes: a regular file inside `root`, at most MAX_MANIFEST_BYTES."""
+    problem = check_file(path, Path(os.path.realpath(root)), MAX_MANIFEST_BYTES)
+    if problem is not None:
+        raise UnsafeFileError(path.name, problem[1])
+    return read_regular(path, MAX_MANIFEST_BYTES)
 
 
 def _add_manifest_row(

@@ -15,8 +15,19 @@ from typing import Any
 
 from tqdm import tqdm
 
-from duomodal.data.images import DEFAULT_MAX_PIXELS, EMPTY, TOO_LARGE, UNREADABLE, ImageError, load_image
+from duomodal.data.images import (
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEGENERATE,
+    EMPTY,
+    SPECIAL_FILE,
+    TOO_LARGE,
+    UNREADABLE,
+    ImageError,
+    load_image,
+)
 from duomodal.data.records import MANIFEST, NO_CAPTION, ORPHAN_CAPTION, Problem, scan_dataset
+from duomodal.data.walk import OUTSIDE_ROOT, OVERSIZED_FILE
 from duomodal.files import file_sha256
 
 DUPLICATE = "duplicate"
@@ -27,6 +38,10 @@ PROBLEM_KINDS = {
     UNREADABLE: "unreadable or corrupt images",
     EMPTY: "zero-byte files",
     TOO_LARGE: "images over the pixel limit",
+    DEGENERATE: "degenerate or sliver images",
+    SPECIAL_FILE: "pipes, devices, sockets",
+    OUTSIDE_ROOT: "links out of the folder",
+    OVERSIZED_FILE: "files over the size cap",
     DUPLICATE: "duplicate files",
     MANIFEST: "manifest problems",
 }
@@ -90,7 +105,7 @@ def check_dataset(
         path = scan.root / relative
         try:
             if path.stat().st_size > 0:
-                digest = file_sha256(path)
+                digest = file_sha256(path, DEFAULT_MAX_FILE_BYTES)
                 first = first_with_hash.setdefault(digest, relative)
                 if first != relative:
                     problems.append(Problem(relative, DUPLICATE, f"duplicate: same content as {first}"))
@@ -98,7 +113,7 @@ def check_dataset(
         except ImageError as e:
             problems.append(Problem(relative, e.kind, e.reason))
             continue
-        except OSError as e:
+        except OSError as e:  # UnsafeFileError too: the file was swapped for a pipe since the scan
             problems.append(Problem(relative, UNREADABLE, f"cannot read file ({e.strerror or e})"))
             continue
         if key in captioned:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from duomodal.data.images import ImageError, is_image_path, load_image, load_image_bytes
-from duomodal.files import file_sha256
+from duomodal.data.images import DEFAULT_MAX_FILE_BYTES, ImageError, is_image_path, load_image, load_image_bytes
+from duomodal.data.walk import MAX_CAPTION_FILE_BYTES, MAX_MANIFEST_BYTES, Entry, check_file, walk_files
+from duomodal.files import file_sha256, read_regular
 from duomodal.search.store import IndexStoreError
 
 CAPTION_MANIFEST = "captions.jsonl"
@@ -70,30 +71,42 @@ def resolve_root(root: str | os.PathLike) -> str:
 
 class FolderSource:
     """Image files under a folder (hidden names and the index directory left out); captions from
-    ROOT/captions.jsonl, else a sidecar .txt next to the image."""
+    ROOT/captions.jsonl, else a sidecar .txt next to the image. Special files, links that lead out
+    of the folder and files over the size cap are Unreadable, with the walk's reason."""
 
     kind = "folder"
 
     def __init__(self, root: Path, index_dir: Path):
         self.root = root
+        self.real_root = Path(os.path.realpath(root))
         self.index_dir = index_dir.resolve()
 
     def files(self) -> Iterator[SourceFile | Unreadable]:
         manifest = read_caption_manifest(self.root)
-        for relative, path in iter_image_files(self.root, exclude=self.index_dir):
-            try:
-                stat = path.stat()
-            except OSError as e:
-                yield Unreadable(relative, f"cannot read file ({e.strerror or e})")
+        for entry in iter_image_files(self.root, exclude=self.index_dir):
+            if entry.skip_reason is not None:
+                yield Unreadable(entry.relative, entry.skip_reason)
                 continue
-            yield SourceFile(relative, stat.st_size, stat.st_mtime_ns, _caption(path, relative, manifest))
+            try:
+                stat = entry.path.stat()
+            except OSError as e:
+                yield Unreadable(entry.relative, f"cannot read file ({e.strerror or e})")
+                continue
+            caption = _caption(self.real_root, entry.path, entry.relative, manifest)
+            yield SourceFile(entry.relative, stat.st_size, stat.st_mtime_ns, caption)
 
     def sha256(self, relative: str) -> str:
-        return file_sha256(self.root / relative)
+        return file_sha256(self.root / relative, DEFAULT_MAX_FILE_BYTES)
 
     def exists(self, relative: str) -> bool:
+        """Whether `relative` is still an indexable image: a regular file inside the root (a link
+        may lead only inside it) under the size cap, outside the index directory."""
         path = self.root / relative
-        return path.is_file() and is_image_path(path) and not path.resolve().is_relative_to(self.index_dir)
+        try:
+            unusable = check_file(path, self.real_root, DEFAULT_MAX_FILE_BYTES) is not None
+        except OSError:
+            return False
+        return not unusable and is_image_path(path) and not path.resolve().is_relative_to(self.index_dir)
 
     def load_image(self, relative: str) -> Image.Image:
         return load_image(self.root / relative)
@@ -137,6 +150,10 @@ class ShardSource:
                     yield Unreadable(sample.path.replace(url, self._name(shard), 1), sample.reason)
                     continue
                 relative = f"{self._name(shard)}#{sample.image_name}"
+                if sample.size > DEFAULT_MAX_FILE_BYTES:  # the folder's cap on one image file
+                    limit_mib = DEFAULT_MAX_FILE_BYTES // 2**20
+                    yield Unreadable(relative, f"member is {sample.size / 2**20:.1f} MiB, over the {limit_mib} MiB limit")
+                    continue
                 self._members[relative] = (shard, sample.offset, sample.size)
                 caption = sample.captions[0][:MAX_CAPTION_CHARS] if sample.captions else None
                 yield SourceFile(relative, sample.size, mtime_ns, caption)
@@ -190,54 +207,52 @@ class ShardSource:
 # --- folders --------------------------------------------------------------------------------------
 
 
-def iter_image_files(root: Path, exclude: Path | None = None) -> Iterator[tuple[str, Path]]:
-    """(path relative to root with '/' separators, absolute path) of every image file, sorted.
-
-    Hidden files and directories (name starting with '.') and `exclude` are left out; symlinked
-    directories are not followed.
-    """
-    exclude = exclude.resolve() if exclude is not None else None
-    for directory, dirs, files in os.walk(root):
-        current = Path(directory)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (current / d).resolve() != exclude)
-        for name in sorted(files):
-            if name.startswith(".") or not is_image_path(name):
-                continue
-            path = current / name
-            yield path.relative_to(root).as_posix(), path
+def iter_image_files(root: Path, exclude: Path | None = None) -> Iterator[Entry]:
+    """Every image file under `root` (see `walk_files`): hidden names and `exclude` left out,
+    symlinked folders not followed; special files, links out of `root` and files over the size cap
+    come with their skip reason."""
+    return walk_files(root, is_image_path, lambda name: DEFAULT_MAX_FILE_BYTES, exclude=exclude)
 
 
 def read_caption_manifest(root: Path) -> dict[str, str]:
-    """First caption per file from ROOT/captions.jsonl (lines of {"file": ..., "caption": str | [str]})."""
+    """First caption per file from ROOT/captions.jsonl (lines of {"file": ..., "caption": str | [str]}).
+    A manifest that is not a regular file inside `root` under MAX_MANIFEST_BYTES is ignored."""
     path = root / CAPTION_MANIFEST
     captions: dict[str, str] = {}
-    if not path.is_file():
+    try:
+        if not os.path.lexists(path) or check_file(path, Path(os.path.realpath(root)), MAX_MANIFEST_BYTES):
+            return captions
+        text = read_regular(path, MAX_MANIFEST_BYTES).decode("utf-8-sig", errors="replace")
+    except OSError:
         return captions
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("file"), str):
-                continue
-            caption = row.get("caption")
-            if isinstance(caption, list):
-                caption = next((c for c in caption if isinstance(c, str) and c.strip()), None)
-            if isinstance(caption, str) and caption.strip():
-                captions[Path(row["file"]).as_posix()] = caption.strip()[:MAX_CAPTION_CHARS]
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("file"), str):
+            continue
+        caption = row.get("caption")
+        if isinstance(caption, list):
+            caption = next((c for c in caption if isinstance(c, str) and c.strip()), None)
+        if isinstance(caption, str) and caption.strip():
+            captions[Path(row["file"]).as_posix()] = caption.strip()[:MAX_CAPTION_CHARS]
     return captions
 
 
-def _caption(path: Path, relative: str, manifest: dict[str, str]) -> str | None:
+def _caption(real_root: Path, path: Path, relative: str, manifest: dict[str, str]) -> str | None:
+    """The manifest's caption, or the first line of the sidecar .txt (a regular file inside the
+    root of at most MAX_CAPTION_FILE_BYTES; any other sidecar is ignored)."""
     if relative in manifest:
         return manifest[relative]
     sidecar = path.with_suffix(".txt")
     try:
-        with open(sidecar, encoding="utf-8-sig", errors="replace") as f:
-            for line in f:
-                if line.strip():
-                    return line.strip()[:MAX_CAPTION_CHARS]
+        if check_file(sidecar, real_root, MAX_CAPTION_FILE_BYTES) is not None:
+            return None
+        text = read_regular(sidecar, MAX_CAPTION_FILE_BYTES).decode("utf-8-sig", errors="replace")
     except OSError:
         return None
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:MAX_CAPTION_CHARS]
     return None

@@ -138,7 +138,7 @@ def encode_images(records: list[Record], vae: Any, vae_id: str, data: DataConfig
         pixels, rows = [], []
         for offset, record in enumerate(chunk):
             try:
-                image = load_record_image(record, data.background_rgb)
+                image = load_record_image(record, data.background_rgb, draft_size=S)
             except ImageError as e:
                 log.warning("skipping %s", e)
                 readable[start + offset] = False

@@ -1,0 +1,80 @@
+"""Walking a user's folder (a dataset, a collection to index) without trusting what is in it.
+
+`walk_files` is the one walk that `data check`, training and `index build` share. It yields every
+file whose name a caller wants, in sorted order, each either accepted or with the reason it is
+skipped: a named pipe, device or socket (opening one could block or never end), a symlink whose
+target lies outside the folder, a file over the size cap. Hidden names ('.'-prefixed) are left out
+and symlinked folders are not followed. Nothing is opened here: only `lstat`/`stat`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from duomodal.data.images import SPECIAL_FILE, UNREADABLE
+
+from duomodal.files import refusal
+
+# Kinds of skip besides the image kinds of data/images.py (SPECIAL_FILE, UNREADABLE), as `data
+# check` counts them.
+OUTSIDE_ROOT = "outside-root"
+OVERSIZED_FILE = "oversized-file"
+
+MAX_CAPTION_FILE_BYTES = 1 * 2**20  # a sidecar holds a few captions; a MiB is thousands
+MAX_MANIFEST_BYTES = 1 * 2**30  # captions.jsonl / .csv: ~10 million rows
+
+
+@dataclass(frozen=True)
+class Entry:
+    relative: str  # path relative to the root, '/' separators
+    path: Path  # root / relative (not resolved: a symlink stays a symlink)
+    skip_kind: str | None = None  # SPECIAL_FILE, OUTSIDE_ROOT, OVERSIZED_FILE, UNREADABLE; None: usable
+    skip_reason: str | None = None
+
+
+def check_file(path: Path, real_root: Path, max_bytes: int | None) -> tuple[str, str] | None:
+    """(kind, reason) when the file at `path` must not be read as part of the folder whose resolved
+    path is `real_root`, else None. Raises OSError for a file that is gone or unreadable."""
+    st = os.lstat(path)
+    if os.path.islink(path):
+        target = Path(os.path.realpath(path))
+        if not target.is_relative_to(real_root):
+            return OUTSIDE_ROOT, "a symlink that leads outside the folder"
+        st = os.stat(path)
+    reason = refusal(st, max_bytes)
+    if reason is None:
+        return None
+    return (SPECIAL_FILE if reason.startswith("not a regular file") else OVERSIZED_FILE), reason
+
+
+def walk_files(
+    root: Path,
+    wanted: Callable[[str], bool],
+    max_bytes: Callable[[str], int | None] = lambda name: None,
+    exclude: Path | None = None,
+) -> Iterator[Entry]:
+    """Every file under `root` whose name `wanted` accepts, checked with `check_file` against the
+    size cap `max_bytes(name)`; folder by folder (names sorted), lazily, so a walk over millions of
+    files holds one folder's names at a time. A file that vanishes during the walk, or whose status
+    can't be read, is an entry skipped as UNREADABLE with the OS's reason."""
+    root = Path(root)
+    real_root = Path(os.path.realpath(root))
+    exclude = Path(os.path.realpath(exclude)) if exclude is not None else None
+    for folder, subfolders, files in os.walk(root):
+        current = Path(folder)
+        subfolders[:] = sorted(
+            d for d in subfolders if not d.startswith(".") and Path(os.path.realpath(current / d)) != exclude
+        )
+        for name in sorted(files):
+            if name.startswith(".") or not wanted(name):
+                continue
+            path = current / name
+            relative = path.relative_to(root).as_posix()
+            try:
+                problem = check_file(path, real_root, max_bytes(name))
+            except OSError as e:
+                problem = (UNREADABLE, f"cannot read file ({e.strerror or e})")
+            yield Entry(relative, path) if problem is None else Entry(relative, path, *problem)
