@@ -72,6 +72,8 @@ class FakeHit:
     width: int
     height: int
     caption: str | None
+    size: int | None = None
+    mtime_ns: int | None = None
 
 
 class FakeIndex:
@@ -87,7 +89,12 @@ class FakeIndex:
         self.ids = [100 + n for n in range(len(self.paths))]
         self.captions = [(root / n).with_suffix(".txt").read_text().splitlines()[0] for n in self.paths]
         self.sizes = [image.size for image in images]
+        self.stats = [(root / name).stat() for name in self.paths]
         self.stale = False  # tests set it to say "changed on disk"
+        self.flagged: list[int] = []  # ids the server found changed on disk
+
+    def flag_changed(self, image_id: int) -> None:
+        self.flagged.append(image_id)
 
     def is_stale(self) -> bool:
         return self.stale
@@ -98,7 +105,9 @@ class FakeIndex:
 
     def _hit(self, row: int, score: float) -> FakeHit:
         width, height = self.sizes[row]
-        return FakeHit(self.ids[row], self.paths[row], score, width, height, self.captions[row])
+        stat = self.stats[row]
+        return FakeHit(self.ids[row], self.paths[row], score, width, height, self.captions[row],
+                       stat.st_size, stat.st_mtime_ns)
 
     def search(self, vector: np.ndarray, k: int) -> list[FakeHit]:
         scores = self.vectors @ np.asarray(vector, dtype=np.float32)
@@ -206,9 +215,12 @@ def app(fake_index, fake_clip, fake_generator):
     return create_app(fake_index, fake_clip, fake_generator, max_upload_bytes=64 * 1024)
 
 
+BASE_URL = "http://localhost"  # the server answers loopback Host names only (security.py)
+
+
 @pytest.fixture
 def client(app):
-    with TestClient(app) as client:
+    with TestClient(app, base_url=BASE_URL) as client:
         yield client
 
 

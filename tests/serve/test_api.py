@@ -83,7 +83,7 @@ def test_openapi_schema_lists_every_route_with_error_bodies(client):
 
 
 def test_without_a_generator_there_are_no_generation_routes(fake_index, fake_clip):
-    with TestClient(create_app(fake_index, fake_clip)) as client:
+    with TestClient(create_app(fake_index, fake_clip), base_url="http://localhost") as client:
         assert client.get("/health").json()["generation"] is False
         response = client.post("/api/generate", json={"prompt": "a red square"})
         assert response.status_code == 404
@@ -191,7 +191,7 @@ def test_an_unexpected_value_error_in_a_handler_is_a_logged_500_not_a_400(fake_i
         raise ValueError("an index bug, not the client's fault")
 
     monkeypatch.setattr(fake_index, "search", broken_search)
-    with TestClient(create_app(fake_index, fake_clip), raise_server_exceptions=False) as client:
+    with TestClient(create_app(fake_index, fake_clip), raise_server_exceptions=False, base_url="http://localhost") as client:
         response = client.get("/api/search", params={"q": "red"})
     assert response.status_code == 500
     assert response.json() == {"detail": "internal error: ValueError"}
@@ -259,7 +259,7 @@ def test_large_images_get_jpeg_thumbnails_and_odd_names_are_converted(tmp_path, 
     for name in ("wide", "scan", "old"):
         (tmp_path / f"{name}.txt").write_text(f"{name}\n")
     index = make_fake_index(tmp_path, fake_clip, names=["wide.png", "scan.data", "old.tiff"])
-    with TestClient(create_app(index, fake_clip)) as client:
+    with TestClient(create_app(index, fake_clip), base_url="http://localhost") as client:
         thumb = client.get("/api/thumb/100")
         assert thumb.headers["content-type"] == "image/jpeg"
         assert Image.open(io.BytesIO(thumb.content)).size == (256, 128)
@@ -270,7 +270,10 @@ def test_large_images_get_jpeg_thumbnails_and_odd_names_are_converted(tmp_path, 
         # TIFF is not among the decoders duomodal uses.
         refused = client.get("/api/image/102")
         assert refused.status_code == 404
-        assert refused.json()["detail"].startswith("image 102 can't be read: ")
+        assert refused.json()["detail"] == (
+            "image 102 is in the index but its file can't be read as an image (not an image Pillow can "
+            "read (JPEG, PNG, WebP, BMP or GIF)): run `duomodal index update` on the index"
+        )
 
 
 def test_an_indexed_file_that_is_gone_is_404_with_what_to_do(tmp_path, fake_clip, make_fake_index):
@@ -278,7 +281,7 @@ def test_an_indexed_file_that_is_gone_is_404_with_what_to_do(tmp_path, fake_clip
     (tmp_path / "gone.txt").write_text("gone\n")
     index = make_fake_index(tmp_path, fake_clip)
     (tmp_path / "gone.png").unlink()
-    with TestClient(create_app(index, fake_clip)) as client:
+    with TestClient(create_app(index, fake_clip), base_url="http://localhost") as client:
         response = client.get("/api/image/100")
         assert response.status_code == 404
         assert response.json() == {
@@ -286,7 +289,10 @@ def test_an_indexed_file_that_is_gone_is_404_with_what_to_do(tmp_path, fake_clip
         }
         response = client.get("/api/thumb/100")
         assert response.status_code == 404
-        assert response.json()["detail"].startswith("image 100 can't be read: ")
+        assert response.json() == {
+            "detail": "image 100 is in the index but its file is gone: run `duomodal index update` on the index"
+        }
+        assert index.flagged == [100, 100]  # for the next `index update`
 
 
 @pytest.mark.parametrize(
@@ -332,7 +338,7 @@ def test_an_index_changed_on_disk_is_reopened_in_the_background(shape_dataset, f
         return new
 
     app = create_app(old, fake_clip, reopen_index=reopen, reload_check_s=0.0)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         assert client.get("/health").json()["images"] == 24 and opened == []
         assert client.get("/api/thumb/101").status_code == 200
         old.stale = True

@@ -16,6 +16,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from duomodal.serve.app import create_app
+from duomodal.serve.security import AccessPolicy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,7 +44,9 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 @pytest.fixture
 def api_schema(fake_index, fake_clip, fake_generator):
     fake_generator.seconds_per_image = 0.0
-    app = create_app(fake_index, fake_clip, fake_generator, max_upload_bytes=64 * 1024)
+    # schemathesis calls the app with the Host "testserver".
+    app = create_app(fake_index, fake_clip, fake_generator, max_upload_bytes=64 * 1024,
+                     access=AccessPolicy.make(["testserver"]))
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 

@@ -99,7 +99,7 @@ def test_a_prompt_the_library_refuses_fails_the_job_with_its_message(client, job
 def test_too_many_waiting_jobs_is_429(fake_index, fake_clip, fake_generator):
     fake_generator.seconds_per_image = 0.2
     app = create_app(fake_index, fake_clip, fake_generator, max_pending_jobs=1)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         assert client.post("/api/generate", json={"prompt": "red", "num": 8}).status_code == 202
         response = client.post("/api/generate", json={"prompt": "red", "num": 1})
         assert response.status_code == 429

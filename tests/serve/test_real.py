@@ -71,7 +71,7 @@ def test_serve_searches_a_real_index_with_the_recorded_clip(served, index_dir, s
     assert status == 0
     assert (started["host"], started["port"], started["threads"]) == ("127.0.0.1", 8123, 1)
     assert capsys.readouterr().err == "duomodal: serving 24 images at http://127.0.0.1:8123/ (Ctrl+C stops)\n"
-    with TestClient(started["app"]) as client:
+    with TestClient(started["app"], base_url="http://localhost") as client:
         health = client.get("/health").json()
         assert health["images"] == 24 and health["dim"] == 32 and health["generation"] is False
         assert health["clip_model_id"].startswith("duomodal-clip:")
@@ -107,7 +107,7 @@ def test_serve_generates_and_edits_with_a_real_dalle_reranked_by_the_clip(served
     status, started = served("--index", str(index_dir), "--dalle", str(dalle_run), "--device", "cpu",
                              "--max-generate", "6")
     assert status == 0
-    with TestClient(started["app"]) as client:
+    with TestClient(started["app"], base_url="http://localhost") as client:
         health = client.get("/health").json()
         assert health["generation"] is True and health["max_generate"] == 6
         too_many = client.post("/api/generate", json={"prompt": "a red square", "num": 7})
@@ -169,7 +169,7 @@ def test_a_running_server_picks_up_duomodal_index_update(served, clip_dir, shape
     status, started = served("--index", str(index_dir), "--device", "cpu")
     assert status == 0
     started["app"].state.duomodal.reload_check_s = 0.0  # the CLI checks every 5 s
-    with TestClient(started["app"]) as client:
+    with TestClient(started["app"], base_url="http://localhost") as client:
         assert client.get("/health").json()["images"] == 24
         Image.new("RGB", (16, 16), (250, 120, 0)).save(photos / "orange_square.png")
         Image.new("RGB", (16, 16), (120, 0, 250)).save(photos / "violet_square.png")

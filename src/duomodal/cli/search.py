@@ -224,7 +224,16 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--clip", metavar="CLIP_DIR", help="CLIP directory (default: the one recorded in the index)")
     serve.add_argument("--dalle", metavar="RUN_DIR", help="DALL-E run directory: turns on /api/generate and /api/edit")
     serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default 127.0.0.1; the API has no login, so expose it with care)")
+                       help="address to listen on (default 127.0.0.1, this machine only; any other address turns "
+                       "on the access token)")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="a Host name the server answers to besides localhost/127.0.0.1/::1 (repeatable), "
+                       "e.g. the machine's LAN name or address when serving with --host 0.0.0.0")
+    serve.add_argument("--token", default=None,
+                       help="access token to require (default: a random one when --host is not loopback, "
+                       "none on loopback); the environment variable DUOMODAL_TOKEN works too")
+    serve.add_argument("--max-decodes", type=int, default=2, metavar="N",
+                       help="images decoded at once (uploads, thumbnails); bounds the decode memory (default 2)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--device", default=None, help="device for the models: cpu, cuda... (default: CUDA when available)")
     serve.add_argument("--max-generate", type=int, default=64, metavar="N",
@@ -240,11 +249,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from duomodal.search.index import ImageIndex
     from duomodal.serve.app import create_app
+    from duomodal.serve.security import is_loopback
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
     if args.max_generate < 1:
         raise ValueError(f"--max-generate must be at least 1, got {args.max_generate}")
+    if args.max_decodes < 1:
+        raise ValueError(f"--max-decodes must be at least 1, got {args.max_decodes}")
     threads = args.torch_threads if args.torch_threads is not None else (None if args.dalle else 1)
     if threads is not None:
         if threads < 1:
@@ -265,11 +277,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         dalle = load_dalle(args.dalle, device=args.device)
         generator = DalleGenerator(dalle, scorer=embedder, max_num=args.max_generate)
-    app = create_app(index, embedder, generator, reopen_index=functools.partial(ImageIndex.open, args.index))
+    access = _access_policy(args)
+    app = create_app(index, embedder, generator, reopen_index=functools.partial(ImageIndex.open, args.index),
+                     access=access, max_decodes=args.max_decodes)
     what = f"{index.count} images" + (" and generation" if generator else "")
-    print(f"duomodal: serving {what} at http://{args.host}:{args.port}/ (Ctrl+C stops)", file=sys.stderr)
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{shown_host}:{args.port}/" + (f"?token={access.token}" if access.token else "")
+    print(f"duomodal: serving {what} at {url} (Ctrl+C stops)", file=sys.stderr)
+    if not is_loopback(args.host):
+        names = ", ".join(sorted(access.allowed_hosts))
+        print(f"duomodal: listening beyond this machine; answering Host names {names} (add more with "
+              "--allow-host) and only with the token above", file=sys.stderr)
     _serve_run(app, args.host, args.port)
     return 0
+
+
+def _access_policy(args: argparse.Namespace):
+    from duomodal.serve.security import AccessPolicy, is_loopback, new_token
+
+    token = args.token or os.environ.get("DUOMODAL_TOKEN") or None
+    if token is None and not is_loopback(args.host):
+        token = new_token()
+    hosts = list(args.allow_host)
+    if not is_loopback(args.host) and args.host not in ("0.0.0.0", "::"):
+        hosts.append(args.host)  # a specific address: the browser will send it as the Host
+    return AccessPolicy.make(hosts, token)
 
 
 def _serve_run(app, host: str, port: int) -> None:

@@ -134,6 +134,19 @@ def load_image_bytes(
     return _decode(io.BytesIO(data), name, background, max_pixels, max_aspect, draft_size)
 
 
+def decode_file(
+    file: BinaryIO,
+    name: str | os.PathLike,
+    background: tuple[int, int, int] = WHITE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+    draft_size: int | None = None,
+) -> Image.Image:
+    """`load_image` for a file already opened (with `files.open_regular`); `name` is used in errors."""
+    return _decode(file, name, background, max_pixels, max_aspect, draft_size)
+
+
 def check_dimensions(name: str | os.PathLike, width: int, height: int, max_pixels: int, max_aspect: float) -> None:
     """Raise ImageError (TOO_LARGE or DEGENERATE) unless a width x height image may be decoded."""
     if width < 1 or height < 1:

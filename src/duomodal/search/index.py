@@ -67,6 +67,8 @@ class Hit:
     width: int
     height: int
     caption: str | None
+    size: int | None = None  # the file's bytes and modification time when it was indexed
+    mtime_ns: int | None = None
 
 
 def choose_index_type(option: str, count: int) -> str:
@@ -269,8 +271,15 @@ class FaissVectors:
 
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         """(id, inner product) of the `k` nearest stored vectors to `query` (1, D), best first."""
-        scores, ids = self.faiss.search(query, k, params=search_params(self.index_type, self._params, k))
-        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        return self.search_batch(query, k)[0]
+
+    def search_batch(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+        """`search` for each row of `queries` (B, D) in one faiss call."""
+        scores, ids = self.faiss.search(queries, k, params=search_params(self.index_type, self._params, k))
+        return [
+            [(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i >= 0]
+            for row_ids, row_scores in zip(ids, scores)
+        ]
 
     def close(self) -> None:
         pass
@@ -305,7 +314,7 @@ class ImageIndex:
     def __init__(self, index_dir: Path, store: MetadataStore, vectors: FaissVectors):
         self.index_dir = index_dir
         self._store = store
-        self._vectors = vectors  # FaissVectors or milvus.MilvusVectors: count, index_type, search, close
+        self._vectors = vectors  # FaissVectors or milvus.MilvusVectors: count, index_type, search(_batch), close
         self._meta = store.meta()
         self._seq = store.last_change()
         self._source: FolderSource | ShardSource | None = None
@@ -374,28 +383,39 @@ class ImageIndex:
 
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         """The `k` images most similar to `vector` (D,), best first."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
-            raise ValueError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
         query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
         if query.shape[1] != self.dim:
             raise ValueError(f"query vector has {query.shape[1]} values, the index holds {self.dim}-d vectors")
-        if not np.isfinite(query).all():
+        return self.search_batch(query, k)[0]
+
+    def search_batch(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """`search` for each row of `vectors` (B, D) in one vector-store call (the server batches the
+        queries that arrive together)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
+            raise ValueError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+        queries = np.ascontiguousarray(vectors, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"query vectors have shape {queries.shape}, the index holds {self.dim}-d vectors")
+        if not np.isfinite(queries).all():
             raise ValueError("query vector has NaN or infinite values")
         if self.count == 0:
-            return []
-        found = self._vectors.search(query, int(k))
-        rows = self._store.rows([i for i, _ in found])
-        return [
-            Hit(i, rows[i].path, s, rows[i].width, rows[i].height, rows[i].caption)
-            for i, s in found
-            if i in rows
-        ]
+            return [[] for _ in range(len(queries))]
+        found = self._vectors.search_batch(queries, int(k))
+        rows = self._store.rows(sorted({i for hits in found for i, _ in hits}))
+        return [[self._hit(rows[i], s) for i, s in hits if i in rows] for hits in found]
+
+    @staticmethod
+    def _hit(row, score: float) -> Hit:
+        return Hit(row.id, row.path, score, row.width, row.height, row.caption, row.size, row.mtime_ns)
 
     def get(self, image_id: int) -> Hit | None:
         row = self._store.rows([int(image_id)]).get(int(image_id))
-        if row is None:
-            return None
-        return Hit(row.id, row.path, 0.0, row.width, row.height, row.caption)
+        return None if row is None else self._hit(row, 0.0)
+
+    def flag_changed(self, image_id: int) -> None:
+        """Mark an image whose file no longer matches its row (the server found it swapped or
+        changed), so that the next `index update` reads it again (see MetadataStore.flag_changed)."""
+        self._store.flag_changed(int(image_id))
 
     def vector(self, image_id: int) -> np.ndarray:
         found = self._store.vectors([int(image_id)], self.dim)

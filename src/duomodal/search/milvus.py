@@ -106,12 +106,17 @@ class MilvusVectors:
 
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         """(id, inner product) of the `k` nearest stored vectors to `query` (1, D), best first."""
+        return self.search_batch(query[:1], k)[0]
+
+    def search_batch(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+        """`search` for each row of `queries` (B, D) in one request."""
         params = {"metric_type": "IP", "params": self._search_params}
         with self._lock:
             result = self._client.search(
-                self.target.collection, data=[query[0].tolist()], limit=k, search_params=params, output_fields=[]
+                self.target.collection, data=[q.tolist() for q in queries], limit=k, search_params=params,
+                output_fields=[],
             )
-        return [(int(hit["id"]), float(hit["distance"])) for hit in result[0]]
+        return [[(int(hit["id"]), float(hit["distance"])) for hit in hits] for hits in result]
 
     def close(self) -> None:
         with self._lock:

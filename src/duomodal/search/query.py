@@ -83,17 +83,24 @@ def query_vector(
         raise QueryError("a query needs at least one text or image")
     if len(texts) + len(images) > MAX_TERMS:
         raise QueryError(f"query has {len(texts) + len(images)} terms; the limit is {MAX_TERMS}")
-    total = np.zeros(embedder.dim, dtype=np.float64)
+    weights: list[float] = []
+    parts = []
     for items, embed in ((texts, embedder.embed_texts), (images, embedder.embed_images)):
         if not items:
             continue
-        weights = np.array([float(w) for w, _ in items], dtype=np.float64)
         vectors = np.asarray(embed([x for _, x in items]), dtype=np.float64)
         if vectors.shape != (len(items), embedder.dim):
             raise QueryError(
                 f"the embedder returned shape {vectors.shape}, expected ({len(items)}, {embedder.dim})"
             )
-        total += weights @ vectors
+        weights += [float(w) for w, _ in items]
+        parts.append(vectors)
+    return combine_terms(weights, np.concatenate(parts))
+
+
+def combine_terms(weights: Sequence[float], vectors: np.ndarray) -> np.ndarray:
+    """The normalised weighted sum of embedded terms `vectors` (n, D), as float32 (D,)."""
+    total = np.asarray(weights, dtype=np.float64) @ np.asarray(vectors, dtype=np.float64)
     norm = float(np.linalg.norm(total))
     if not np.isfinite(norm) or norm < 1e-6:
         raise QueryError("the query's terms cancel out (their weighted sum is zero); change a weight or a term")

@@ -304,6 +304,12 @@ class MetadataStore:
             ),
         )
 
+    def flag_changed(self, image_id: int) -> None:
+        """Forget the recorded modification time of an image, so that the next plan sees its file
+        as changed and hashes it again (refreshing, re-embedding or removing the row)."""
+        with self._lock:
+            self._db.execute("UPDATE images SET mtime_ns = -1 WHERE id = ?", (int(image_id),))
+
     def vector_blob(self, image_id: int) -> bytes | None:
         with self._lock:
             row = self._db.execute("SELECT vector FROM images WHERE id = ?", (image_id,)).fetchone()

@@ -29,6 +29,7 @@ from duomodal.serve.media import MAX_UPLOAD_BYTES, ThumbnailCache, UploadError, 
 from duomodal.serve.routes_generate import make_generate_router
 from duomodal.serve.routes_search import make_search_router
 from duomodal.serve.schemas import MAX_K, HealthResponse
+from duomodal.serve.security import AccessGuard, AccessPolicy
 from duomodal.serve.state import Generator, ServerState, VectorCache
 
 logger = logging.getLogger(__name__)
@@ -170,11 +171,15 @@ def create_app(
     job_max_age_s: float = 3600.0,
     reopen_index: Callable[[], Any] | None = None,
     reload_check_s: float = 5.0,
+    access: AccessPolicy | None = None,
+    max_decodes: int = 2,
 ) -> FastAPI:
     """The web app over an opened index and a CLIP embedder (and a generator, for /api/generate).
 
     With `reopen_index` (e.g. `functools.partial(ImageIndex.open, index_dir)`), an index that
     changed on disk (its `is_stale()` says so) is reopened in the background and served from then on.
+    `access` says which Host names are answered and whether a token is needed (default: loopback
+    names, no token; see security.py); `max_decodes` bounds the images decoded at once.
     Raises ValueError when the embedder is not the CLIP model the index was built with.
     """
     if embedder.model_id != index.clip_model_id:
@@ -201,11 +206,13 @@ def create_app(
                       max_kept=max(32, max_pending_jobs), max_age_s=job_max_age_s),
         reopen_index=reopen_index,
         reload_check_s=reload_check_s,
+        max_decodes=max_decodes,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        state.text_batcher.close()
         state.jobs.shutdown()
 
     app = FastAPI(
@@ -220,7 +227,8 @@ def create_app(
     app.state.duomodal = state
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES)
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(AccessGuard, policy=access or AccessPolicy())
+    app.add_middleware(SecurityHeaders)  # outermost: refusals carry the headers too
     app.include_router(make_search_router(state))
     if generator is not None:
         app.include_router(make_generate_router(state))

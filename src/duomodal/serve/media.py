@@ -1,20 +1,31 @@
 """Images in and out of the server: decoding uploads, serving indexed files, cached thumbnails.
 
 Files are only ever found through the index (an id gives a recorded path); nothing here takes a
-path from a request.
+path from a request, and a recorded file is served only while it still is the file that was
+indexed, inside the indexed folder (`open_indexed_file`).
 """
 
 from __future__ import annotations
 
 import io
 import mimetypes
+import os
 import threading
 from collections import OrderedDict
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import BinaryIO
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from duomodal.data.images import PILLOW_FORMATS, load_image, to_rgb
+from duomodal.data.images import (
+    DEFAULT_MAX_FILE_BYTES,
+    DEGENERATE,
+    TOO_LARGE,
+    ImageError,
+    decode_file,
+    load_image_bytes,
+)
+from duomodal.files import UnsafeFileError, open_regular
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 40_000_000  # 40 megapixels: more is a decompression bomb or a scan we can't use
@@ -36,7 +47,9 @@ def human_bytes(n: int) -> str:
 
 
 def decode_upload(data: bytes, name: str, max_bytes: int = MAX_UPLOAD_BYTES) -> Image.Image:
-    """The uploaded bytes as an RGB image, or UploadError (413 too big, 415 not an image)."""
+    """The uploaded bytes as an RGB image, through the same checks as every image duomodal reads
+    (data/images.py), or UploadError: 413 too big (bytes or pixels), 422 degenerate (extreme
+    aspect ratio), 415 not an image, 400 empty."""
     if len(data) > max_bytes:
         raise UploadError(
             f"{name} is larger than the upload limit of {human_bytes(max_bytes)}", status=413
@@ -44,38 +57,56 @@ def decode_upload(data: bytes, name: str, max_bytes: int = MAX_UPLOAD_BYTES) -> 
     if not data:
         raise UploadError(f"{name} is empty: choose an image file", status=400)
     try:
-        # Only the decoders load_image allows: no TIFF/PSD, no EPS handed to Ghostscript.
-        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
-            if image.width * image.height > MAX_UPLOAD_PIXELS:
-                raise UploadError(
-                    f"{name} is {image.width}x{image.height} pixels; the limit is "
-                    f"{MAX_UPLOAD_PIXELS // 1_000_000} megapixels",
-                    status=413,
-                )
-            image.load()  # the first frame of an animation
-            try:
-                image = ImageOps.exif_transpose(image)
-            except Exception:  # a broken EXIF block: keep the pixels as stored
-                pass
-            return to_rgb(image)
-    except UploadError:
-        raise
-    except UnidentifiedImageError:
-        raise UploadError(
-            f"{name} is not an image: upload a PNG, JPEG, GIF, WebP or BMP file", status=415
-        ) from None
-    except Exception as e:  # PIL raises many types for corrupt data; all mean "not an image"
-        raise UploadError(
-            f"{name} is a corrupt or truncated image ({type(e).__name__}: {e})", status=415
-        ) from None
+        return load_image_bytes(data, name, max_pixels=MAX_UPLOAD_PIXELS)
+    except ImageError as e:
+        if e.kind == TOO_LARGE:
+            raise UploadError(f"{name}: {e.reason}", status=413) from None
+        if e.kind == DEGENERATE:
+            raise UploadError(f"{name}: {e.reason}", status=422) from None
+        if e.reason.startswith("not an image"):
+            raise UploadError(
+                f"{name} is not an image: upload a PNG, JPEG, GIF, WebP or BMP file", status=415
+            ) from None
+        raise UploadError(f"{name} is a corrupt or truncated image ({e.reason})", status=415) from None
 
 
-def read_image_file(path: Path) -> Image.Image:
-    """An indexed file as RGB; ImageError (a ValueError) when it is gone or unreadable."""
-    return load_image(path)
+class FileChangedError(ValueError):
+    """An indexed file that must not be served as it is now; the message has no path in it."""
 
 
-def browser_media_type(path: Path) -> str | None:
+def open_indexed_file(root: Path, relative: str, size: int | None, mtime_ns: int | None) -> BinaryIO:
+    """Open the indexed file `relative` under `root` for serving, only if its real path still lies
+    inside the root, it is a regular file, and (when recorded) its size and modification time are
+    those the index recorded. Raises FileChangedError otherwise (the caller answers 404)."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(root / relative)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise FileChangedError("its file now leads outside the indexed folder")
+    try:
+        # The resolved path, not followed again: a link swapped in after realpath fails to open.
+        file = open_regular(real, DEFAULT_MAX_FILE_BYTES, follow_symlinks=False)
+    except UnsafeFileError as e:
+        raise FileChangedError(f"its file is no longer servable ({e.reason})") from None
+    except FileNotFoundError:
+        raise FileChangedError("its file is gone") from None
+    except OSError as e:  # ELOOP: the last part became a symlink after realpath
+        raise FileChangedError(f"its file can't be opened ({e.strerror or 'error'})") from None
+    st = os.fstat(file.fileno())
+    if (size is not None and st.st_size != size) or (mtime_ns is not None and st.st_mtime_ns != mtime_ns):
+        file.close()
+        raise FileChangedError("its file changed since it was indexed")
+    return file
+
+
+def read_indexed_image(file: BinaryIO, name: str, draft_size: int | None = None) -> Image.Image:
+    """An opened indexed file decoded to RGB; FileChangedError when it is no usable image now."""
+    try:
+        return decode_file(file, name, draft_size=draft_size)
+    except ImageError as e:
+        raise FileChangedError(f"its file can't be read as an image ({e.reason})") from None
+
+
+def browser_media_type(path: PurePath) -> str | None:
     """The media type to send `path` as, if a browser shows it as is; None means convert it."""
     media_type, _ = mimetypes.guess_type(path.name)
     return media_type if media_type in BROWSER_TYPES else None

@@ -15,7 +15,7 @@ from PIL import Image
 
 from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
 from duomodal.serve.jobs import Job, JobFinishedError, JobOutput
-from duomodal.serve.media import decode_upload, encode_png
+from duomodal.serve.media import encode_png
 from duomodal.serve.schemas import (
     JOB_ID_PATTERN,
     MAX_QUERY_CHARS,
@@ -127,7 +127,7 @@ def make_generate_router(state: ServerState) -> APIRouter:
 
     def read_image(file: UploadFile) -> Image.Image:
         name = file.filename or "the upload"
-        return decode_upload(file.file.read(state.max_upload_bytes + 1), name, state.max_upload_bytes)
+        return state.decode_upload(file.file.read(state.max_upload_bytes + 1), name)
 
     def found(job_id: str) -> Job:
         job = state.jobs.get(job_id)

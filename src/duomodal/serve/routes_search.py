@@ -3,14 +3,16 @@ images themselves and their thumbnails, by id only."""
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
 from pathlib import PurePosixPath
-from typing import Annotated, Any
+from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, File, Form, HTTPException, Path, Query, UploadFile
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response, StreamingResponse
 
-from duomodal.serve.media import browser_media_type, decode_upload, encode_png, make_thumbnail, read_image_file
+from duomodal.serve.media import FileChangedError, browser_media_type, encode_png, make_thumbnail
 from duomodal.serve.schemas import (
     MAX_ID,
     MAX_K,
@@ -55,12 +57,25 @@ def _unknown_id(image_id: int) -> HTTPException:
     return HTTPException(status_code=404, detail=f"no image with id {image_id} in the index")
 
 
+def _unservable(image_id: int, error: FileChangedError) -> HTTPException:
+    return HTTPException(
+        status_code=404,
+        detail=f"image {image_id} is in the index but {error}: run `duomodal index update` on the index",
+    )
+
+
+def _chunks(file: BinaryIO, size: int = 256 * 1024) -> Iterator[bytes]:
+    with file:
+        while chunk := file.read(size):
+            yield chunk
+
+
 def make_search_router(state: ServerState) -> APIRouter:
     router = APIRouter(prefix="/api", tags=["search"])
 
     def text_search(query: str, k: int) -> SearchResponse:
         start = time.perf_counter()
-        hits = state.current_index().search(state.text_vector(query), k)
+        hits = state.search_text(state.current_index(), query, k)
         took_ms = (time.perf_counter() - start) * 1000
         return SearchResponse(kind="text", query=query, took_ms=took_ms, results=_hits(state, hits))
 
@@ -93,7 +108,7 @@ def make_search_router(state: ServerState) -> APIRouter:
         """Search by an uploaded image."""
         name = file.filename or "the upload"
         data = file.file.read(state.max_upload_bytes + 1)
-        image = decode_upload(data, name, state.max_upload_bytes)
+        image = state.decode_upload(data, name)
         start = time.perf_counter()
         hits = state.current_index().search(state.image_vector(image), k)
         took_ms = (time.perf_counter() - start) * 1000
@@ -118,23 +133,17 @@ def make_search_router(state: ServerState) -> APIRouter:
         hit = index.get(image_id)
         if hit is None:
             raise _unknown_id(image_id)
-        path = state.file_path(index, hit.path)
-        if path is None:  # a shard member
-            return _member_response(state, index, image_id, hit.path)
-        if not path.is_file():
-            raise HTTPException(
-                status_code=404,
-                detail=f"image {image_id} is in the index but its file is gone: "
-                "run `duomodal index update` on the index",
-            )
-        media_type = browser_media_type(path)
-        if media_type is not None:
-            return FileResponse(path, media_type=media_type)
+        media_type = browser_media_type(PurePosixPath(hit.path))
         try:
-            png = encode_png(read_image_file(path))
-        except (OSError, ValueError) as e:
-            raise HTTPException(status_code=404, detail=f"image {image_id} can't be read: {e}") from e
-        return Response(png, media_type="image/png")
+            if media_type is None:
+                return Response(encode_png(state.read_image(index, hit)), media_type="image/png")
+            if state.is_member(index, hit):  # a shard member: its bytes as they are in the shard
+                return Response(state.read_member(index, hit), media_type=media_type)
+            file = state.open_file(index, hit)
+        except FileChangedError as e:
+            raise _unservable(image_id, e) from None
+        size = os.fstat(file.fileno()).st_size
+        return StreamingResponse(_chunks(file), media_type=media_type, headers={"Content-Length": str(size)})
 
     @router.get("/thumb/{image_id}", response_class=Response, responses=IMAGE_RESPONSES)
     def thumbnail(image_id: ImageId) -> Response:
@@ -146,34 +155,12 @@ def make_search_router(state: ServerState) -> APIRouter:
             if hit is None:
                 raise _unknown_id(image_id)
             try:
-                image = state.read_image(index, hit.path)
-            except (OSError, ValueError) as e:
-                raise HTTPException(
-                    status_code=404, detail=f"image {image_id} can't be read: {e}"
-                ) from e
+                image = state.read_image(index, hit, draft_size=state.thumb_size)
+            except FileChangedError as e:
+                raise _unservable(image_id, e) from None
             cached = make_thumbnail(image, state.thumb_size)
             state.thumbnails.put(image_id, cached)
         data, media_type = cached
         return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=300"})
 
     return router
-
-
-def _member_response(state: ServerState, index: Any, image_id: int, recorded: str) -> Response:
-    """An indexed shard member as is (or as PNG when a browser can't show its type)."""
-    try:
-        data = index.read_image_bytes(recorded)
-    except OSError:
-        raise HTTPException(
-            status_code=404,
-            detail=f"image {image_id} is in the index but its shard member is gone: "
-            "run `duomodal index update` on the index",
-        ) from None
-    media_type = browser_media_type(PurePosixPath(recorded))
-    if media_type is not None:
-        return Response(data, media_type=media_type)
-    try:
-        png = encode_png(state.read_image(index, recorded))
-    except (OSError, ValueError) as e:
-        raise HTTPException(status_code=404, detail=f"image {image_id} can't be read: {e}") from e
-    return Response(png, media_type="image/png")

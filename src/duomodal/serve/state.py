@@ -3,9 +3,10 @@
 The index, embedder and generator are passed in (see `create_app`), so tests can hand in small
 objects with the same methods. Their interfaces, as this package uses them:
 
-- index: `clip_model_id`, `dim`, `count`, `root`; `search(vector (D,), k) -> list[Hit]`;
-  `get(id) -> Hit | None`; `vector(id) -> np.ndarray (D,)`. A Hit has `id, path, score, width,
-  height, caption`.
+- index: `clip_model_id`, `dim`, `count`, `root`; `search(vector (D,), k) -> list[Hit]` (and,
+  optionally, `search_batch(vectors (B, D), k)`); `get(id) -> Hit | None`; `vector(id) -> np.ndarray
+  (D,)`; `flag_changed(id)`. A Hit has `id, path, score, width, height, caption` and, to check a
+  file before serving it, `size, mtime_ns` (as indexed).
 - embedder: `model_id`, `dim`, `embed_texts(list[str])`, `embed_images(list[PIL.Image])` (what
   `duomodal.search.query.query_vector` needs).
 - generator (see `Generator` below and `duomodal.serve.generator`): `max_num`, `image_size`,
@@ -21,15 +22,23 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 from PIL import Image
 
-from duomodal.data.images import load_image_bytes
+from duomodal.data.images import ImageError, load_image_bytes
 from duomodal.search.query import parse_query, query_vector
+from duomodal.serve.batching import TextSearchBatcher
 from duomodal.serve.jobs import JobControl, JobOutput, JobQueue
-from duomodal.serve.media import MAX_UPLOAD_BYTES, ThumbnailCache, read_image_file
+from duomodal.serve.media import (
+    MAX_UPLOAD_BYTES,
+    FileChangedError,
+    ThumbnailCache,
+    decode_upload,
+    open_indexed_file,
+    read_indexed_image,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +132,10 @@ class VectorCache:
                 self._items.popitem(last=False)
 
 
+def _cache_key(terms: list[tuple[float, str]]) -> str:
+    return "\x00".join(f"{weight!r}*{text}" for weight, text in terms)
+
+
 @dataclass
 class ServerState:
     index: Any
@@ -137,8 +150,21 @@ class ServerState:
     # disk (`duomodal index update` while serving); checked at most every `reload_check_s`.
     reopen_index: Callable[[], Any] | None = None
     reload_check_s: float = 5.0
+    # Images decoded at once (uploads, thumbnails, conversions): each may hold up to ~4 bytes per
+    # pixel of the pixel limit, so this bounds the server's decode memory under a crowd.
+    max_decodes: int = 2
     _checked_at: float = field(default=float("-inf"), init=False)
     _reloading: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _decode_slots: threading.BoundedSemaphore = field(init=False)
+    text_batcher: TextSearchBatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.max_decodes < 1:
+            raise ValueError(f"max_decodes must be at least 1, got {self.max_decodes}")
+        self._decode_slots = threading.BoundedSemaphore(self.max_decodes)
+        self.text_batcher = TextSearchBatcher(
+            self.embedder.embed_texts, int(self.embedder.dim), on_vector=self._remember_vector
+        )
 
     def current_index(self) -> Any:
         """The index to answer a request with (one handler uses one index throughout)."""
@@ -170,30 +196,73 @@ class ServerState:
         finally:
             self._reloading.release()
 
-    def text_vector(self, text: str) -> np.ndarray:
-        """The query vector of a text query (weights and "-negatives" parsed); cached by text."""
-        vector = self.query_vectors.get(text)
-        if vector is None:
-            vector = query_vector(self.embedder, texts=parse_query(text), images=[])
-            self.query_vectors.put(text, vector)
-        return vector
+    def search_text(self, index: Any, text: str, k: int) -> list:
+        """The hits of a text query (weights and "-negatives" parsed), batched with the text
+        searches that arrive at the same time; query vectors are cached by their parsed terms."""
+        terms = parse_query(text)
+        vector = self.query_vectors.get(_cache_key(terms))
+        return self.text_batcher.search(index, terms, k, vector)
+
+    def _remember_vector(self, terms: list[tuple[float, str]], vector: np.ndarray) -> None:
+        self.query_vectors.put(_cache_key(terms), vector)
 
     def image_vector(self, image: Image.Image) -> np.ndarray:
         return query_vector(self.embedder, texts=[], images=[(1.0, image)])
 
-    def file_path(self, index: Any, recorded: str) -> Path | None:
-        """Where an indexed file is: its recorded path, relative paths taken from the index root;
-        None for a member of a shard (read it with `index.read_image_bytes`)."""
-        source = getattr(index, "source", None)
-        if source is not None and source.file_path(recorded) is None:
-            return None
-        path = Path(recorded)
-        return path if path.is_absolute() else Path(index.root) / path
+    def decode_upload(self, data: bytes, name: str) -> Image.Image:
+        """An upload decoded (media.decode_upload) while holding one of the decode slots."""
+        with self._decode_slots:
+            return decode_upload(data, name, self.max_upload_bytes)
 
-    def read_image(self, index: Any, recorded: str) -> Image.Image:
-        """An indexed image as RGB, from its file or shard member; ImageError (a ValueError) or
-        OSError when it is gone or unreadable."""
-        path = self.file_path(index, recorded)
-        if path is not None:
-            return read_image_file(path)
-        return load_image_bytes(index.read_image_bytes(recorded), recorded)
+    @staticmethod
+    def is_member(index: Any, hit: Any) -> bool:
+        """Whether `hit` is a member of a shard (served by id from its shard, see `read_member`)
+        rather than a file under the index root."""
+        source = getattr(index, "source", None)
+        return source is not None and source.file_path(hit.path) is None
+
+    def read_member(self, index: Any, hit: Any) -> bytes:
+        """The bytes of the shard member of `hit`; FileChangedError (the row flagged for the next
+        `index update`) when its shard no longer holds it."""
+        try:
+            return index.read_image_bytes(hit.path)
+        except OSError:
+            self._flag(index, hit.id)
+            raise FileChangedError("its shard member is gone") from None
+
+    def open_file(self, index: Any, hit: Any) -> BinaryIO:
+        """The indexed file of `hit`, opened only if it is still the file that was indexed, inside
+        the index root (media.open_indexed_file). Otherwise the row is flagged for the next
+        `index update` and FileChangedError is raised."""
+        try:
+            return open_indexed_file(
+                Path(index.root), hit.path, getattr(hit, "size", None), getattr(hit, "mtime_ns", None)
+            )
+        except FileChangedError:
+            self._flag(index, hit.id)
+            raise
+
+    def read_image(self, index: Any, hit: Any, draft_size: int | None = None) -> Image.Image:
+        """The indexed image of `hit` (a file, see `open_file`, or a shard member, see
+        `read_member`) decoded holding a decode slot; FileChangedError when it can't be served."""
+        if self.is_member(index, hit):
+            data = self.read_member(index, hit)
+            with self._decode_slots:
+                try:
+                    return load_image_bytes(data, f"image {hit.id}", draft_size=draft_size)
+                except ImageError as e:
+                    self._flag(index, hit.id)
+                    raise FileChangedError(f"its shard member can't be read as an image ({e.reason})") from None
+        with self.open_file(index, hit) as file, self._decode_slots:
+            try:
+                return read_indexed_image(file, f"image {hit.id}", draft_size)
+            except FileChangedError:
+                self._flag(index, hit.id)
+                raise
+
+    @staticmethod
+    def _flag(index: Any, image_id: int) -> None:
+        try:
+            index.flag_changed(image_id)
+        except Exception:  # a read-only index: the next update finds the change by itself anyway
+            logger.warning("could not flag image %d for the next index update", image_id, exc_info=True)

@@ -9,6 +9,7 @@ it, unless truncation is asked for.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -60,6 +61,16 @@ class Tokenizer:
                 raise TokenizerError(f"tokenizer must have {token} at id {i}; was it trained by duomodal?")
         self.hf = hf_tokenizer
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = range(len(SPECIAL_TOKENS))
+        # A Hugging Face tokenizer is not safe to call from several threads at once (its Rust side
+        # borrows itself mutably; concurrent calls can fail with "Already borrowed"): the server's
+        # request threads and job worker share one, so every call goes through this lock.
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # data-loader workers get a copy, with a lock of their own
+        return {"hf": self.hf}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["hf"])
 
     @classmethod
     def train(cls, captions: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2) -> Tokenizer:
@@ -103,18 +114,21 @@ class Tokenizer:
         return self.hf.get_vocab_size()
 
     def normalize(self, text: str) -> str:
-        return self.hf.normalizer.normalize_str(text)
+        with self._lock:
+            return self.hf.normalizer.normalize_str(text)
 
     def tokens(self, text: str) -> list[int]:
         """Token ids of `text` alone: no BOS/EOS, no padding."""
-        return self.hf.encode(text).ids
+        with self._lock:
+            return self.hf.encode(text).ids
 
     def unknown_words(self, text: str) -> list[str]:
         """Words of `text` that contain characters the tokenizer has never seen."""
         # Encode the normalised text (normalising is idempotent) so that the offsets, which count
         # in the encoder's input, index `normalized`.
         normalized = self.normalize(text)
-        encoding = self.hf.encode(normalized)
+        with self._lock:
+            encoding = self.hf.encode(normalized)
         words = set()
         for token_id, offsets in zip(encoding.ids, encoding.offsets):
             if token_id == self.unk_id:
@@ -145,4 +159,5 @@ class Tokenizer:
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return self.hf.decode([i for i in ids if i >= len(SPECIAL_TOKENS)], skip_special_tokens=True)
+        with self._lock:
+            return self.hf.decode([i for i in ids if i >= len(SPECIAL_TOKENS)], skip_special_tokens=True)
