@@ -1,9 +1,11 @@
 """Load test of `duomodal serve`: N concurrent clients for T seconds against a server this script
 starts on 127.0.0.1, over an index of synthetic vectors; prints requests/s, latency p50/p90/p99,
-the server's own embed+search time and the error count.
+the server's own embed+search time and the error count, for each client count given (one server,
+one run, so the ratio of the figures is measured side by side), then optionally the server's
+memory while clients upload large images at once.
 
     flock /tmp/duomodal-heavy.lock .venv/bin/python benchmarks/serve_load.py --images 100000 \\
-        --clients 1 --seconds 20
+        --clients 1,8 --seconds 20 --upload-clients 8
 
 Without --clip the CLIP is the `quick` preset's architecture with random weights (the cost of a
 query does not depend on what the weights learned); the index holds `--images` random unit
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
+import io
 import itertools
 import json
 import os
@@ -129,10 +132,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(index_dir: Path, clip_dir: Path, port: int, device: str, log: Path) -> subprocess.Popen:
+def start_server(
+    index_dir: Path, clip_dir: Path, port: int, device: str, log: Path, max_decodes: int = 2
+) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "duomodal", "serve", "--index", str(index_dir), "--clip", str(clip_dir),
-        "--host", "127.0.0.1", "--port", str(port), "--device", device,
+        "--host", "127.0.0.1", "--port", str(port), "--device", device, "--max-decodes", str(max_decodes),
     ]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
@@ -229,22 +234,113 @@ def run_load(port: int, clients: int, seconds: float, endpoint: str, k: int, ima
     return results, time.perf_counter() - start
 
 
+# --- uploads: the server's memory ---------------------------------------------------------------
+
+
+def large_upload(pixels: int) -> bytes:
+    """A PNG of about `pixels` pixels (a smooth picture with some noise: a few MB, like a photo
+    scan) that decodes to 3 bytes per pixel."""
+    from PIL import Image
+
+    side = int(pixels**0.5)
+    rng = np.random.default_rng(2)
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    picture = np.stack([ramp[None, :].repeat(side, 0), ramp[:, None].repeat(side, 1),
+                        np.full((side, side), 128, np.float32)], axis=-1)
+    picture += rng.normal(0, 6, picture.shape).astype(np.float32)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8), "RGB").save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def upload_loop(port: int, body: bytes, boundary: str, deadline: float, results: Results) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    while time.monotonic() < deadline:
+        start = time.perf_counter()
+        try:
+            connection.request("POST", "/api/search/image", body=body, headers=headers)
+            response = connection.getresponse()
+            text = response.read()
+            error = None if response.status == 200 else f"{response.status} {text[:200]!r}"
+        except (OSError, http.client.HTTPException) as e:
+            error = f"{type(e).__name__}: {e}"
+            connection.close()
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        with results.lock:
+            if error is None:
+                results.latencies.append(time.perf_counter() - start)
+            else:
+                results.errors.append(error)
+    connection.close()
+
+
+def run_uploads(server: subprocess.Popen, port: int, clients: int, seconds: float, image: bytes) -> dict:
+    """`clients` clients upload `image` again and again; the server's RSS is sampled every 50 ms."""
+    boundary = "duomodal-load-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    results = Results()
+    before = rss_mib(server.pid)
+    deadline = time.monotonic() + seconds
+    threads = [threading.Thread(target=upload_loop, args=(port, body, boundary, deadline, results))
+               for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    peak = before
+    while any(thread.is_alive() for thread in threads):
+        peak = max(peak, rss_mib(server.pid))
+        time.sleep(0.05)
+    return {"before": before, "peak": peak, "hwm": rss_mib(server.pid, "VmHWM"), "results": results}
+
+
+def print_load(label: str, results: Results, elapsed: float) -> float:
+    done = len(results.latencies)
+    ms = [s * 1000 for s in results.latencies]
+    print(f"{label}: {done} ok, {len(results.errors)} errors, {done / elapsed:.1f} requests/s, latency ms "
+          f"p50 {percentile(ms, 50):.2f}  p90 {percentile(ms, 90):.2f}  p99 {percentile(ms, 99):.2f}  "
+          f"max {max(ms) if ms else float('nan'):.2f}"
+          + (f"; server p50 {statistics.median(results.server_ms):.2f} ms" if results.server_ms else ""))
+    for error in results.errors[:5]:
+        print(f"  error: {error}")
+    return done / elapsed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=100_000, help="vectors in the synthetic index (default 100000)")
-    parser.add_argument("--clients", type=int, default=1, help="concurrent clients (default 1)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="how long to load the server (default 20)")
+    parser.add_argument("--clients", default="1,8",
+                        help="concurrent clients, or a comma list run one after the other (default 1,8)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="how long each load runs (default 20)")
     parser.add_argument("--endpoint", choices=("text", "similar"), default="text",
                         help="text: GET /api/search?q=...; similar: GET /api/similar/{id} (default text)")
     parser.add_argument("-k", type=int, default=10, help="results per request (default 10)")
     parser.add_argument("--clip", type=Path, help="a CLIP directory (default: the quick preset, random weights)")
     parser.add_argument("--index-type", default="auto", choices=("auto", "flat", "hnsw", "ivf"))
     parser.add_argument("--device", default="cpu", help="the server's device for the CLIP (default cpu)")
+    parser.add_argument("--upload-clients", type=int, default=0,
+                        help="then: this many clients upload a large image for --upload-seconds (default 0: skip)")
+    parser.add_argument("--upload-seconds", type=float, default=15.0)
+    parser.add_argument("--upload-megapixels", type=float, default=36.0, help="pixels of the uploaded image")
+    parser.add_argument("--max-decodes", type=int, default=2, help="the server's --max-decodes (default 2)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/duomodal-serve-load"),
                         help="where the CLIP and index are kept between runs")
     args = parser.parse_args(argv)
-    if not 1 <= args.clients <= 64 or not 0 < args.seconds <= 600 or not 1 <= args.images <= 10_000_000:
-        parser.error("need 1 <= --clients <= 64, 0 < --seconds <= 600, 1 <= --images <= 10000000")
+    try:
+        client_counts = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        parser.error(f"--clients {args.clients!r}: give numbers separated by commas, e.g. 1,8")
+    if not all(1 <= c <= 64 for c in client_counts) or not 0 < args.seconds <= 600 \
+            or not 1 <= args.images <= 10_000_000 or not 0 <= args.upload_clients <= 64:
+        parser.error("need 1 <= --clients <= 64, 0 < --seconds <= 600, 1 <= --images <= 10000000, "
+                     "0 <= --upload-clients <= 64")
 
     args.work.mkdir(parents=True, exist_ok=True)
     clip_dir = args.clip or make_quick_clip(args.work / "clip-quick")
@@ -254,26 +350,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     if build_seconds:
         print(f"built the synthetic index in {build_seconds:.1f} s", file=sys.stderr)
+    image = large_upload(int(args.upload_megapixels * 1e6)) if args.upload_clients else b""
     port = free_port()
-    server = start_server(index_dir, clip_dir, port, args.device, args.work / "server.log")
+    server = start_server(index_dir, clip_dir, port, args.device, args.work / "server.log", args.max_decodes)
+    print(f"serve_load: {args.endpoint} search, {args.images} images, k={args.k}, {args.seconds:.0f} s per load, "
+          f"cpu cores {os.cpu_count()}")
+    throughputs: dict[int, float] = {}
+    failed = False
     try:
-        results, elapsed = run_load(port, args.clients, args.seconds, args.endpoint, args.k, args.images)
+        for clients in client_counts:
+            results, elapsed = run_load(port, clients, args.seconds, args.endpoint, args.k, args.images)
+            throughputs[clients] = print_load(f"{clients:>2} clients", results, elapsed)
+            failed |= bool(results.errors) or not results.latencies
+        if len(throughputs) > 1:
+            first = client_counts[0]
+            for clients in client_counts[1:]:
+                print(f"throughput {clients} clients / {first} client(s): "
+                      f"{throughputs[clients] / max(throughputs[first], 1e-9):.2f}x")
+        if args.upload_clients:
+            memory = run_uploads(server, port, args.upload_clients, args.upload_seconds, image)
+            print_load(f"uploads, {args.upload_clients} clients, {len(image) / 2**20:.1f} MB PNG of "
+                       f"{args.upload_megapixels:g} megapixels", memory["results"], args.upload_seconds)
+            print(f"server memory: {memory['before']:.0f} MiB before, peak {memory['peak']:.0f} MiB sampled, "
+                  f"VmHWM {memory['hwm']:.0f} MiB (--max-decodes {args.max_decodes})")
+            failed |= bool(memory["results"].errors)
     finally:
         stop_server(server)
-
-    done = len(results.latencies)
-    ms = [s * 1000 for s in results.latencies]
-    print(f"serve_load: {args.endpoint} search, {args.images} images, {args.clients} clients, "
-          f"{elapsed:.1f} s, k={args.k}, cpu cores {os.cpu_count()}")
-    print(f"requests      {done} ok, {len(results.errors)} errors")
-    print(f"throughput    {done / elapsed:.1f} requests/s")
-    print(f"latency ms    p50 {percentile(ms, 50):.2f}  p90 {percentile(ms, 90):.2f}  "
-          f"p99 {percentile(ms, 99):.2f}  max {max(ms) if ms else float('nan'):.2f}")
-    if results.server_ms:
-        print(f"server ms     p50 {statistics.median(results.server_ms):.2f} (embed + search, inside the handler)")
-    for error in results.errors[:5]:
-        print(f"error: {error}")
-    return 1 if results.errors or done == 0 else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ each, and the tokenizer is only ever used from this one thread.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,9 +31,14 @@ class _Request:
     terms: list[tuple[float, str]]
     k: int
     vector: np.ndarray | None  # from the cache; None: embed it
-    done: threading.Event = field(default_factory=threading.Event)
+    notify: Callable[[], None]  # called once, from the worker, when hits or error is set
+    finished: bool = False
     hits: list | None = None
     error: BaseException | None = None
+
+    def finish(self, hits: list | None = None, error: BaseException | None = None) -> None:
+        self.hits, self.error, self.finished = hits, error, True
+        self.notify()
 
 
 class TextSearchBatcher:
@@ -56,7 +62,34 @@ class TextSearchBatcher:
     def search(self, index: Any, terms: list[tuple[float, str]], k: int, vector: np.ndarray | None = None) -> list:
         """The hits of the query `terms` (parsed by `parse_query`) in `index`; QueryError as
         `query_vector` raises it. Blocks until the batch holding this request is done."""
-        request = _Request(index, terms, k, vector)
+        done = threading.Event()
+        request = _Request(index, terms, k, vector, done.set)
+        self._submit(request)
+        if not done.wait(WAIT_S):
+            raise TimeoutError(f"the text search worker did not answer within {WAIT_S:.0f} s")
+        return self._result(request)
+
+    async def search_async(
+        self, index: Any, terms: list[tuple[float, str]], k: int, vector: np.ndarray | None = None
+    ) -> list:
+        """`search` for the event loop (an `async def` route: no thread-pool hop per request)."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        request = _Request(index, terms, k, vector, lambda: loop.call_soon_threadsafe(done.set))
+        self._submit(request)
+        try:
+            await asyncio.wait_for(done.wait(), WAIT_S)
+        except TimeoutError:
+            raise TimeoutError(f"the text search worker did not answer within {WAIT_S:.0f} s") from None
+        return self._result(request)
+
+    @staticmethod
+    def _result(request: _Request) -> list:
+        if request.error is not None:
+            raise request.error
+        return request.hits or []
+
+    def _submit(self, request: _Request) -> None:
         with self._wake:
             if self._closed:
                 raise RuntimeError("the server is shutting down")
@@ -65,11 +98,6 @@ class TextSearchBatcher:
                 self._worker = threading.Thread(target=self._run, name="duomodal-text-batcher", daemon=True)
                 self._worker.start()
             self._wake.notify()
-        if not request.done.wait(WAIT_S):
-            raise TimeoutError(f"the text search worker did not answer within {WAIT_S:.0f} s")
-        if request.error is not None:
-            raise request.error
-        return request.hits
 
     def close(self) -> None:
         with self._wake:
@@ -89,9 +117,8 @@ class TextSearchBatcher:
             except BaseException as e:  # noqa: BLE001 - delivered to the waiting requests; the worker lives on
                 logger.exception("a batch of %d text searches failed", len(batch))
                 for request in batch:
-                    if not request.done.is_set():
-                        request.error = e
-                        request.done.set()
+                    if not request.finished:
+                        request.finish(error=e)
 
     def _answer(self, batch: Sequence[_Request]) -> None:
         self.batch_sizes = (self.batch_sizes + [len(batch)])[-100:]
@@ -107,11 +134,10 @@ class TextSearchBatcher:
                 try:
                     request.vector = combine_terms([w for w, _ in request.terms], rows)
                 except QueryError as e:
-                    request.error = e
-                    request.done.set()
+                    request.finish(error=e)
                     continue
                 self.on_vector(request.terms, request.vector)
-        ready = [r for r in batch if not r.done.is_set()]
+        ready = [r for r in batch if not r.finished]
         by_index: dict[int, list[_Request]] = {}
         for request in ready:
             by_index.setdefault(id(request.index), []).append(request)
@@ -124,5 +150,4 @@ class TextSearchBatcher:
             else:  # an index without batched search (a test double): one call each
                 found = [index.search(vector, k) for vector in vectors]
             for request, hits in zip(group, found):
-                request.hits = hits[: request.k]
-                request.done.set()
+                request.finish(hits=hits[: request.k])

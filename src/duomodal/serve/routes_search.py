@@ -73,14 +73,16 @@ def _chunks(file: BinaryIO, size: int = 256 * 1024) -> Iterator[bytes]:
 def make_search_router(state: ServerState) -> APIRouter:
     router = APIRouter(prefix="/api", tags=["search"])
 
-    def text_search(query: str, k: int) -> SearchResponse:
+    # The text routes are `async`: they only parse and wait for the batcher (batching.py), so
+    # they need no worker thread of their own.
+    async def text_search(query: str, k: int) -> SearchResponse:
         start = time.perf_counter()
-        hits = state.search_text(state.current_index(), query, k)
+        hits = await state.search_text(state.current_index(), query, k)
         took_ms = (time.perf_counter() - start) * 1000
         return SearchResponse(kind="text", query=query, took_ms=took_ms, results=_hits(state, hits))
 
     @router.get("/search", response_model=SearchResponse, responses=ERRORS)
-    def search_get(
+    async def search_get(
         q: Annotated[
             str,
             Query(
@@ -93,12 +95,12 @@ def make_search_router(state: ServerState) -> APIRouter:
         k: K = 24,
     ) -> SearchResponse:
         """Search by text (query string form, for links and quick tests)."""
-        return text_search(q, k)
+        return await text_search(q, k)
 
     @router.post("/search", response_model=SearchResponse, responses=ERRORS)
-    def search_post(request: TextSearchRequest) -> SearchResponse:
+    async def search_post(request: TextSearchRequest) -> SearchResponse:
         """Search by text."""
-        return text_search(request.query, request.k)
+        return await text_search(request.query, request.k)
 
     @router.post("/search/image", response_model=SearchResponse, responses=ERRORS)
     def search_image(

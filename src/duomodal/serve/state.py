@@ -196,12 +196,12 @@ class ServerState:
         finally:
             self._reloading.release()
 
-    def search_text(self, index: Any, text: str, k: int) -> list:
+    async def search_text(self, index: Any, text: str, k: int) -> list:
         """The hits of a text query (weights and "-negatives" parsed), batched with the text
         searches that arrive at the same time; query vectors are cached by their parsed terms."""
         terms = parse_query(text)
         vector = self.query_vectors.get(_cache_key(terms))
-        return self.text_batcher.search(index, terms, k, vector)
+        return await self.text_batcher.search_async(index, terms, k, vector)
 
     def _remember_vector(self, terms: list[tuple[float, str]], vector: np.ndarray) -> None:
         self.query_vectors.put(_cache_key(terms), vector)
