@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -13,10 +15,13 @@ from PIL import Image
 
 from duomodal.data.images import (
     DEFAULT_MAX_PIXELS,
+    DEGENERATE,
     EMPTY,
+    SPECIAL_FILE,
     TOO_LARGE,
     UNREADABLE,
     ImageError,
+    decode_image,
     is_image_path,
     load_image,
     make_grid,
@@ -270,3 +275,51 @@ def test_parse_color():
     assert parse_color("#ff0000") == RED and parse_color("white") == WHITE and parse_color("#00f") == BLUE
     with pytest.raises(ValueError, match=r"^background colour 'nope' is not a colour; use e\.g\. '#ffffff' or 'white'$"):
         parse_color("nope")
+
+
+@pytest.mark.timeout(20)
+def test_special_files_are_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would wait for a writer forever
+    with pytest.raises(ImageError, match=r"pipe\.png: not a regular file: it is a named pipe \(FIFO\)$") as info:
+        load_image(tmp_path / "pipe.png")
+    assert info.value.kind == SPECIAL_FILE
+    (tmp_path / "zero.png").symlink_to("/dev/zero")  # reading it never ends
+    with pytest.raises(ImageError, match=r"zero\.png: not a regular file: it is a character device$"):
+        load_image(tmp_path / "zero.png")
+    noise_png(tmp_path / "big.png")
+    with pytest.raises(ImageError, match=r"big\.png: file is \d+ bytes, over the 100 bytes limit$") as info:
+        load_image(tmp_path / "big.png", max_bytes=100)
+    assert info.value.kind == TOO_LARGE
+
+
+def test_extreme_aspect_ratios_are_refused_from_the_header(tmp_path):
+    sliver = png_header_only(tmp_path / "sliver.png", 20_000_000, 1)  # 20 megapixels, under the pixel limit
+    with pytest.raises(ImageError, match=r"sliver\.png: image is 20000000x1 pixels, an aspect ratio of "
+                       r"20000000:1, over the limit of 20:1 \(.*\); crop it first$") as info:
+        load_image(sliver)
+    assert info.value.kind == DEGENERATE
+    Image.new("RGB", (200, 10), RED).save(tmp_path / "banner.png")  # 20:1 is allowed
+    assert load_image(tmp_path / "banner.png").size == (200, 10)
+    with pytest.raises(ImageError, match=r"^upload: image is 10x201 pixels"):
+        decode_image(_png_bytes(Image.new("RGB", (10, 201), RED)), "upload")
+    assert decode_image(_png_bytes(Image.new("RGB", (4, 4), RED)), "upload").getpixel((0, 0)) == RED
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_to_tensor_of_a_sliver_allocates_only_the_result():
+    # Scaling the short side of 200000x1 up to 64 first would need 200000*64*64*3 bytes (2.4 GB);
+    # cutting the centre square out first needs 64x64.
+    tensor = to_tensor(Image.new("RGB", (200_000, 1), BLUE), 64)
+    assert tensor.shape == (3, 64, 64) and torch.allclose(tensor[:, 10, 10], torch.tensor([0.0, 0.0, 1.0]))
+
+
+def test_draft_decodes_large_jpegs_at_a_reduced_scale(tmp_path):
+    Image.new("RGB", (800, 600), BLUE).save(tmp_path / "photo.jpg", quality=90)
+    assert load_image(tmp_path / "photo.jpg").size == (800, 600)
+    assert load_image(tmp_path / "photo.jpg", draft_size=64).size == (100, 75)  # 1/8: both sides >= 64
+    assert load_image(tmp_path / "photo.jpg", draft_size=200).size == (400, 300)  # 1/2

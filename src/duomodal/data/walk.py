@@ -10,13 +10,14 @@ and symlinked folders are not followed. Nothing is opened here: only `lstat`/`st
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from duomodal.data.images import SPECIAL_FILE, UNREADABLE
 
-from duomodal.files import refusal
+from duomodal.files import file_kind, refusal
 
 # Kinds of skip besides the image kinds of data/images.py (SPECIAL_FILE, UNREADABLE), as `data
 # check` counts them.
@@ -38,16 +39,13 @@ class Entry:
 def check_file(path: Path, real_root: Path, max_bytes: int | None) -> tuple[str, str] | None:
     """(kind, reason) when the file at `path` must not be read as part of the folder whose resolved
     path is `real_root`, else None. Raises OSError for a file that is gone or unreadable."""
-    st = os.lstat(path)
-    if os.path.islink(path):
-        target = Path(os.path.realpath(path))
-        if not target.is_relative_to(real_root):
-            return OUTSIDE_ROOT, "a symlink that leads outside the folder"
-        st = os.stat(path)
+    st = os.stat(path)  # follows a symlink: what would be opened (stat opens nothing)
+    if not stat.S_ISREG(st.st_mode):
+        return SPECIAL_FILE, f"not a regular file: it is {file_kind(st.st_mode)}"
+    if not Path(os.path.realpath(path)).is_relative_to(real_root):  # the file or a folder above is a link
+        return OUTSIDE_ROOT, "a symlink that leads outside the folder"
     reason = refusal(st, max_bytes)
-    if reason is None:
-        return None
-    return (SPECIAL_FILE if reason.startswith("not a regular file") else OVERSIZED_FILE), reason
+    return None if reason is None else (OVERSIZED_FILE, reason)
 
 
 def walk_files(
