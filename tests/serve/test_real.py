@@ -92,6 +92,25 @@ def test_serve_searches_a_real_index_with_the_recorded_clip(served, index_dir, s
         assert first["id"] not in [hit["id"] for hit in similar["results"]]
 
 
+def test_serving_beyond_loopback_asks_for_a_token(served, index_dir, capsys, monkeypatch):
+    monkeypatch.delenv("DUOMODAL_TOKEN", raising=False)
+    status, started = served("--index", str(index_dir), "--device", "cpu", "--host", "0.0.0.0",
+                             "--allow-host", "photos.lan")
+    assert status == 0
+    err = capsys.readouterr().err.splitlines()
+    url = err[0].removeprefix("duomodal: serving 24 images at ").removesuffix(" (Ctrl+C stops)")
+    assert url.startswith("http://0.0.0.0:8000/?token=") and len(url.split("=", 1)[1]) >= 32
+    assert err[1].startswith("duomodal: listening beyond this machine; answering Host names ")
+    token = url.split("=", 1)[1]
+    with TestClient(started["app"], base_url="http://photos.lan:8000") as client:
+        assert client.get("/health").status_code == 401
+        assert client.get("/health", headers={"authorization": f"Bearer {token}"}).status_code == 200
+    with TestClient(started["app"], base_url="http://attacker.example") as client:
+        assert client.get("/health", headers={"authorization": f"Bearer {token}"}).status_code == 400
+    status, started = served("--index", str(index_dir), "--device", "cpu", "--token", "my-own-token")
+    assert status == 0 and "/?token=my-own-token " in capsys.readouterr().err
+
+
 def test_serve_errors_are_one_line_and_exit_2(served, index_dir, tmp_path, capsys):
     assert served("--index", str(index_dir), "--port", "0")[0] == 2
     assert capsys.readouterr().err == "duomodal: error: --port must be from 1 to 65535, got 0\n"

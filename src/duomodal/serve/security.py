@@ -67,7 +67,7 @@ class AccessPolicy:
         hosts = set(LOOPBACK_HOSTS)
         for host in extra_hosts:
             name = host_name(host)
-            if not name or any(c in name for c in "/ @"):
+            if not name or any(c in host for c in "/ @"):
                 raise ValueError(f"allowed host {host!r} is not a host name or address; give e.g. photos.lan")
             hosts.add(name)
         if token is not None and len(token) < 8:
