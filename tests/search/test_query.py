@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from duomodal.search.query import MAX_QUERY_CHARS, QueryError, parse_query, query_vector
+from duomodal.search.query import (
+    MAX_QUERY_CHARS,
+    QUERY_PATTERN,
+    SPACE_CHARS,
+    QueryError,
+    parse_query,
+    query_vector,
+)
+
+QUERY_RE = re.compile(QUERY_PATTERN)
 
 
 @pytest.mark.parametrize(
@@ -36,7 +49,6 @@ def test_parse_query(text, expected):
         ("0*beach", "term '0*beach' has weight 0; drop it or give a weight above 0"),
         ("500*beach", "term '500*beach' has weight 500; the limit is 100"),
         ("x" * (MAX_QUERY_CHARS + 1), f"query is {MAX_QUERY_CHARS + 1} characters long; the limit is {MAX_QUERY_CHARS}"),
-        (" ".join(["a"] + ["+b"] * 16), "query has 17 terms; the limit is 16"),
     ],
 )
 def test_parse_query_errors(text, message):
@@ -72,3 +84,54 @@ def test_query_vector_errors():
     with pytest.raises(QueryError) as e:
         query_vector(AxisEmbedder(), [(1.0, "a0"), (-1.0, "a0")])
     assert str(e.value) == "the query's terms cancel out (their weighted sum is zero); change a weight or a term"
+
+
+# --- the query pattern (the OpenAPI schema states it; pydantic enforces it) ------------------------
+
+GRAMMAR_CHARS = list("ab 0123.*+-") + ["\u00a0", "\u3000", "\u2028", "\x00", "\x1f", "\t", "\x85", "é", "٢"]
+
+
+def _parses(text: str) -> bool:
+    try:
+        parse_query(text)
+    except QueryError:
+        return False
+    return not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in text)  # control characters: refused
+
+
+@settings(max_examples=3000, derandomize=True, deadline=None, database=None)
+@given(st.text(alphabet=st.sampled_from(GRAMMAR_CHARS), max_size=16))
+def test_the_query_pattern_accepts_exactly_what_parse_query_accepts(text):
+    assert bool(QUERY_RE.fullmatch(text)) == _parses(text)
+
+
+def test_the_query_pattern_means_the_same_to_pydantic():
+    from typing import Annotated
+
+    import pydantic
+
+    adapter = pydantic.TypeAdapter(Annotated[str, pydantic.StringConstraints(pattern=QUERY_PATTERN)])
+    for text in ["beach -people", "-people beach", "0*red", "2* red", "a\u3000-\u3000b", "x\x00", "+", "1.2.3*x"]:
+        try:
+            adapter.validate_python(text)
+            accepted = True
+        except pydantic.ValidationError:
+            accepted = False
+        assert accepted == _parses(text), text
+
+
+def test_space_chars_are_python_white_space_without_control_characters():
+    spaces = {chr(c) for c in range(0x110000) if chr(c).isspace() and not (c < 0x20 or 0x7F <= c <= 0x9F)}
+    listed = set(re.findall(f"[{SPACE_CHARS}]", "".join(sorted(spaces | {"x"}))))
+    assert listed == spaces
+
+
+def test_query_vector_bounds_the_terms():
+    class Never:
+        dim = 4
+
+        def embed_texts(self, texts):
+            raise AssertionError("not reached")
+
+    with pytest.raises(QueryError, match=r"^query has 257 terms; the limit is 256$"):
+        query_vector(Never(), texts=[(1.0, "a")] * 257)

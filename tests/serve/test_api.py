@@ -138,7 +138,7 @@ def test_k_defaults_to_24_and_is_capped_by_the_collection(client):
     [
         ({}, "q: Field required"),
         ({"q": ""}, "q: String should have at least 1 character"),
-        ({"q": "   "}, "q: should contain words, not only spaces: type what the image shows"),
+        ({"q": "   "}, "q: query is empty; type what to search for, e.g. 'beach -people'"),
         ({"q": "x" * 501}, "q: String should have at most 500 characters"),
         ({"q": "red", "k": 0}, "k: Input should be greater than or equal to 1"),
         ({"q": "red", "k": 201}, "k: Input should be less than or equal to 200"),
@@ -158,8 +158,9 @@ def test_bad_text_queries_get_422_with_the_reason(client, params, detail):
         ({}, "query: Field required"),
         ({"query": "red", "k": 5, "extra": 1}, "extra: Extra inputs are not permitted"),
         ({"query": 5}, "query: Input should be a valid string"),
-        ({"query": "\t\n"}, "query: should contain words, not only spaces: type what the image shows"),
-        ({"query": "red\x00"}, "query: should not contain a NUL character"),
+        ({"query": "   "}, "query: query is empty; type what to search for, e.g. 'beach -people'"),
+        ({"query": "\t\n"}, "query: should not contain control characters (NUL, tabs, line breaks...)"),
+        ({"query": "red\x00"}, "query: should not contain control characters (NUL, tabs, line breaks...)"),
         ([1, 2], "body: Input should be a valid dictionary or object to extract fields from"),
     ],
 )
@@ -175,15 +176,25 @@ def test_malformed_json_is_422(client):
     assert response.json()["detail"].startswith("1: JSON decode error")
 
 
-def test_query_the_library_refuses_is_400_with_its_message(client):
+def test_queries_outside_the_syntax_are_422_with_the_parsers_reason(client):
+    # The schema's pattern for q says what parse_query accepts; the reason is the parser's.
     response = client.get("/api/search", params={"q": "-red -blue"})
+    assert response.status_code == 422
+    assert response.json() == {
+        "detail": "q: query '-red -blue' has only negative terms; add a positive one, e.g. 'beach -people'"
+    }
+    response = client.post("/api/search", json={"query": "0*red"})
+    assert response.status_code == 422
+    assert response.json() == {"detail": "query: term '0*red' has weight 0; drop it or give a weight above 0"}
+
+
+def test_query_the_library_refuses_is_400_with_its_message(client):
+    # Terms that cancel out are valid syntax; only embedding them shows it.
+    response = client.get("/api/search", params={"q": "red -red"})
     assert response.status_code == 400
     assert response.json() == {
-        "detail": "query '-red -blue' has only negative terms; add a positive one, e.g. 'beach -people'"
+        "detail": "the query's terms cancel out (their weighted sum is zero); change a weight or a term"
     }
-    response = client.get("/api/search", params={"q": "0*red"})
-    assert response.status_code == 400
-    assert response.json() == {"detail": "term '0*red' has weight 0; drop it or give a weight above 0"}
 
 
 def test_an_unexpected_value_error_in_a_handler_is_a_logged_500_not_a_400(fake_index, fake_clip, monkeypatch, caplog):

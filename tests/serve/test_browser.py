@@ -136,7 +136,7 @@ def test_search_click_upload_drop_and_generate(server_url, page, shape_dataset, 
     page.press("#query", "Enter")
     page.wait_for_selector("#search-error:not([hidden])")
     assert page.inner_text("#search-error") == (
-        "query '-red' has only negative terms; add a positive one, e.g. 'beach -people'"
+        "query: query '-red' has only negative terms; add a positive one, e.g. 'beach -people'"
     )
 
     # Generate: progress while it runs, then the kept images with their CLIP scores, best first.

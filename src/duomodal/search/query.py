@@ -15,9 +15,54 @@ from typing import Any, Protocol
 import numpy as np
 
 MAX_QUERY_CHARS = 500
-MAX_TERMS = 16
+# A term needs at least two characters and a space, so 500 characters hold at most ~170 terms: the
+# character limit bounds the work, this only guards the library's own callers.
+MAX_TERMS = 256
 MAX_WEIGHT = 100.0
-_WEIGHT = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\*(.*)$")
+_WEIGHT = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\*(.*)$")  # ASCII digits only
+
+
+def _query_pattern() -> str:
+    """The regular expression of every query `parse_query` accepts (no control characters), in the
+    syntax Python, Rust (pydantic) and JavaScript (OpenAPI clients) read alike: no lookaround, the
+    space characters listed as themselves. tests/search/test_query.py checks the two agree."""
+    ctrl = "\\x00-\\x1f\\x7f-\\x9f"
+    space = SPACE_CHARS
+    word = f"[^{ctrl}{space}]"
+    s = f"[{space}]"
+
+    def word_not(chars: str) -> str:
+        return f"[^{chars}{ctrl}{space}]"
+
+    weight = "(?:0*[1-9][0-9]?(?:\\.[0-9]*)?|0*100(?:\\.0*)?|0*\\.0*[1-9][0-9]*)"  # 0 < w <= 100
+
+    def plain(first: str) -> str:  # a non-empty term body that does not start with a weight
+        return (
+            f"(?:{first}{word}*"
+            f"|[0-9]+(?:{word_not('0-9.*')}{word}*|\\.[0-9]*(?:{word_not('0-9*')}{word}*)?)?"
+            f"|\\.(?:{word_not('0-9')}{word}*|[0-9]+(?:{word_not('0-9*')}{word}*)?)?)"
+        )
+
+    signs = "+\\-"
+    more = f"{s}+{word_not(signs)}{word}*"  # a word that continues the term before it
+
+    def term(first: str, signed: bool = True) -> str:
+        # After a sign the body may be empty ("+ red"); a term's words follow it then.
+        bare_weight = f"(?:{weight}\\*)?" if signed else f"{weight}\\*"
+        return f"(?:(?:{weight}\\*{word}+|{plain(first)})(?:{more})*|{bare_weight}(?:{more})+)"
+
+    any_term = term(word_not("0-9."))
+    first = f"(?:\\+{any_term}|{term(word_not('0-9.' + signs), signed=False)})"
+    negative = f"-{any_term}"
+    return (
+        f"^{s}*(?:{first}|{negative}(?:{s}+{negative})*{s}+\\+{any_term})(?:{s}+[{signs}]{any_term})*{s}*$"
+    )
+
+
+# Python's white space (what str.split splits on) without the control characters, which queries
+# may not hold at all.
+SPACE_CHARS = " \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+QUERY_PATTERN = _query_pattern()
 
 
 class QueryError(ValueError):

@@ -20,8 +20,8 @@ from duomodal.serve.schemas import (
     ErrorResponse,
     SearchHit,
     SearchResponse,
+    QueryText,
     TextSearchRequest,
-    Words,
 )
 from duomodal.serve.state import ServerState
 
@@ -90,7 +90,7 @@ def make_search_router(state: ServerState) -> APIRouter:
                 max_length=MAX_QUERY_CHARS,
                 description='words describing the image; "-word" subtracts, "2*word" weights',
             ),
-            Words,
+            QueryText,
         ],
         k: K = 24,
     ) -> SearchResponse:

@@ -2,30 +2,78 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
 from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
+from duomodal.search.query import QUERY_PATTERN, SPACE_CHARS, QueryError, parse_query
 
 MAX_K = 200  # most results one search may ask for
-MAX_QUERY_CHARS = 500  # longest text query / prompt accepted
+MAX_QUERY_CHARS = 500  # longest text query / prompt accepted (search/query.py's limit too)
 MAX_ID = 2**63 - 1  # ids are int64 in the vector index
 MAX_SEED = 2**31 - 1
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
-def _strip_nonempty(value: str) -> str:
-    value = value.strip()
-    if not value:
-        raise ValueError("should contain words, not only spaces: type what the image shows")
-    if "\x00" in value:
-        raise ValueError("should not contain a NUL character")
-    return value
+# Text a prompt may hold: no control characters, and something besides spaces.
+_CONTROL = "\\x00-\\x1f\\x7f-\\x9f"
+PROMPT_PATTERN = f"^[^{_CONTROL}]*[^{_CONTROL}{SPACE_CHARS}][^{_CONTROL}]*$"
 
 
-# A text field holding words: stripped; only spaces, or a NUL character, is an error.
-Words = AfterValidator(_strip_nonempty)
+@dataclass(frozen=True)
+class TextRule:
+    """A text field's rule, stated in the OpenAPI schema as `pattern` and enforced here with the
+    same expression (a client generated from the schema never sends text the server refuses); the
+    value is then stripped. `explain` turns a refused text into the reason the user reads."""
+
+    pattern: str
+    explain: Callable[[str], str]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        expression = re.compile(self.pattern)
+
+        def check(value: str) -> str:
+            if not expression.fullmatch(value):
+                raise ValueError(self.explain(value))
+            return value.strip()
+
+        return core_schema.no_info_after_validator_function(check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        json_schema = handler.resolve_ref_schema(handler(schema))
+        json_schema["pattern"] = self.pattern
+        return json_schema
+
+
+def _has_control(value: str) -> bool:
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in value)
+
+
+def _explain_words(value: str) -> str:
+    if _has_control(value):
+        return "should not contain control characters (NUL, tabs, line breaks...)"
+    return "should contain words, not only spaces: type what the image shows"
+
+
+def _explain_query(value: str) -> str:
+    if not _has_control(value):
+        try:
+            parse_query(value)
+        except QueryError as e:
+            return str(e)
+    return _explain_words(value)
+
+
+# A prompt: words, no control characters. A search query: the same, in the query syntax of
+# search/query.py (terms, "-" negatives, "W*" weights, at least one positive term).
+Words = TextRule(PROMPT_PATTERN, _explain_words)
+QueryText = TextRule(QUERY_PATTERN, _explain_query)
 
 
 class ErrorResponse(BaseModel):
@@ -37,7 +85,7 @@ class ErrorResponse(BaseModel):
 class TextSearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    query: Annotated[str, Words] = Field(
+    query: Annotated[str, QueryText] = Field(
         min_length=1,
         max_length=MAX_QUERY_CHARS,
         description='words describing the image; "-word" subtracts, "2*word" weights',
