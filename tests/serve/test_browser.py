@@ -178,8 +178,8 @@ def test_search_click_upload_drop_and_generate(server_url, page, shape_dataset, 
     assert page.input_value("#prompt") == "a green square" and page.input_value("#num") == "1"
     assert card_titles(page, "#generated")[0].endswith(f" · seed {seed}")
 
-    # The refused query's 400 is the only failed load; no CSP violation, no script error.
-    assert page.problems == ["Failed to load resource: the server responded with a status of 400 (Bad Request)"]
+    # The refused query's 422 is the only failed load; no CSP violation, no script error.
+    assert page.problems == ["Failed to load resource: the server responded with a status of 422 (Unprocessable Entity)"]
 
 
 # --- the studio over a tiny real DALL-E ---------------------------------------------------------
