@@ -188,13 +188,14 @@ def test_queries_outside_the_syntax_are_422_with_the_parsers_reason(client):
     assert response.json() == {"detail": "query: term '0*red' has weight 0; drop it or give a weight above 0"}
 
 
-def test_query_the_library_refuses_is_400_with_its_message(client):
-    # Terms that cancel out are valid syntax; only embedding them shows it.
+def test_terms_that_cancel_out_find_nothing_and_say_why(client):
+    # Valid syntax, which only embedding shows to mean nothing: an answer, not a refusal.
     response = client.get("/api/search", params={"q": "red -red"})
-    assert response.status_code == 400
-    assert response.json() == {
-        "detail": "the query's terms cancel out (their weighted sum is zero); change a weight or a term"
-    }
+    assert response.status_code == 200
+    body = response.json()
+    assert body["results"] == []
+    assert body["note"] == "the query's terms cancel out (their weighted sum is zero); change a weight or a term"
+    assert client.get("/api/search", params={"q": "red"}).json()["note"] is None
 
 
 def test_an_unexpected_value_error_in_a_handler_is_a_logged_500_not_a_400(fake_index, fake_clip, monkeypatch, caplog):

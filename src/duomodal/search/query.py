@@ -69,6 +69,10 @@ class QueryError(ValueError):
     """A query that cannot be searched for; the message says what to change."""
 
 
+class CancelledQueryError(QueryError):
+    """A well-formed query whose weighted terms sum to zero ("cat -cat"): nothing to search for."""
+
+
 class Embedder(Protocol):
     model_id: str
     dim: int
@@ -148,5 +152,7 @@ def combine_terms(weights: Sequence[float], vectors: np.ndarray) -> np.ndarray:
     total = np.asarray(weights, dtype=np.float64) @ np.asarray(vectors, dtype=np.float64)
     norm = float(np.linalg.norm(total))
     if not np.isfinite(norm) or norm < 1e-6:
-        raise QueryError("the query's terms cancel out (their weighted sum is zero); change a weight or a term")
+        raise CancelledQueryError(
+            "the query's terms cancel out (their weighted sum is zero); change a weight or a term"
+        )
     return (total / norm).astype(np.float32)

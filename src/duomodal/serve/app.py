@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from typing import Any
 import pydantic
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -157,6 +159,63 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _json_error(500, f"internal error: {type(exc).__name__}")
 
 
+UPLOAD_TYPES = "image/png, image/jpeg, image/gif, image/webp, image/bmp"
+
+
+def _state_the_server_options(app: FastAPI, generator: Generator | None) -> None:
+    """Finish the OpenAPI schema with what depends on this server's options or can't be said in the
+    route signatures: `num` and `keep` bounded by --max-generate, and the media types an upload's
+    `file` part may have (a client generated from the schema then sends what the server takes)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = FastAPI.openapi(app)
+        components = schema.get("components", {}).get("schemas", {})
+        if generator is not None:
+            for name, body in components.items():
+                if name == "GenerateRequest" or name.startswith("Body_edit"):
+                    _set_maximum(body["properties"].get("num"), int(generator.max_num))
+                    _set_maximum(body["properties"].get("keep"), int(generator.max_num))
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+                if form is not None:
+                    form["encoding"] = {"file": {"contentType": UPLOAD_TYPES}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _set_maximum(field: dict[str, Any] | None, maximum: int) -> None:
+    """Put `maximum` on an integer field's schema (or on the integer branch of `anyOf`)."""
+    if field is None:
+        return
+    for branch in field.get("anyOf", [field]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = maximum
+
+
+def _allow_lists_every_method(app: FastAPI) -> None:
+    """A 405 answers with an `Allow` header listing every documented method of the path: Starlette
+    lists only those of the first route it tried, and /api/search has a GET and a POST route."""
+    paths: list[tuple[re.Pattern[str], str]] = []
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        if not paths:
+            for template, operations in app.openapi().get("paths", {}).items():
+                expression = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+                paths.append((re.compile(expression), ", ".join(sorted(m.upper() for m in operations))))
+        allow = next((methods for expression, methods in paths if expression.fullmatch(request.url.path)), None)
+        if allow is None:
+            return await http_exception_handler(request, exc)
+        return JSONResponse({"detail": exc.detail}, status_code=405, headers={"Allow": allow})
+
+
 def create_app(
     index: Any,
     embedder: Any,
@@ -247,6 +306,9 @@ def create_app(
             max_upload_bytes=max_upload_bytes,
             max_generate=0 if generator is None else int(generator.max_num),
         )
+
+    _state_the_server_options(app, generator)
+    _allow_lists_every_method(app)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

@@ -12,6 +12,7 @@ from typing import Annotated, BinaryIO
 from fastapi import APIRouter, File, Form, HTTPException, Path, Query, UploadFile
 from fastapi.responses import Response, StreamingResponse
 
+from duomodal.search.query import CancelledQueryError
 from duomodal.serve.media import FileChangedError, browser_media_type, encode_png, make_thumbnail
 from duomodal.serve.schemas import (
     MAX_ID,
@@ -77,7 +78,11 @@ def make_search_router(state: ServerState) -> APIRouter:
     # they need no worker thread of their own.
     async def text_search(query: str, k: int) -> SearchResponse:
         start = time.perf_counter()
-        hits = await state.search_text(state.current_index(), query, k)
+        try:
+            hits = await state.search_text(state.current_index(), query, k)
+        except CancelledQueryError as e:  # valid syntax, only the embedding shows it: an answer, not an error
+            took_ms = (time.perf_counter() - start) * 1000
+            return SearchResponse(kind="text", query=query, took_ms=took_ms, results=[], note=str(e))
         took_ms = (time.perf_counter() - start) * 1000
         return SearchResponse(kind="text", query=query, took_ms=took_ms, results=_hits(state, hits))
 

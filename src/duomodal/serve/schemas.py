@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, model_validator
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
@@ -76,6 +76,18 @@ Words = TextRule(PROMPT_PATTERN, _explain_words)
 QueryText = TextRule(QUERY_PATTERN, _explain_query)
 
 
+def _a_json_number(value: Any) -> Any:
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"should be a number, not {type(value).__name__} {value!r}")
+    return value
+
+
+# Numbers of a JSON body, read as JSON Schema reads them: 6.0 is the integer 6, but true and "6"
+# are not numbers (pydantic's lax mode would take both).
+JsonInt = Annotated[int, BeforeValidator(_a_json_number)]
+JsonFloat = Annotated[float, BeforeValidator(_a_json_number)]
+
+
 class ErrorResponse(BaseModel):
     """Every 4xx answer: one human-readable line."""
 
@@ -91,7 +103,7 @@ class TextSearchRequest(BaseModel):
         description='words describing the image; "-word" subtracts, "2*word" weights',
         examples=["a red heart icon"],
     )
-    k: int = Field(default=24, ge=1, le=MAX_K, description="number of results")
+    k: JsonInt = Field(default=24, ge=1, le=MAX_K, description="number of results")
 
 
 class SearchHit(BaseModel):
@@ -110,6 +122,11 @@ class SearchResponse(BaseModel):
     query: str = Field(description="the text query, the uploaded file's name, or the source id")
     took_ms: float = Field(description="time spent embedding and searching, in milliseconds")
     results: list[SearchHit]
+    note: str | None = Field(
+        default=None,
+        description="why there are no results when the query is well-formed but means nothing "
+        "(its terms cancel out, as in \"cat -cat\")",
+    )
 
 
 class HealthResponse(BaseModel):
@@ -127,17 +144,17 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: Annotated[str, Words] = Field(min_length=1, max_length=MAX_QUERY_CHARS, examples=["a red heart icon"])
-    num: int = Field(default=16, ge=1, description="images to sample (at most /health max_generate)")
-    keep: int | None = Field(
+    num: JsonInt = Field(default=16, ge=1, description="images to sample (at most /health max_generate)")
+    keep: JsonInt | None = Field(
         default=None, ge=1, description="keep the best `keep` by CLIP score (default: all)"
     )
-    guidance: float = Field(
+    guidance: JsonFloat = Field(
         default=DEFAULT_GUIDANCE, ge=0.0, le=20.0, description="classifier-free guidance scale; 1 = off"
     )
-    temperature: float = Field(default=1.0, gt=0.0, le=5.0)
-    top_k: int | None = Field(default=DEFAULT_TOP_K, ge=1, le=65536,
+    temperature: JsonFloat = Field(default=1.0, gt=0.0, le=5.0)
+    top_k: JsonInt | None = Field(default=DEFAULT_TOP_K, ge=1, le=65536,
                               description="sample among the top k tokens; null = all")
-    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    seed: JsonInt = Field(default=0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _keep_at_most_num(self) -> GenerateRequest:
