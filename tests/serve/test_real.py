@@ -8,6 +8,7 @@ import io
 import time
 from dataclasses import replace
 
+import faiss
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -56,14 +57,15 @@ def served(monkeypatch):
         cli_search, "_serve_run",
         lambda app, host, port: started.update(app=app, host=host, port=port, threads=torch.get_num_threads()),
     )
-    threads = torch.get_num_threads()
+    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
 
     def serve(*args: str):
         status = cli.main(["serve", *args])
         return status, started
 
     yield serve
-    torch.set_num_threads(threads)  # serve sets it for the whole process
+    torch.set_num_threads(threads)  # serve sets them for the whole process
+    faiss.omp_set_num_threads(faiss_threads)
 
 
 def test_serve_searches_a_real_index_with_the_recorded_clip(served, index_dir, shape_dataset, capsys):

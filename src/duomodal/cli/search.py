@@ -239,8 +239,8 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-generate", type=int, default=64, metavar="N",
                        help="most images one generation request may ask for (default 64)")
     serve.add_argument("--torch-threads", type=int, default=None, metavar="N",
-                       help="CPU threads per torch operation (default: 1 without --dalle, since a query's tensors "
-                       "are tiny and concurrent requests use the cores; torch's default with --dalle)")
+                       help="CPU threads per torch (and faiss) operation (default: 1 without --dalle, since a query's "
+                       "tensors are tiny and concurrent requests use the cores; torch's default with --dalle)")
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -261,9 +261,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--torch-threads must be at least 1, got {threads}")
+        import faiss
         import torch
 
         torch.set_num_threads(threads)
+        # The same for faiss's OpenMP threads: a batch of queries is small, and idle OpenMP threads
+        # spin on the core that the HTTP side needs.
+        faiss.omp_set_num_threads(threads)
     index = ImageIndex.open(args.index)
     clip = args.clip or index.clip_path
     if not clip:
