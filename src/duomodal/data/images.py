@@ -2,11 +2,12 @@
 
 `load_image` (a file) and `load_image_bytes` (bytes: an upload, a shard member) are the one door
 through which duomodal reads an image: they open only regular files under a size cap, refuse empty
-files, non-images, and images whose header claims more pixels than a limit (a decompression bomb) or
-an extreme aspect ratio (a few bytes that claim 20,000,000 x 1 pixels) before decoding anything,
-decode fully (so a truncated file fails here, not halfway through training),
-applies the EXIF orientation, takes the first frame of an animation, and normalises every mode to
-RGB (transparency composited on a background colour, palette/grey/CMYK/16-bit converted).
+files, non-images, and images whose header claims more pixels than a limit (a decompression bomb)
+or an extreme aspect ratio (a few bytes that claim 20,000,000 x 1 pixels) before decoding anything,
+decode fully (so a truncated file fails here, not halfway through training), apply the EXIF
+orientation, take the first frame of an animation, and normalise every mode to RGB (transparency
+composited on a background colour, palette/grey/CMYK/16-bit converted). `decode_file` does the same
+for a file already opened with `files.open_regular`.
 """
 
 from __future__ import annotations
