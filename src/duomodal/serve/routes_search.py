@@ -13,7 +13,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Path, Query, UploadFil
 from fastapi.responses import Response, StreamingResponse
 
 from duomodal.search.query import CancelledQueryError
-from duomodal.serve.media import FileChangedError, browser_media_type, encode_png, make_thumbnail
+from duomodal.serve.media import FileChangedError, browser_media_type, encode_png
 from duomodal.serve.schemas import (
     MAX_ID,
     MAX_K,
@@ -115,9 +115,8 @@ def make_search_router(state: ServerState) -> APIRouter:
         """Search by an uploaded image."""
         name = file.filename or "the upload"
         data = file.file.read(state.max_upload_bytes + 1)
-        image = state.decode_upload(data, name)
         start = time.perf_counter()
-        hits = state.current_index().search(state.image_vector(image), k)
+        hits = state.current_index().search(state.upload_vector(data, name), k)
         took_ms = (time.perf_counter() - start) * 1000
         return SearchResponse(kind="image", query=name, took_ms=took_ms, results=_hits(state, hits))
 
@@ -162,10 +161,9 @@ def make_search_router(state: ServerState) -> APIRouter:
             if hit is None:
                 raise _unknown_id(image_id)
             try:
-                image = state.read_image(index, hit, draft_size=state.thumb_size)
+                cached = state.thumbnail(index, hit)
             except FileChangedError as e:
                 raise _unservable(image_id, e) from None
-            cached = make_thumbnail(image, state.thumb_size)
             state.thumbnails.put(image_id, cached)
         data, media_type = cached
         return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=300"})

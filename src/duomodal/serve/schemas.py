@@ -128,7 +128,7 @@ class SearchHit(BaseModel):
 class SearchResponse(BaseModel):
     kind: Literal["text", "image", "similar"]
     query: str = Field(description="the text query, the uploaded file's name, or the source id")
-    took_ms: float = Field(description="time spent embedding and searching, in milliseconds")
+    took_ms: float = Field(description="time spent decoding (an upload), embedding and searching, in ms")
     results: list[SearchHit]
     note: str | None = Field(
         default=None,

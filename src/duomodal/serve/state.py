@@ -36,6 +36,7 @@ from duomodal.serve.media import (
     FileChangedError,
     ThumbnailCache,
     decode_upload,
+    make_thumbnail,
     open_indexed_file,
     read_indexed_image,
 )
@@ -214,6 +215,22 @@ class ServerState:
         with self._decode_slots:
             return decode_upload(data, name, self.max_upload_bytes)
 
+    def upload_vector(self, data: bytes, name: str) -> np.ndarray:
+        """The query vector of an uploaded image; the slot is held until the decoded image is no
+        longer needed, so at most `max_decodes` full-size uploads are in memory at once."""
+        with self._decode_slots:
+            return self.image_vector(decode_upload(data, name, self.max_upload_bytes))
+
+    def thumbnail(self, index: Any, hit: Any) -> tuple[bytes, str]:
+        """(bytes, media type) of the thumbnail of `hit`'s file or shard member (see `read_image`;
+        the slot is held until the thumbnail is made)."""
+        if self.is_member(index, hit):
+            data = self.read_member(index, hit)
+            with self._decode_slots:
+                return make_thumbnail(self._decode_member(index, hit, data, self.thumb_size), self.thumb_size)
+        with self.open_file(index, hit) as file, self._decode_slots:
+            return make_thumbnail(self._decode_indexed(index, hit, file, self.thumb_size), self.thumb_size)
+
     @staticmethod
     def is_member(index: Any, hit: Any) -> bool:
         """Whether `hit` is a member of a shard (served by id from its shard, see `read_member`)
@@ -248,17 +265,23 @@ class ServerState:
         if self.is_member(index, hit):
             data = self.read_member(index, hit)
             with self._decode_slots:
-                try:
-                    return load_image_bytes(data, f"image {hit.id}", draft_size=draft_size)
-                except ImageError as e:
-                    self._flag(index, hit.id)
-                    raise FileChangedError(f"its shard member can't be read as an image ({e.reason})") from None
+                return self._decode_member(index, hit, data, draft_size)
         with self.open_file(index, hit) as file, self._decode_slots:
-            try:
-                return read_indexed_image(file, f"image {hit.id}", draft_size)
-            except FileChangedError:
-                self._flag(index, hit.id)
-                raise
+            return self._decode_indexed(index, hit, file, draft_size)
+
+    def _decode_member(self, index: Any, hit: Any, data: bytes, draft_size: int | None) -> Image.Image:
+        try:
+            return load_image_bytes(data, f"image {hit.id}", draft_size=draft_size)
+        except ImageError as e:
+            self._flag(index, hit.id)
+            raise FileChangedError(f"its shard member can't be read as an image ({e.reason})") from None
+
+    def _decode_indexed(self, index: Any, hit: Any, file: BinaryIO, draft_size: int | None) -> Image.Image:
+        try:
+            return read_indexed_image(file, f"image {hit.id}", draft_size)
+        except FileChangedError:
+            self._flag(index, hit.id)
+            raise
 
     @staticmethod
     def _flag(index: Any, image_id: int) -> None:
