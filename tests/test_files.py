@@ -60,3 +60,21 @@ def test_file_sha256(tmp_path):
     path = tmp_path / "f.bin"
     path.write_bytes(b"abc")
     assert file_sha256(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+@pytest.mark.timeout(20)
+def test_only_regular_files_under_the_cap_are_opened(tmp_path):
+    import os
+
+    from duomodal.files import UnsafeFileError, read_regular
+
+    os.mkfifo(tmp_path / "pipe")  # an open without O_NONBLOCK would wait for a writer
+    with pytest.raises(UnsafeFileError, match=r"pipe: not a regular file: it is a named pipe \(FIFO\)$"):
+        file_sha256(tmp_path / "pipe")
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    with pytest.raises(UnsafeFileError, match=r"not a regular file: it is a character device$"):
+        read_regular(tmp_path / "zero", 100)
+    (tmp_path / "big").write_bytes(b"x" * 3 * 2**20)
+    with pytest.raises(UnsafeFileError, match=r"big: file is 3\.0 MiB, over the 1\.0 MiB limit$"):
+        read_regular(tmp_path / "big", 2**20)
+    assert read_regular(tmp_path / "big", 4 * 2**20) == b"x" * 3 * 2**20
