@@ -1,12 +1,21 @@
 """Files: atomic writes, JSON round trips, content hashes."""
 
+import os
 from dataclasses import dataclass
 
 import pytest
 
 from duomodal import files as files_module
 from duomodal.config import ConfigError, from_dict
-from duomodal.files import atomic_write_bytes, atomic_write_text, file_sha256, load_json, save_json
+from duomodal.files import (
+    UnsafeFileError,
+    atomic_write_bytes,
+    atomic_write_text,
+    file_sha256,
+    load_json,
+    read_regular,
+    save_json,
+)
 
 
 @dataclass(frozen=True)
@@ -64,10 +73,6 @@ def test_file_sha256(tmp_path):
 
 @pytest.mark.timeout(20)
 def test_only_regular_files_under_the_cap_are_opened(tmp_path):
-    import os
-
-    from duomodal.files import UnsafeFileError, read_regular
-
     os.mkfifo(tmp_path / "pipe")  # an open without O_NONBLOCK would wait for a writer
     with pytest.raises(UnsafeFileError, match=r"pipe: not a regular file: it is a named pipe \(FIFO\)$"):
         file_sha256(tmp_path / "pipe")
