@@ -173,10 +173,10 @@ def _state_the_server_options(app: FastAPI, generator: Generator | None) -> None
         schema = FastAPI.openapi(app)
         components = schema.get("components", {}).get("schemas", {})
         if generator is not None:
-            for name, body in components.items():
-                if name == "GenerateRequest" or name.startswith("Body_edit"):
-                    _set_maximum(body["properties"].get("num"), int(generator.max_num))
-                    _set_maximum(body["properties"].get("keep"), int(generator.max_num))
+            for name, body in components.items():  # the generation bodies: JSON and multipart forms
+                if name == "GenerateRequest" or name.startswith("Body_"):
+                    _set_maximum(body.get("properties", {}).get("num"), int(generator.max_num))
+                    _set_maximum(body.get("properties", {}).get("keep"), int(generator.max_num))
         for path in schema.get("paths", {}).values():
             for operation in path.values():
                 form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
