@@ -137,7 +137,9 @@ def test_a_crashing_generator_fails_the_job_and_the_next_one_runs(client, job_wa
 def test_each_client_has_its_own_cap(fake_index, fake_clip, fake_generator):
     fake_generator.seconds_per_image = 0.2
     app = create_app(fake_index, fake_clip, fake_generator, max_pending_jobs=4, max_jobs_per_client=1)
-    with TestClient(app, client=("10.0.0.1", 1000)) as one, TestClient(app, client=("10.0.0.2", 1000)) as two:
+    one_client = TestClient(app, client=("10.0.0.1", 1000), base_url="http://localhost")
+    two_client = TestClient(app, client=("10.0.0.2", 1000), base_url="http://localhost")
+    with one_client as one, two_client as two:
         first = one.post("/api/generate", json={"prompt": "red", "num": 8}).json()
         refused = one.post("/api/generate", json={"prompt": "red", "num": 1})
         assert refused.status_code == 429
@@ -156,7 +158,7 @@ def dalle_client(fake_index, fake_clip, dalle_run):
     from duomodal.serve.generator import DalleGenerator
 
     generator = DalleGenerator(load_dalle(dalle_run, device="cpu"), scorer=fake_clip, max_num=8, batch_size=4)
-    with TestClient(create_app(fake_index, fake_clip, generator)) as client:
+    with TestClient(create_app(fake_index, fake_clip, generator), base_url="http://localhost") as client:
         yield client, generator
 
 
