@@ -21,9 +21,9 @@ from duomodal.data.images import (
     TOO_LARGE,
     UNREADABLE,
     ImageError,
-    decode_image,
     is_image_path,
     load_image,
+    load_image_bytes,
     make_grid,
     parse_color,
     save_grid,
@@ -301,8 +301,8 @@ def test_extreme_aspect_ratios_are_refused_from_the_header(tmp_path):
     Image.new("RGB", (200, 10), RED).save(tmp_path / "banner.png")  # 20:1 is allowed
     assert load_image(tmp_path / "banner.png").size == (200, 10)
     with pytest.raises(ImageError, match=r"^upload: image is 10x201 pixels"):
-        decode_image(_png_bytes(Image.new("RGB", (10, 201), RED)), "upload")
-    assert decode_image(_png_bytes(Image.new("RGB", (4, 4), RED)), "upload").getpixel((0, 0)) == RED
+        load_image_bytes(_png_bytes(Image.new("RGB", (10, 201), RED)), "upload")
+    assert load_image_bytes(_png_bytes(Image.new("RGB", (4, 4), RED)), "upload").getpixel((0, 0)) == RED
 
 
 def _png_bytes(image: Image.Image) -> bytes:

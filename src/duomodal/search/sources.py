@@ -18,8 +18,20 @@ from pathlib import Path
 
 from PIL import Image
 
-from duomodal.data.images import DEFAULT_MAX_FILE_BYTES, ImageError, is_image_path, load_image, load_image_bytes
-from duomodal.data.walk import MAX_CAPTION_FILE_BYTES, MAX_MANIFEST_BYTES, Entry, check_file, walk_files
+from duomodal.data.images import (
+    DEFAULT_MAX_FILE_BYTES,
+    ImageError,
+    is_image_path,
+    load_image,
+    load_image_bytes,
+)
+from duomodal.data.walk import (
+    MAX_CAPTION_FILE_BYTES,
+    MAX_MANIFEST_BYTES,
+    Entry,
+    check_file,
+    walk_files,
+)
 from duomodal.files import file_sha256, read_regular
 from duomodal.search.store import IndexStoreError
 

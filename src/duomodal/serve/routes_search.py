@@ -19,9 +19,9 @@ from duomodal.serve.schemas import (
     MAX_K,
     MAX_QUERY_CHARS,
     ErrorResponse,
+    QueryText,
     SearchHit,
     SearchResponse,
-    QueryText,
     TextSearchRequest,
 )
 from duomodal.serve.state import ServerState
