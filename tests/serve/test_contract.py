@@ -36,7 +36,7 @@ pytestmark = [
 @pytest.fixture
 def live_url(fake_index, fake_clip, fake_generator):
     fake_generator.seconds_per_image = 0.0
-    fake_generator.max_num = 16  # GenerateRequest's default num
+    fake_generator.max_num = 6  # below the default nums (16 and 8): a request without num is still valid
     app = create_app(fake_index, fake_clip, fake_generator, max_upload_bytes=64 * 1024)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -196,3 +196,13 @@ def test_generate_request_defaults_to_top_k_64_and_guidance_3():
     request = GenerateRequest(prompt="a red heart icon")
     assert (request.top_k, request.guidance, request.temperature) == (64, 3.0, 1.0)
     assert GenerateRequest(prompt="red", top_k=None, guidance=1.0).top_k is None  # plain sampling on request
+
+
+def test_without_num_a_server_whose_limit_is_below_the_default_samples_its_limit(client, fake_generator, job_waiter):
+    # the fake generator's limit is 8, below /api/generate's default of 16: leaving num out is not an error
+    assert fake_generator.max_num == 8
+    job = client.post("/api/generate", json={"prompt": "a red circle"})
+    assert job.status_code == 202, job.text
+    done = job_waiter(client, job.json()["url"])
+    assert done["status"] == "done" and done["total"] == 8 and done["settings"]["num"] == 8
+    assert client.post("/api/generate", json={"prompt": "a red circle", "keep": 9}).status_code == 422

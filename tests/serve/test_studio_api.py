@@ -95,13 +95,13 @@ def test_previews_are_polled_while_the_job_runs(client, fake_generator):
 
 
 def test_job_events_stream_progress_and_end_with_the_result(client, fake_generator):
-    fake_generator.seconds_per_image = 0.05
-    job = client.post("/api/generate", json={"prompt": "green square", "num": 4}).json()
+    fake_generator.seconds_per_image = 0.15  # 6 images over ~0.9 s: several of the stream's 0.1 s looks, even under load
+    job = client.post("/api/generate", json={"prompt": "green square", "num": 6}).json()
     with client.stream("GET", f"/api/jobs/{job['id']}/events") as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
-    assert events[-1]["status"] == "done" and len(events[-1]["result"]["images"]) == 4
+    assert events[-1]["status"] == "done" and len(events[-1]["result"]["images"]) == 6
     assert any(e["preview"] is not None for e in events[:-1])
     done_counts = [e["done"] for e in events]
     assert done_counts == sorted(done_counts) and len(set(done_counts)) >= 3

@@ -41,7 +41,10 @@ EVENT_POLL_S = 0.1  # how often an event stream looks at its job
 MAX_EVENT_STREAM_S = 3600.0  # an event stream ends after this; the client reconnects or polls
 
 # The sampling settings an edit or completion form takes, beside the prompt and the image.
-Num = Annotated[int, Form(ge=1, description="images to sample (at most /api/generator max_generate)")]
+Num = Annotated[int | None, Form(ge=1, description="images to sample (default 8, or /api/generator max_generate "
+                                                   "when that is lower; at most max_generate)")]
+EDIT_NUM = 8  # the default `num` of an edit or a completion
+GENERATE_NUM = 16  # the default `num` of /api/generate
 Keep = Annotated[int | None, Form(ge=1, description="keep the best `keep` (default: all)")]
 Seed = Annotated[int, Form(ge=0, le=MAX_SEED)]
 Guidance = Annotated[float, Form(ge=0.0, le=20.0, description="classifier-free guidance scale; 1 = off")]
@@ -114,7 +117,9 @@ def make_generate_router(state: ServerState) -> APIRouter:
         raise ValueError("make_generate_router needs a generator: the server has no DALL-E run")
     router = APIRouter(prefix="/api", tags=["generate"])
 
-    def check_num(num: int, keep: int | None) -> None:
+    def check_num(num: int | None, keep: int | None, default: int = EDIT_NUM) -> int:
+        """The `num` to sample (`default`, or max_num when lower, when not given); 422 when out of bounds."""
+        num = min(default, generator.max_num) if num is None else num
         if num > generator.max_num:
             raise HTTPException(
                 status_code=422,
@@ -124,6 +129,7 @@ def make_generate_router(state: ServerState) -> APIRouter:
             raise HTTPException(
                 status_code=422, detail=f"keep ({keep}) is larger than num ({num}): keep at most num"
             )
+        return num
 
     def read_image(file: UploadFile) -> Image.Image:
         name = file.filename or "the upload"
@@ -147,12 +153,12 @@ def make_generate_router(state: ServerState) -> APIRouter:
 
         With `keep`, the `num` samples are reranked by CLIP and the best `keep` are returned.
         """
-        check_num(request.num, request.keep)
+        num = check_num(request.num, request.keep, GENERATE_NUM)
 
         def work(control):
             return generator.generate(
                 request.prompt,
-                num=request.num,
+                num=num,
                 keep=request.keep,
                 guidance=request.guidance,
                 temperature=request.temperature,
@@ -161,7 +167,7 @@ def make_generate_router(state: ServerState) -> APIRouter:
                 control=control,
             )
 
-        settings = request.model_dump(exclude={"prompt"})
+        settings = {**request.model_dump(exclude={"prompt"}), "num": num}
         return _accepted(state.jobs.submit("generate", request.prompt, work, client=_client(http), settings=settings))
 
     @router.post("/edit", status_code=202, response_model=JobResponse, responses=SUBMIT_ERRORS)
@@ -173,7 +179,7 @@ def make_generate_router(state: ServerState) -> APIRouter:
         top: Annotated[int, Form(ge=0, le=MAX_BOX_COORD)],
         right: Annotated[int, Form(ge=1, le=MAX_BOX_COORD)],
         bottom: Annotated[int, Form(ge=1, le=MAX_BOX_COORD)],
-        num: Num = 8,
+        num: Num = None,
         keep: Keep = None,
         seed: Seed = 0,
         guidance: Guidance = DEFAULT_GUIDANCE,
@@ -185,7 +191,7 @@ def make_generate_router(state: ServerState) -> APIRouter:
         The image is fitted to the model (shorter side scaled, centre square) and the box moved with
         it; the tokens the box touches are sampled again, every other pixel is kept.
         """
-        check_num(num, keep)
+        num = check_num(num, keep)
         image = read_image(file)
         if not (left < right <= image.width and top < bottom <= image.height):
             raise HTTPException(
@@ -211,7 +217,7 @@ def make_generate_router(state: ServerState) -> APIRouter:
         # The bound depends on the model, so it sits in the default (evaluated here), not the annotation.
         rows: int = Form(ge=0, le=max(0, int(generator.grid_size) - 1),
                          description="token rows to keep, from the top (less than the model's grid)"),
-        num: Num = 8,
+        num: Num = None,
         keep: Keep = None,
         seed: Seed = 0,
         guidance: Guidance = DEFAULT_GUIDANCE,
@@ -220,7 +226,7 @@ def make_generate_router(state: ServerState) -> APIRouter:
     ) -> JSONResponse:
         """Start completing an image: keep its top `rows` token rows and let the model draw the rest
         (the paper's priming). The image is fitted to the model first; see /api/generator for its grid."""
-        check_num(num, keep)
+        num = check_num(num, keep)
         image = generator.prepare_image(read_image(file))
 
         def work(control):

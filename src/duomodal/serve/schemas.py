@@ -152,7 +152,8 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: Annotated[str, Words] = Field(min_length=1, max_length=MAX_QUERY_CHARS, examples=["a red heart icon"])
-    num: JsonInt = Field(default=16, ge=1, description="images to sample (at most /health max_generate)")
+    num: JsonInt | None = Field(default=None, ge=1, description="images to sample (default 16, or /health "
+                                "max_generate when that is lower; at most max_generate)")
     keep: JsonInt | None = Field(
         default=None, ge=1, description="keep the best `keep` by CLIP score (default: all)"
     )
@@ -166,7 +167,7 @@ class GenerateRequest(BaseModel):
 
     @model_validator(mode="after")
     def _keep_at_most_num(self) -> GenerateRequest:
-        if self.keep is not None and self.keep > self.num:
+        if self.keep is not None and self.num is not None and self.keep > self.num:
             raise ValueError(f"keep ({self.keep}) is larger than num ({self.num}): keep at most num")
         return self
 
