@@ -4,6 +4,9 @@ server uses, over the shared shape dataset. The fake CLIP embeds what the shapes
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -236,3 +240,32 @@ def wait_for_job(client: TestClient, url: str, timeout: float = 10.0) -> dict:
 @pytest.fixture
 def job_waiter():
     return wait_for_job
+
+
+@contextlib.contextmanager
+def _serving(app):
+    """`app` served by uvicorn on a free port of 127.0.0.1 in a thread; yields its URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture
+def serving():
+    """A context manager: serving(app) runs `app` with uvicorn on a free loopback port, yields its URL."""
+    return _serving

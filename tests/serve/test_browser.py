@@ -5,14 +5,10 @@ generate with progress, and no console errors (a blocked external resource would
 from __future__ import annotations
 
 import base64
-import contextlib
-import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from duomodal.serve.app import create_app
 
@@ -27,31 +23,8 @@ pytestmark = [
 ]
 
 
-@contextlib.contextmanager
-def serving(app):
-    """`app` served by uvicorn on a free port of 127.0.0.1 in a thread; yields its URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 @pytest.fixture
-def server_url(fake_index, fake_clip, fake_generator):
+def server_url(fake_index, fake_clip, fake_generator, serving):
     fake_generator.seconds_per_image = 0.15  # slow enough to see the progress bar move
     with serving(create_app(fake_index, fake_clip, fake_generator)) as url:
         yield url
@@ -188,7 +161,7 @@ ROW_SECONDS = 0.3  # each sampled token row takes this long, so previews and can
 
 
 @pytest.fixture
-def studio_url(fake_index, fake_clip, dalle_run, monkeypatch):
+def studio_url(fake_index, fake_clip, dalle_run, monkeypatch, serving):
     from duomodal.models.dalle import load_dalle
     from duomodal.serve import generator as generator_module
 

@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from duomodal.serve.app import create_app
 
@@ -34,26 +30,11 @@ pytestmark = [
 
 
 @pytest.fixture
-def live_url(fake_index, fake_clip, fake_generator):
+def live_url(fake_index, fake_clip, fake_generator, serving):
     fake_generator.seconds_per_image = 0.0
     fake_generator.max_num = 6  # below the default nums (16 and 8): a request without num is still valid
-    app = create_app(fake_index, fake_clip, fake_generator, max_upload_bytes=64 * 1024)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serving(create_app(fake_index, fake_clip, fake_generator, max_upload_bytes=64 * 1024)) as url:
+        yield url
 
 
 def schemathesis(url: str, *options: str) -> subprocess.CompletedProcess:
