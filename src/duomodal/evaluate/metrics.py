@@ -333,8 +333,8 @@ def same_key(keys: Sequence[str]) -> torch.Tensor:
     return ids[:, None] == ids[None, :]
 
 
-def zero_shot_predictions(image_embeddings: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
-    """Index of the most similar class embedding for each image: (N,)."""
+def _class_similarity(image_embeddings: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+    """(N, C) image-by-class similarity, after checking the shapes."""
     if image_embeddings.dim() != 2 or class_embeddings.dim() != 2 or \
             image_embeddings.shape[1] != class_embeddings.shape[1]:
         raise MetricError(
@@ -343,7 +343,12 @@ def zero_shot_predictions(image_embeddings: torch.Tensor, class_embeddings: torc
         )
     if class_embeddings.shape[0] == 0:
         raise MetricError("there are no classes to choose from")
-    return (image_embeddings.float() @ class_embeddings.float().T).argmax(1)
+    return image_embeddings.float() @ class_embeddings.float().T
+
+
+def zero_shot_predictions(image_embeddings: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+    """Index of the most similar class embedding for each image: (N,)."""
+    return _class_similarity(image_embeddings, class_embeddings).argmax(1)
 
 
 def zero_shot_accuracy(image_embeddings: torch.Tensor, class_embeddings: torch.Tensor,
@@ -356,12 +361,8 @@ def zero_shot_accuracy(image_embeddings: torch.Tensor, class_embeddings: torch.T
         raise MetricError(f"labels must lie in [0, {class_embeddings.shape[0]}), got {labels.tolist()[:10]}")
     if k < 1:
         raise MetricError(f"k must be >= 1, got {k}")
-    if k == 1:
-        predicted = zero_shot_predictions(image_embeddings, class_embeddings)
-        return Accuracy(correct=int((predicted == labels).sum()), total=int(labels.numel()))
-    zero_shot_predictions(image_embeddings[:0], class_embeddings)  # the same shape checks
-    similarity = image_embeddings.float() @ class_embeddings.float().T  # (N, C)
-    top = similarity.topk(min(k, similarity.shape[1]), dim=1).indices  # (N, k)
+    similarity = _class_similarity(image_embeddings, class_embeddings)  # (N, C)
+    top = similarity.topk(min(k, similarity.shape[1]), dim=1).indices  # (N, k); k = 1: the argmax
     hits = (top == labels.to(top.device)[:, None]).any(1)
     return Accuracy(correct=int(hits.sum()), total=int(labels.numel()))
 
