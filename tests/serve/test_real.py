@@ -118,6 +118,17 @@ def test_serve_errors_are_one_line_and_exit_2(served, index_dir, tmp_path, capsy
     assert capsys.readouterr().err == "duomodal: error: --port must be from 1 to 65535, got 0\n"
     assert served("--index", str(index_dir), "--torch-threads", "0")[0] == 2
     assert capsys.readouterr().err == "duomodal: error: --torch-threads must be at least 1, got 0\n"
+    assert served("--index", str(index_dir), "--max-jobs", "2", "--max-jobs-per-client", "3")[0] == 2
+    assert capsys.readouterr().err == "duomodal: error: --max-jobs-per-client must be from 1 to --max-jobs (2), got 3\n"
+    assert served("--index", str(index_dir), "--max-jobs", "40")[0] == 2
+    assert capsys.readouterr().err == "duomodal: error: --max-jobs must be from 1 to 32, got 40\n"
+    assert served("--index", str(index_dir), "--job-max-age", "0")[0] == 2
+    assert capsys.readouterr().err == "duomodal: error: --job-max-age must be above 0 seconds, got 0.0\n"
+    status, started = served("--index", str(index_dir), "--max-jobs", "6", "--max-jobs-per-client", "2",
+                             "--job-max-age", "60")
+    jobs = started["app"].state.duomodal.jobs
+    assert status == 0 and (jobs.max_pending, jobs.max_per_client, jobs.max_age_s) == (6, 2, 60.0)
+    capsys.readouterr()
     assert served("--index", str(tmp_path / "nothing"))[0] == 2
     assert capsys.readouterr().err == (
         f"duomodal: error: {tmp_path / 'nothing'} is not a directory; build one with 'duomodal index build'\n"

@@ -238,6 +238,12 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", default=None, help="device for the models: cpu, cuda... (default: CUDA when available)")
     serve.add_argument("--max-generate", type=int, default=64, metavar="N",
                        help="most images one generation request may ask for (default 64)")
+    serve.add_argument("--max-jobs", type=int, default=8, metavar="N",
+                       help="generation jobs queued or running at once, all clients together (default 8)")
+    serve.add_argument("--max-jobs-per-client", type=int, default=4, metavar="N",
+                       help="generation jobs one client (peer address) may have queued or running (default 4)")
+    serve.add_argument("--job-max-age", type=float, default=3600.0, metavar="SECONDS",
+                       help="how long a finished job's results are kept (default 3600)")
     serve.add_argument("--torch-threads", type=int, default=None, metavar="N",
                        help="CPU threads per torch (and faiss) operation (default: 1 without --dalle, since a query's "
                        "tensors are tiny and concurrent requests use the cores; torch's default with --dalle)")
@@ -257,6 +263,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-generate must be at least 1, got {args.max_generate}")
     if args.max_decodes < 1:
         raise ValueError(f"--max-decodes must be at least 1, got {args.max_decodes}")
+    from duomodal.serve.jobs import MAX_KEPT_JOBS
+
+    if not 1 <= args.max_jobs <= MAX_KEPT_JOBS:
+        raise ValueError(f"--max-jobs must be from 1 to {MAX_KEPT_JOBS}, got {args.max_jobs}")
+    if not 1 <= args.max_jobs_per_client <= args.max_jobs:
+        raise ValueError(f"--max-jobs-per-client must be from 1 to --max-jobs ({args.max_jobs}), "
+                         f"got {args.max_jobs_per_client}")
+    if not args.job_max_age > 0:
+        raise ValueError(f"--job-max-age must be above 0 seconds, got {args.job_max_age}")
     threads = args.torch_threads if args.torch_threads is not None else (None if args.dalle else 1)
     if threads is not None:
         if threads < 1:
@@ -283,7 +298,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         generator = DalleGenerator(dalle, scorer=embedder, max_num=args.max_generate)
     access = _access_policy(args)
     app = create_app(index, embedder, generator, reopen_index=functools.partial(ImageIndex.open, args.index),
-                     access=access, max_decodes=args.max_decodes)
+                     access=access, max_decodes=args.max_decodes, max_pending_jobs=args.max_jobs,
+                     max_jobs_per_client=args.max_jobs_per_client, job_max_age_s=args.job_max_age)
     what = f"{index.count} images" + (" and generation" if generator else "")
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{shown_host}:{args.port}/" + (f"?token={access.token}" if access.token else "")

@@ -133,8 +133,11 @@ class JobControl:
 Work = Callable[[JobControl], JobOutput]
 
 
+MAX_KEPT_JOBS = 32  # jobs remembered (queued, running and finished) by default
+
+
 class JobQueue:
-    def __init__(self, max_pending: int = 8, max_per_client: int = 4, max_kept: int = 32,
+    def __init__(self, max_pending: int = 8, max_per_client: int = 4, max_kept: int = MAX_KEPT_JOBS,
                  max_age_s: float = 3600.0, max_kept_bytes: int = 256 * 1024 * 1024,
                  clock: Callable[[], float] = time.monotonic):
         if not 1 <= max_pending <= max_kept:
