@@ -25,8 +25,8 @@ import json
 import time
 from pathlib import Path
 
-from speedrun_common import duomodal, metrics_rows, parse_recipes, percent, preset_batch_size, probe_rate, reach_time, \
-    run, set_args
+from speedrun_common import duomodal, metrics_rows, parse_recipes, percent, preset_batch_size, probe_rate, plot_curves, \
+    reach_time, run, set_args
 
 VALIDATIONS = 5  # validations over a run: the points of the quality-vs-minutes curve
 CURVE_KEYS = ("text_to_image_recall@10", "zero_shot_icon_top10")
@@ -64,29 +64,11 @@ def evaluate(args: argparse.Namespace, run_dir: Path) -> dict:
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    colors = ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
     by_step = any(r.get("probe_images_per_s") is None for r in results.values())
-    for (name, r), color in zip(results.items(), colors):
-        minutes = [p["step"] if by_step else p["seconds"] / 60 for p in r["curve"]]
-        ax.plot(minutes, [p[CURVE_KEYS[0]] for p in r["curve"]], "-o", color=color, ms=3,
-                label=f"{name}: val text->image R@10")
-        if all(p[CURVE_KEYS[1]] is not None for p in r["curve"]):
-            ax.plot(minutes, [p[CURVE_KEYS[1]] for p in r["curve"]], "--", color=color,
-                    label=f"{name}: val zero-shot icon top-10")
-    ax.set_xlabel("training steps" if by_step else "training minutes at the probe's speed (2 CPU cores)")
-    ax.set_ylabel("share of val images")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_curves(results, path, (lambda p: p["step"]) if by_step else (lambda p: p["seconds"] / 60),
+                [(CURVE_KEYS[0], "-o", "val text->image R@10"), (CURVE_KEYS[1], "--", "val zero-shot icon top-10")],
+                "training steps" if by_step else "training minutes at the probe's speed (2 CPU cores)",
+                "share of val images", ylim=(0, 1))
 
 
 def main() -> None:

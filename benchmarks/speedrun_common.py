@@ -84,3 +84,31 @@ def preset_batch_size(kind: str, overrides: list[str]) -> int:
 
 def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def plot_curves(results: dict[str, dict], path: Path, x: Callable[[dict], float],
+                series: list[tuple[str, str, str]], xlabel: str, ylabel: str,
+                ylim: tuple[float, float] | None = None) -> None:
+    """One colour per recipe, one line per (curve key, line style, label) of `series` (skipped when a
+    point lacks it), against `x(point)`; written to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors = ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+    for (name, r), color in zip(results.items(), colors):
+        xs = [x(p) for p in r["curve"]]
+        for key, style, label in series:
+            if all(p.get(key) is not None for p in r["curve"]):
+                ax.plot(xs, [p[key] for p in r["curve"]], style, color=color, ms=3, label=f"{name}: {label}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -31,6 +31,7 @@ from speedrun_common import (
     metrics_rows,
     parse_recipes,
     percent,
+    plot_curves,
     preset_batch_size,
     probe_rate,
     reach_time,
@@ -84,24 +85,8 @@ def evaluate(args: argparse.Namespace, run_dir: Path, out: Path) -> dict:
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (name, r), color in zip(results.items(), ("tab:gray", "tab:blue", "tab:orange", "tab:green")):
-        minutes = [p["seconds"] / 60 for p in r["curve"]]
-        ax.plot(minutes, [p["val"] for p in r["curve"]], "-o", color=color, ms=3, label=f"{name}: val")
-        if all(p["heldout"] is not None for p in r["curve"]):
-            ax.plot(minutes, [p["heldout"] for p in r["curve"]], "--", color=color, label=f"{name}: held-out")
-    ax.set_xlabel("training minutes (2 CPU cores)")
-    ax.set_ylabel("bits per image token")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_curves(results, path, lambda p: p["seconds"] / 60, [("val", "-o", "val"), ("heldout", "--", "held-out")],
+                "training minutes (2 CPU cores)", "bits per image token")
 
 
 def main() -> None:
