@@ -4,8 +4,11 @@ Each recipe is the `quick` preset plus `--set` overrides (`--baseline`, and one 
 each a space-separated list of KEY=VALUE; a candidate may start with a label and a colon,
 ``"wsd: train.schedule=wsd"``). A recipe first runs a short probe (`--probe-steps`) to measure its
 training speed on this machine; its run then gets as many steps as fit in `--minutes` of training at
-that speed, so that its learning-rate schedule ends when the budget does. Both recipes run back to
-back in one invocation (probes first, then the runs), so they see the same machine.
+that speed (the probe's least disturbed stretch, so other jobs on the machine do not shrink a budget),
+so that its learning-rate schedule ends when the budget does. `--steps N` instead trains every recipe
+N steps (for recipes whose steps cost the same: the machine's speed drifts between minutes, steps do
+not) and draws the curves against steps. All recipes run back to back in one invocation (probes first,
+then the runs), so they see the same machine.
 
 For each recipe it prints: steps, images/s, val and held-out bits per image token (the training log's
 last validation, over the same images for both), and from `duomodal eval` on held-out (icon, colour)
@@ -61,7 +64,7 @@ def curve(run_dir: Path) -> list[dict]:
     points = []
     for row in metrics_rows(run_dir):
         if row.get("split") == "val" and "image_bits" in row:
-            points.append({"seconds": row["train_s"], "val": row["image_bits"],
+            points.append({"step": row["step"], "seconds": row["train_s"], "val": row["image_bits"],
                            "heldout": row.get("heldout_image_bits")})
     return points
 
@@ -84,9 +87,10 @@ def evaluate(args: argparse.Namespace, run_dir: Path, out: Path) -> dict:
     return figures
 
 
-def plot(results: dict[str, dict], path: Path) -> None:
-    plot_curves(results, path, lambda p: p["seconds"] / 60, [("val", "-o", "val"), ("heldout", "--", "held-out")],
-                "training minutes (2 CPU cores)", "bits per image token")
+def plot(results: dict[str, dict], path: Path, by_step: bool) -> None:
+    plot_curves(results, path, (lambda p: p["step"]) if by_step else (lambda p: p["seconds"] / 60),
+                [("val", "-o", "val"), ("heldout", "--", "held-out")],
+                "training steps" if by_step else "training minutes (2 CPU cores)", "bits per image token")
 
 
 def main() -> None:
@@ -99,41 +103,49 @@ def main() -> None:
     parser.add_argument("--candidate", action="append", required=True,
                         help="overrides of a candidate recipe, optionally 'LABEL: overrides'; repeat for more")
     parser.add_argument("--probe-steps", type=int, default=40, help="steps of each speed probe (default 40)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="train every recipe this many steps instead of probing (for recipes whose steps cost "
+                        "the same); curves are then drawn against steps")
     parser.add_argument("--eval-prompts", type=int, default=50, help="held-out prompts evaluated (default 50)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     recipes = parse_recipes(args.baseline, args.candidate)
     started = time.perf_counter()
     speed = {name: probe_rate(lambda o, d: train_command(args, o, d), overrides, args.probe_steps,
-                              args.out / f"probe-{name}", args.out / f"probe-{name}.log")
-             for name, overrides in recipes.items()}
+                              args.out / f"probe-{name}", args.out / f"probe-{name}.log", pick=max, lines=8)
+             for name, overrides in recipes.items() if not args.steps}
     results = {}
     for name, overrides in recipes.items():
-        steps = max(1, round(args.minutes * 60 * speed[name] / preset_batch_size("dalle", overrides)))
+        steps = args.steps or max(1, round(args.minutes * 60 * speed[name] / preset_batch_size("dalle", overrides)))
         run_dir = train(args, name, overrides, steps, args.out)
         final = json.loads((run_dir / "result.json").read_text())
-        results[name] = {"overrides": overrides, "steps": steps, "probe_images_per_s": speed[name],
+        results[name] = {"overrides": overrides, "steps": steps, "probe_images_per_s": speed.get(name),
                          "images_per_s": final["items_per_s"], "train_s": final.get("train_s"),
                          "curve": curve(run_dir),
                          **evaluate(args, run_dir, args.out)}
     target = results["baseline"]["curve"][-1]["val"]
+    unit = "step" if args.steps else "seconds"
     for name in recipes:
-        results[name]["reaches_baseline_val_s"] = reach_time(results[name]["curve"], "val", target, True)
-    plot(results, args.out / "speedrun.png")
+        points = [{**p, "seconds": p[unit]} for p in results[name]["curve"]]
+        results[name]["reaches_baseline_val_" + ("step" if args.steps else "s")] = reach_time(points, "val", target,
+                                                                                            True)
+    plot(results, args.out / "speedrun.png", bool(args.steps))
     (args.out / "speedrun.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"budget {args.minutes:g} min of training per recipe; {time.perf_counter() - started:.0f} s in all")
+    print((f"{args.steps} steps per recipe" if args.steps else f"budget {args.minutes:g} min of training per recipe")
+          + f"; {time.perf_counter() - started:.0f} s in all")
     header = ("recipe", "steps", "img/s", "val bits", "held-out bits", "held-out: colour, shape top-10, median rank",
               "reworded: colour, shape top-10, median rank")
     print(" | ".join(header))
     for name, r in results.items():
         last = r["curve"][-1]
-        print(" | ".join([name, str(r["steps"]), f"{r['images_per_s'] or r['probe_images_per_s']:.0f}",
+        print(" | ".join([name, str(r["steps"]), f"{r['images_per_s'] or r['probe_images_per_s'] or 0:.0f}",
                           f"{last['val']:.3f}", f"{last['heldout']:.3f}" if last["heldout"] else "n/a",
                           describe(r["heldout"]), describe(r["heldout_reworded"])]))
     for name in list(recipes)[1:]:
-        reach = results[name]["reaches_baseline_val_s"]
-        print(f"{name} reaches the baseline's final val bits ({target:.3f}) after "
-              + (f"{reach / 60:.2f} min of training" if reach is not None else "no point of its run"))
+        reach = results[name]["reaches_baseline_val_" + ("step" if args.steps else "s")]
+        when = (f"step {reach:.0f}" if args.steps else f"{reach / 60:.2f} min of training") if reach is not None \
+            else "no point of its run"
+        print(f"{name} reaches the baseline's final val bits ({target:.3f}) at {when}")
     for name, r in results.items():
         print(f"{name}: {' '.join(r['overrides']) or '(the quick preset)'}")
     print(f"wrote {args.out / 'speedrun.png'} and {args.out / 'speedrun.json'}")

@@ -42,6 +42,9 @@ class TinyNet(nn.Sequential):
     def hidden_matrices(self):
         return [self[0].weight]  # what train.optimizer=muon orthogonalises
 
+    def embedding_parameters(self):
+        return [self[2].weight]  # what train.embed_lr_scale applies to
+
 
 class TinyTask:
     """y = w x + b with input noise (so the RNG matters); hooks to inject NaN or a signal."""
@@ -117,8 +120,28 @@ def test_outputs_of_a_run(tmp_path):
     assert metric_steps(run, "val") == [4, 8, 12]
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_embed_lr_scale_multiplies_the_embeddings_step(tmp_path, optimizer):
+    """AdamW's first step moves every coordinate by about the learning rate: the named embedding by
+    train.embed_lr_scale times as much, every other parameter as without it."""
+    class FixedStart(TinyTask):
+        def build_model(self):
+            torch.manual_seed(0)
+            return TinyNet()
+
+    start = FixedStart().build_model().state_dict()
+    moved = {}
+    for scale in (1.0, 3.0):
+        train(FixedStart(), config(steps=1, warmup_steps=0, embed_lr_scale=scale, optimizer=optimizer),
+              tmp_path / str(scale))
+        moved[scale] = {k: (v - start[k]).abs().mean() for k, v in weights(tmp_path / str(scale)).items()}
+    assert torch.allclose(moved[3.0]["2.weight"], 3 * moved[1.0]["2.weight"], rtol=1e-3)
+    assert torch.allclose(moved[3.0]["2.bias"], moved[1.0]["2.bias"], rtol=1e-3)
+
+
 @pytest.mark.parametrize("recipe", [{"ema_decay": 0.0}, {"ema_decay": 0.8},
-                                    {"optimizer": "muon", "schedule": "wsd", "weight_decay": 0.01}])
+                                    {"optimizer": "muon", "schedule": "wsd", "weight_decay": 0.01},
+                                    {"optimizer": "muon", "embed_lr_scale": 4.0}])
 def test_sigterm_saves_and_resume_is_exact(tmp_path, recipe):
     """Interrupt at step 7 (mid-epoch: 4 steps per epoch), resume, and end with the very weights
     of an uninterrupted run."""

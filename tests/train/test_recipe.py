@@ -35,6 +35,23 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert optimizer.muon.param_groups[0]["lr"] == optimizer.adamw.param_groups[0]["lr"] == 0.5
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_embed_lr_scale_gives_the_embeddings_their_own_learning_rate(optimizer):
+    model = tiny_dalle()
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain = build_optimizer(model, TrainConfig(optimizer=optimizer), torch.device("cpu"))
+    assert all("lr_scale" not in g for g in plain.param_groups)  # the groups older checkpoints hold
+    scaled = build_optimizer(model, TrainConfig(optimizer=optimizer, embed_lr_scale=5.0), torch.device("cpu"))
+    by_scale: dict[float, set[str]] = {}
+    for group in scaled.param_groups:
+        by_scale.setdefault(group.get("lr_scale", 1.0), set()).update(names[id(p)] for p in group["params"])
+    assert by_scale[5.0] == {"text_embedding.weight", "image_embedding.weight", "text_position", "image_row",
+                             "image_col"}
+    assert not by_scale[5.0] & by_scale[1.0] and by_scale[5.0] | by_scale[1.0] == set(names.values())
+    with pytest.raises(ConfigError, match="embed_lr_scale"):
+        TrainConfig(embed_lr_scale=0)
+
+
 def test_muon_steps_and_its_state_round_trips():
     model = tiny_dalle()
     optimizer = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))

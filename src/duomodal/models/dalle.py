@@ -352,6 +352,11 @@ class DALLE(nn.Module):
         norms and biases: the parameters an optimizer such as Muon treats as linear maps."""
         return [m.weight for block in self.blocks for m in block.modules() if isinstance(m, nn.Linear)]
 
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """Token and position embeddings: the parameters `train.embed_lr_scale` applies to."""
+        return [self.text_embedding.weight, self.image_embedding.weight, self.text_position, self.image_row,
+                self.image_col]
+
     def text_ids(self, text: torch.Tensor) -> torch.Tensor:
         """Tokenizer ids (B, T) -> embedding ids with per-position padding tokens (B, T)."""
         return text_ids_with_padding(text, self.config.text_pad_id, self.config.text_vocab_size)

@@ -393,7 +393,7 @@ class _Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         lr = config.lr * lr_multiplier(config, self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the step itself when the norm is inf/NaN
             self.scaler.update()

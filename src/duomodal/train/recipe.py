@@ -5,8 +5,10 @@ learning-rate schedule.
 speedruns (modded-nanogpt): Muon (momentum, then the update orthogonalised by Newton-Schulz iterations)
 for the model's hidden weight matrices, which it names with ``hidden_matrices()``, and AdamW for the rest
 (embeddings, output heads, norms, biases). Muon's step is scaled to AdamW's update size (as
-torch.optim.Muon's ``adjust_lr_fn="match_rms_adamw"``), so both take the same ``train.lr``. ``train.schedule=wsd`` holds the
-learning rate after warm-up and decays it linearly over the last ``train.cooldown_fraction`` of the steps.
+torch.optim.Muon's ``adjust_lr_fn="match_rms_adamw"``), so both take the same ``train.lr``;
+``train.embed_lr_scale`` multiplies it for the embeddings a model names with ``embedding_parameters()``.
+``train.schedule=wsd`` holds the learning rate after warm-up and decays it linearly over the last
+``train.cooldown_fraction`` of the steps.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class TrainConfig:
     betas: tuple[float, ...] = (0.9, 0.99)  # AdamW betas
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the model's hidden matrices, AdamW for the rest
     muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
+    embed_lr_scale: float = 1.0  # the embeddings' learning rate as a multiple of train.lr (models that name them)
     schedule: Literal["cosine", "wsd"] = "cosine"  # after warm-up: cosine decay, or warmup-stable-decay
     cooldown_fraction: float = 0.4  # wsd: the last fraction of the steps, decaying linearly to lr * min_lr_ratio
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
@@ -70,6 +73,8 @@ class TrainConfig:
             raise ConfigError(f"train.optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.schedule not in ("cosine", "wsd"):
             raise ConfigError(f"train.schedule must be cosine or wsd, got {self.schedule!r}")
+        if not self.embed_lr_scale > 0:
+            raise ConfigError(f"train.embed_lr_scale must be > 0, got {self.embed_lr_scale}")
         if not 0 <= self.muon_momentum < 1:
             raise ConfigError(f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if not 0 < self.cooldown_fraction <= 1:
@@ -99,11 +104,29 @@ def lr_multiplier(config: TrainConfig, step: int) -> float:
     return warmup_cosine(step, config.steps, config.warmup_steps, config.min_lr_ratio)
 
 
-def _adamw_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
-    """Decay on matrices and kernels only: norms, biases and scalars keep their scale."""
+def _adamw_groups(params: Iterable[torch.nn.Parameter], weight_decay: float,
+                  embeddings: Iterable[torch.nn.Parameter] = (), embed_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Decay on matrices and kernels only: norms, biases and scalars keep their scale. With an
+    `embed_lr_scale` other than 1, the `embeddings` form groups of their own whose "lr_scale" the
+    training loop multiplies the learning rate by (no such group otherwise, so older checkpoints'
+    optimizer states keep loading)."""
     params = [p for p in params if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    scaled = {id(p) for p in embeddings} if embed_lr_scale != 1.0 else set()
+    groups = []
+    for chosen, scale in (([p for p in params if id(p) not in scaled], 1.0),
+                          ([p for p in params if id(p) in scaled], embed_lr_scale)):
+        for decayed in (True, False):
+            members = [p for p in chosen if (p.ndim >= 2) == decayed]
+            if members or scale == 1.0:
+                group = {"params": members, "weight_decay": weight_decay if decayed else 0.0}
+                groups.append(group if scale == 1.0 else {**group, "lr_scale": scale})
+    return groups
+
+
+def embedding_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters `model.embedding_parameters()` names (token and position embeddings), or none."""
+    named = getattr(model, "embedding_parameters", None)
+    return [p for p in named() if p.requires_grad] if named is not None else []
 
 
 # Keller Jordan's quintic Newton-Schulz coefficients, as torch.optim.Muon uses them
@@ -165,10 +188,10 @@ class MuonWithAdamW:
     on all of them; the state dict holds both optimizers' states under "muon" and "adamw".
     """
 
-    def __init__(self, matrices: list[torch.nn.Parameter], others: list[torch.nn.Parameter], lr: float,
+    def __init__(self, matrices: list[torch.nn.Parameter], others: list[dict[str, Any]], lr: float,
                  weight_decay: float, betas: tuple[float, float], momentum: float, fused: bool):
         self.muon = Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum)
-        self.adamw = torch.optim.AdamW(_adamw_groups(others, weight_decay), lr=lr, betas=betas, fused=fused)
+        self.adamw = torch.optim.AdamW(others, lr=lr, betas=betas, fused=fused)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -201,9 +224,10 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig,
     Raises ConfigError for train.optimizer=muon on a model that names no hidden matrices."""
     fused = device.type in ("cuda", "cpu")  # one AdamW kernel for all parameters
     betas = (float(config.betas[0]), float(config.betas[1]))
+    embeddings = embedding_parameters(model)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(_adamw_groups(model.parameters(), config.weight_decay), lr=config.lr,
-                                 betas=betas, fused=fused)
+        return torch.optim.AdamW(_adamw_groups(model.parameters(), config.weight_decay, embeddings,
+                                               config.embed_lr_scale), lr=config.lr, betas=betas, fused=fused)
     hidden = getattr(model, "hidden_matrices", None)
     if hidden is None:
         raise ConfigError(f"train.optimizer=muon needs a model that names its hidden matrices; "
@@ -211,4 +235,5 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig,
     matrices = [p for p in hidden() if p.requires_grad]
     chosen = {id(p) for p in matrices}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
-    return MuonWithAdamW(matrices, others, config.lr, config.weight_decay, betas, config.muon_momentum, fused)
+    return MuonWithAdamW(matrices, _adamw_groups(others, config.weight_decay, embeddings, config.embed_lr_scale),
+                         config.lr, config.weight_decay, betas, config.muon_momentum, fused)
