@@ -13,6 +13,7 @@ from duomodal.generate import (
     box_to_token_mask,
     complete_image,
     edit_image,
+    conditioning_text,
     encode_prompt,
     generate_images,
     unseen_words,
@@ -101,6 +102,26 @@ def test_bad_requests_have_clear_errors(dalle):
         generate_images(dalle, "a red square", num=1, options=SamplingOptions(temperature=-1.0))
     assert encode_prompt(dalle, "").tolist()[:2] == [2, 3]  # the empty prompt is the unconditional one
     assert unseen_words(dalle, "A purple square") == ["purple"]
+
+
+def test_unseen_words_are_left_out_of_the_conditioning(dalle):
+    # the tiny tokenizer knows the characters of these words, but no caption had the words
+    assert conditioning_text(dalle, "nice square tinted red") == "square red"
+    assert conditioning_text(dalle, "square clean, red") == "square, red"
+    assert conditioning_text(dalle, "a red square") == "a red square"  # nothing unseen: the prompt itself
+    assert conditioning_text(dalle, "tinted cube") == "tinted cube"  # nothing else: kept, nothing to condition on
+    dropped = encode_prompt(dalle, "nice square tinted red")  # 12 tokens with the words: too long to keep them
+    assert torch.equal(dropped, encode_prompt(dalle, "square red"))
+    assert not torch.equal(encode_prompt(dalle, "tan square red", "keep"), encode_prompt(dalle, "tan square red"))
+    # sampling conditions on what is left: the same images as the prompt without the words
+    plain = generate_images(dalle, "square red", num=2, options=FP32)
+    asked = generate_images(dalle, "tan square red", num=2, options=FP32)
+    assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(plain.images, asked.images))
+    kept = generate_images(dalle, "tan square red", num=2,
+                           options=SamplingOptions(precision="fp32", unseen_words="keep"))
+    assert not all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(plain.images, kept.images))
+    with pytest.raises(GenerationError, match="unseen_words 'ignore' is not one of drop, keep"):
+        SamplingOptions(unseen_words="ignore")
 
 
 def test_box_maps_to_token_cells():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -45,9 +46,14 @@ class GenerationResult:
 
 # --- prompts and images --------------------------------------------------------------------------
 
+_UNSEEN_WORD = re.compile(r"\w+")  # what `words_of` calls a word
 
-def encode_prompt(run: DalleRun, prompt: str) -> torch.Tensor:
-    """The prompt as tokenizer ids (T,); clear errors for unseen characters or a prompt too long."""
+
+def encode_prompt(run: DalleRun, prompt: str, unseen: str = "drop") -> torch.Tensor:
+    """The prompt as tokenizer ids (T,); clear errors for unseen characters or a prompt too long.
+
+    unseen="drop" leaves the words no training caption had out of the conditioning (`conditioning_text`):
+    the model never learnt them, and their BPE pieces only disturb the words it knows."""
     tokenizer = run.tokenizer
     unknown = tokenizer.unknown_words(prompt)
     if unknown:
@@ -55,6 +61,8 @@ def encode_prompt(run: DalleRun, prompt: str) -> torch.Tensor:
             f"prompt {prompt!r} has characters this model's tokenizer never saw, in: {', '.join(unknown)}; "
             "rephrase with the words of the training captions"
         )
+    if unseen == "drop":
+        prompt = conditioning_text(run, prompt)
     T = run.config.text_seq_len
     ids = [tokenizer.bos_id, *tokenizer.tokens(prompt), tokenizer.eos_id]
     if len(ids) > T:
@@ -70,6 +78,21 @@ def unseen_words(run: DalleRun, prompt: str) -> list[str]:
         return []
     words = words_of(run.tokenizer.normalize(prompt))
     return [w for w in dict.fromkeys(words) if w not in run.caption_words]
+
+
+def conditioning_text(run: DalleRun, prompt: str) -> str:
+    """The (normalised) prompt without the words no training caption had ("please show a heart shaded
+    red" -> "a heart red"), or the prompt itself when it has none of them or nothing else."""
+    unseen = set(unseen_words(run, prompt))
+    if not unseen:
+        return prompt
+    normalized = run.tokenizer.normalize(prompt)
+    if not set(words_of(normalized)) - unseen:
+        return prompt
+    text = _UNSEEN_WORD.sub(lambda m: "" if m.group(0) in unseen else m.group(0), normalized)
+    text = re.sub(r"\s+([,.;:!?])", r"\1", re.sub(r"\s+", " ", text))  # no space left before punctuation
+    text = re.sub(r"([,.;:!?])(?:\s*[,.;:!?])+", r"\1", text)  # nor punctuation doubled
+    return text.strip(" ,.;:!?")
 
 
 def decode_tokens(run: DalleRun, tokens: torch.Tensor, batch_size: int = 16) -> list[Image.Image]:
@@ -127,7 +150,7 @@ def sample_batches(
 
     fixed (N,) with fixed_mask (N,) bool: positions every image takes from `fixed` instead of sampling.
     """
-    text = encode_prompt(run, prompt)
+    text = encode_prompt(run, prompt, options.unseen_words)
     empty = encode_prompt(run, "") if options.guidance != 1.0 else None
     seeds = [options.seed + i for i in range(num)]
     N = run.config.image_token_count
@@ -314,6 +337,6 @@ def edit_image(
     if scorer is not None:
         return _rank(images, seeds, prompt, keep, scorer)
     first_free = int(box_mask.flatten().nonzero()[0])
-    text = encode_prompt(run, prompt)[None, :].expand(num, -1)
+    text = encode_prompt(run, prompt, options.unseen_words)[None, :].expand(num, -1)
     fit = fixed_token_fit(run, text, tokens, first_free, fixed_mask, options.batch_size)
     return _select(images, seeds, prompt, keep, fit, "fit")

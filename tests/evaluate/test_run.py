@@ -335,7 +335,8 @@ def test_sampling_settings_are_checked_and_recorded(tmp_path, data, fakes):
     out = tmp_path / "ok"
     m = run_evaluation(options(data, out, dalle=tmp_path / "dalle", temperature=0.7, top_k=3, prompts=1)).metrics
     assert (m["settings"]["temperature"], m["settings"]["top_k"], m["settings"]["top_p"]) == (0.7, 3, None)
-    assert "Sampling: temperature 0.7, top-k 3, top-p off, guidance 1.0, seed 0." in (out / "report.md").read_text()
+    assert ("Sampling: temperature 0.7, top-k 3, top-p off, guidance 1.0, seed 0, prompt words no training caption "
+            "had left out.") in (out / "report.md").read_text()
 
 
 def test_a_prompt_the_model_cannot_read_is_skipped_and_counted(tmp_path, data, fakes, monkeypatch):

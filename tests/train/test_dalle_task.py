@@ -199,7 +199,8 @@ def test_cli_train_generate_edit_and_resume(tmp_path, shape_dataset, capsys):
         assert message in err, (argv, err)
 
     main(["generate", str(run), "a blue cube", "--num", "1", "--out", str(grid), "--device", "cpu"])
-    assert "no training caption has the word(s) cube" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no training caption has the word(s) cube" in err and "left out, the model reads 'a blue'" in err
 
 
 def test_two_process_torchrun_training(tmp_path, shape_dataset):

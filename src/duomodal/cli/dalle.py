@@ -31,6 +31,9 @@ def _add_sampling_options(parser: argparse.ArgumentParser, num: int, keep: int) 
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16 on CUDA, fp32 on the CPU (measured faster there)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+    parser.add_argument("--keep-unseen-words", action="store_true",
+                        help="condition on prompt words no training caption had too (by default they are left out: "
+                        "the model never learnt them)")
 
 
 def _add_dalle_commands(sub: argparse._SubParsersAction) -> None:
@@ -110,11 +113,11 @@ def _load_dalle_for_cli(args: argparse.Namespace):
     args.top_k = args.top_k or None  # 0 = every image token
     options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                              precision=args.precision)
+                              precision=args.precision, unseen_words="keep" if args.keep_unseen_words else "drop")
     device = resolve_device(args.device)
     run = load_dalle(args.run_dir, device)
-    encode_prompt(run, args.prompt)
-    _note_prompt(run, args.prompt)
+    encode_prompt(run, args.prompt, options.unseen_words)
+    _note_prompt(run, args.prompt, options.unseen_words)
     scorer = None
     if args.clip:
         from duomodal.models.clip import load_clip
@@ -123,13 +126,17 @@ def _load_dalle_for_cli(args: argparse.Namespace):
     return run, scorer, options
 
 
-def _note_prompt(run, prompt: str) -> None:
-    from duomodal.generate import unseen_words
+def _note_prompt(run, prompt: str, unseen_mode: str) -> None:
+    from duomodal.generate import conditioning_text, unseen_words
 
     unseen = unseen_words(run, prompt)
-    if unseen:
-        print(f"note: no training caption has the word(s) {', '.join(unseen)}; the model has not learnt them",
-              file=sys.stderr)
+    if not unseen:
+        return
+    note = f"note: no training caption has the word(s) {', '.join(unseen)}; the model has not learnt them"
+    text = conditioning_text(run, prompt)
+    if unseen_mode == "drop" and text != prompt:
+        note += f": left out, the model reads {text!r} (--keep-unseen-words to keep them)"
+    print(note, file=sys.stderr)
 
 
 def _write_generation(result, args: argparse.Namespace, extra: dict, first=None) -> None:

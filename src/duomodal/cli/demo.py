@@ -104,6 +104,9 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--top-k", type=_positive_int, default=None, help="sample among the K likeliest image tokens")
     ev.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
     ev.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale; default 1 (off)")
+    ev.add_argument("--keep-unseen-words", action="store_true",
+                    help="condition DALL-E on prompt words no training caption had too (default: left out, as in "
+                    "duomodal generate)")
     ev.add_argument("--device", help="cpu, cuda, cuda:1... (default: CUDA when available)")
     ev.set_defaults(func=_cmd_eval)
 
@@ -116,6 +119,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         prompts=args.prompts, samples_per_prompt=args.samples_per_prompt, rerank_from=args.rerank_from,
         seed=args.seed, max_images=args.max_images, batch_size=args.batch_size, device=args.device,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance,
+        unseen_words="keep" if args.keep_unseen_words else "drop",
     )
     result = run_evaluation(options, log=lambda message: print(message, file=sys.stderr))
     for what, value in headline(result.metrics):

@@ -46,6 +46,7 @@ class EvalOptions:
     top_k: int | None = None
     top_p: float | None = None
     guidance: float = 1.0  # classifier-free guidance scale (1 = off)
+    unseen_words: str = "drop"  # prompt words no training caption had: "drop" or "keep" (as `duomodal generate`)
     max_images: int = 256  # at most this many images per split for the VAE/CLIP/likelihood figures
     batch_size: int = 32
     val_fraction: float = 0.05  # for datasets whose manifest does not give splits
@@ -68,7 +69,8 @@ class EvalOptions:
     def sampling(self, seed: int, batch_size: int) -> SamplingOptions:
         """The DALL-E sampling options of these settings, for one prompt's seed and batch."""
         return SamplingOptions(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                               guidance=self.guidance, seed=seed, batch_size=batch_size)
+                               guidance=self.guidance, seed=seed, batch_size=batch_size,
+                               unseen_words=self.unseen_words)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,9 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, g
         raise GenerationError(f"guidance must be >= 0 (1 = plain conditional sampling), got {guidance}")
 
 
+UNSEEN_WORDS = ("drop", "keep")
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """How images are sampled; image i of a call is drawn from seed + i alone."""
@@ -59,9 +62,12 @@ class SamplingOptions:
     seed: int = 0
     batch_size: int = 16  # images sampled together
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on the CPU), "fp32" or "bf16"
+    unseen_words: str = "drop"  # prompt words no training caption had: "drop" from the conditioning, or "keep"
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p, self.guidance)
+        if self.unseen_words not in UNSEEN_WORDS:
+            raise GenerationError(f"unseen_words {self.unseen_words!r} is not one of {', '.join(UNSEEN_WORDS)}")
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise GenerationError(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got {self.batch_size}")
         if self.precision not in PRECISIONS:
