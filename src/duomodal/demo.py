@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
 from duomodal.train.checkpoints import list_checkpoints
 
 TRAINER_KINDS = ("vae", "dalle", "clip")
@@ -34,12 +35,12 @@ class DemoSetup:
 DEMO_SETUPS = {
     "quick": DemoSetup(
         image_size=32, icon_limit=None, colors=8, train_preset="quick", eval_prompts=16,
-        # VAE and CLIP train shorter than their presets' own runs so that the whole demo fits in ~13
+        # VAE and CLIP train shorter than their presets' own runs so that the whole demo fits in ~14
         # minutes on 2 CPU cores (docs/RESULTS.md gives the figures of both); DALL-E gets its full quick
         # preset: shorter runs give colour blobs, not shapes.
         overrides={"vae": ("train.steps=350",),
                    "clip": ("train.steps=700", "train.val_every=350", "train.checkpoint_every=350")},
-        estimate="about 13 minutes on 2 CPU cores, a few on a GPU",
+        estimate="about 14 minutes on 2 CPU cores, a few on a GPU",
     ),
     "seed": DemoSetup(
         image_size=128, icon_limit=None, colors=8, train_preset="seed", eval_prompts=32, overrides={},
@@ -122,8 +123,10 @@ def plan(
         ("index", "build", str(data), "--clip", str(clip), "--out", str(index), "--quiet"),
         done=False,
     ))
+    # the report samples as `duomodal generate` does by default: it shows what a user of the demo gets
     eval_argv = ["eval", "--data", str(data), "--vae", str(vae), "--dalle", str(dalle), "--clip", str(clip),
-                 "--out", str(report), "--prompts", str(eval_prompts or setup.eval_prompts)]
+                 "--out", str(report), "--prompts", str(eval_prompts or setup.eval_prompts),
+                 "--top-k", str(DEFAULT_TOP_K), "--guidance", f"{DEFAULT_GUIDANCE:g}"]
     if device != "auto":
         eval_argv += ["--device", device]
     stages.append(Stage("eval", "evaluation report", tuple(eval_argv), (report / "metrics.json").is_file()))

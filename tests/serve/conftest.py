@@ -228,7 +228,7 @@ def client(app):
         yield client
 
 
-def wait_for_job(client: TestClient, url: str, timeout: float = 10.0) -> dict:
+def wait_for_job(client: TestClient, url: str, timeout: float = 30.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         body = client.get(url).json()
@@ -252,7 +252,7 @@ def _serving(app):
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")

@@ -354,7 +354,7 @@ def test_an_index_changed_on_disk_is_reopened_in_the_background(shape_dataset, f
         assert client.get("/health").json()["images"] == 24 and opened == []
         assert client.get("/api/thumb/101").status_code == 200
         old.stale = True
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 20
         while client.get("/health").json()["images"] != 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert client.get("/health").json()["images"] == 2 and opened == [1]

@@ -13,7 +13,7 @@ from duomodal.serve.jobs import JobFinishedError, JobOutput, JobQueue, QueueFull
 pytestmark = pytest.mark.timeout(30)
 
 
-def wait_until(condition, timeout: float = 5.0) -> None:
+def wait_until(condition, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
