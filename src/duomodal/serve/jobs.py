@@ -266,7 +266,12 @@ class JobQueue:
         except ValueError as e:  # a request the library refused: the message is for the user
             self._finish(job, "failed", str(e))
         except (KeyboardInterrupt, SystemExit) as e:  # the process is being stopped: let it stop
-            self._finish(job, "failed", f"generation stopped: {type(e).__name__}")
+            with self._lock:
+                # This worker is gone from here on, before anyone can see the job finished: a submit
+                # that follows must start another worker, not count on this one while it unwinds.
+                if self._worker is threading.current_thread():
+                    self._worker = None
+                self._finish_locked(job, "failed", f"generation stopped: {type(e).__name__}")
             raise
         except BaseException as e:  # a bug, an exhausted machine, a stray GeneratorExit: keep serving
             logger.exception("job %s (%s) failed", job.id, job.kind)
