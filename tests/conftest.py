@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def dalle_run(tmp_path_factory, shape_dataset) -> Path:
     """A tiny untrained DALL-E run: 16 px images as a 4x4 token grid, its VAE and tokenizer."""
     from duomodal.config import to_dict
     from duomodal.modelfile import save_model
-    from duomodal.models.dalle import DALLE, DALLEConfig, vae_identity
+    from duomodal.models.dalle import CAPTION_WORDS_FILE, DALLE, DALLEConfig, vae_identity, words_of
     from duomodal.models.vae import DiscreteVAE, VAEConfig
     from duomodal.text.tokenizer import Tokenizer
 
@@ -80,6 +81,8 @@ def dalle_run(tmp_path_factory, shape_dataset) -> Path:
     run = root / "run"
     save_model(run, "dalle", to_dict(config), DALLE(config).state_dict())
     tokenizer.save(run / "tokenizer.json")
+    words = sorted({w for c in captions for w in words_of(tokenizer.normalize(c))})
+    (run / CAPTION_WORDS_FILE).write_text(json.dumps(words))  # as training writes it: unseen words are known
     return run
 
 

@@ -155,8 +155,10 @@ class FakeGenerator:
             control.preview([half], first=n, rows=2, grid_rows=4)
             control.progress(n + 1, len(images))
 
-    def generate(self, prompt, *, num, keep, guidance, temperature, top_k, seed, control):
+    def generate(self, prompt, *, num, keep, guidance, temperature, top_k, seed, control, unseen_words="drop"):
         self.calls.append(dict(prompt=prompt, num=num, keep=keep, guidance=guidance, seed=seed))
+        if unseen_words != "drop":
+            self.calls[-1]["unseen_words"] = unseen_words
         if "explode" in prompt:
             raise ValueError("prompt 'explode' has a word the tokenizer refuses")
         if "crash" in prompt:
@@ -171,7 +173,8 @@ class FakeGenerator:
     def prepare_image(self, image):
         return image
 
-    def edit(self, image, box, prompt, *, num, keep, seed, guidance, temperature, top_k, control):
+    def edit(self, image, box, prompt, *, num, keep, seed, guidance, temperature, top_k, control,
+             unseen_words="drop"):
         self.calls.append(dict(prompt=prompt, box=box, num=num, keep=keep, seed=seed))
         words = prompt.split()
         color = next((COLOR_RGB[w] for w in words if w in COLOR_RGB), (0, 0, 0))
@@ -183,7 +186,8 @@ class FakeGenerator:
         self._sample(images, control)
         return self._rerank(images, prompt, keep, [seed + n for n in range(num)])
 
-    def complete(self, image, rows, prompt, *, num, keep, seed, guidance, temperature, top_k, control):
+    def complete(self, image, rows, prompt, *, num, keep, seed, guidance, temperature, top_k, control,
+                 unseen_words="drop"):
         self.calls.append(dict(prompt=prompt, rows=rows, num=num, keep=keep, seed=seed))
         images = []
         for n in range(num):

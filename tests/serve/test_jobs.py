@@ -43,7 +43,7 @@ def test_generate_runs_in_the_background_and_returns_reranked_images(client, fak
     assert [s["score"] for s in sorted(samples, key=lambda s: s["index"])][:3] == scores
     assert images == sorted(samples, key=lambda s: s["index"])[:3]
     assert done["settings"] == {"num": 6, "keep": 3, "guidance": 3.0, "temperature": 1.0, "top_k": 64, "seed": 7,
-                                "box": None, "rows": None}
+                                "box": None, "rows": None, "keep_unseen_words": False}
     assert done["preview"] is None  # finished: the result replaces the previews
     missing = client.get(f"{job['url']}/images/6")
     assert missing.status_code == 404

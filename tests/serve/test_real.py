@@ -155,6 +155,16 @@ def test_serve_generates_and_edits_with_a_real_dalle_reranked_by_the_clip(served
         assert len(images) == 2 and images[0]["score"] >= images[1]["score"]
         picture = Image.open(io.BytesIO(client.get(images[0]["url"]).content))
         assert picture.size == (16, 16) and picture.mode == "RGB"
+        # A word no training caption had is left out by default, so the same seeds draw the same
+        # images as without it; keep_unseen_words conditions on it and draws others.
+        asked = dict(num=3, seed=3, top_k=8)
+        plain, extra, kept = (job_waiter(client, client.post("/api/generate", json=body).json()["url"], timeout=30)
+                              for body in ({"prompt": "a red square", **asked}, {"prompt": "a red tan square", **asked},
+                                           {"prompt": "a red tan square", "keep_unseen_words": True, **asked}))
+        # (in sampling order: CLIP, reading the whole prompt, may rank them otherwise)
+        pixels = [[client.get(i["url"]).content for i in job["result"]["samples"]] for job in (plain, extra, kept)]
+        assert pixels[0] == pixels[1] and pixels[0] != pixels[2]
+        assert kept["settings"]["keep_unseen_words"] is True
 
         # Edit: a 32x24 upload is fitted to the model's 16x16 centre square, the box moved with it.
         upload = io.BytesIO()

@@ -134,13 +134,15 @@ class DalleGenerator:
     def grid_size(self) -> int:
         return int(self.run.config.image_grid_size)
 
-    def _options(self, num: int, seed: int, guidance: float, temperature: float, top_k: int | None):
+    def _options(self, num: int, seed: int, guidance: float, temperature: float, top_k: int | None,
+                 unseen_words: str = "drop"):
         return SamplingOptions(temperature=temperature, top_k=top_k, guidance=guidance, seed=seed,
-                               batch_size=min(self.batch_size, num))
+                               batch_size=min(self.batch_size, num), unseen_words=unseen_words)
 
-    def generate(self, prompt, *, num, keep, guidance, temperature, top_k, seed, control: JobControl) -> JobOutput:
+    def generate(self, prompt, *, num, keep, guidance, temperature, top_k, seed, control: JobControl,
+                 unseen_words: str = "drop") -> JobOutput:
         result = generate_images(self.run, prompt, num=num, keep=num, scorer=self.scorer,
-                                 options=self._options(num, seed, guidance, temperature, top_k),
+                                 options=self._options(num, seed, guidance, temperature, top_k, unseen_words),
                                  progress=control.progress, partial=_Previews(self.run, control))
         return _output(result, keep or num)
 
@@ -152,23 +154,23 @@ class DalleGenerator:
         return fit_to_model(image, (0, 0, image.width, image.height), self.image_size)[0]
 
     def edit(self, image, box, prompt, *, num, keep, seed, control: JobControl, guidance=None,
-             temperature=1.0, top_k=None) -> JobOutput:
+             temperature=1.0, top_k=None, unseen_words: str = "drop") -> JobOutput:
         """Edit `box` of `image`, both as `prepare_edit` returned them."""
         defaults = SamplingOptions()
         options = self._options(num, seed, defaults.guidance if guidance is None else guidance, temperature,
-                                defaults.top_k if top_k is None else top_k)
+                                defaults.top_k if top_k is None else top_k, unseen_words)
         region = token_region(box_to_token_mask(box, self.image_size, self.grid_size), self.image_size)
         result = edit_image(self.run, image, box, prompt, num=num, keep=num, scorer=self.scorer, options=options,
                             progress=control.progress, partial=_Previews(self.run, control, image, region))
         return _output(result, keep or num)
 
     def complete(self, image, rows, prompt, *, num, keep, seed, control: JobControl, guidance=None,
-                 temperature=1.0, top_k=None) -> JobOutput:
+                 temperature=1.0, top_k=None, unseen_words: str = "drop") -> JobOutput:
         """Keep the top `rows` token rows of `image` (as `prepare_image` returned it, its pixels
         unchanged above the line); draw the rest."""
         defaults = SamplingOptions()
         options = self._options(num, seed, defaults.guidance if guidance is None else guidance, temperature,
-                                defaults.top_k if top_k is None else top_k)
+                                defaults.top_k if top_k is None else top_k, unseen_words)
         below = (0, rows * (self.image_size // self.grid_size), self.image_size, self.image_size)
         result = complete_image(self.run, image, prompt, rows, num=num, keep=num, scorer=self.scorer,
                                 options=options, progress=control.progress, keep_pixels=True,

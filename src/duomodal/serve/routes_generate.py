@@ -48,6 +48,8 @@ GENERATE_NUM = 16  # the default `num` of /api/generate
 Keep = Annotated[int | None, Form(ge=1, description="keep the best `keep` (default: all)")]
 Seed = Annotated[int, Form(ge=0, le=MAX_SEED)]
 Guidance = Annotated[float, Form(ge=0.0, le=20.0, description="classifier-free guidance scale; 1 = off")]
+KeepUnseenWords = Annotated[bool, Form(description="condition on prompt words no training caption had too "
+                                                   "(by default they are left out)")]
 Temperature = Annotated[float, Form(gt=0.0, le=5.0)]
 TopK = Annotated[int, Form(ge=1, le=65536, description="sample among the top k tokens")]
 Prompt = Annotated[str, Form(min_length=1, max_length=MAX_QUERY_CHARS), Words]
@@ -164,6 +166,7 @@ def make_generate_router(state: ServerState) -> APIRouter:
                 temperature=request.temperature,
                 top_k=request.top_k,
                 seed=request.seed,
+                unseen_words="keep" if request.keep_unseen_words else "drop",
                 control=control,
             )
 
@@ -185,6 +188,7 @@ def make_generate_router(state: ServerState) -> APIRouter:
         guidance: Guidance = DEFAULT_GUIDANCE,
         temperature: Temperature = 1.0,
         top_k: TopK = DEFAULT_TOP_K,
+        keep_unseen_words: KeepUnseenWords = False,
     ) -> JSONResponse:
         """Start regenerating the box (left, top, right, bottom) of an uploaded image from a prompt.
 
@@ -203,10 +207,11 @@ def make_generate_router(state: ServerState) -> APIRouter:
 
         def work(control):
             return generator.edit(image, box, prompt, num=num, keep=keep, seed=seed, guidance=guidance,
-                                  temperature=temperature, top_k=top_k, control=control)
+                                  temperature=temperature, top_k=top_k, control=control,
+                                  unseen_words="keep" if keep_unseen_words else "drop")
 
         settings = dict(num=num, keep=keep, seed=seed, guidance=guidance, temperature=temperature, top_k=top_k,
-                        box=list(box))
+                        box=list(box), keep_unseen_words=keep_unseen_words)
         return _accepted(state.jobs.submit("edit", prompt, work, client=_client(http), settings=settings))
 
     @router.post("/complete", status_code=202, response_model=JobResponse, responses=SUBMIT_ERRORS)
@@ -223,6 +228,7 @@ def make_generate_router(state: ServerState) -> APIRouter:
         guidance: Guidance = DEFAULT_GUIDANCE,
         temperature: Temperature = 1.0,
         top_k: TopK = DEFAULT_TOP_K,
+        keep_unseen_words: KeepUnseenWords = False,
     ) -> JSONResponse:
         """Start completing an image: keep its top `rows` token rows and let the model draw the rest
         (the paper's priming). The image is fitted to the model first; see /api/generator for its grid."""
@@ -231,10 +237,11 @@ def make_generate_router(state: ServerState) -> APIRouter:
 
         def work(control):
             return generator.complete(image, rows, prompt, num=num, keep=keep, seed=seed, guidance=guidance,
-                                      temperature=temperature, top_k=top_k, control=control)
+                                      temperature=temperature, top_k=top_k, control=control,
+                                      unseen_words="keep" if keep_unseen_words else "drop")
 
         settings = dict(num=num, keep=keep, seed=seed, guidance=guidance, temperature=temperature, top_k=top_k,
-                        rows=rows)
+                        rows=rows, keep_unseen_words=keep_unseen_words)
         return _accepted(state.jobs.submit("complete", prompt, work, client=_client(http), settings=settings))
 
     @router.get("/jobs/{job_id}", response_model=JobResponse, responses=LOOKUP_ERRORS)

@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
+    StrictBool,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -164,6 +165,10 @@ class GenerateRequest(BaseModel):
     top_k: JsonInt | None = Field(default=DEFAULT_TOP_K, ge=1, le=65536,
                               description="sample among the top k tokens; null = all")
     seed: JsonInt = Field(default=0, ge=0, le=MAX_SEED)
+    keep_unseen_words: StrictBool = Field(
+        default=False, description="condition on prompt words no training caption had too (by default they "
+        "are left out: the model never learnt them)"
+    )
 
     @model_validator(mode="after")
     def _keep_at_most_num(self) -> GenerateRequest:
@@ -213,6 +218,8 @@ class JobSettings(BaseModel):
     seed: int
     box: list[int] | None = Field(default=None, description="edit: left, top, right, bottom in model pixels")
     rows: int | None = Field(default=None, description="complete: token rows kept from the image")
+    keep_unseen_words: bool | None = Field(default=None, description="prompt words no training caption had "
+                                           "were kept in the conditioning")
 
 
 class JobResponse(BaseModel):

@@ -64,6 +64,7 @@ class Generator(Protocol):
         top_k: int | None,
         seed: int,
         control: JobControl,
+        unseen_words: str = "drop",  # prompt words no training caption had: "drop" or "keep"
     ) -> JobOutput: ...
 
     def prepare_edit(
@@ -90,6 +91,7 @@ class Generator(Protocol):
         temperature: float,
         top_k: int | None,
         control: JobControl,
+        unseen_words: str = "drop",  # prompt words no training caption had: "drop" or "keep"
     ) -> JobOutput: ...
 
     def complete(
@@ -105,6 +107,7 @@ class Generator(Protocol):
         temperature: float,
         top_k: int | None,
         control: JobControl,
+        unseen_words: str = "drop",  # prompt words no training caption had: "drop" or "keep"
     ) -> JobOutput: ...
 
 
