@@ -199,7 +199,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "quick": {
             "model": {"image_size": 32, "n_downsample": 2, "width": 64, "res_blocks": 1,
                       "codebook_size": 512, "codebook_dim": 64, "quantizer": "vq"},
-            "train": {"steps": 1800, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50, "precision": "bf16",
+            "train": {"steps": 1800, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50,
                       "log_every": 25, "val_every": 600, "sample_every": 300, "checkpoint_every": 600},
             "data": {"image_size": 32},
         },
@@ -207,7 +207,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "seed": {
             "model": {"image_size": 128, "n_downsample": 3, "width": 32, "res_blocks": 2,
                       "codebook_size": 512, "codebook_dim": 64, "quantizer": "vq"},
-            "train": {"steps": 20000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 500, "precision": "bf16",
+            "train": {"steps": 20000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 500,
                       "log_every": 50, "val_every": 1000, "sample_every": 1000, "checkpoint_every": 2000},
             "data": {"image_size": 128},
         },
@@ -223,7 +223,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "model": {"text_seq_len": 16, "text_vocab_size": 2048, "n_layer": 4, "n_head": 4, "n_embd": 128,
                       "attention_types": ["full"], "caption_dropout": 0.1},
             "train": {"steps": 3600, "batch_size": 32, "lr": 4e-3, "embed_lr_scale": 20.0, "warmup_steps": 50,
-                      "weight_decay": 0.01, "optimizer": "muon", "schedule": "wsd", "precision": "bf16",
+                      "weight_decay": 0.01, "optimizer": "muon", "schedule": "wsd",
                       "log_every": 50, "val_every": 900, "val_batches": 32, "sample_every": 1800,
                       "checkpoint_every": 900},
             "data": {"image_size": 32},
@@ -239,16 +239,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "clip": {
-        # 32 px icons as 4x4 patches of 8 px, small ViT and text transformer, sized for 2 CPU cores; bf16 with
-        # eager attention, Muon, warmup-stable-decay and lr 3e-3 won the speedrun (docs/clip.md). The previous
-        # recipe is --set train.precision=fp32 --set model.attention=sdpa --set train.optimizer=adamw
+        # 32 px icons as 4x4 patches of 8 px, small ViT and text transformer, sized for 2 CPU cores; Muon,
+        # warmup-stable-decay and lr 3e-3 won the speedrun (docs/clip.md). Precision and attention kernel are
+        # chosen from the hardware (duomodal.device). The previous recipe is --set train.optimizer=adamw
         # --set train.schedule=cosine --set train.lr=1e-3 --set train.steps=450
         "quick": {
             "model": {"image_size": 32, "patch_size": 8, "vision_width": 128, "vision_layers": 4, "vision_heads": 4,
                       "text_width": 128, "text_layers": 3, "text_heads": 4, "context_length": 32,
-                      "vocab_size": 2048, "embed_dim": 128, "attention": "eager"},
+                      "vocab_size": 2048, "embed_dim": 128},
             "train": {"steps": 1600, "batch_size": 256, "lr": 3e-3, "warmup_steps": 40, "weight_decay": 0.1,
-                      "optimizer": "muon", "schedule": "wsd", "precision": "bf16",
+                      "optimizer": "muon", "schedule": "wsd",
                       "log_every": 20, "val_every": 400, "sample_every": 800, "checkpoint_every": 400},
             "data": {"image_size": 32},
             "augment": {"crop_scale_min": 0.8},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 
 import pytest
@@ -182,25 +184,38 @@ def test_step_decoder_matches_uncached_and_mixes_with_chunks(types, packed, bloc
 
 
 @pytest.mark.parametrize("kind", ["causal", "axial_row", "conv_like"])
-def test_explicit_attention_under_cpu_autocast_matches_sdpa(kind, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_attention_matches_sdpa(kind, dtype):
     B, nh, L, hs = 2, 2, T + G * G, 8
     q, k, v = (torch.randn(B, nh, L, hs, requires_grad=True) for _ in range(3))
     mask = None if kind == "causal" else attention_mask(kind, T, G)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    expected = sdpa(q, k, v, attn_mask=mask, is_causal=mask is None)
-
-    def no_sdpa(*args, **kwargs):
-        raise AssertionError("SDPA ran under CPU autocast")
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = attend(q, k, v, mask, mask is None)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
-    assert got.dtype == torch.bfloat16
-    assert torch.allclose(got.float(), expected, atol=3e-2)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        got = attend(q, k, v, mask, mask is None, kernel="eager")
+    assert got.dtype == dtype
+    assert torch.allclose(got.float(), expected, atol=3e-2 if dtype == torch.bfloat16 else 1e-5)
     got.float().sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
-    assert torch.equal(attend(q, k, v, mask, mask is None), expected)  # outside autocast: SDPA itself
+    assert torch.equal(attend(q, k, v, mask, mask is None, kernel="sdpa"), expected)
+
+
+def test_auto_attention_is_eager_on_the_cpu_and_computes_what_sdpa_does(monkeypatch):
+    torch.manual_seed(0)
+    auto = DALLE(tiny_config(attention_types=("full", "axial_row"))).eval()
+    sdpa = DALLE(dataclasses.replace(auto.config, attention="sdpa")).eval()
+    sdpa.load_state_dict(auto.state_dict())
+    text, image = batch(2)
+    expected = sdpa(text, image[:, :-1])
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("SDPA ran on the CPU with attention 'auto'")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    got = auto(text, image[:, :-1])
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", real_sdpa)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_sampling_ignores_a_callers_autocast():
@@ -346,16 +361,17 @@ def test_load_dalle_roundtrip(tmp_path):
 
 
 def test_bf16_sampling_uses_a_cast_copy_and_agrees_with_fp32():
-    from duomodal.device import bf16_supported
+    # bf16 runs on every CPU: natively, or emulated after a SlowPrecisionWarning
+    from duomodal.device import SlowPrecisionWarning, bf16_supported
 
-    if not bf16_supported(torch.device("cpu")):
-        pytest.skip("no bf16 on this CPU")
     model = DALLE(tiny_config()).eval()
     with torch.no_grad():
         model.image_head.weight.mul_(20)  # peaked logits, so rounding rarely flips the argmax
     text, _ = batch(3)
     fp32 = sample_image_tokens(model, text, temperature=0, precision="fp32")
-    bf16 = sample_image_tokens(model, text, temperature=0, precision="bf16")
+    emulated = not bf16_supported(torch.device("cpu"))
+    with pytest.warns(SlowPrecisionWarning) if emulated else contextlib.nullcontext():
+        bf16 = sample_image_tokens(model, text, temperature=0, precision="bf16")
     assert model.image_head.weight.dtype == torch.float32  # the model itself is left as it was
     assert float((fp32 == bf16).float().mean()) > 0.8
 

@@ -17,7 +17,7 @@ from .conftest import FakeEmbedder
 def fake_clip(monkeypatch):
     loaded = []
 
-    def load(path, device):
+    def load(path, device, precision):
         loaded.append(path)
         return FakeEmbedder(model_id="other-clip" if "other" in str(path) else "fake-colour-v1")
 

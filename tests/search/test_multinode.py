@@ -31,7 +31,7 @@ spec.loader.exec_module(fake)
 from duomodal.cli import main
 from duomodal.cli import search as cli_search
 
-cli_search._search_load_clip = lambda path, device: fake.FakeEmbedder()  # a stand-in CLIP on every node
+cli_search._search_load_clip = lambda path, device, precision: fake.FakeEmbedder()  # a stand-in CLIP on every node
 sys.exit(main(sys.argv[1:]))
 """
 VAE_SETS = [

@@ -72,12 +72,14 @@ def test_muon_steps_and_its_state_round_trips():
         again.load_state_dict(adamw.state_dict())
 
 
-def test_batched_muon_matches_torch_muon():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_batched_muon_matches_torch_muon(dtype):
+    # torch.optim.Muon orthogonalises in bf16; ours in the run's dtype (fp32 where bf16 is emulated)
     torch.manual_seed(0)
     shapes = [(8, 24), (24, 8), (8, 24), (16, 16), (8, 32)]  # tall and wide, repeated and single shapes
     ours = [nn.Parameter(torch.randn(s)) for s in shapes]
     theirs = [nn.Parameter(p.detach().clone()) for p in ours]
-    mine = Muon(ours, lr=0.02, weight_decay=0.1, momentum=0.95)
+    mine = Muon(ours, lr=0.02, weight_decay=0.1, momentum=0.95, dtype=dtype)
     reference = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw")
     for _ in range(3):
         grads = [torch.randn(s) for s in shapes]

@@ -3,14 +3,17 @@
 Each area registers its subcommands in its own module of this package (``_add_*_commands`` in
 data, train, vae, dalle, clip, search, demo); a command handler takes the parsed args and returns
 an exit status. Library code raises; `main` turns a ValueError/OSError into one stderr line (set
-DUOMODAL_DEBUG=1 for the traceback).
+DUOMODAL_DEBUG=1 for the traceback), and a warning from duomodal's own code (e.g. a precision the
+hardware only emulates) into one "duomodal: warning:" line, shown once per process.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
 from duomodal import __version__
@@ -46,11 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(show):
+    """`show` (warnings.showwarning) for others' warnings; duomodal's own as one line, without the source."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+        if category.__module__.startswith("duomodal") and not os.environ.get("DUOMODAL_DEBUG"):
+            print(f"duomodal: warning: {message}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("once", module=r"duomodal\.")
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         _error("interrupted")
         return 130

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from duomodal.cli.common import _error
+from duomodal.cli.common import _add_precision_option, _error
 
 
 def _add_clip_commands(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +34,7 @@ def _add_clip_commands(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--label-field", default=None,
                         help="read true labels from this manifest field of a dataset folder (e.g. color)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+    _add_precision_option(parser, "CLIP")
     parser.set_defaults(func=_cmd_classify)
 
     clip = sub.add_parser("clip", help="CLIP utilities: export to Hugging Face format, evaluate on a dataset split")
@@ -61,6 +62,7 @@ def _add_clip_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--json", default=None, help="also write the figures to this JSON file")
     evaluate.add_argument("--limit", type=int, default=0, help="evaluate at most this many images (0 = all)")
     evaluate.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
+    _add_precision_option(evaluate, "CLIP")
     evaluate.set_defaults(func=_cmd_clip_eval)
 
 
@@ -101,7 +103,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     images = find_images(args.inputs, args.label_field)
     labels = _resolve_labels(args, sorted({label for _, label in images if label is not None}))
     templates = resolve_templates(args.templates, args.template_set)
-    embedder = load_clip(args.clip_dir, resolve_device(args.device))
+    embedder = load_clip(args.clip_dir, resolve_device(args.device), args.precision)
     with tqdm(total=len(images), desc="classify", unit="image", file=sys.stderr, disable=len(images) < 256) as bar:
         result = classify_images(
             embedder, images, labels, templates, top_k=args.top_k,
@@ -149,7 +151,7 @@ def _cmd_clip_eval(args: argparse.Namespace) -> int:
     if not chosen:
         _error(f"{args.data} has no images in the {args.split} split")
         return 1
-    embedder = load_clip(args.clip_dir, resolve_device(args.device))
+    embedder = load_clip(args.clip_dir, resolve_device(args.device), args.precision)
     started = time.perf_counter()
     names = list(dict.fromkeys(args.template_sets or ["icon", "unseen"]))
     figures = evaluate_records(

@@ -21,6 +21,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_precision_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """--precision, with the choices and the default `auto` that duomodal.device declares."""
+    from duomodal.device import PRECISIONS
+
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help=f"precision of {what}: auto (default) is bf16 where the hardware computes it natively "
+                        "(CUDA, CPUs with AMX or AVX512-BF16), fp16 on GPUs without bf16, fp32 elsewhere")
+
+
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 

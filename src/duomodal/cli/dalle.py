@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from duomodal.cli.common import _progress_bar
-from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K, PRECISIONS
+from duomodal.cli.common import _add_precision_option, _progress_bar
+from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, num: int, keep: int) -> None:
@@ -28,8 +28,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser, num: int, keep: int) 
                         "the prompt more closely, until the images degrade)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="images sampled at once (default 16)")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="auto: bf16 on CUDA, fp32 on the CPU (measured faster there)")
+    _add_precision_option(parser, "sampling and CLIP reranking")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
     parser.add_argument("--keep-unseen-words", action="store_true",
                         help="condition on prompt words no training caption had too (by default they are left out: "
@@ -122,7 +121,7 @@ def _load_dalle_for_cli(args: argparse.Namespace):
     if args.clip:
         from duomodal.models.clip import load_clip
 
-        scorer = load_clip(args.clip, device)
+        scorer = load_clip(args.clip, device, args.precision)
     return run, scorer, options
 
 

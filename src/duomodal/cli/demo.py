@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from duomodal.cli.common import _error, _positive_int
+from duomodal.cli.common import _add_precision_option, _error, _positive_int
 
 
 def _add_demo_commands(sub: argparse._SubParsersAction) -> None:
@@ -108,6 +108,7 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
                     help="condition DALL-E on prompt words no training caption had too (default: left out, as in "
                     "duomodal generate)")
     ev.add_argument("--device", help="cpu, cuda, cuda:1... (default: CUDA when available)")
+    _add_precision_option(ev, "DALL-E sampling and CLIP")
     ev.set_defaults(func=_cmd_eval)
 
 
@@ -119,7 +120,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         prompts=args.prompts, samples_per_prompt=args.samples_per_prompt, rerank_from=args.rerank_from,
         seed=args.seed, max_images=args.max_images, batch_size=args.batch_size, device=args.device,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance,
-        unseen_words="keep" if args.keep_unseen_words else "drop",
+        unseen_words="keep" if args.keep_unseen_words else "drop", precision=args.precision,
     )
     result = run_evaluation(options, log=lambda message: print(message, file=sys.stderr))
     for what, value in headline(result.metrics):

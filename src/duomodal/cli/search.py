@@ -8,6 +8,8 @@ import argparse
 import os
 import sys
 
+from duomodal.cli.common import _add_precision_option
+
 
 def _add_search_commands(sub: argparse._SubParsersAction) -> None:
     index = sub.add_parser("index", help="build or update a searchable index of an image collection")
@@ -45,6 +47,7 @@ def _add_search_commands(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--json", action="store_true", help="print results as JSON")
     search.add_argument("--clip", metavar="CLIP_DIR", help="CLIP directory (default: the one recorded in the index)")
     search.add_argument("--device", default="cpu", help="device for the CLIP model (default cpu)")
+    _add_precision_option(search, "the CLIP model")
     search.set_defaults(func=_cmd_search)
 
 
@@ -66,14 +69,15 @@ def _add_index_options(parser: argparse.ArgumentParser, keep_recorded: bool = Fa
     parser.add_argument("--nlist", type=int, default=None, help="ivf lists (default 4*sqrt(n))")
     parser.add_argument("--nprobe", type=int, default=None, help="ivf lists probed per query (default 32)")
     parser.add_argument("--device", default=None, help="device for CLIP (default: this rank's GPU if any, else cpu)")
+    _add_precision_option(parser, "CLIP")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _search_load_clip(path: str, device):
+def _search_load_clip(path: str, device, precision: str = "auto"):
     """The CLIP embedder at `path` (tests replace this to inject a small embedder)."""
     from duomodal.models.clip import load_clip
 
-    return load_clip(path, device=device)
+    return load_clip(path, device=device, precision=precision)
 
 
 def _index_options(args: argparse.Namespace, recorded: dict[str, str] | None):
@@ -120,7 +124,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     from duomodal.search.build import build_index
 
     options = _index_options(args, None)
-    embedder = _search_load_clip(args.clip, resolve_device(args.device))
+    embedder = _search_load_clip(args.clip, resolve_device(args.device), args.precision)
     report = build_index(args.dir, args.out, embedder, clip_path=args.clip, options=options,
                          on_skip=_print_skip, progress=not args.quiet)
     _print_build_report(report)
@@ -139,7 +143,7 @@ def _cmd_index_update(args: argparse.Namespace) -> int:
     if not clip:
         raise ValueError(f"{args.index_dir} records no CLIP directory; pass --clip CLIP_DIR")
     options = _index_options(args, recorded)
-    embedder = _search_load_clip(clip, resolve_device(args.device))
+    embedder = _search_load_clip(clip, resolve_device(args.device), args.precision)
     report = update_index(args.index_dir, embedder, options=options, on_skip=_print_skip, progress=not args.quiet)
     _print_build_report(report)
     return 0
@@ -179,7 +183,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         clip = args.clip or index.clip_path
         if not clip:
             raise ValueError(f"{args.index_dir} records no CLIP directory; pass --clip CLIP_DIR")
-        embedder = _search_load_clip(clip, args.device)
+        embedder = _search_load_clip(clip, args.device, args.precision)
         index.check_model(embedder.model_id)
         vector = query_vector(embedder, texts, images)
         if args.dedup is not None:
@@ -236,6 +240,7 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
                        help="images decoded at once (uploads, thumbnails); bounds the decode memory (default 2)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--device", default=None, help="device for the models: cpu, cuda... (default: CUDA when available)")
+    _add_precision_option(serve, "the models (search and generation)")
     serve.add_argument("--max-generate", type=int, default=64, metavar="N",
                        help="most images one generation request may ask for (default 64)")
     serve.add_argument("--max-jobs", type=int, default=8, metavar="N",
@@ -287,7 +292,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     clip = args.clip or index.clip_path
     if not clip:
         raise ValueError(f"{args.index} records no CLIP directory; pass --clip CLIP_DIR")
-    embedder = _search_load_clip(clip, args.device)
+    embedder = _search_load_clip(clip, args.device, args.precision)
     index.check_model(embedder.model_id)
     generator = None
     if args.dalle:
@@ -295,7 +300,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from duomodal.serve.generator import DalleGenerator
 
         dalle = load_dalle(args.dalle, device=args.device)
-        generator = DalleGenerator(dalle, scorer=embedder, max_num=args.max_generate)
+        generator = DalleGenerator(dalle, scorer=embedder, max_num=args.max_generate, precision=args.precision)
     access = _access_policy(args)
     app = create_app(index, embedder, generator, reopen_index=functools.partial(ImageIndex.open, args.index),
                      access=access, max_decodes=args.max_decodes, max_pending_jobs=args.max_jobs,

@@ -51,6 +51,7 @@ class EvalOptions:
     batch_size: int = 32
     val_fraction: float = 0.05  # for datasets whose manifest does not give splits
     device: str | None = None  # "cpu", "cuda"...; default: CUDA when available
+    precision: str = "auto"  # of DALL-E sampling and CLIP; auto: from the hardware (duomodal.device)
 
     def __post_init__(self) -> None:
         for name in ("prompts", "samples_per_prompt", "rerank_from", "max_images", "batch_size"):
@@ -70,7 +71,7 @@ class EvalOptions:
         """The DALL-E sampling options of these settings, for one prompt's seed and batch."""
         return SamplingOptions(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                guidance=self.guidance, seed=seed, batch_size=batch_size,
-                               unseen_words=self.unseen_words)
+                               unseen_words=self.unseen_words, precision=self.precision)
 
 
 @dataclass(frozen=True)
@@ -154,5 +155,5 @@ class EvalContext:
         if path not in self._clips:
             from duomodal.models.clip import load_clip
 
-            self._clips[path] = load_clip(path, device=self.device)
+            self._clips[path] = load_clip(path, device=self.device, precision=self.options.precision)
         return self._clips[path]

@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 
 from duomodal.config import ConfigError, from_dict
-from duomodal.device import resolve_device
+from duomodal.device import ATTENTION_KERNELS, attention_kernel, precision_dtype, resolve_device, resolve_precision
 from duomodal.files import file_sha256
 from duomodal.modelfile import (
     CONFIG_FILE,
@@ -71,10 +71,9 @@ class ClipConfig:
     embed_dim: int = 128  # joint embedding size (projection_dim)
     mlp_ratio: int = 4  # MLP hidden = mlp_ratio * width
     hidden_act: Literal["quick_gelu", "gelu"] = "gelu"
-    # How attention is computed (the same weights either way): "sdpa" is torch's fused kernel, fastest on
-    # CUDA and in fp32; "eager" is plain matmuls, faster for short sequences in bf16 on a CPU, where the
-    # fused kernel's bf16 backward is slow (docs/clip.md).
-    attention: Literal["sdpa", "eager"] = "sdpa"
+    # How attention is computed (the same weights either way): "sdpa" is torch's fused kernel, "eager" plain
+    # matmuls; "auto" picks the faster one for the device the inputs are on (duomodal.device.attention_kernel).
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
     logit_scale_init: float = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (SigLIP starts at ln 10)
     # The contrastive loss the model is trained with: "softmax" (CLIP's InfoNCE over the batch) or
     # "sigmoid" (SigLIP: each pair a binary match / no match; adds a learned logit bias to the model).
@@ -110,8 +109,8 @@ class ClipConfig:
             )
         if self.loss not in ("softmax", "sigmoid"):
             raise ConfigError(f"model.loss must be softmax or sigmoid, got {self.loss!r}")
-        if self.attention not in ("sdpa", "eager"):
-            raise ConfigError(f"model.attention must be sdpa or eager, got {self.attention!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
         if any(s <= 0 for s in self.image_std):
             raise ConfigError(f"model.image_std values must be positive, got {self.image_std}")
 
@@ -169,9 +168,10 @@ class ContrastiveClip(nn.Module):
     Calling the module (rather than reaching into ``.clip``) keeps DDP's hooks in the path.
     """
 
-    def __init__(self, clip: nn.Module, logit_bias: float | None = None):
+    def __init__(self, clip: nn.Module, logit_bias: float | None = None, attention: str = "auto"):
         super().__init__()
         self.clip = clip
+        self.attention = attention  # "auto", "sdpa" or "eager": resolved per forward from the inputs' device
         # SigLIP's learned bias (a sigmoid-loss model only; pretrained CLIPs and softmax models have none)
         self.logit_bias = None if logit_bias is None else nn.Parameter(torch.tensor(float(logit_bias)))
 
@@ -180,9 +180,8 @@ class ContrastiveClip(nn.Module):
         from transformers import CLIPModel
 
         hf = hf_config(config)
-        for part in (hf, hf.text_config, hf.vision_config):
-            part._attn_implementation = config.attention
-        return cls(CLIPModel(hf), config.logit_bias_init if config.loss == "sigmoid" else None)
+        hf._attn_implementation = "eager" if config.attention == "auto" else config.attention  # sub-configs too
+        return cls(CLIPModel(hf), config.logit_bias_init if config.loss == "sigmoid" else None, config.attention)
 
     @property
     def embed_dim(self) -> int:
@@ -205,6 +204,10 @@ class ContrastiveClip(nn.Module):
     ) -> ClipFeatures:
         if pixel_values is None and input_ids is None:
             raise ValueError("ContrastiveClip needs pixel_values, input_ids or both")
+        device = (pixel_values if pixel_values is not None else input_ids).device
+        kernel = attention_kernel(self.attention, device)
+        if self.clip.config._attn_implementation != kernel:
+            self.clip.config._attn_implementation = kernel  # both towers' configs too
         image = text = None
         if pixel_values is not None:
             image = F.normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
@@ -271,8 +274,10 @@ class ClipEmbedder:
         model_id: str,
         device: torch.device | str | None = None,
         batch_size: int = 64,
+        precision: str = "auto",
     ):
         self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)  # "auto": from the hardware
         self.model = model.to(self.device).eval()
         self.encode_texts = encode_texts
         self.preprocess_images = preprocess_images
@@ -289,9 +294,9 @@ class ClipEmbedder:
         return float(self.model.clip.logit_scale.detach().clamp(0, LOGIT_SCALE_MAX).exp())
 
     def _autocast(self):
-        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast(self.device.type, enabled=False)
+        if self.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=precision_dtype(self.precision))
 
     @torch.inference_mode()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -344,8 +349,10 @@ def file_model_id(prefix: str, path: Path) -> str:
     return f"{prefix}:{file_sha256(path)[:12]}"
 
 
-def load_clip(path: str | os.PathLike, device: torch.device | str | None = None) -> ClipEmbedder:
-    """A ``ClipEmbedder`` for a duomodal CLIP directory (model or run dir) or a Hugging Face CLIP.
+def load_clip(path: str | os.PathLike, device: torch.device | str | None = None,
+              precision: str = "auto") -> ClipEmbedder:
+    """A ``ClipEmbedder`` for a duomodal CLIP directory (model or run dir) or a Hugging Face CLIP, computing
+    at `precision` ("auto": from the hardware, see duomodal.device).
 
     `path` may also be a Hugging Face repo id ("org/name") that is already in the local HF cache.
     """
@@ -370,9 +377,9 @@ def load_clip(path: str | os.PathLike, device: torch.device | str | None = None)
     if not isinstance(data, dict):
         raise ClipLoadError(f"{config_path} is not a model config")
     if "kind" in data:
-        return _load_duomodal(directory, device)
+        return _load_duomodal(directory, device, precision)
     if data.get("model_type") == "clip":
-        return _load_hf(directory, device)
+        return _load_hf(directory, device, precision)
     if "model_type" in data:
         raise ClipLoadError(
             f"{directory} holds a Hugging Face {data['model_type']!r} model, not CLIP; "
@@ -417,7 +424,7 @@ def load_contrastive_clip(directory: str | os.PathLike) -> tuple[ContrastiveClip
     return model.eval(), config, tokenizer
 
 
-def _load_duomodal(directory: Path, device: torch.device | str | None) -> ClipEmbedder:
+def _load_duomodal(directory: Path, device: torch.device | str | None, precision: str) -> ClipEmbedder:
     model, config, tokenizer = load_contrastive_clip(directory)
     return ClipEmbedder(
         model,
@@ -425,10 +432,11 @@ def _load_duomodal(directory: Path, device: torch.device | str | None) -> ClipEm
         duomodal_image_preprocessor(config),
         file_model_id("duomodal-clip", directory / WEIGHTS_FILE),
         device=device,
+        precision=precision,
     )
 
 
-def _load_hf(directory: Path, device: torch.device | str | None) -> ClipEmbedder:
+def _load_hf(directory: Path, device: torch.device | str | None, precision: str) -> ClipEmbedder:
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     weights = directory / "model.safetensors"
@@ -462,7 +470,8 @@ def _load_hf(directory: Path, device: torch.device | str | None) -> ClipEmbedder
     def preprocess(images: list[Image.Image]) -> torch.Tensor:
         return processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
 
-    return ClipEmbedder(ContrastiveClip(clip), encode, preprocess, file_model_id("hf-clip", weights), device=device)
+    return ClipEmbedder(ContrastiveClip(clip), encode, preprocess, file_model_id("hf-clip", weights), device=device,
+                        precision=precision)
 
 
 # --- export ----------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from duomodal.config import ConfigError, from_dict
+from duomodal.device import ATTENTION_KERNELS, attention_kernel
 from duomodal.files import file_sha256, load_json
 from duomodal.modelfile import (
     TOKENIZER_FILE,
@@ -73,6 +74,9 @@ class DALLEConfig:
     dropout: float = 0.0
     mlp: str = "gelu"  # the block's MLP activation: "gelu" (tanh approximation) or "relu2" (ReLU squared)
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    # how attention is computed (the same function either way): "sdpa" (torch's fused kernel), "eager"
+    # (explicit matmuls) or "auto", the faster one for the inputs' device (duomodal.device.attention_kernel)
+    attention: str = "auto"
     proj_init: str = "scaled"  # output projections of attention and MLP: "scaled" (GPT-2) or "zero"
     text_loss_weight: float = 1.0  # the paper weighs text:image losses 1:7
     image_loss_weight: float = 7.0
@@ -102,6 +106,8 @@ class DALLEConfig:
                 raise ConfigError(f"model.attention_types: {kind!r} is not one of {', '.join(ATTENTION_TYPES)}")
         if self.conv_kernel_size < 1 or self.conv_kernel_size % 2 == 0:
             raise ConfigError(f"model.conv_kernel_size must be odd and positive, got {self.conv_kernel_size}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(f"model.attention: {self.attention!r} is not one of {', '.join(ATTENTION_KERNELS)}")
         if self.mlp not in MLP_TYPES:
             raise ConfigError(f"model.mlp: {self.mlp!r} is not one of {', '.join(MLP_TYPES)}")
         if self.proj_init not in PROJ_INITS:
@@ -224,16 +230,16 @@ def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-           dropout_p: float = 0.0) -> torch.Tensor:
+           dropout_p: float = 0.0, kernel: str = "sdpa") -> torch.Tensor:
     """Attention of q (B, nh, L, hs) over k, v (B, nh, S, hs) with a boolean mask (L, S) or the causal one.
 
-    ``scaled_dot_product_attention``, except on the CPU under bf16 autocast, where its flash kernel's
-    backward pass dominates a training step at these short sequences: there the scores are computed
-    explicitly, all in bf16 (the scale applied to the queries, not the larger scores; torch's CPU
-    softmax accumulates in fp32 inside the kernel) and the mask added inside the matmul, which is the
-    faster path there (timings in docs/dalle.md). Both compute the same function.
+    kernel "sdpa": ``scaled_dot_product_attention``. "eager": the scores computed explicitly, in the
+    inputs' dtype (the scale applied to the queries, not the larger scores; torch's CPU softmax
+    accumulates in fp32 inside the kernel) with the mask added inside the matmul; at these short
+    sequences it is the faster one on a CPU, where the fused kernel's backward dominates a step
+    (docs/kernels.md). Both compute the same function.
     """
-    if not (q.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
+    if kernel == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
     L, S = q.shape[-2], k.shape[-2]
     if is_causal:
@@ -257,6 +263,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
+        self.attention = config.attention
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -271,7 +278,8 @@ class SelfAttention(nn.Module):
             k, v = cache.write(layer, k, v)  # (B, nh, length + L, hs)
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
-        y = attend(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)  # (B, nh, L, hs)
+        kernel = attention_kernel(self.attention, x.device)
+        y = attend(q, k, v, mask, is_causal, self.dropout if self.training else 0.0, kernel)  # (B, nh, L, hs)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
 
 

@@ -12,13 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from duomodal.device import bf16_supported
 from duomodal.models.dalle import DALLE, mask_bias
 
 
-def packed_linears_available(device: torch.device) -> bool:
-    """Whether oneDNN can run linears on weights packed once (CPU builds with mkldnn)."""
+def packed_linears_available(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN can run linears on weights of `dtype` packed once (CPU builds with mkldnn; bf16 only
+    where the CPU has it natively)."""
     return (device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and (dtype != torch.bfloat16 or bf16_supported(device)))
 
 
 class StepLinear:
@@ -72,7 +75,7 @@ class StepDecoder:
         self.config = c
         self.cache = model.new_cache(batch_size, dtype)
         dtype = self.cache.keys.dtype
-        self.packed = packed_linears_available(self.cache.keys.device) if packed is None else packed
+        self.packed = packed_linears_available(self.cache.keys.device, dtype) if packed is None else packed
 
         def linear(module: nn.Linear, activation: str = "none", scale_first: int = 0) -> StepLinear:
             """`module` as a StepLinear; its first `scale_first` outputs (the queries) scaled by 1/sqrt(hs)."""

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from duomodal.device import bf16_supported
+from duomodal.device import PRECISIONS, precision_dtype, resolve_precision
 from duomodal.models.dalle import DALLE
 from duomodal.models.dalle_step import StepDecoder
 
-PRECISIONS = ("auto", "fp32", "bf16")
 MAX_BATCH_SIZE = 512
 # The defaults of every user-facing sampling entry point (`duomodal generate` / `edit`, the REST API,
 # generate_images / edit_image / complete_image, the training sample grids): the 64 likeliest image tokens
@@ -61,7 +60,7 @@ class SamplingOptions:
     guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance scale; 1 = off
     seed: int = 0
     batch_size: int = 16  # images sampled together
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on the CPU), "fp32" or "bf16"
+    precision: str = "auto"  # "auto" (from the hardware: duomodal.device), "fp32", "bf16" or "fp16" (CUDA)
     unseen_words: str = "drop"  # prompt words no training caption had: "drop" from the conditioning, or "keep"
 
     def __post_init__(self) -> None:
@@ -75,16 +74,14 @@ class SamplingOptions:
 
 
 def inference_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """The weight and activation dtype for sampling at `precision` on `device`."""
+    """The weight and activation dtype for sampling at `precision` on `device` (the hardware's rule,
+    duomodal.device.resolve_precision). Raises GenerationError for a precision `device` cannot run."""
     if precision not in PRECISIONS:
         raise GenerationError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "bf16" and not bf16_supported(device):
-        raise GenerationError(f"bf16 is not supported on {device}; use precision 'fp32' or 'auto'")
-    # auto: bf16 on CUDA only; on this project's CPU, fp32 sampled faster at small batches
-    # (benchmarks/generate.py prints both)
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and bf16_supported(device)):
-        return torch.bfloat16
-    return torch.float32
+    try:
+        return precision_dtype(resolve_precision(precision, device))
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
 
 
 def inference_twin(model: DALLE, dtype: torch.dtype) -> DALLE:

@@ -118,10 +118,11 @@ class DalleGenerator:
     """
 
     def __init__(self, run: DalleRun, scorer: Scorer | None = None, max_num: int = DEFAULT_MAX_NUM,
-                 batch_size: int = 16):
+                 batch_size: int = 16, precision: str = "auto"):
         if not 1 <= max_num:
             raise ValueError(f"max_num must be at least 1, got {max_num}")
         self.run = run
+        self.precision = precision  # of sampling; auto: from the hardware (duomodal.device)
         self.scorer = scorer
         self.max_num = max_num
         self.batch_size = batch_size
@@ -137,7 +138,8 @@ class DalleGenerator:
     def _options(self, num: int, seed: int, guidance: float, temperature: float, top_k: int | None,
                  unseen_words: str = "drop"):
         return SamplingOptions(temperature=temperature, top_k=top_k, guidance=guidance, seed=seed,
-                               batch_size=min(self.batch_size, num), unseen_words=unseen_words)
+                               batch_size=min(self.batch_size, num), unseen_words=unseen_words,
+                               precision=self.precision)
 
     def generate(self, prompt, *, num, keep, guidance, temperature, top_k, seed, control: JobControl,
                  unseen_words: str = "drop") -> JobOutput:

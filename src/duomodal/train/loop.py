@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from duomodal.config import to_dict
+from duomodal.device import precision_dtype, resolve_precision
 from duomodal.files import atomic_write_bytes, load_json, save_json
 from duomodal.modelfile import capture_rng_state, load_state_dict_strict, load_weights, read_config, restore_rng_state
 from duomodal.train.batches import BatchStream, ShardBatchStream, make_batch_stream, to_device, val_batches
@@ -53,7 +54,6 @@ from duomodal.train.recipe import (
     TrainingError,
     build_optimizer,
     lr_multiplier,
-    resolve_precision,
 )
 from duomodal.train.task import TrainTask
 
@@ -156,8 +156,8 @@ class _Trainer:
                 f"= {world} x {accum}"
             )
         self.micro_batch = config.batch_size // (world * accum)
-        self.precision = resolve_precision(config.precision, info.device)
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.precision = resolve_precision(config.precision, info.device, "train.precision")
+        self.autocast_dtype = None if self.precision == "fp32" else precision_dtype(self.precision)
         self.step = 0
         self.last_checkpoint: Path | None = None
         self.dropped_total = 0
@@ -259,7 +259,7 @@ class _Trainer:
         torch.manual_seed(config.seed)
         self.model = self.task.build_model().to(info.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, config, info.device)
+        self.optimizer = build_optimizer(self.model, config, info.device, self.precision)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.ema = _Ema(self.model, config.ema_decay) if config.ema_decay > 0 else None
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from duomodal.config import ConfigError
+from duomodal.device import PRECISIONS
 from duomodal.train.schedules import warmup_cosine, warmup_stable_decay
 
 
@@ -41,7 +42,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     grad_accum: int = 1  # micro-batches per optimizer step
     ema_decay: float = 0.0  # EMA of weights (saved weights are the EMA ones); 0 = off
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: from the hardware (duomodal.device)
     seed: int = 0
     log_every: int = 50  # steps between train lines in metrics.jsonl
     sample_every: int = 500  # steps between sample grids in samples/; 0 = only at the end
@@ -67,8 +68,8 @@ class TrainConfig:
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
         if self.ema_decay >= 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.optimizer not in ("adamw", "muon"):
             raise ConfigError(f"train.optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.schedule not in ("cosine", "wsd"):
@@ -83,17 +84,6 @@ class TrainConfig:
 
 class TrainingError(ValueError):
     """Training cannot go on (a NaN/inf loss, a data set too small for one batch...)."""
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU; fp16 needs CUDA."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
-    return precision
 
 
 def lr_multiplier(config: TrainConfig, step: int) -> float:
@@ -134,10 +124,11 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 
 
-def orthogonalize(updates: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Newton-Schulz orthogonalisation of a stack of matrices (n, r, c) with r <= c, in bf16."""
+def orthogonalize(updates: torch.Tensor, dtype: torch.dtype, eps: float = 1e-7) -> torch.Tensor:
+    """Newton-Schulz orthogonalisation of a stack of matrices (n, r, c) with r <= c, computed in `dtype`
+    (bf16 where the run computes in it, as the speedruns do; fp32 where bf16 would be emulated)."""
     a, b, c = NS_COEFFICIENTS
-    x = updates.bfloat16()
+    x = updates.to(dtype)
     x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # spectral norm at most 1
     for _ in range(NS_STEPS):
         gram = x @ x.mT  # (n, r, r)
@@ -149,10 +140,13 @@ class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update (Nesterov momentum, Newton-Schulz orthogonalisation, the step scaled to
     AdamW's size by 0.2 * sqrt(max(rows, cols)), decoupled weight decay), with the matrices of one shape
     orthogonalised together as one batch: a model's layers repeat a few shapes, and on a CPU the small
-    per-matrix matmuls cost more in calls than in arithmetic (benchmarks/step_dalle.py times both)."""
+    per-matrix matmuls cost more in calls than in arithmetic (benchmarks/step_dalle.py times both). The
+    Newton-Schulz iterations run in `dtype`: the training precision's, fp32 under fp32 or fp16 training."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, momentum: float):
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, momentum: float,
+                 dtype: torch.dtype = torch.float32):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum})
+        self.dtype = dtype
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -174,7 +168,7 @@ class Muon(torch.optim.Optimizer):
                 wide = update if update.shape[0] <= update.shape[1] else update.mT
                 by_shape.setdefault(tuple(wide.shape), []).append((p, wide))
             for pairs in by_shape.values():
-                ortho = orthogonalize(torch.stack([wide for _, wide in pairs]))
+                ortho = orthogonalize(torch.stack([wide for _, wide in pairs]), self.dtype)
                 for (p, _), o in zip(pairs, ortho):
                     o = o if p.shape[0] <= p.shape[1] else o.mT
                     p.mul_(1 - lr * decay)
@@ -189,8 +183,9 @@ class MuonWithAdamW:
     """
 
     def __init__(self, matrices: list[torch.nn.Parameter], others: list[dict[str, Any]], lr: float,
-                 weight_decay: float, betas: tuple[float, float], momentum: float, fused: bool):
-        self.muon = Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum)
+                 weight_decay: float, betas: tuple[float, float], momentum: float, fused: bool,
+                 dtype: torch.dtype = torch.float32):
+        self.muon = Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, dtype=dtype)
         self.adamw = torch.optim.AdamW(others, lr=lr, betas=betas, fused=fused)
 
     @property
@@ -217,9 +212,10 @@ class MuonWithAdamW:
         self.adamw.load_state_dict(state_dict["adamw"])
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig,
-                    device: torch.device) -> torch.optim.Optimizer | MuonWithAdamW:
-    """The optimizer of `config` over `model`'s trainable parameters.
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device,
+                    precision: str = "fp32") -> torch.optim.Optimizer | MuonWithAdamW:
+    """The optimizer of `config` over `model`'s trainable parameters; `precision` is the run's resolved
+    one (Muon orthogonalises in bf16 under bf16, in fp32 otherwise).
 
     Raises ConfigError for train.optimizer=muon on a model that names no hidden matrices."""
     fused = device.type in ("cuda", "cpu")  # one AdamW kernel for all parameters
@@ -236,4 +232,5 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig,
     chosen = {id(p) for p in matrices}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
     return MuonWithAdamW(matrices, _adamw_groups(others, config.weight_decay, embeddings, config.embed_lr_scale),
-                         config.lr, config.weight_decay, betas, config.muon_momentum, fused)
+                         config.lr, config.weight_decay, betas, config.muon_momentum, fused,
+                         torch.bfloat16 if precision == "bf16" else torch.float32)
