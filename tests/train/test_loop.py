@@ -1,11 +1,12 @@
 """The one training loop, with a tiny regression task: exact resume, NaN stop, accumulation,
-dropped items, outputs, error messages."""
+dropped items, outputs, error messages, training by time."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from torch.utils.data import Dataset, default_collate
 
 from duomodal.data.images import save_grid
 from duomodal.modelfile import load_weights
+from duomodal.train.budget import BudgetError
 from duomodal.train.loop import train
 from duomodal.train.recipe import TrainConfig, TrainingError
 
@@ -200,3 +202,117 @@ def test_error_messages(tmp_path):
         train(TinyTask(), config(batch_size=64), tmp_path / "z")
     with pytest.raises(ValueError, match=r"train.betas must be two numbers in \[0, 1\), got \[0.9, 1.5\]"):
         TrainConfig(betas=(0.9, 1.5))
+
+
+# --- training by time (train.minutes) under a mocked clock --------------------------------------------
+
+
+class FakeClock:
+    """The loop's `time` module with a perf_counter that only the task moves."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+class TimedTask(TinyTask):
+    """Each micro-batch costs 1 s of the clock, a validation 5 s, a sample grid 2 s."""
+
+    def __init__(self, clock: FakeClock, **kwargs):
+        super().__init__(**kwargs)
+        self.clock = clock
+
+    def loss(self, model, batch, step):
+        self.clock.now += 1.0
+        return super().loss(model, batch, step)
+
+    def validate(self, model, batches):
+        self.clock.now += 5.0
+        return super().validate(model, batches)
+
+    def write_samples(self, model, path, step):
+        self.clock.now += 2.0
+        super().write_samples(model, path, step)
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr("duomodal.train.loop.time", fake)
+    return fake
+
+
+def timed_config(**changes) -> TrainConfig:
+    return config(**{"minutes": 1.0, "steps": 999, "warmup_steps": 2, "val_every": 0, "sample_every": 0,
+                     "checkpoint_every": 10, **changes})
+
+
+def test_a_budget_plans_the_steps_that_fit_and_records_them(tmp_path, clock):
+    run = tmp_path / "run"
+    result = train(TimedTask(clock), timed_config(), run)
+    # before planning: step-0 validation 5 s + samples 2 s + 1 untimed and 3 timed probe steps (1 s each) = 11 s;
+    # then 60 x 0.98 - 11 = 47.8 s hold 40 steps and the final validation and samples (47 s)
+    plan = result["plan"]
+    assert (plan["steps"], plan["probe_steps"], plan["step_s"]) == (40, 3, 1.0)
+    assert (plan["validation_s"], plan["samples_s"], plan["before_s"]) == (5.0, 2.0, 11.0)
+    assert result["step"] == 40 and result["interrupted"] is None
+    assert 11.0 + result["wall_time_s"] <= 60.0
+    recorded = json.loads((run / "run.json").read_text())
+    assert recorded["train"]["steps"] == 40 and recorded["train"]["minutes"] == 1.0
+    assert recorded["plan"] == plan
+    assert metric_steps(run, "val") == [0, 40]  # the untrained model's figures, then the final ones
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000000.png", "step_0000040.png"]
+    assert metric_steps(run, "train")[0] == 2  # the probe's steps are not logged
+
+
+def test_the_probe_is_undone_and_the_planned_run_repeats_by_its_steps(tmp_path, clock):
+    planned = train(TimedTask(clock), timed_config(), tmp_path / "planned")
+    again = train(TinyTask(), config(steps=planned["step"], warmup_steps=2, val_every=0, sample_every=0,
+                                     checkpoint_every=10), tmp_path / "again")
+    a, b = weights(tmp_path / "planned"), weights(tmp_path / "again")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert planned["loss"] == again["loss"]
+
+
+def test_a_planned_run_resumes_exactly_and_keeps_its_budget(tmp_path, clock):
+    full = train(TimedTask(clock), timed_config(), tmp_path / "full")
+    stopped = train(TimedTask(clock, signal_at=14), timed_config(), tmp_path / "cut")
+    assert stopped["interrupted"] == "SIGTERM" and stopped["step"] == 15
+    with pytest.raises(BudgetError, match=r"^--resume: this run was planned for 1 minutes \(40 steps\); resume with "
+                                          r"train.minutes=1, or without a budget \(the planned steps are kept\)$"):
+        train(TimedTask(clock), timed_config(minutes=2.0), tmp_path / "cut", resume=True)
+    resumed = train(TimedTask(clock), config(steps=999, warmup_steps=2, val_every=0, sample_every=0,
+                                             checkpoint_every=10), tmp_path / "cut", resume=True)
+    assert resumed["step"] == 40 and resumed["plan"] == full["plan"]
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_budget_shorter_than_the_probe_is_refused(tmp_path, clock):
+    with pytest.raises(BudgetError, match=r"^train.minutes=0.1 \(6 s\) is shorter than the probe"):
+        train(TimedTask(clock), timed_config(minutes=0.1), tmp_path / "run")
+
+
+def test_train_cli_takes_minutes(shape_dataset, tmp_path, capsys):
+    from duomodal.cli import main
+
+    tiny = ["model.image_size=16", "data.image_size=16", "model.width=16", "model.max_width=32",
+            "model.codebook_size=32", "model.codebook_dim=16", "train.batch_size=8", "train.warmup_steps=2"]
+    args = ["train", "vae", "--data", str(shape_dataset), "--out", str(tmp_path / "run"), "--device", "cpu",
+            *[arg for item in tiny for arg in ("--set", item)]]
+    assert main([*args, "--minutes", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "duomodal: error: train.minutes must be above 0 minutes, got 0"
+    assert main([*args, "--minutes", "0.15"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    recorded = json.loads((Path(tmp_path / "run") / "run.json").read_text())
+    steps = recorded["train"]["steps"]
+    assert steps == recorded["plan"]["steps"] > 1
+    assert lines[-1].startswith(f"time budget: 0.15 minutes bought {steps} steps on this machine (")
+    assert f"reached step {steps} in " in lines[-1] and lines[-1].endswith(" images/s")

@@ -24,6 +24,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.steps=2000 --set model.codebook_size=256 "
                         "(repeatable)")
+    parser.add_argument("--minutes", type=float, default=None, metavar="M",
+                        help="train for about M minutes of wall-clock time, data preparation included: a short probe "
+                        "times this machine and fixes the steps (written to the run; same as --set train.minutes=M)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
 
@@ -35,7 +38,8 @@ def _resolve_run_config(cls: type, kind: str, args: argparse.Namespace):
     config = cls()
     if args.preset:
         config = merge(config, preset(kind, args.preset))
-    return override(config, args.overrides)
+    minutes = [] if args.minutes is None else [f"train.minutes={args.minutes!r}"]
+    return override(config, [*args.overrides, *minutes])
 
 
 def _run_training(task, train_config, args: argparse.Namespace, run_config: dict | None = None) -> int:
@@ -66,6 +70,11 @@ def _run_training(task, train_config, args: argparse.Namespace, run_config: dict
     if result["dropped"]:
         print(f"skipped {result['dropped']} unreadable image(s) during training")
     print(f"run directory: {result['run_dir']} (weights, metrics.jsonl, samples/, loss.png)")
+    plan = result["plan"]
+    if plan is not None:
+        print(f"time budget: {plan['minutes']:g} minutes bought {plan['steps']} steps on this machine "
+              f"({plan['step_s']:.3f} s a step in the probe); reached step {result['step']} in "
+              f"{plan['before_s'] + result['wall_time_s']:.0f} s, {result['items_per_s']:.0f} images/s")
     return 0
 
 

@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,15 @@ from duomodal.config import to_dict
 from duomodal.device import precision_dtype, resolve_precision
 from duomodal.files import atomic_write_bytes, load_json, save_json
 from duomodal.modelfile import capture_rng_state, load_state_dict_strict, load_weights, read_config, restore_rng_state
+from duomodal.train.budget import (
+    PROBE_MAX_STEPS,
+    PROBE_MIN_STEPS,
+    PROBE_SECONDS,
+    PROBE_WARMUP_STEPS,
+    BudgetError,
+    StepPlan,
+    plan_steps,
+)
 from duomodal.train.batches import BatchStream, ShardBatchStream, make_batch_stream, to_device, val_batches
 from duomodal.train.checkpoints import (
     CHECKPOINTS_DIR,
@@ -168,6 +177,8 @@ class _Trainer:
         self.interval = _Interval()
         self.last_loss = float("nan")
         self.val_figures: dict[str, float] = {}
+        self.plan: StepPlan | None = None  # the steps train.minutes bought (from a checkpoint on resume)
+        self.clock_start = 0.0  # perf_counter() when run() began
 
     # signals -------------------------------------------------------------------------------------
 
@@ -208,6 +219,7 @@ class _Trainer:
 
     def run(self, resume: bool) -> dict[str, Any]:
         """Train from scratch, or from the last checkpoint when `resume`; the final figures."""
+        self.clock_start = time.perf_counter()  # a train.minutes budget counts from here
         config, info, task = self.config, self.info, self.task
         checkpoints = self._checkpoints_to_resume(resume)
         train_set, self.val_set = task.datasets()
@@ -224,17 +236,70 @@ class _Trainer:
             torch.manual_seed(config.seed + info.rank)  # each rank its own random stream (noise, dropout...)
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            run = self.run_config if self.run_config is not None else {
-                "kind": task.kind, "model": task.model_config(), "train": to_dict(config)}
+        self._wrap()
+        if config.minutes is not None and self.plan is None:
+            self._plan_by_time(train_set)
+        elif self.plan is not None and config.minutes not in (None, self.plan.minutes):
+            raise BudgetError(
+                f"--resume: this run was planned for {self.plan.minutes:g} minutes ({self.plan.steps} steps); resume "
+                f"with train.minutes={self.plan.minutes:g}, or without a budget (the planned steps are kept)"
+            )
+        if self.plan is not None:  # the planned steps and fitted warm-up replace the configured ones
+            self.config = config = replace(config, steps=self.plan.steps, warmup_steps=self.plan.warmup_steps)
+        if info.is_main:
+            run = dict(self.run_config) if self.run_config is not None else {
+                "kind": task.kind, "model": task.model_config()}
+            run["train"] = to_dict(config)
+            if self.plan is not None:
+                run["plan"] = self.plan.as_dict()
             save_json(run, self.out_dir / RUN_FILE)
-        self.trained = (
-            DistributedDataParallel(self.model, device_ids=[info.device] if info.device.type == "cuda" else None)
-            if info.enabled else self.model
-        )
         self.stream = make_batch_stream(train_set, task, self.micro_batch, info, config.seed, config.num_workers,
                                         epoch, position)
         self._train()
         return self._finish()
+
+    def _wrap(self) -> None:
+        """`trained`: the model, DDP-wrapped under torchrun."""
+        info = self.info
+        self.trained = (
+            DistributedDataParallel(self.model, device_ids=[info.device] if info.device.type == "cuda" else None)
+            if info.enabled else self.model
+        )
+
+    def _plan_by_time(self, train_set: Dataset) -> None:
+        """Fix the step count that train.minutes buys here (see train/budget.py): time the step-0 validation
+        and sample grid (kept: the untrained model's figures), then a few optimizer steps (undone: the model,
+        optimizer, random streams and data order start again as they were)."""
+        config, info = self.config, self.info
+        started = time.perf_counter()
+        self.val_figures = self._validate()
+        validation_s = time.perf_counter() - started
+        started = time.perf_counter()
+        self._write_samples()
+        samples_s = time.perf_counter() - started
+        self.stream = make_batch_stream(train_set, self.task, self.micro_batch, info, config.seed, config.num_workers,
+                                        0, 0)
+        self.model.train()
+        timed = 0
+        with tqdm(desc=f"time {self.task.kind} steps", unit="step", disable=not info.is_main,
+                  dynamic_ncols=True) as bar:
+            for _ in range(PROBE_WARMUP_STEPS):
+                self._optimizer_step(self._forward_backward().all_reduce(info))
+                bar.update(1)
+            started = time.perf_counter()
+            while timed < PROBE_MAX_STEPS and (timed < PROBE_MIN_STEPS
+                                               or time.perf_counter() - started < PROBE_SECONDS):
+                self._optimizer_step(self._forward_backward().all_reduce(info))
+                timed += 1
+                bar.update(1)
+            step_s = (time.perf_counter() - started) / timed
+        # every rank plans from the slowest rank's figures, so all plan the same steps
+        slowest = [max(f) for f in zip(*all_gather_objects((step_s, validation_s, samples_s), info))]
+        self.plan = plan_steps(config.minutes, time.perf_counter() - self.clock_start, slowest[0], timed,
+                               slowest[1], config.val_every, slowest[2], config.sample_every, config.warmup_steps)
+        self._build()  # the probe's steps undone: the initial weights and a fresh optimizer again
+        torch.manual_seed(config.seed + info.rank)
+        self._wrap()
 
     def _checkpoints_to_resume(self, resume: bool) -> list[tuple[int, Path]]:
         """The run directory's checkpoints; raises ValueError when there are none to resume from,
@@ -297,6 +362,7 @@ class _Trainer:
         self.step, self.last_checkpoint = step, path
         self.dropped_total = state["dropped_total"]
         self.elapsed_before = state["elapsed_s"]
+        self.plan = StepPlan.from_dict(state["plan"]) if state.get("plan") else None
         self._truncate_metrics(step)
         return state["epoch"], position
 
@@ -321,16 +387,21 @@ class _Trainer:
         with self._signals(), tqdm(total=config.steps, initial=self.step, desc=f"train {self.task.kind}",
                                    unit="step", disable=not self.info.is_main, dynamic_ncols=True) as bar:
             self.model.train()
+            postfix: dict[str, str] = {}
             while self.step < config.steps:
                 t0 = time.perf_counter()
                 stats = self._forward_backward().all_reduce(self.info)
                 lr, grad_norm = self._optimizer_step(stats)
                 self.step += 1
                 self._count(stats, time.perf_counter() - t0)
-                bar.update(1)
                 if self.step % config.log_every == 0 or self.step == config.steps:
                     row = self._log_train(lr, grad_norm)
-                    bar.set_postfix(loss=f"{row['loss']:.4g}", items_s=f"{row['items_per_s']:.0f}")
+                    postfix.update(loss=f"{row['loss']:.4g}", items_s=f"{row['items_per_s']:.0f}")
+                if self.plan is not None:  # what is left of the time budget
+                    left = self.plan.minutes * 60 - self.plan.before_s - self._elapsed()
+                    postfix["left"] = f"{'-' if left < 0 else ''}{int(abs(left)) // 60}:{int(abs(left)) % 60:02d}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
                 if self._due(config.val_every):
                     self.val_figures = self._validate()
                 if self._due(config.sample_every):
@@ -339,6 +410,10 @@ class _Trainer:
                     break  # every rank stops here: _finish saves the checkpoint
                 if self._due(config.checkpoint_every):
                     self.last_checkpoint = self._checkpoint()
+
+    def _elapsed(self) -> float:
+        """Seconds of the run since its first step, the processes before a resume included."""
+        return self.elapsed_before + time.perf_counter() - self.started
 
     def _due(self, every: int) -> bool:
         """Whether a task done every `every` steps (0 = off) falls on this step; the last step is
@@ -432,7 +507,7 @@ class _Trainer:
                **{k: v / interval.steps for k, v in interval.sums.items()},
                "lr": lr, "grad_norm": grad_norm, "items_per_s": rate,
                "dropped": self.dropped_total,
-               "elapsed_s": self.elapsed_before + time.perf_counter() - self.started}
+               "elapsed_s": self._elapsed()}
         self._log(row)
         self.interval = _Interval()
         return row
@@ -487,8 +562,9 @@ class _Trainer:
                 "ranks": per_rank,
                 "optimizer": self.optimizer.state_dict(),
                 "dropped_total": self.dropped_total,
-                "elapsed_s": self.elapsed_before + (time.perf_counter() - self.started),
+                "elapsed_s": self._elapsed(),
                 "world_size": info.world_size,
+                "plan": self.plan.as_dict() if self.plan is not None else None,
             }
             if self.scaler is not None:
                 state["scaler"] = self.scaler.state_dict()
@@ -525,11 +601,12 @@ class _Trainer:
             "dropped": self.dropped_total,
             "items_per_s": self.total_items / self.train_time if self.train_time else 0.0,
             "train_s": self.train_time,
-            "wall_time_s": self.elapsed_before + time.perf_counter() - self.started,
+            "wall_time_s": self._elapsed(),
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "interrupted": interrupted,
             "precision": self.precision,
             "world_size": info.world_size,
+            "plan": self.plan.as_dict() if self.plan is not None else None,
         }
         if info.is_main:
             save_json(result, out_dir / "result.json")

@@ -22,12 +22,16 @@ import torch
 
 from duomodal.config import ConfigError
 from duomodal.device import PRECISIONS
+from duomodal.train.budget import check_budget
 from duomodal.train.schedules import warmup_cosine, warmup_stable_decay
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000  # optimizer steps in all
+    steps: int = 1000  # optimizer steps in all (with `minutes`: replaced by the steps the budget buys)
+    # wall-clock budget of the run in minutes, data preparation included; the steps are planned from a probe
+    # of this machine's speed and written to the run (train/budget.py); None = train.steps as given
+    minutes: float | None = None
     batch_size: int = 64  # global batch of one optimizer step (all processes x accumulation steps)
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the schedule decays the learning rate to lr * min_lr_ratio
@@ -60,6 +64,7 @@ class TrainConfig:
                      "num_workers", "weight_decay", "grad_clip", "ema_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        check_budget(self.minutes)
         if not (self.lr > 0):
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if not (0 <= self.min_lr_ratio <= 1):

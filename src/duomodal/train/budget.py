@@ -1,0 +1,108 @@
+"""Training by time: how many optimizer steps fit a wall-clock budget on this machine.
+
+With ``train.minutes`` set, the training loop times a short probe on the real model and data (a few
+optimizer steps that are then undone, one validation and one sample grid, both kept as the run's step-0
+figures), and `plan_steps` fixes the step count from those timings. The plan is written to the run
+(run.json and every checkpoint), so ``--resume`` continues exactly and ``train.steps=N`` repeats the run.
+The schedule is fitted to the planned steps: warm-up at most a quarter of them (the cool-down of
+warmup-stable-decay is a fraction of the steps already).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from duomodal.config import ConfigError
+
+PROBE_SECONDS = 3.0  # timed probe steps run until this long...
+PROBE_MIN_STEPS = 2  # ...and at least this many, after
+PROBE_WARMUP_STEPS = 1  # untimed first steps (allocation, first-touch caches)
+PROBE_MAX_STEPS = 50
+MARGIN_FRACTION = 0.02  # of the budget, kept for checkpoints, the loss plot and timing noise
+MAX_WARMUP_FRACTION = 0.25  # the warm-up fitted into a planned run takes at most this share of its steps
+
+
+class BudgetError(ConfigError):
+    """A time budget that no training fits."""
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The step count a budget buys, with the timings it was planned from (all seconds)."""
+
+    minutes: float  # the budget
+    steps: int  # optimizer steps planned
+    warmup_steps: int  # the schedule's warm-up, fitted to `steps`
+    step_s: float  # one optimizer step, measured by the probe
+    probe_steps: int  # probe steps timed (undone afterwards)
+    validation_s: float  # one validation, measured
+    samples_s: float  # one sample grid, measured
+    before_s: float  # spent before planning: data preparation, step-0 validation and samples, the probe
+    planned_s: float  # what the plan's steps, validations and sample grids should take
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepPlan:
+        return cls(**data)
+
+
+def check_budget(minutes: float | None, setting: str = "train.minutes") -> None:
+    """Raises BudgetError for a budget of zero or less (None = no budget)."""
+    if minutes is not None and not minutes > 0:
+        raise BudgetError(f"{setting} must be above 0 minutes, got {minutes:g}")
+
+
+def tasks_due(steps: int, every: int) -> int:
+    """How many times a task done every `every` steps (0 = only at the end) runs in a run of `steps`
+    steps, the one after the last step included (as the training loop does it)."""
+    periodic = (steps - 1) // every if every > 0 and steps > 0 else 0
+    return periodic + 1
+
+
+def planned_seconds(steps: int, step_s: float, validation_s: float, val_every: int, samples_s: float,
+                    sample_every: int) -> float:
+    """Seconds that `steps` optimizer steps take with their validations and sample grids."""
+    return (steps * step_s + tasks_due(steps, val_every) * validation_s
+            + tasks_due(steps, sample_every) * samples_s)
+
+
+def plan_steps(minutes: float, before_s: float, step_s: float, probe_steps: int, validation_s: float,
+               val_every: int, samples_s: float, sample_every: int, warmup_steps: int) -> StepPlan:
+    """The most steps whose steps, validations and sample grids fit in what is left of `minutes` after
+    `before_s`, less a margin. Raises BudgetError when the budget is used up before planning (naming
+    what the probe took) or leaves no room for a single step."""
+    check_budget(minutes)
+    budget_s = minutes * 60.0
+    available = budget_s * (1 - MARGIN_FRACTION) - before_s
+    if available <= 0:
+        raise BudgetError(
+            f"train.minutes={minutes:g} ({budget_s:.0f} s) is shorter than the probe: preparing the data and "
+            f"timing this machine took {before_s:.0f} s; give at least {_suggest(before_s, step_s)} minutes"
+        )
+    low, high = 0, 1
+    while planned_seconds(high, step_s, validation_s, val_every, samples_s, sample_every) <= available:
+        low, high = high, high * 2
+    while high - low > 1:  # the largest step count that fits, between low (fits) and high (does not)
+        middle = (low + high) // 2
+        fits = planned_seconds(middle, step_s, validation_s, val_every, samples_s, sample_every) <= available
+        low, high = (middle, high) if fits else (low, middle)
+    if low < 1:
+        raise BudgetError(
+            f"train.minutes={minutes:g} leaves no time for a step after {before_s:.0f} s of preparation and "
+            f"probe (a step takes {step_s:.2f} s, a validation {validation_s:.1f} s); give at least "
+            f"{_suggest(before_s, step_s + validation_s + samples_s)} minutes"
+        )
+    return StepPlan(
+        minutes=minutes, steps=low, warmup_steps=min(warmup_steps, int(low * MAX_WARMUP_FRACTION)),
+        step_s=step_s, probe_steps=probe_steps, validation_s=validation_s, samples_s=samples_s, before_s=before_s,
+        planned_s=planned_seconds(low, step_s, validation_s, val_every, samples_s, sample_every),
+    )
+
+
+def _suggest(spent_s: float, more_s: float) -> str:
+    """A budget in minutes, rounded up to a tenth, that holds `spent_s` and ten times `more_s`."""
+    needed = (spent_s + 10 * more_s) / (1 - MARGIN_FRACTION) / 60
+    return f"{(int(needed * 10) + 1) / 10:g}"

@@ -1,0 +1,37 @@
+"""Training by time: the planner's arithmetic and its errors (the loop under a mocked clock is in test_loop.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from duomodal.config import ConfigError
+from duomodal.train.budget import BudgetError, plan_steps, tasks_due
+from duomodal.train.recipe import TrainConfig
+
+
+def test_tasks_due_counts_the_periodic_ones_and_the_final_one():
+    assert tasks_due(12, 4) == 3  # steps 4 and 8, then the one after step 12
+    assert tasks_due(13, 4) == 4
+    assert tasks_due(12, 0) == 1  # only at the end
+    assert tasks_due(1, 4) == 1
+
+
+def test_the_plan_is_the_most_steps_that_fit():
+    # 60 s, 2% kept, 5 s spent: 53.8 s for steps of 0.5 s, a 2 s validation every 100 steps and at the end,
+    # one 1 s sample grid at the end; 100 steps take 53 s, 101 take 55.5 s
+    plan = plan_steps(1.0, 5.0, 0.5, 6, 2.0, 100, 1.0, 0, warmup_steps=50)
+    assert plan.steps == 100
+    assert plan.warmup_steps == 25  # fitted: at most a quarter of the steps
+    assert plan.planned_s == pytest.approx(53.0)
+    assert plan_steps(10.0, 5.0, 0.5, 6, 2.0, 100, 1.0, 0, warmup_steps=50).warmup_steps == 50
+
+
+def test_budget_errors_are_one_line_and_say_what_to_give():
+    for minutes in (0, -1.5):
+        with pytest.raises(ConfigError, match=rf"^train.minutes must be above 0 minutes, got {minutes:g}$"):
+            TrainConfig(minutes=minutes)
+    with pytest.raises(BudgetError, match=r"^train.minutes=0.1 \(6 s\) is shorter than the probe: preparing the data "
+                                          r"and timing this machine took 9 s; give at least 0.2 minutes$"):
+        plan_steps(0.1, 9.0, 0.2, 5, 0.0, 0, 0.0, 0, warmup_steps=0)
+    with pytest.raises(BudgetError, match=r"^train.minutes=0.2 leaves no time for a step after 10 s of preparation"):
+        plan_steps(0.2, 10.0, 1.0, 5, 3.0, 0, 0.0, 0, warmup_steps=0)
