@@ -5,6 +5,11 @@ a `duomodal` command line, so the demo does exactly what a user would type. A st
 is complete is skipped; a training stage that stopped part-way resumes from its last checkpoint;
 the dataset build and the index build resume on their own (and are no-ops when complete). The plan knows nothing of printing:
 the CLI runs it and says what each stage is doing.
+
+The quick demo runs by time: each training stage gets a share of the demo's budget (`--minutes`) as its
+`duomodal train --minutes`, so a slower machine trains fewer steps in the same time and a faster one more.
+The shares are fixed, so re-running an interrupted demo resumes a stage with the budget it was planned with.
+A demo on few icons (`--limit`) lowers each trainer's batch to what its training split holds.
 """
 
 from __future__ import annotations
@@ -13,10 +18,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from duomodal.config import preset as trainer_preset
 from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
 from duomodal.train.checkpoints import list_checkpoints
 
 TRAINER_KINDS = ("vae", "dalle", "clip")
+# The quick demo's time budget in minutes, and each training stage's share of it (the dataset, index and
+# report stages take the rest); measured on both kinds of 2-core CPU in docs/RESULTS.md.
+DEMO_MINUTES = 13.5
+DEMO_SHARES = {"vae": 0.06, "dalle": 0.53, "clip": 0.29}
 
 
 @dataclass(frozen=True)
@@ -30,21 +40,27 @@ class DemoSetup:
     overrides: dict[str, tuple[str, ...]]  # per trainer kind: --set assignments on top of the preset
     eval_prompts: int  # prompts per split in the report
     estimate: str  # what to tell the user before starting
+    minutes: float | None = None  # the whole demo's time budget (--minutes); None = the presets' steps
+    shares: dict[str, float] | None = None  # per trainer kind: its share of `minutes`; the rest is for the others
 
 
 DEMO_SETUPS = {
     "quick": DemoSetup(
         image_size=32, icon_limit=None, colors=8, train_preset="quick", eval_prompts=16,
-        # VAE and CLIP train shorter than their presets' own runs so that the whole demo fits in ~14
-        # minutes on 2 CPU cores (docs/RESULTS.md gives the figures of both); DALL-E gets its full quick
-        # preset: shorter runs give colour blobs, not shapes.
-        overrides={"vae": ("train.steps=350",),
-                   "clip": ("train.steps=700", "train.val_every=350", "train.checkpoint_every=350")},
-        estimate="about 14 minutes on 2 CPU cores, a few on a GPU",
+        # Budgets sized so that a 2-core CPU with AMX trains at least the steps of the step-based demo before
+        # them (VAE 350, DALL-E 3,600, CLIP 700) and an AVX2-only one finishes within 15 minutes, install
+        # included (docs/RESULTS.md); validation only at the end of each stage (and at step 0 when timing it).
+        minutes=DEMO_MINUTES,
+        shares=DEMO_SHARES,
+        overrides={"vae": ("train.val_every=0", "train.sample_every=0"),
+                   "dalle": ("train.val_every=0", "train.sample_every=0"),
+                   "clip": ("train.val_every=0", "train.sample_every=0")},
+        estimate="about 14 minutes on a 2-core CPU, a few on a GPU",
     ),
     "seed": DemoSetup(
         image_size=128, icon_limit=None, colors=8, train_preset="seed", eval_prompts=32, overrides={},
-        estimate="many hours on a CPU (the seed post's full setup); use a GPU",
+        estimate="many hours on a CPU (the seed post's full setup); use a GPU, or --minutes",
+        shares=DEMO_SHARES,
     ),
 }
 
@@ -68,6 +84,14 @@ def _training_stage(name: str, what: str, argv: list[str], run_dir: Path) -> Sta
     return Stage(name, what, tuple(argv), done=False)
 
 
+def _train_items(data: Path) -> int | None:
+    """The training split's size from a built icon dataset's dataset.json (None before it is built)."""
+    path = data / "dataset.json"
+    if not path.is_file():
+        return None
+    return int(json.loads(path.read_text(encoding="utf-8"))["counts"]["train"])
+
+
 def plan(
     work: Path,
     preset: str = "quick",
@@ -75,14 +99,20 @@ def plan(
     limit: int | None = None,
     train_overrides: tuple[str, ...] = (),
     eval_prompts: int | None = None,
+    minutes: float | None = None,
 ) -> list[Stage]:
     """The demo's stages over the folder `work`, with what is already done marked.
 
     `train_overrides` (``key=value``) go to all three trainers, e.g. ``train.steps=200``; with a
-    kind in front (``dalle:model.n_layer=2``) to that trainer only."""
+    kind in front (``dalle:model.n_layer=2``) to that trainer only. `minutes` is the demo's time budget
+    (default: the preset's); a trainer whose overrides fix train.steps or train.minutes keeps them. Planned
+    again once the dataset is built, a trainer's batch is lowered to what the training split holds."""
     if preset not in DEMO_SETUPS:
         raise ValueError(f"unknown demo preset {preset!r}; presets: {', '.join(DEMO_SETUPS)}")
+    if minutes is not None and not minutes > 0:
+        raise ValueError(f"--minutes must be above 0, got {minutes:g}")
     setup = DEMO_SETUPS[preset]
+    budget = minutes if minutes is not None else setup.minutes
     icon_limit = limit if limit is not None else setup.icon_limit
     data = work / "icons"
     runs = work / "runs"
@@ -96,8 +126,11 @@ def plan(
     data_done = (data / "dataset.json").is_file() and (data / "captions.jsonl").is_file()
     stages = [Stage("dataset", f"icon dataset, {setup.image_size} px x {setup.colors} colours", tuple(data_argv), data_done)]
 
-    def options(kind: str) -> list[str]:
-        out = ["--preset", setup.train_preset]
+    train_items = _train_items(data)
+
+    def options(kind: str) -> tuple[list[str], list[str]]:
+        """The trainer's options after its data and run folders, and notes on what the demo chose."""
+        assignments = []
         for assignment in (*setup.overrides.get(kind, ()), *train_overrides):
             target, _, rest = assignment.partition(":")
             if rest and "=" not in target:
@@ -106,16 +139,31 @@ def plan(
                 if target != kind:
                     continue
                 assignment = rest
+            assignments.append(assignment)
+        given = {assignment.partition("=")[0].strip() for assignment in assignments}
+        out, notes = ["--preset", setup.train_preset], []
+        if budget is not None and setup.shares and not given & {"train.steps", "train.minutes"}:
+            stage_minutes = f"{budget * setup.shares[kind]:.2f}".rstrip("0").rstrip(".")
+            out += ["--minutes", stage_minutes]
+            notes.append(f"{stage_minutes} minutes")
+        batch = trainer_preset(kind, setup.train_preset)["train"]["batch_size"]
+        if train_items is not None and "train.batch_size" not in given and 0 < train_items < batch:
+            fitted = 2 ** (train_items.bit_length() - 1)  # the largest power of two the split holds
+            assignments.append(f"train.batch_size={fitted}")
+            notes.append(f"batch lowered from {batch} to {fitted}: the training split has {train_items} items")
+        for assignment in assignments:
             out += ["--set", assignment]
-        return out + dev
+        return out + dev, notes
 
-    stages.append(_training_stage(
-        "vae", "discrete VAE", ["train", "vae", "--data", str(data), "--out", str(vae), *options("vae")], vae))
-    stages.append(_training_stage(
-        "dalle", "DALL-E transformer",
-        ["train", "dalle", "--data", str(data), "--vae", str(vae), "--out", str(dalle), *options("dalle")], dalle))
-    stages.append(_training_stage(
-        "clip", "CLIP", ["train", "clip", "--data", str(data), "--out", str(clip), *options("clip")], clip))
+    def training_stage(kind: str, what: str, inputs: list[str], run_dir: Path) -> Stage:
+        extra, notes = options(kind)
+        what = f"{what} ({'; '.join(notes)})" if notes else what
+        return _training_stage(kind, what, ["train", kind, "--data", str(data), *inputs, "--out", str(run_dir),
+                                            *extra], run_dir)
+
+    stages.append(training_stage("vae", "discrete VAE", [], vae))
+    stages.append(training_stage("dalle", "DALL-E transformer", ["--vae", str(vae)], dalle))
+    stages.append(training_stage("clip", "CLIP", [], clip))
 
     # The index build is incremental: over a finished index it only rescans (no re-embedding).
     stages.append(Stage(

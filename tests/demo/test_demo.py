@@ -77,3 +77,35 @@ def test_demo_resumes_an_interrupted_training_stage(tmp_path):
     (run / "checkpoints" / "step_0000002" / "config.json").write_text("{}")
     vae = plan(work, "quick", "cpu")[1]
     assert not vae.done and vae.argv[-1] == "--resume" and "resuming" in vae.what
+
+
+def test_the_quick_demo_gives_each_trainer_a_share_of_its_budget(tmp_path):
+    from duomodal.demo import DEMO_MINUTES, DEMO_SHARES
+
+    def minutes(stages):
+        return {s.name: float(s.argv[s.argv.index("--minutes") + 1]) for s in stages if "--minutes" in s.argv}
+
+    planned = minutes(plan(tmp_path, "quick", "cpu"))
+    assert planned == pytest.approx({k: DEMO_MINUTES * share for k, share in DEMO_SHARES.items()}, abs=0.005)
+    assert sum(planned.values()) < DEMO_MINUTES  # the rest is for the dataset, index and report stages
+    doubled = minutes(plan(tmp_path, "quick", "cpu", minutes=2 * DEMO_MINUTES))
+    assert doubled == pytest.approx({k: 2 * v for k, v in planned.items()}, abs=0.01)
+    # a trainer whose steps are given keeps them; the seed preset trains its steps unless a budget is given
+    kept = plan(tmp_path, "quick", "cpu", train_overrides=("clip:train.steps=5",))
+    assert set(minutes(kept)) == {"vae", "dalle"}
+    assert minutes(plan(tmp_path, "seed", "cpu")) == {}
+    assert set(minutes(plan(tmp_path, "seed", "cpu", minutes=60))) == {"vae", "dalle", "clip"}
+    with pytest.raises(ValueError, match=r"^--minutes must be above 0, got 0$"):
+        plan(tmp_path, "quick", minutes=0)
+
+
+def test_a_small_dataset_lowers_each_batch_to_what_it_holds(tmp_path):
+    work = tmp_path / "demo"
+    assert all("train.batch_size" not in " ".join(s.argv) for s in plan(work, "seed", "cpu", limit=60))
+    (work / "icons").mkdir(parents=True)
+    (work / "icons" / "dataset.json").write_text(json.dumps({"counts": {"train": 435}}))
+    stages = {s.name: s for s in plan(work, "seed", "cpu", limit=60)}
+    clip = stages["clip"]  # the seed CLIP's batch is 512; 435 training images hold a batch of 256
+    assert clip.argv[clip.argv.index("train.batch_size=256") - 1] == "--set"
+    assert "batch lowered from 512 to 256: the training split has 435 items" in clip.what
+    assert "train.batch_size" not in " ".join(stages["vae"].argv)  # 32 fits

@@ -129,6 +129,14 @@ def test_eval_everything(runs, labelled_data, tmp_path):
     assert 0.0 <= dalle["samples"]["heldout"]["shape_iou_name_blind"] <= 1.0
     report = (out / "report.md").read_text()
     assert "name-blind |" in report
+    # the header states the machine, the precision and how far each model was trained
+    assert m["machine"]["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert m["settings"]["precision"] in ("fp32", "bf16")
+    assert f"Machine: {m['machine']['cpu']}, ISA {m['machine']['isa']}" in report
+    for name in ("VAE", "DALL-E", "CLIP"):
+        trained = json.loads((runs[{"VAE": "vae", "DALL-E": "dalle", "CLIP": "clip"}[name]] / "result.json").read_text())
+        assert m["training"][name]["step"] == trained["step"]
+        assert f"| {name} | {trained['step']} | {trained['precision']} |" in report
     for heading in ("## DALL-E: likelihood of real images", "## DALL-E: samples, colour and shape accuracy",
                     "## Reranking with CLIP"):
         assert heading in report

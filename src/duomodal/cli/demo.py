@@ -11,7 +11,7 @@ from duomodal.cli.common import _add_precision_option, _error, _positive_int
 def _add_demo_commands(sub: argparse._SubParsersAction) -> None:
     from pathlib import Path
 
-    from duomodal.demo import DEMO_SETUPS
+    from duomodal.demo import DEMO_MINUTES, DEMO_SETUPS
 
     demo = sub.add_parser(
         "demo",
@@ -24,6 +24,9 @@ def _add_demo_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--preset", choices=sorted(DEMO_SETUPS), default="quick",
                       help="quick: 32 px, minutes on a CPU (default); seed: the post's 128 px setup, hours on a CPU")
     demo.add_argument("--limit", type=_positive_int, help="use only the first N icons (a smaller, faster demo)")
+    demo.add_argument("--minutes", type=float, metavar="M",
+                      help=f"the demo's time budget: each training stage trains for its share of M minutes "
+                      f"(quick default {DEMO_MINUTES:g}; the seed preset trains its presets' steps unless given)")
     demo.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda...")
     demo.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a training setting in all three trainers, e.g. train.steps=200, or in one: "
@@ -42,7 +45,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from duomodal.demo import DEMO_SETUPS, plan, serve_argv
     from duomodal.files import save_json
 
-    stages = plan(args.work, args.preset, args.device, args.limit, tuple(args.train_set), args.eval_prompts)
+    def current_plan():  # planned again before each stage: a finished dataset stage tells the batch it holds
+        return plan(args.work, args.preset, args.device, args.limit, tuple(args.train_set), args.eval_prompts,
+                    args.minutes)
+
+    stages = current_plan()
     print(f"duomodal demo ({args.preset}): {DEMO_SETUPS[args.preset].estimate}; everything goes to {args.work}",
           file=sys.stderr)
     timings_path = args.work / "timings.json"
@@ -51,7 +58,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         import json
 
         timings = json.loads(timings_path.read_text(encoding="utf-8"))
-    for number, stage in enumerate(stages, 1):
+    for number, name in enumerate([stage.name for stage in stages], 1):
+        stage = next(s for s in current_plan() if s.name == name)
         header = f"[{number}/{len(stages)}] {stage.name}: {stage.what}"
         if stage.done:
             print(f"{header}: already done, reusing it", file=sys.stderr)

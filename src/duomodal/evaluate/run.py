@@ -8,6 +8,7 @@ the training curves and the assembly of the report.
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from duomodal.data.images import to_pil, to_tensor
 from duomodal.data.records import Record, caption_key, load_records
-from duomodal.device import resolve_device
+from duomodal.device import machine, resolve_device, resolve_precision
 from duomodal.evaluate import metrics as M
 from duomodal.evaluate.context import EvalContext, EvalOptions, EvalResult, LoadedImages, Log, dataset_palette
 from duomodal.evaluate.report import Section, fmt, fmt_accuracy, plot_image_rows, plot_training_curves, write_report
@@ -254,6 +255,12 @@ def curves_section(runs: dict[str, Path | None], out: Path) -> tuple[dict[str, A
 def headline(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     """The few figures a reader wants first, as (what, value) rows; only those that were measured."""
     rows: list[tuple[str, str]] = []
+    if "machine" in metrics:
+        m = metrics["machine"]
+        rows.append(("machine", f"{m['cpu']}, {m['isa']}, {m['threads']} threads{', ' + m['gpu'] if m['gpu'] else ''}"))
+    trained = [f"{name} {r['step']} steps ({r['precision']})" for name, r in metrics.get("training", {}).items() if r]
+    if trained:
+        rows.append(("training", ", ".join(trained)))
     vae = metrics.get("vae", {})
     if "psnr_db" in vae:
         codebook = vae["codebook"]
@@ -311,6 +318,8 @@ def run_evaluation(options: EvalOptions, log: Log | None = None) -> EvalResult:
     ctx.out.mkdir(parents=True, exist_ok=True)
     metrics = _data_and_settings(ctx, records)
     components = {"VAE": options.vae, "DALL-E": options.dalle, "CLIP": options.clip, "judge CLIP": options.judge_clip}
+    metrics["machine"] = machine()
+    metrics["training"] = {name: _training_result(path) for name, path in components.items() if path is not None}
     overview = _overview(metrics, components, options.max_images)
     sections = [overview]
     metrics["vae"] = _vae_part(ctx, sections)
@@ -349,6 +358,7 @@ def _data_and_settings(ctx: EvalContext, records: Sequence[Record]) -> dict[str,
             "rerank_from": options.rerank_from, "seed": options.seed, "max_images": options.max_images,
             "device": str(ctx.device), "temperature": options.temperature, "top_k": options.top_k,
             "top_p": options.top_p, "guidance": options.guidance,
+            "precision": resolve_precision(options.precision, ctx.device),
         },
     }
 
@@ -363,7 +373,28 @@ def _overview(metrics: dict[str, Any], components: dict[str, Path | None], max_i
     )
     overview.table(("component", "directory"), [(k, f"`{v}`" if v else "not given: its sections are skipped")
                                                for k, v in components.items()])
+    m = metrics["machine"]
+    overview.text(
+        f"Machine: {m['cpu']}, ISA {m['isa']} ({'native' if m['cpu_native_bf16'] else 'no native'} bf16), "
+        f"{m['threads']} threads, {'GPU ' + m['gpu'] if m['gpu'] else 'no GPU'}; this report computed in "
+        f"{metrics['settings']['precision']} on {metrics['settings']['device']} ({m['attention']} attention)."
+    )
+    trained = [(name, r["step"], r["precision"], f"{r['train_s']:.0f} s",
+                f"{r['plan']['minutes']:g} minutes" if r.get("plan") else "steps as configured")
+               for name, r in metrics["training"].items() if r]
+    if trained:
+        overview.table(("component", "steps reached", "precision", "training time", "budget"), trained,
+                       "How each model was trained (its run's result.json)")
     return overview
+
+
+def _training_result(path: Path) -> dict[str, Any] | None:
+    """What a training run's result.json says of how it trained (None for a model directory without one)."""
+    result_path = Path(path) / "result.json"
+    if not result_path.is_file():
+        return None
+    result = json.loads(result_path.read_text(encoding="utf-8"))
+    return {key: result.get(key) for key in ("step", "precision", "train_s", "items_per_s", "world_size", "plan")}
 
 
 def _vae_part(ctx: EvalContext, sections: list[Section]) -> dict[str, Any]:
