@@ -48,6 +48,21 @@ def test_write_report_renders_sections_tables_and_figures(tmp_path):
     assert saved == {"colour": {"accuracy": 0.625, "correct": 5, "count": 8}, "psnr": None}  # inf is not JSON
 
 
+def test_plot_image_rows_puts_each_image_in_its_cell(tmp_path):
+    red, blue = Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")
+    plot_image_rows([("reds", [red] * 3), ("blue", [blue])], tmp_path / "grid.png", cell_titles=[["a"] * 3, ["b"]])
+    grid = Image.open(tmp_path / "grid.png").convert("RGB")
+    cell, gap, label, title = 110, 6, 240, 14  # pixels, at 100 per inch for cells of 1.1 inches
+    assert grid.size == (label + 3 * (cell + gap), 2 * (cell + title + gap) + gap)
+
+    def centre(row: int, column: int) -> tuple[int, int, int]:
+        return grid.getpixel((label + column * (cell + gap) + cell // 2, row * (cell + title + gap) + title + gap
+                              + cell // 2))
+
+    assert [centre(0, c) for c in range(3)] == [(255, 0, 0)] * 3
+    assert centre(1, 0) == (0, 0, 255) and centre(1, 1) == (255, 255, 255)  # a short row leaves its cells blank
+
+
 def test_plot_image_rows_needs_rows(tmp_path):
     with pytest.raises(ValueError, match="no rows to draw"):
         plot_image_rows([], tmp_path / "x.png")

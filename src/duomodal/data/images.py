@@ -63,7 +63,7 @@ class ImageError(ValueError):
 
 def is_image_path(path: str | os.PathLike) -> bool:
     """Whether the file name has one of the accepted image extensions (case-insensitive)."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS  # as Path.suffix, without a Path
 
 
 def parse_color(value: str | Sequence[int], what: str = "background colour") -> tuple[int, int, int]:

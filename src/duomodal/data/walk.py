@@ -36,14 +36,19 @@ class Entry:
     skip_reason: str | None = None
 
 
-def check_file(path: Path, real_root: Path, max_bytes: int | None) -> tuple[str, str] | None:
+def check_file(path: Path, real_root: Path, max_bytes: int | None,
+               folder_inside: bool = False) -> tuple[str, str] | None:
     """(kind, reason) when the file at `path` must not be read as part of the folder whose resolved
-    path is `real_root`, else None. Raises OSError for a file that is gone or unreadable."""
-    st = os.stat(path)  # follows a symlink: what would be opened (stat opens nothing)
+    path is `real_root`, else None. `folder_inside`: the caller resolved `path`'s folder and found it
+    inside `real_root`, so a file that is not itself a symlink needs no resolving (one `lstat`, where
+    `realpath` costs one per path component). Raises OSError for a file that is gone or unreadable."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not folder_inside:
+        st = os.stat(path)  # follows a symlink: what would be opened (stat opens nothing)
+        if stat.S_ISREG(st.st_mode) and not Path(os.path.realpath(path)).is_relative_to(real_root):
+            return OUTSIDE_ROOT, "a symlink that leads outside the folder"  # the file or a folder above is a link
     if not stat.S_ISREG(st.st_mode):
         return SPECIAL_FILE, f"not a regular file: it is {file_kind(st.st_mode)}"
-    if not Path(os.path.realpath(path)).is_relative_to(real_root):  # the file or a folder above is a link
-        return OUTSIDE_ROOT, "a symlink that leads outside the folder"
     reason = refusal(st, max_bytes)
     return None if reason is None else (OVERSIZED_FILE, reason)
 
@@ -63,6 +68,8 @@ def walk_files(
     exclude = Path(os.path.realpath(exclude)) if exclude is not None else None
     for folder, subfolders, files in os.walk(root):
         current = Path(folder)
+        folder_inside = Path(os.path.realpath(current)).is_relative_to(real_root)  # once per folder
+        prefix = current.relative_to(root).as_posix() + "/" if current != root else ""
         subfolders[:] = sorted(
             d for d in subfolders if not d.startswith(".") and Path(os.path.realpath(current / d)) != exclude
         )
@@ -70,9 +77,9 @@ def walk_files(
             if name.startswith(".") or not wanted(name):
                 continue
             path = current / name
-            relative = path.relative_to(root).as_posix()
+            relative = prefix + name
             try:
-                problem = check_file(path, real_root, max_bytes(name))
+                problem = check_file(path, real_root, max_bytes(name), folder_inside)
             except OSError as e:
                 problem = (UNREADABLE, f"cannot read file ({e.strerror or e})")
             yield Entry(relative, path) if problem is None else Entry(relative, path, *problem)

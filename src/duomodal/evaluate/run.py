@@ -119,9 +119,10 @@ def class_embeddings(embed_texts: Callable[[list[str]], torch.Tensor], prompt_se
 
 
 def evaluate_clip_split(clip: Any, loaded: LoadedImages, palette: dict[str, str], icons: list[str],
-                        seed: int) -> dict[str, Any]:
+                        seed: int, icon_classes: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Recall@k both ways, zero-shot colour and icon accuracy (with the captions' wording and with wordings
-    they never use), and name search on one split."""
+    they never use), and name search on one split. `icon_classes` keeps the icon names' text embeddings
+    (thousands of prompts) between the splits of one evaluation: the same `clip` and `icons` each call."""
     from duomodal.classify import TEMPLATE_SETS, class_text_features
 
     records = loaded.records
@@ -151,8 +152,11 @@ def evaluate_clip_split(clip: Any, loaded: LoadedImages, palette: dict[str, str]
     with_icon = [i for i, r in enumerate(records) if r.labels.get("icon") in icon_index]
     if with_icon and len(icons) > 1:
         labels = [icon_index[records[i].labels["icon"]] for i in with_icon]
+        icon_classes = {} if icon_classes is None else icon_classes
         for suffix, templates in (("", TEMPLATE_SETS["icon"]), ("_unseen", TEMPLATE_SETS["unseen"])):
-            classes = class_text_features(clip.embed_texts, icons, templates)
+            if suffix not in icon_classes:
+                icon_classes[suffix] = class_text_features(clip.embed_texts, icons, templates)
+            classes = icon_classes[suffix]
             result[f"zero_shot_icon{suffix}"] = M.zero_shot_accuracy(image_features[with_icon], classes, labels).to_dict()
             result[f"zero_shot_icon{suffix}"]["classes"] = len(icons)
             result[f"zero_shot_icon{suffix}_top10"] = M.zero_shot_accuracy(
@@ -413,8 +417,10 @@ def _clip_part(ctx: EvalContext, sections: list[Section]) -> dict[str, Any]:
     if options.clip is None:
         return {"skipped": "no --clip given"}
     clip = ctx.clip(options.clip)
-    results = {}
+    results: dict[str, Any] = {}
+    icon_classes: dict[str, torch.Tensor] = {}  # the splits' icon names are the same prompts: embedded once
     for split in tqdm(EVAL_SPLITS, desc="CLIP figures", file=sys.stderr, leave=False):
-        results[split] = evaluate_clip_split(clip, ctx.split_images(split), ctx.palette, ctx.icons, options.seed)
+        results[split] = evaluate_clip_split(clip, ctx.split_images(split), ctx.palette, ctx.icons, options.seed,
+                                             icon_classes)
     sections.append(clip_section(results, options.clip, clip.model_id))
     return {"path": str(options.clip), "model_id": clip.model_id, **results}
