@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,8 @@ def encode_images(records: list[Record], vae: Any, vae_id: str, data: DataConfig
     """VAE tokens of every record's image, from the cache when its key matches, else encoded and cached.
 
     Unreadable images are skipped with one log line each and marked unreadable (the dataset then
-    yields None for them and the training loop counts them)."""
+    yields None for them and the training loop counts them). A thread decodes the next batch while the
+    VAE encodes this one (decoding and the encoder's kernels both leave the GIL)."""
     key = dataset_fingerprint(records, vae_id, data.image_size, data.background)
     path = Path(cache_dir) / f"tokens-{key[:32]}.safetensors"
     if path.is_file():
@@ -131,26 +133,35 @@ def encode_images(records: list[Record], vae: Any, vae_id: str, data: DataConfig
     dtype = torch.int16 if vae.codebook_size <= 32767 else torch.int32
     tokens = torch.zeros(len(records), G * G, dtype=dtype)
     readable = torch.ones(len(records), dtype=torch.bool)
-    skipped = 0
-    bar = tqdm(total=len(records), desc="encode images with the VAE", unit="img", disable=not show_progress)
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
+
+    def load(start: int) -> tuple[list[torch.Tensor], list[int]]:
+        """The pixels of the readable images of the batch at `start`, and their rows."""
         pixels, rows = [], []
-        for offset, record in enumerate(chunk):
+        for row in range(start, min(start + batch_size, len(records))):
             try:
-                image = load_record_image(record, data.background_rgb, draft_size=S)
+                image = load_record_image(records[row], data.background_rgb, draft_size=S)
             except ImageError as e:
                 log.warning("skipping %s", e)
-                readable[start + offset] = False
-                skipped += 1
+                readable[row] = False
                 continue
             pixels.append(to_tensor(image, S))
-            rows.append(start + offset)
-        if pixels:
-            codes = vae.encode(torch.stack(pixels)).flatten(1).cpu()  # (b, N)
-            tokens[rows] = codes.to(dtype)
-        bar.update(len(chunk))
+            rows.append(row)
+        return pixels, rows
+
+    starts = range(0, len(records), batch_size)
+    bar = tqdm(total=len(records), desc="encode images with the VAE", unit="img", disable=not show_progress)
+    with ThreadPoolExecutor(max_workers=1) as decoder:
+        pending = decoder.submit(load, starts[0]) if starts else None
+        for number, start in enumerate(starts):
+            pixels, rows = pending.result()
+            if number + 1 < len(starts):
+                pending = decoder.submit(load, starts[number + 1])
+            if pixels:
+                codes = vae.encode(torch.stack(pixels)).flatten(1).cpu()  # (b, N)
+                tokens[rows] = codes.to(dtype)
+            bar.update(min(batch_size, len(records) - start))
     bar.close()
+    skipped = int((~readable).sum())
     if skipped:
         log.warning("%d of %d images could not be read and are left out", skipped, len(records))
     meta = {"key": key, "vae": vae_id, "images": str(len(records)), "skipped": str(skipped)}
