@@ -49,6 +49,9 @@ CREATE TABLE IF NOT EXISTS pending (
     mtime_ns INTEGER NOT NULL,
     caption TEXT
 );
+-- iter_pending walks pending in (sha256, path) order a chunk at a time: without this index every chunk
+-- scanned and sorted the whole table (a build quadratic in the files to embed)
+CREATE INDEX IF NOT EXISTS pending_order ON pending (sha256, path);
 CREATE TRIGGER IF NOT EXISTS images_added AFTER INSERT ON images
     BEGIN INSERT INTO changes (image_id) VALUES (new.id); END;
 CREATE TRIGGER IF NOT EXISTS images_revectored AFTER UPDATE OF vector ON images
@@ -144,6 +147,7 @@ class MetadataStore:
             complete = False
         if complete:
             store._check_version()
+            store._db.execute("CREATE INDEX IF NOT EXISTS pending_order ON pending (sha256, path)")  # older stores
             return store
         store._db.executescript("BEGIN;" + _SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         store.set_meta({**meta, "schema_version": str(SCHEMA_VERSION)})  # last: marks the store complete
