@@ -1,9 +1,10 @@
 """The benchmarks' shared header (benchmarks/this_machine.py): the matmul peak probe measures, the header
-names the machine's ISA level and the peak of each precision."""
+names the machine's ISA level and the peak of each precision, and every benchmark script prints it."""
 
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,37 @@ def test_header_names_the_isa_and_each_precisions_peak(this_machine, monkeypatch
     assert machine.peak("bf16") == 1e9
     with pytest.raises(KeyError, match="no fp16 matmul peak was measured on cpu"):
         machine.peak("fp16")
+
+
+def test_every_benchmark_script_prints_the_machine_header():
+    scripts = [p for p in BENCHMARKS.glob("*.py") if '__name__ == "__main__"' in p.read_text()]
+    assert len(scripts) >= 15
+    silent = [p.name for p in scripts
+              if p.name != "this_machine.py" and not re.search(r"\bprint_header\(", p.read_text())]
+    assert silent == []
+
+
+@pytest.mark.parametrize(("native", "compared"), [(True, ["fp32", "bf16"]), (False, ["fp32"])])
+def test_step_benchmarks_compare_bf16_only_where_native(this_machine, monkeypatch, native, compared):
+    step_common = importlib.import_module("step_common")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert step_common.precisions_to_compare(CPU, None) == compared
+
+
+def test_step_benchmarks_run_an_emulated_bf16_when_asked_with_the_warning(this_machine, monkeypatch):
+    from duomodal import device as hw
+
+    step_common = importlib.import_module("step_common")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr(hw, "bf16_slowdown", lambda: 97.0)
+    with pytest.warns(hw.SlowPrecisionWarning, match="--precisions bf16 is emulated"):
+        assert step_common.precisions_to_compare(CPU, "fp32,bf16") == ["fp32", "bf16"]
+
+
+def test_auto_line_puts_autos_pick_beside_the_fastest(this_machine, monkeypatch):
+    step_common = importlib.import_module("step_common")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert step_common.auto_line(CPU, {("fp32", "eager"): 0.10, ("fp32", "sdpa"): 0.12}) == \
+        "auto on cpu: fp32, eager attention: the fastest"
+    assert step_common.auto_line(CPU, {("fp32", "eager"): 0.12, ("fp32", "sdpa"): 0.10}) == \
+        "auto on cpu: fp32, eager attention: 0.83x the speed of the fastest, fp32 sdpa"
