@@ -4,10 +4,11 @@ the machine that gave it, and "% of peak" divides by the peak of the precision i
 
 The machine line is `duomodal.device.describe_machine()`: CPU model, the ISA level torch dispatches to
 (`torch.backends.cpu.get_cpu_capability()`), native bf16 or not, torch's threads, the GPU if any, and
-what `auto` resolves to. The peak probe is sized by time, not fixed: a square matmul grows from 128 until
-one takes `seconds` or the side reaches 4096, and the peak is the best of a few at that side. So the
-header costs a few seconds whether bf16 runs at 1 TFLOP/s (AMX) or at 1 GFLOP/s (emulated on AVX2),
-where a fixed 4096^3 bf16 matmul would take over two minutes.
+what `auto` resolves to. The peak probe is sized by time, not fixed: a square matmul doubles from 128
+until one takes 20 ms or the side reaches 4096, and the rate is the best of a few at that side; the peak is
+the faster of two layouts, A B and A B^T (emulated bf16 runs the second, nn.Linear's, 15x faster). So the
+header costs a few seconds whether bf16 runs at 1 TFLOP/s (AMX) or at 1-20 GFLOP/s (emulated on AVX2),
+where a fixed 4096^3 bf16 matmul of the slow layout would take over a minute.
 
     from this_machine import auto_precision, print_header
     machine = print_header("fp32, bf16", device)  # before any timing; or print_header(auto_precision(device))
@@ -31,21 +32,28 @@ import torch
 from duomodal.device import bf16_supported, describe_machine, precision_dtype, resolve_device, resolve_precision
 
 
+LAYOUTS = ("A B", "A B^T")  # the operand layouts the peak probe tries
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for `device`'s queued work (CUDA runs asynchronously), so that a clock around it is honest."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(precision: str, device: torch.device, seconds: float = 0.1, cap: int = 4096,
+def matmul_rate(precision: str, layout: str, device: torch.device, seconds: float = 0.02, cap: int = 4096,
                 repeats: int = 5) -> tuple[float, int]:
     """(FLOP/s, side) of the best of `repeats` square matmuls in `precision` on `device`, at the first side
-    (doubling from 128) where one takes at least `seconds`, or at `cap`."""
+    (doubling from 128) where one takes at least `seconds`, or at `cap`. `layout`: "A B" (both operands
+    row-major) or "A B^T" (the second transposed, as nn.Linear computes x W^T)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"matmul layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     dtype = precision_dtype(precision)
     side = min(128, cap)
     while True:
         a = torch.randn(side, side, device=device).to(dtype)
         b = torch.randn(side, side, device=device).to(dtype)
+        b = b.mT if layout == "A B^T" else b
         a @ b  # warm-up: the first call at a shape may create its kernel
         best = float("inf")
         for _ in range(repeats):
@@ -59,6 +67,12 @@ def matmul_peak(precision: str, device: torch.device, seconds: float = 0.1, cap:
         if best >= seconds or side >= cap:
             return 2 * side**3 / max(best, 1e-12), side
         side = min(2 * side, cap)
+
+
+def matmul_peak(precision: str, device: torch.device) -> tuple[float, int, str]:
+    """(FLOP/s, side, layout) of the faster layout: they can differ by 15x where bf16 is emulated (AVX2:
+    A B^T, what nn.Linear runs, at ~15-20 GFLOP/s on 2 cores, A B at ~1.3)."""
+    return max((*matmul_rate(precision, layout, device), layout) for layout in LAYOUTS)
 
 
 def auto_precision(device: torch.device | str | None = None) -> str:
@@ -81,7 +95,7 @@ class Machine:
     description: str  # duomodal.device.describe_machine()
     device: torch.device  # where the benchmark computes (the peaks are measured there)
     peaks: dict[str, float]  # precision -> matmul FLOP/s
-    sides: dict[str, int]  # precision -> the side of the matmul that gave its peak
+    shapes: dict[str, str]  # precision -> the matmul that gave its peak ("2048^3, A B^T")
     load: float  # the 1-minute load average before the probe: other work on the machine, if above ~0
 
     def peak(self, precision: str) -> float:
@@ -94,18 +108,17 @@ class Machine:
     def header(self, precision: str | None) -> str:
         """Two lines: the machine and its load; the matmul peaks and the precision this run computes in
         (`precision`, in words; None: no run)."""
-        native = bf16_supported(self.device)
-        peaks = ", ".join(
-            f"{name} {flops_text(rate)} ({self.sides[name]}^3"
-            + (", emulated" if name == "bf16" and not native else "") + ")"
-            for name, rate in self.peaks.items())
+        emulated = "" if bf16_supported(self.device) else ", emulated"
+        peaks = ", ".join(f"{name} {flops_text(rate)} ({self.shapes[name]}{emulated if name == 'bf16' else ''})"
+                          for name, rate in self.peaks.items())
         return (f"# machine: {self.description}; load average {self.load:.1f} at the start\n"
                 f"# matmul peak on {self.device}: {peaks}"
                 + (f"; this run computes in {precision}" if precision else ""))
 
 
-def matmul_peaks(device: torch.device) -> dict[str, tuple[float, int]]:
-    """{precision: (FLOP/s, side)} for fp32 and bf16 on `device`, and fp16 on CUDA (a training precision there)."""
+def matmul_peaks(device: torch.device) -> dict[str, tuple[float, int, str]]:
+    """{precision: (FLOP/s, side, layout)} for fp32 and bf16 on `device`, and for fp16 on CUDA (where it is a
+    training precision)."""
     precisions = ("fp32", "bf16", "fp16") if device.type == "cuda" else ("fp32", "bf16")
     return {precision: matmul_peak(precision, device) for precision in precisions}
 
@@ -122,8 +135,8 @@ def measure_machine(device: torch.device | str | None = None, separate_process: 
         measured = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
     else:
         measured = matmul_peaks(device)
-    return Machine(describe_machine(), device, {p: rate for p, (rate, _) in measured.items()},
-                   {p: side for p, (_, side) in measured.items()}, load)
+    return Machine(describe_machine(), device, {p: rate for p, (rate, _, _) in measured.items()},
+                   {p: f"{side}^3, {layout}" for p, (_, side, layout) in measured.items()}, load)
 
 
 def print_header(precision: str | None, device: torch.device | str | None = None,

@@ -22,24 +22,24 @@ def this_machine(monkeypatch):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_peak_probe_grows_to_the_cap_and_measures(this_machine, precision):
-    rate, side = this_machine.matmul_peak(precision, CPU, seconds=10.0, cap=256, repeats=1)
+    rate, side = this_machine.matmul_rate(precision, "A B^T", CPU, seconds=10.0, cap=256, repeats=1)
     assert side == 256  # no matmul this small takes 10 s: it grew to the cap
     assert rate > 0
 
 
 def test_peak_probe_stops_growing_once_a_matmul_is_long_enough(this_machine):
-    _, side = this_machine.matmul_peak("fp32", CPU, seconds=0.0, cap=4096, repeats=1)
+    _, side = this_machine.matmul_rate("fp32", "A B", CPU, seconds=0.0, cap=4096, repeats=1)
     assert side == 128
 
 
 def test_header_names_the_isa_and_each_precisions_peak(this_machine, monkeypatch):
     peaks = {"fp32": 2e9, "bf16": 1e9}
-    monkeypatch.setattr(this_machine, "matmul_peak", lambda precision, device: (peaks[precision], 512))
+    monkeypatch.setattr(this_machine, "matmul_peak", lambda precision, device: (peaks[precision], 512, "A B^T"))
     machine = this_machine.measure_machine("cpu")
     header = machine.header("fp32, bf16")
     assert torch.backends.cpu.get_cpu_capability() in header
     assert f"{torch.get_num_threads()} threads" in header
-    assert "fp32 2.0 GFLOP/s (512^3" in header and "bf16 1.0 GFLOP/s (512^3" in header
+    assert "fp32 2.0 GFLOP/s (512^3, A B^T" in header and "bf16 1.0 GFLOP/s (512^3, A B^T" in header
     assert header.endswith("this run computes in fp32, bf16")
     assert machine.peak("bf16") == 1e9
     with pytest.raises(KeyError, match="no fp16 matmul peak was measured on cpu"):
