@@ -6,11 +6,11 @@ caption-like token ids (no data loading: that is what `data.memory_cache_mb` rem
 epoch on). The variants: each precision this machine can use sensibly (fp32, and bf16 where it is
 native; `--precisions fp32,bf16` asks for an emulated bf16 too) x attention kernel (eager, sdpa), and
 with `--compile` the model under `torch.compile` in each precision with the kernel `auto` picks, its
-first step (the compile) timed apart. They run interleaved, round after round, so that other load on the
-machine falls on all of them; each figure is the fastest of its rounds (the step's speed without other
-load) with the median beside it. Then Muon's Newton-Schulz batched by shape against one matrix at a
-time, and what `auto` picks beside the fastest. The machine and its fp32 and bf16 matmul peaks come
-first (this_machine.py).
+first step (the compile, with empty caches as on a first run) timed apart. They run interleaved, round
+after round, so that other load on the machine falls on all of them; each figure is the fastest of its
+rounds (the step's speed without other load) with the median beside it. Then Muon's Newton-Schulz
+batched by shape against one matrix at a time, and what `auto` picks beside the fastest. The machine
+and its fp32 and bf16 matmul peaks come first (this_machine.py).
 
     flock /tmp/duomodal-heavy.lock .venv/bin/python benchmarks/step_clip.py [--batch 256] [--rounds 12] \
         [--precisions fp32,bf16] [--compile]
@@ -30,7 +30,8 @@ from duomodal.device import attention_kernel, resolve_device
 from duomodal.models.clip import ContrastiveClip
 from duomodal.train.clip_task import ClipRunConfig, pair_loss
 from duomodal.train.recipe import TrainConfig, build_optimizer
-from step_common import KERNELS, auto_line, autocast, compile_line, interleaved, newton_schulz, precisions_to_compare
+from step_common import (KERNELS, auto_line, autocast, cold_compile_cache, compile_line, interleaved, newton_schulz,
+                         precisions_to_compare)
 from this_machine import print_header, synchronize
 
 
@@ -89,7 +90,8 @@ def main() -> None:
             model, steps[(precision, kernel, False)] = variant(precision, kernel, False)
         if args.compile:
             _, steps[(precision, attention_kernel("auto", device), True)] = variant(precision, "auto", True)
-    times, first = interleaved(steps, args.rounds)
+    with cold_compile_cache():  # the compile time of a first run (a no-op without --compile)
+        times, first = interleaved(steps, args.rounds)
 
     reference = min(times[("fp32", "eager", False)]["step"]) if ("fp32", "eager", False) in times else None
     print(f"CLIP quick preset, batch {args.batch}, {args.optimizer}, {args.rounds} rounds interleaved")

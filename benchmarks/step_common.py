@@ -5,8 +5,10 @@ matrix at a time, and the line that puts what `auto` picks beside the fastest me
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 
 import torch
 
@@ -35,6 +37,22 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=precision_dtype(precision))
+
+
+@contextlib.contextmanager
+def cold_compile_cache() -> Iterator[None]:
+    """torch.compile's on-disk caches in a new, empty folder while inside, so that a compile time measured
+    is a first run's: a later run reuses /tmp/torchinductor_<user> and compiles in a few seconds."""
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="duomodal-inductor-") as folder:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
 def interleaved(steps: dict[Hashable, Callable[[], dict[str, float]]], rounds: int

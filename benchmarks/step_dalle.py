@@ -7,9 +7,10 @@ clipping, and the preset's optimizer step (Muon + AdamW: Muon's Newton-Schulz in
 The variants: each precision this machine can use sensibly (fp32, and bf16 where it is native;
 `--precisions fp32,bf16` asks for an emulated bf16 too) x attention kernel (eager, sdpa), and with
 `--compile` the model under `torch.compile` in each precision with the kernel `auto` picks, its first
-step (the compile) timed apart. They run interleaved, round after round, so that other load on the
-machine falls on all of them; each figure is the fastest of its rounds, the median beside it. Then Muon's
-Newton-Schulz batched by shape against one matrix at a time, and what `auto` picks beside the fastest.
+step (the compile, with empty caches as on a first run) timed apart. They run interleaved, round after
+round, so that other load on the machine falls on all of them; each figure is the fastest of its rounds,
+the median beside it. Then Muon's Newton-Schulz batched by shape against one matrix at a time, and what
+`auto` picks beside the fastest.
 
 The machine's fp32 and bf16 matmul peaks are measured at the start (this_machine.py). A step's model
 FLOPs are counted from the matmuls (6 x parameters in matmuls x tokens, plus attention's 12 x layers x
@@ -31,7 +32,8 @@ from duomodal.config import PRESETS, merge, override
 from duomodal.device import attention_kernel, resolve_device
 from duomodal.models.dalle import DALLE, text_ids_with_padding, weighted_loss
 from duomodal.train.recipe import build_optimizer
-from step_common import KERNELS, auto_line, autocast, compile_line, interleaved, newton_schulz, precisions_to_compare
+from step_common import (KERNELS, auto_line, autocast, cold_compile_cache, compile_line, interleaved, newton_schulz,
+                         precisions_to_compare)
 from this_machine import print_header, synchronize
 
 
@@ -103,7 +105,8 @@ def main() -> None:
             model, steps[(precision, kernel, False)] = variant(precision, kernel, False)
         if args.compile:
             _, steps[(precision, attention_kernel("auto", device), True)] = variant(precision, "auto", True)
-    times, first = interleaved(steps, args.rounds)
+    with cold_compile_cache():  # the compile time of a first run (a no-op without --compile)
+        times, first = interleaved(steps, args.rounds)
 
     flops = model_flops(model, batch)
     overrides = f" with {' '.join(args.overrides)}" if args.overrides else ""

@@ -56,14 +56,14 @@ def matmul_rate(precision: str, layout: str, device: torch.device, seconds: floa
         b = b.mT if layout == "A B^T" else b
         a @ b  # warm-up: the first call at a shape may create its kernel
         best = float("inf")
-        for _ in range(repeats):
+        for repeat in range(repeats):
             synchronize(device)
             started = time.perf_counter()
             a @ b
             synchronize(device)
             best = min(best, time.perf_counter() - started)
-            if best < seconds and side < cap:
-                break  # too short to measure well: grow first
+            if repeat >= 1 and best < seconds and side < cap:
+                break  # too short to measure well (twice, so that one disturbed call does not decide): grow
         if best >= seconds or side >= cap:
             return 2 * side**3 / max(best, 1e-12), side
         side = min(2 * side, cap)
