@@ -96,7 +96,7 @@ class Machine:
     device: torch.device  # where the benchmark computes (the peaks are measured there)
     peaks: dict[str, float]  # precision -> matmul FLOP/s
     shapes: dict[str, str]  # precision -> the matmul that gave its peak ("2048^3, A B^T")
-    load: float  # the 1-minute load average before the probe: other work on the machine, if above ~0
+    load: float  # the 1-minute load average before the probe: the last minute's work, a previous run's included
 
     def peak(self, precision: str) -> float:
         """The matmul peak (FLOP/s) of `precision`; raises KeyError for one that was not measured."""
