@@ -34,6 +34,7 @@ from duomodal.evaluate.metrics import dominant_color, ink_mask, template_ranks
 from duomodal.generate import decode_tokens, generate_images, image_tokens
 from duomodal.models.dalle import load_dalle
 from duomodal.models.sampling import SamplingOptions
+from this_machine import auto_precision, print_header
 
 # (icon, colour) rows of the grid: held-out combinations of the icons-32 dataset (never trained on; the
 # icon was seen in other colours), then four trained ones
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     args.top_k = args.top_k or None
+    print_header(f"{auto_precision()} for sampling")
 
     data = Path(args.data)
     palette = json.loads((data / "dataset.json").read_text())["palette"]

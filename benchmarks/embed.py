@@ -26,6 +26,7 @@ from duomodal.models.clip import (
 )
 from duomodal.text.tokenizer import Tokenizer
 from duomodal.train.clip_task import ClipRunConfig
+from this_machine import auto_precision, print_header
 
 VIT_B32 = ClipConfig(
     image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
@@ -81,7 +82,7 @@ def main() -> None:
     tokenizer = Tokenizer.train(_captions(2000, rng), vocab_size=256)
     quick = merge(ClipRunConfig(), preset("clip", "quick")).model
     quick = ClipConfig(**{**quick.__dict__, "vocab_size": tokenizer.vocab_size})
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {args.device}")
+    print_header(f"{auto_precision(args.device)} in ClipEmbedder", args.device)
     measure("quick", quick, tokenizer, args.quick_items, args.quick_items, args.device, args.batch_size)
     measure("ViT-B/32", VIT_B32, tokenizer, args.b32_items, args.b32_items, args.device, args.batch_size)
 

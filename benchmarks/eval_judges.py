@@ -21,6 +21,7 @@ from duomodal.data.records import load_records
 from duomodal.evaluate.context import dataset_palette
 from duomodal.evaluate.metrics import accuracy, dominant_color
 from duomodal.evaluate.shape import TemplateMatcher
+from this_machine import print_header
 
 
 def main() -> None:
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=0, help="also judge the images resized to this side")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    print_header("numpy and PIL (no model)", "cpu")
 
     records = [r for r in load_records(args.data) if "icon" in r.labels and "color" in r.labels]
     palette = dataset_palette(args.data)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
@@ -30,6 +29,7 @@ from dalle_pytorch_ref import import_dalle_pytorch, reference_dalle
 from duomodal.device import bf16_supported
 from duomodal.models.dalle import DALLE, DALLEConfig
 from duomodal.models.sampling import row_uniforms, sample_image_tokens
+from this_machine import print_header
 
 DALLE_PYTORCH_SAMPLING = 78.0  # image tokens/s at batch 4, dim 256, depth 4, 256 image tokens (issue 4)
 
@@ -93,8 +93,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     precisions = [p for p in args.precisions.split(",") if p == "fp32" or bf16_supported(device)]
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, device {device}; model dim 256, depth 4, 8 heads, 32 text tokens, 512 codes, top-k 64")
+    skipped = [p for p in args.precisions.split(",") if p not in precisions]
+    print_header(", ".join(precisions) + (f" ({', '.join(skipped)} skipped: not native here)" if skipped else ""),
+                 device)
+    print("# model dim 256, depth 4, 8 heads, 32 text tokens, 512 codes, top-k 64")
     reference = None if args.no_dalle_pytorch else import_dalle_pytorch()
     if reference is None and not args.no_dalle_pytorch:
         print("# DALLE-pytorch is not installed: no side-by-side column (see this script's docstring)")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from this_machine import auto_precision, print_header
+
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -152,6 +154,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # in a child process: the probe's matrices would raise the peak RSS this benchmark reports
+    print_header(f"{auto_precision(args.device)} in the CLIP embedder", args.device, separate_process=True)
 
     from duomodal.models.clip import load_clip
     from duomodal.search.build import BuildOptions

@@ -20,6 +20,7 @@ from duomodal.models.dalle import load_dalle
 from duomodal.serve import generator as generator_module
 from duomodal.serve.generator import DalleGenerator
 from duomodal.serve.jobs import Job, JobControl
+from this_machine import auto_precision, print_header
 
 
 def run_job(generator: DalleGenerator, prompt: str, num: int, seed: int) -> tuple[float, int]:
@@ -42,6 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print_header(f"{auto_precision(args.device)} for sampling", args.device)
     run = load_dalle(args.dalle, device=args.device)
     generator = DalleGenerator(run, scorer=None, max_num=args.num, batch_size=args.num)
     with_previews = generator_module._Previews

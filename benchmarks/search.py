@@ -29,6 +29,7 @@ import faiss
 import numpy as np
 
 from duomodal.search.index import FaissParams, make_faiss_index, search_params
+from this_machine import print_header
 
 
 def peak_rss_mb() -> float:
@@ -212,6 +213,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
+    # in a child process: the probe's matrices would raise the peak RSS this benchmark reports
+    print_header("fp32 vectors (faiss and Milvus; no torch model)", "cpu", separate_process=True)
     params = FaissParams(
         hnsw_m=args.hnsw_m,
         hnsw_ef_construction=args.ef_construction,

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from this_machine import auto_precision, print_header
+
 COLORS = ("red", "green", "blue", "yellow", "orange", "purple", "black", "grey")
 NOUNS = (
     "heart", "star", "home", "house", "cat", "dog", "car", "bus", "train", "plane", "boat", "bike",
@@ -340,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need 1 <= --clients <= 64, 0 < --seconds <= 600, 1 <= --images <= 10000000, "
                      "0 <= --upload-clients <= 64")
 
+    print_header(f"{auto_precision(args.device)} in the server's CLIP", args.device)
     args.work.mkdir(parents=True, exist_ok=True)
     clip_dir = args.clip or make_quick_clip(args.work / "clip-quick")
     tag = "quick" if args.clip is None else hashlib.sha256(str(args.clip.resolve()).encode()).hexdigest()[:8]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from speedrun_common import duomodal, metrics_rows, parse_recipes, percent, preset_batch_size, probe_rate, plot_curves, \
     reach_time, run, set_args
+from this_machine import auto_precision, print_header
 
 VALIDATIONS = 5  # validations over a run: the points of the quality-vs-minutes curve
 CURVE_KEYS = ("text_to_image_recall@10", "zero_shot_icon_top10")
@@ -95,6 +96,7 @@ def main() -> None:
         return
     if not args.candidate:
         parser.error("give at least one --candidate (or --replot)")
+    print_header(f"{auto_precision('cpu')} for training, where a recipe does not set train.precision", "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     recipes = parse_recipes(args.baseline, args.candidate)
     started = time.perf_counter()

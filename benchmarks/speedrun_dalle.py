@@ -41,6 +41,7 @@ from speedrun_common import (
     run,
     set_args,
 )
+from this_machine import auto_precision, print_header
 
 VALIDATIONS = 8  # validations over a run: the points of the quality-vs-minutes curve
 
@@ -108,6 +109,7 @@ def main() -> None:
                         "the same); curves are then drawn against steps")
     parser.add_argument("--eval-prompts", type=int, default=50, help="held-out prompts evaluated (default 50)")
     args = parser.parse_args()
+    print_header(f"{auto_precision()} for training, where a recipe does not set train.precision")
     args.out.mkdir(parents=True, exist_ok=True)
     recipes = parse_recipes(args.baseline, args.candidate)
     started = time.perf_counter()

@@ -1,16 +1,22 @@
-"""Where a DALL-E training step's time goes, and what fraction of the machine's bf16 peak it reaches.
+"""One DALL-E training step of the quick preset, timed per precision and attention kernel side by side:
+where its time goes, and what fraction of the precision's matmul peak it reaches.
 
-For the quick preset's model (or `--set` overrides of it) at its batch size, under bf16 autocast on the
-CPU (as training runs there), it times in one process, each as the median of `--steps` steps after
-warm-up: the forward + loss + backward, gradient clipping, and the optimizer step of each optimizer
-asked for (AdamW, Muon + AdamW, and torch.optim.Muon's part alone, beside ours that orthogonalises
-the matrices of one shape as a batch); with `--compile`, also the forward + backward of
-`torch.compile(model)`. The machine's bf16 peak is measured in the same run as the best rate of a large
-bf16 matmul (4096 x 4096 x 4096), and a step's model FLOPs are counted from the matmuls
-(6 x parameters in matmuls x tokens, plus attention's 12 x layers x L^2 x width per sequence), so
-"of peak" is model FLOPs per second over that peak.
+For the quick preset's model (or `--set` overrides of it) at its batch size, on random tokens, a step is
+what the training loop does: forward + loss + backward under the precision's autocast, gradient
+clipping, and the preset's optimizer step (Muon + AdamW: Muon's Newton-Schulz in the run's precision).
+The variants: each precision this machine can use sensibly (fp32, and bf16 where it is native;
+`--precisions fp32,bf16` asks for an emulated bf16 too) x attention kernel (eager, sdpa), and with
+`--compile` the model under `torch.compile` in each precision with the kernel `auto` picks, its first
+step (the compile, with empty caches as on a first run) timed apart. They run interleaved, round after
+round, so that other load on the machine falls on all of them; each figure is the fastest of its rounds,
+the median beside it. Then Muon's Newton-Schulz batched by shape against one matrix at a time, and what
+`auto` picks beside the fastest.
 
-    flock /tmp/duomodal-heavy.lock .venv/bin/python benchmarks/step_dalle.py --compile
+The machine's fp32 and bf16 matmul peaks are measured at the start (this_machine.py). A step's model
+FLOPs are counted from the matmuls (6 x parameters in matmuls x tokens, plus attention's 12 x layers x
+L^2 x width per sequence), and "of peak" is model FLOPs per second over the peak of the variant's precision.
+
+    flock /tmp/duomodal-heavy.lock .venv/bin/python benchmarks/step_dalle.py [--compile] [--precisions fp32,bf16]
 """
 
 from __future__ import annotations
@@ -18,25 +24,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 from duomodal.config import PRESETS, merge, override
-from duomodal.models.dalle import DALLE, DALLEConfig, text_ids_with_padding, weighted_loss
-from duomodal.train.recipe import TrainConfig, build_optimizer
-
-
-def bf16_peak(size: int = 4096, repeats: int = 5) -> float:
-    """FLOP/s of the best of `repeats` (size x size) @ (size x size) bf16 matmuls."""
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+from duomodal.device import attention_kernel, resolve_device
+from duomodal.models.dalle import DALLE, text_ids_with_padding, weighted_loss
+from duomodal.train.recipe import build_optimizer
+from step_common import (KERNELS, auto_line, autocast, cold_compile_cache, compile_line, interleaved, newton_schulz,
+                         precisions_to_compare)
+from this_machine import print_header, synchronize
 
 
 def model_flops(model: DALLE, batch: int) -> float:
@@ -50,69 +48,89 @@ def model_flops(model: DALLE, batch: int) -> float:
     return 3 * forward * batch
 
 
-def median_time(fn, steps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model.* / train.* overrides of the quick preset")
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds of every variant (default 15)")
+    parser.add_argument("--precisions", default=None,
+                        help="comma list (default: fp32, and bf16 where native; fp16 on CUDA without bf16)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) in each precision")
+    parser.add_argument("--device", default="auto", help="auto: CUDA where there is one, else cpu")
     args = parser.parse_args()
 
     from duomodal.train.dalle_task import DALLERunConfig
 
+    device = resolve_device(args.device)
+    precisions = precisions_to_compare(device, args.precisions)
+    machine = print_header(f"{', '.join(precisions)} (one variant each)", device)
     run = override(merge(DALLERunConfig(), PRESETS["dalle"]["quick"]), args.overrides)
-    config = DALLEConfig(**{**run.model.__dict__, "image_vocab_size": 512, "image_grid_size": 8, "image_size": 32})
+    config = replace(run.model, image_vocab_size=512, image_grid_size=8, image_size=32)
     batch = run.train.batch_size
     torch.manual_seed(0)
-    model = DALLE(config).train()
-    text = torch.randint(4, config.text_vocab_size, (batch, config.text_seq_len))
-    image = torch.randint(0, 512, (batch, config.image_token_count))
+    text = torch.randint(4, config.text_vocab_size, (batch, config.text_seq_len), device=device)
+    image = torch.randint(0, 512, (batch, config.image_token_count), device=device)
     targets = text_ids_with_padding(text, config.text_pad_id, config.text_vocab_size)[:, 1:]
 
-    def forward_backward(net: torch.nn.Module) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            text_logits, image_logits = net(text, image[:, :-1])
-            loss, _, _ = weighted_loss(text_logits, image_logits, targets, image, 1.0, 7.0)
-        loss.backward()
+    def variant(precision: str, kernel: str, compiled: bool):
+        torch.manual_seed(0)
+        model = DALLE(replace(config, attention=kernel)).to(device).train()
+        optimizer = build_optimizer(model, run.train, device, precision)
+        net = torch.compile(model) if compiled else model
 
-    peak = bf16_peak()
+        def step() -> dict[str, float]:
+            synchronize(device)
+            started = time.perf_counter()
+            with autocast(precision, device):
+                text_logits, image_logits = net(text, image[:, :-1])
+                loss, _, _ = weighted_loss(text_logits, image_logits, targets, image, 1.0, 7.0)
+            loss.backward()
+            synchronize(device)
+            backward_done = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            synchronize(device)
+            clipped = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            done = time.perf_counter()
+            return {"forward + backward": backward_done - started, "clipping": clipped - backward_done,
+                    "optimizer": done - clipped, "step": done - started}
+
+        return model, step
+
+    steps, model = {}, None
+    for precision in precisions:
+        for kernel in KERNELS:
+            model, steps[(precision, kernel, False)] = variant(precision, kernel, False)
+        if args.compile:
+            _, steps[(precision, attention_kernel("auto", device), True)] = variant(precision, "auto", True)
+    with cold_compile_cache():  # the compile time of a first run (a no-op without --compile)
+        times, first = interleaved(steps, args.rounds)
+
     flops = model_flops(model, batch)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; quick model {' '.join(args.overrides)}")
-    print(f"bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s; model FLOPs per step: {flops / 1e9:.1f} G (batch {batch})")
-    fb = median_time(lambda: forward_backward(model), args.steps)
-    clip = median_time(lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), args.steps)
-    rows = [("forward + backward", fb), ("gradient clipping", clip)]
-    for name in ("adamw", "muon"):
-        optimizer = build_optimizer(model, TrainConfig(optimizer=name, weight_decay=0.01), torch.device("cpu"))
-        rows.append((f"{name} step", median_time(optimizer.step, args.steps)))
-    # torch's own Muon on the same matrices (one Newton-Schulz per matrix), beside ours (batched by shape)
-    reference = torch.optim.Muon(model.hidden_matrices(), lr=1e-3, weight_decay=0.01, adjust_lr_fn="match_rms_adamw")
-    rows.append(("torch.optim.Muon part", median_time(reference.step, args.steps)))
-    if args.compile:
-        started = time.perf_counter()
-        compiled = torch.compile(model)
-        forward_backward(compiled)
-        print(f"torch.compile: first step {time.perf_counter() - started:.0f} s")
-        rows.append(("compiled forward + backward", median_time(lambda: forward_backward(compiled), args.steps)))
-    print(f"{'part':>28} {'ms':>8} {'of peak':>8}")
-    for name, seconds in rows:
-        share = f"{100 * flops / seconds / peak:.1f}%" if "forward" in name else ""
-        print(f"{name:>28} {seconds * 1000:>8.1f} {share:>8}")
-    for name in ("adamw", "muon"):
-        step = fb + clip + dict(rows)[f"{name} step"]
-        print(f"whole step with {name}: {step * 1000:.1f} ms, {batch / step:.0f} images/s, "
-              f"{100 * flops / step / peak:.1f}% of the bf16 peak")
+    overrides = f" with {' '.join(args.overrides)}" if args.overrides else ""
+    print(f"DALL-E quick model{overrides}, batch {batch}, {run.train.optimizer}, "
+          f"{flops / 1e9:.1f} GFLOP of matmuls a step; {args.rounds} rounds interleaved, the fastest (median)")
+    print("precision | attention | forward + backward ms | of peak | clipping ms | optimizer ms | step ms | "
+          "images/s | of peak | speed vs fp32 eager")
+    reference = min(times[("fp32", "eager", False)]["step"]) if ("fp32", "eager", False) in times else None
+    for (precision, kernel, compiled), parts in times.items():
+        fb, step = min(parts["forward + backward"]), min(parts["step"])
+        peak = machine.peak(precision)
+        versus = f"{reference / step:.2f}x" if reference else ""
+        fb_median, step_median = statistics.median(parts["forward + backward"]), statistics.median(parts["step"])
+        print(f"{precision} | {kernel}{' compiled' if compiled else ''} | {1000 * fb:.1f} ({1000 * fb_median:.1f}) | "
+              f"{100 * flops / fb / peak:.1f}% | {1000 * min(parts['clipping']):.1f} | "
+              f"{1000 * min(parts['optimizer']):.1f} | {1000 * step:.1f} ({1000 * step_median:.1f}) | "
+              f"{batch / step:.0f} | {100 * flops / step / peak:.1f}% | {versus}")
+    for (precision, kernel, compiled), seconds in first.items():
+        if compiled:
+            print(compile_line(f"{precision}, {kernel}", seconds, min(times[(precision, kernel, True)]["step"]),
+                               min(times[(precision, kernel, False)]["step"])))
+    for line in newton_schulz(model.hidden_matrices(), precisions, device, args.rounds):
+        print(line)
+    print(auto_line(device, {(p, k): min(parts["step"]) for (p, k, compiled), parts in times.items() if not compiled}))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch
 from dalle_pytorch_ref import import_dalle_pytorch, reference_dalle
 from duomodal.config import PRESETS, from_dict
 from duomodal.models.dalle import DALLE, DALLEConfig, text_ids_with_padding, weighted_loss
+from this_machine import print_header
 
 DALLE_PYTORCH_TRAINING = 2800.0  # tokens/s, dim 256, depth 4, 32 + 256 tokens, batch 16 (issue 4)
 
@@ -138,8 +138,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one[0], args.one[1], args.device, args.steps)))
         return
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, device {args.device}")
+    print_header(f"{args.precisions.replace(',', ', ')} (one row each)", args.device)
     print(f"{'setup':>18} {'params':>7} {'batch':>5} {'seq':>4} {'precision':>9} {'tokens/s':>9} "
           f"{'img tok/s':>9} {'step ms':>8} {'peak MB':>8} {'vs 2,800':>8} {'vs it':>6}")
     names = args.setups.split(",")

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from this_machine import print_header
+
 ISSUE_REFERENCE = {"quick": 196.0, "seed": 31.0}  # DALLE-pytorch images/s quoted in the issue
 
 
@@ -131,8 +133,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child[0], args.child[1], args.seconds, args.device, args.precision)))
         return
-    print(f"device {args.device}, {torch.get_num_threads()} threads, best of {args.rounds} x "
-          f"{args.seconds:.0f} s per configuration", flush=True)
+    print_header(f"{args.precision.replace(',', ', ')} (one row each)", args.device)
+    print(f"best of {args.rounds} x {args.seconds:.0f} s per configuration", flush=True)
     for precision in args.precision.split(","):
         for preset in args.presets.split(","):
             best: dict[str, dict] = {}
