@@ -81,7 +81,7 @@ def resolve_precision(precision: str, device: torch.device, setting: str = "prec
     if precision == "fp16" and device.type != "cuda":
         raise DeviceError(f"{setting} 'fp16' needs a CUDA device; use 'auto' (or 'fp32') on the CPU")
     if precision == "bf16" and not bf16_supported(device):
-        slowdown = f", about {bf16_slowdown():.0f}x slower than fp32 in a matmul probe" if device.type == "cpu" else ""
+        slowdown = f": a 256x256 matmul ran {bf16_slowdown():.0f}x slower than in fp32" if device.type == "cpu" else ""
         warnings.warn(
             f"{setting} bf16 is emulated on this {device.type} (no native bf16{slowdown}); it runs, slowly: "
             f"leave {setting} at auto for the fastest one here",
@@ -99,8 +99,10 @@ def precision_dtype(precision: str) -> torch.dtype:
 
 @functools.cache
 def bf16_slowdown(size: int = 256, repeats: int = 3) -> float:
-    """How many times slower a (size x size) bf16 matmul runs than an fp32 one on this CPU (best of
-    `repeats` each): about 1 where bf16 is native, about 100 where it is emulated. Measured once."""
+    """How many times slower a (size x size) @ (size x size) bf16 matmul runs than an fp32 one on this CPU
+    (best of `repeats` each; measured once): about 1 where bf16 is native, 50-100 where it is emulated. Emulated
+    kernels vary with shape and layout, so this names the probe, not a model's step (a whole training step
+    ran about 25x slower on an AVX2 CPU; docs/kernels.md)."""
 
     def best(dtype: torch.dtype) -> float:
         a = torch.randn(size, size).to(dtype)
