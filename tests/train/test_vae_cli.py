@@ -124,3 +124,26 @@ def test_two_process_ddp_matches_one_process(shape_dataset, tmp_path):
     single = json.loads((tmp_path / "single" / "result.json").read_text())
     ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
     assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-3)
+
+
+def test_two_process_ddp_plans_by_time_alike_and_undoes_its_probe(shape_dataset, tmp_path):
+    """Under torchrun both ranks plan the same steps from the slower rank's timings (no hang), and the probe
+    is undone: the same two processes trained for the planned steps reach the very same weights."""
+    args = ["train", "vae", "--data", str(shape_dataset),
+            *sets("train.checkpoint_every=0", "train.val_every=0", "train.sample_every=0")]
+
+    def torchrun(*extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "duomodal", *args, *extra]
+        done = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    planned = torchrun("--minutes", "0.05", "--out", str(tmp_path / "planned"))
+    plan = json.loads((tmp_path / "planned" / "run.json").read_text())["plan"]
+    assert plan["steps"] > 1 and f"time budget: 0.05 minutes bought {plan['steps']} steps" in planned.stdout
+    torchrun(*sets(f"train.steps={plan['steps']}", f"train.warmup_steps={plan['warmup_steps']}"),
+             "--out", str(tmp_path / "fixed"))
+    a, b = load_weights(tmp_path / "planned"), load_weights(tmp_path / "fixed")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

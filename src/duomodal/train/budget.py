@@ -15,7 +15,8 @@ from typing import Any
 
 from duomodal.config import ConfigError
 
-PROBE_SECONDS = 3.0  # timed probe steps run until this long...
+PROBE_SECONDS = 3.0  # timed probe steps run until this long (at most PROBE_FRACTION of the budget)...
+PROBE_FRACTION = 0.01
 PROBE_MIN_STEPS = 2  # ...and at least this many, after
 PROBE_WARMUP_STEPS = 1  # untimed first steps (allocation, first-touch caches)
 PROBE_MAX_STEPS = 50
@@ -53,6 +54,11 @@ def check_budget(minutes: float | None, setting: str = "train.minutes") -> None:
     """Raises BudgetError for a budget of zero or less (None = no budget)."""
     if minutes is not None and not minutes > 0:
         raise BudgetError(f"{setting} must be above 0 minutes, got {minutes:g}")
+
+
+def probe_seconds(minutes: float) -> float:
+    """How long the probe times steps for a budget of `minutes` (after its minimum number of steps)."""
+    return min(PROBE_SECONDS, PROBE_FRACTION * minutes * 60.0)
 
 
 def tasks_due(steps: int, every: int) -> int:

@@ -41,11 +41,11 @@ from duomodal.modelfile import capture_rng_state, load_state_dict_strict, load_w
 from duomodal.train.budget import (
     PROBE_MAX_STEPS,
     PROBE_MIN_STEPS,
-    PROBE_SECONDS,
     PROBE_WARMUP_STEPS,
     BudgetError,
     StepPlan,
     plan_steps,
+    probe_seconds,
 )
 from duomodal.train.batches import BatchStream, ShardBatchStream, make_batch_stream, to_device, val_batches
 from duomodal.train.checkpoints import (
@@ -286,9 +286,8 @@ class _Trainer:
             for _ in range(PROBE_WARMUP_STEPS):
                 self._optimizer_step(self._forward_backward().all_reduce(info))
                 bar.update(1)
-            started = time.perf_counter()
-            while timed < PROBE_MAX_STEPS and (timed < PROBE_MIN_STEPS
-                                               or time.perf_counter() - started < PROBE_SECONDS):
+            started, seconds = time.perf_counter(), probe_seconds(config.minutes)
+            while timed < PROBE_MAX_STEPS and (timed < PROBE_MIN_STEPS or time.perf_counter() - started < seconds):
                 self._optimizer_step(self._forward_backward().all_reduce(info))
                 timed += 1
                 bar.update(1)
