@@ -26,7 +26,7 @@ TRAINER_KINDS = ("vae", "dalle", "clip")
 # The quick demo's time budget in minutes, and each training stage's share of it (the dataset, index and
 # report stages take the rest); measured on both kinds of 2-core CPU in docs/RESULTS.md.
 DEMO_MINUTES = 13.5
-DEMO_SHARES = {"vae": 0.06, "dalle": 0.53, "clip": 0.29}
+DEMO_SHARES = {"vae": 0.055, "dalle": 0.5, "clip": 0.28}
 
 
 @dataclass(frozen=True)
