@@ -256,18 +256,18 @@ def test_a_budget_plans_the_steps_that_fit_and_records_them(tmp_path, clock):
     run = tmp_path / "run"
     result = train(TimedTask(clock), timed_config(), run)
     # before planning: step-0 validation 5 s + samples 2 s + 1 untimed and 2 timed probe steps (1 s each; the
-    # probe times at least 2 steps, then stops after 1% of the budget) = 10 s; then 60 x 0.98 - 10 = 48.8 s
-    # hold 41 steps and the final validation and samples (48 s)
+    # probe times at least 2 steps, then stops after 1% of the budget) = 10 s; then 60 x 0.95 - 10 = 47 s
+    # hold 40 steps and the final validation and samples (47 s)
     plan = result["plan"]
-    assert (plan["steps"], plan["probe_steps"], plan["step_s"]) == (41, 2, 1.0)
+    assert (plan["steps"], plan["probe_steps"], plan["step_s"]) == (40, 2, 1.0)
     assert (plan["validation_s"], plan["samples_s"], plan["before_s"]) == (5.0, 2.0, 10.0)
-    assert result["step"] == 41 and result["interrupted"] is None
+    assert result["step"] == 40 and result["interrupted"] is None
     assert 10.0 + result["wall_time_s"] <= 60.0
     recorded = json.loads((run / "run.json").read_text())
-    assert recorded["train"]["steps"] == 41 and recorded["train"]["minutes"] == 1.0
+    assert recorded["train"]["steps"] == 40 and recorded["train"]["minutes"] == 1.0
     assert recorded["plan"] == plan
-    assert metric_steps(run, "val") == [0, 41]  # the untrained model's figures, then the final ones
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000000.png", "step_0000041.png"]
+    assert metric_steps(run, "val") == [0, 40]  # the untrained model's figures, then the final ones
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000000.png", "step_0000040.png"]
     assert metric_steps(run, "train")[0] == 2  # the probe's steps are not logged
 
 
@@ -285,12 +285,12 @@ def test_a_planned_run_resumes_exactly_and_keeps_its_budget(tmp_path, clock):
     full = train(TimedTask(clock), timed_config(), tmp_path / "full")
     stopped = train(TimedTask(clock, signal_at=14), timed_config(), tmp_path / "cut")
     assert stopped["interrupted"] == "SIGTERM" and stopped["step"] == 15
-    with pytest.raises(BudgetError, match=r"^--resume: this run was planned for 1 minutes \(41 steps\); resume with "
+    with pytest.raises(BudgetError, match=r"^--resume: this run was planned for 1 minutes \(40 steps\); resume with "
                                           r"train.minutes=1, or without a budget \(the planned steps are kept\)$"):
         train(TimedTask(clock), timed_config(minutes=2.0), tmp_path / "cut", resume=True)
     resumed = train(TimedTask(clock), config(steps=999, warmup_steps=2, val_every=0, sample_every=0,
                                              checkpoint_every=10), tmp_path / "cut", resume=True)
-    assert resumed["step"] == 41 and resumed["plan"] == full["plan"]
+    assert resumed["step"] == 40 and resumed["plan"] == full["plan"]
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     for key in a:
         assert torch.equal(a[key], b[key]), key
