@@ -290,7 +290,7 @@ def vector_store_spec(spec: str) -> str:
     "milvus://HOST:PORT/COLLECTION"; ValueError naming the value otherwise."""
     if spec == "faiss":
         return spec
-    from duomodal.search.milvus import MilvusTarget
+    from duomodal.search.milvus_target import MilvusTarget
 
     return MilvusTarget.parse(spec).spec
 
