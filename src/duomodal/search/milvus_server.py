@@ -58,9 +58,13 @@ class LocalMilvusServer:
     and, when they are still free, the ports.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, settings: dict[str, str | int] | None = None):
+    def __init__(self, data_dir: str | os.PathLike, settings: dict[str, str | int] | None = None,
+                 client_options: dict | None = None):
         self.data_dir = Path(data_dir).resolve()
         self.settings = dict(settings or {})  # milvus.yaml values by dotted key (`--extra-config KEY=VALUE`)
+        # MilvusClient options for the readiness check (token, secure, server_pem_path...) when the
+        # settings turn on authentication or TLS
+        self.client_options = dict(client_options or {})
         self._process: subprocess.Popen | None = None
         self._ports: dict[str, int] = {}
         self.port: int | None = None  # the proxy's port (what clients connect to), once started
@@ -119,7 +123,7 @@ class LocalMilvusServer:
             # milvus-server moves a port it could not bind to the next free one: read what it chose
             self.port = _configured_proxy_port(self.data_dir) or self._ports["proxy-port"]
             try:
-                client = MilvusClient(uri=self.uri, timeout=2, dedicated=True)
+                client = MilvusClient(uri=self.uri, timeout=2, dedicated=True, **self.client_options)
                 try:
                     client.list_collections(timeout=2)
                     return

@@ -207,8 +207,12 @@ def credentials(target: MilvusTarget) -> str:
 
 
 def milvus_error_text(error: Exception) -> str:
-    """A pymilvus exception as one line, without the class name noise."""
+    """A pymilvus exception as one line, without the class name noise, with the gRPC status under
+    it when there is one (pymilvus says "Fail connecting" for a refused password as for a dead port)."""
     text = str(getattr(error, "message", "") or error)
+    cause = error.__cause__
+    if cause is not None and callable(getattr(cause, "code", None)) and callable(getattr(cause, "details", None)):
+        text += f" ({cause.code().name}: {cause.details()})"
     return " ".join(text.split())
 
 
@@ -246,10 +250,13 @@ def connect(target: MilvusTarget):
                             dedicated=True, **tls_options)
     except Exception as e:
         text = milvus_error_text(e)
-        hint = "is the server running, and are the host, port, TLS settings right?"
-        if re.search(r"auth|credential|password|token|permission", text, re.IGNORECASE):
-            hint = ("the server wants credentials: set MILVUS_TOKEN=USER:PASSWORD (or MILVUS_USER and "
-                    "MILVUS_PASSWORD); they are never recorded in the index")
+        hint = "is the server running, and are the host, port and TLS settings right?"
+        if re.search(r"UNAUTHENTICATED|PERMISSION_DENIED", text):
+            hint = ("set the credentials in MILVUS_TOKEN=USER:PASSWORD (or MILVUS_USER and MILVUS_PASSWORD); "
+                    "they are never recorded in the index")
+        elif re.search(r"TLS|SSL|handshake", text, re.IGNORECASE) or (not settings.tls and "Socket closed" in text):
+            hint = ("check the TLS settings (tls=1, ca=PATH, or $MILVUS_TLS and $MILVUS_CA_CERT) "
+                    "against the server's certificate")
         elif re.search(r"database", text, re.IGNORECASE):
             hint = "create the database first, or name another one"
         raise IndexStoreError(f"cannot connect to the Milvus server at {target.spec}: {text}; {hint}") from None
