@@ -219,6 +219,7 @@ def _apply_changes(client, collection: str, store: MetadataStore, dim: int, afte
 def _rebuild(client, target: MilvusTarget, store: MetadataStore, owner: str, dim: int, index_type: str,
              build_params: dict, count: int, progress: Callable | None, calls: _Calls) -> None:
     from pymilvus import DataType
+    from pymilvus.exceptions import MilvusException
 
     collection = target.collection
     if client.has_collection(collection, timeout=calls.request):
@@ -229,9 +230,14 @@ def _rebuild(client, target: MilvusTarget, store: MetadataStore, owner: str, dim
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
     index_params = client.prepare_index_params()
     index_params.add_index("vector", index_type=_MILVUS_TYPES[index_type], metric_type="IP", params=build_params)
-    client.create_collection(collection, schema=schema, index_params=index_params, timeout=calls.wait,
-                             consistency_level="Strong", properties={OWNER_PROPERTY: owner})
-    _check_owner(client, target, owner, calls)  # another index's build may have created it first
+    try:
+        client.create_collection(collection, schema=schema, index_params=index_params, timeout=calls.wait,
+                                 consistency_level="Strong", properties={OWNER_PROPERTY: owner})
+    except MilvusException:
+        if client.has_collection(collection, timeout=calls.request):
+            _check_owner(client, target, owner, calls)  # another index's build created it first
+        raise
+    _check_owner(client, target, owner, calls)  # the same, where the server took the create as a no-op
     bar = progress(total=count, desc=f"loading Milvus ({index_type})", unit="vec") if progress else None
     for ids, vectors in store.iter_vectors(dim, chunk=INSERT_CHUNK):
         client.insert(collection, [{"id": int(i), "vector": v.tolist()} for i, v in zip(ids, vectors)],

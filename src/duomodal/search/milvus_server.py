@@ -1,8 +1,15 @@
-"""A Milvus standalone server on this machine, from the `milvus` package (its `milvus-server`).
+"""A Milvus standalone server on this machine, from the `milvus` package.
 
 For the test suite, the benchmarks, and trying the server store on one machine: the server listens
 on free ports of 127.0.0.1 and keeps everything (its etcd, message log, segments, logs) under one
 data directory, so a stop and a start on the same directory is a restart that keeps the data.
+
+The package's own launcher, `milvus-server`, moves any port it cannot bind at once to the next
+free one; after a crash the old ports stay in TIME_WAIT for a minute, so a restarted server came
+back on another port and the indexes that named the old one lost it. So this module does what
+`milvus-server` does, with the ports kept: it writes the package's configuration template with
+them (plus the embedded etcd's own two, which `milvus-server` cannot set) and starts the package's
+binary (`milvus run standalone`).
 
 The server runs in a process group of its own with a watchdog: if the process that started it dies
 without stopping it (a killed test run), the watchdog stops the server within a second or two.
@@ -10,21 +17,22 @@ without stopping it (a killed test run), the watchdog stops the server within a 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-# milvus-server's port options; each gets a free port of its own
-PORT_OPTIONS = (
-    "proxy-port", "proxy-internal-port", "etcd-port", "root-coord-port", "query-coord-port",
-    "query-node-port", "index-coord-port", "index-node-port", "data-coord-port", "data-node-port",
+# the configuration template's ports, each given a free one, and the embedded etcd's peer port and
+# the metrics/health port, which the template does not hold
+PORTS = (
+    "proxy_port", "proxy_internal_port", "etcd_port", "root_coord_port", "query_coord_port",
+    "query_node_port", "index_coord_port", "index_node_port", "data_coord_port", "data_node_port",
 )
+ETCD_PEER_PORT, METRICS_PORT = "etcd_peer_port", "metrics_port"
 # Components that would otherwise announce the machine's first network address to each other
 _COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord", "dataNode")
 # The watchdog: start the server in the background, then wait while the starting process (the
@@ -36,12 +44,9 @@ class MilvusServerError(RuntimeError):
     """The local Milvus server could not be started (the message says why and names its log)."""
 
 
-def milvus_server_command() -> str | None:
-    """The `milvus-server` command of the `milvus` package, or None when it is not installed."""
-    beside = Path(sys.executable).with_name("milvus-server")
-    if beside.is_file():
-        return str(beside)
-    return shutil.which("milvus-server")
+def milvus_server_installed() -> bool:
+    """Whether the `milvus` package (the server binary) is installed."""
+    return importlib.util.find_spec("milvus") is not None
 
 
 def free_port() -> int:
@@ -51,23 +56,27 @@ def free_port() -> int:
 
 
 class LocalMilvusServer:
-    """One milvus-server process (group) with its data under `data_dir`.
+    """One Milvus standalone process (group) with its data under `data_dir`.
 
     ``start()`` waits until it answers; ``stop()`` asks it to stop and waits (SIGKILL after
     `timeout`); ``kill()`` is a crash (SIGKILL, no shutdown); a later ``start()`` reuses the data
-    and, when they are still free, the ports.
+    and the ports.
     """
 
     def __init__(self, data_dir: str | os.PathLike, settings: dict[str, str | int] | None = None,
                  client_options: dict | None = None):
         self.data_dir = Path(data_dir).resolve()
-        self.settings = dict(settings or {})  # milvus.yaml values by dotted key (`--extra-config KEY=VALUE`)
+        self.settings = dict(settings or {})  # milvus.yaml values by dotted key, e.g. "proxy.timeTickInterval"
         # MilvusClient options for the readiness check (token, secure, server_pem_path...) when the
         # settings turn on authentication or TLS
         self.client_options = dict(client_options or {})
         self._process: subprocess.Popen | None = None
         self._ports: dict[str, int] = {}
-        self.port: int | None = None  # the proxy's port (what clients connect to), once started
+
+    @property
+    def port(self) -> int | None:
+        """The proxy's port (what clients connect to), once started."""
+        return self._ports.get("proxy_port")
 
     @property
     def uri(self) -> str:
@@ -79,32 +88,25 @@ class LocalMilvusServer:
 
     @property
     def log(self) -> Path:
-        return self.data_dir / "milvus-server.log"
+        return self.data_dir / "logs" / "milvus-stdout.log"
 
     @property
     def running(self) -> bool:
         return self._process is not None and bool(self.pids())
 
     def start(self, timeout: float = 180.0) -> LocalMilvusServer:
-        command = milvus_server_command()
-        if command is None:
+        if not milvus_server_installed():
             raise MilvusServerError("the Milvus server is not installed: pip install milvus (or duomodal[dev])")
         if self._process is not None:
             raise MilvusServerError(f"the Milvus server in {self.data_dir} is already running")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        for option in PORT_OPTIONS:
-            if option not in self._ports or not _port_is_free(self._ports[option]):
-                self._ports[option] = free_port()
-        arguments = [command, "--data", str(self.data_dir)]
-        for option, port in self._ports.items():
-            arguments += [f"--{option}", str(port)]
-        settings = {**{f"{component}.ip": "127.0.0.1" for component in _COMPONENTS}, **self.settings}
-        for key, value in settings.items():  # the components' ips: all traffic stays on the loopback interface
-            arguments += ["--extra-config", f"{key}={value}"]
-        with open(self.log, "ab") as log:
+        for name in (*PORTS, ETCD_PEER_PORT, METRICS_PORT):
+            self._ports.setdefault(name, free_port())  # kept across restarts: clients know them
+        binary, env = self._prepare()
+        logs = self.data_dir / "logs"
+        with open(logs / "milvus-stdout.log", "ab") as out, open(logs / "milvus-stderr.log", "ab") as err:
             self._process = subprocess.Popen(
-                ["sh", "-c", _WATCHDOG, "milvus-watchdog", *arguments],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                ["sh", "-c", _WATCHDOG, "milvus-watchdog", binary, "run", "standalone"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True, cwd=self.data_dir, env=env,
             )
         try:
             self._wait_until_ready(timeout)
@@ -113,15 +115,48 @@ class LocalMilvusServer:
             raise
         return self
 
+    def _prepare(self) -> tuple[str, dict[str, str]]:
+        """Write the configuration (the package's template, as milvus-server fills it) and unpack
+        the binary; (the binary, its environment)."""
+        import milvus  # the package: its compressed binary, libraries and configuration template
+
+        config = milvus.MilvusServerConfig(data_dir=str(self.data_dir))
+        config.resolve_storage()  # data, logs and configs under data_dir
+        for name in PORTS:
+            config.set(name, self._ports[name])
+        settings = {**{f"{component}.ip": "127.0.0.1" for component in _COMPONENTS}, **self.settings}
+        for key, value in settings.items():  # the components' ips: all traffic stays on the loopback interface
+            config.set(key, value)
+        config.write_config()
+        milvus._initialize_data_files(str(self.data_dir))  # unpacks bin/ once (checked by hash after)
+        # the embedded etcd's ports are not in the template; Milvus reads its etcd config from here
+        etcd_config = self.data_dir / "configs" / "embedded-etcd.yaml"
+        client = f"http://127.0.0.1:{self._ports['etcd_port']}"
+        peer = f"http://127.0.0.1:{self._ports[ETCD_PEER_PORT]}"
+        etcd_config.write_text(f"listen-client-urls: {client}\nadvertise-client-urls: {client}\n"
+                               f"listen-peer-urls: {peer}\ninitial-advertise-peer-urls: {peer}\n"
+                               f"initial-cluster: default={peer}\n")
+        bin_dir = self.data_dir / "bin"
+        env = {
+            **os.environ,
+            "DEPLOY_MODE": "STANDALONE",
+            "METRICS_PORT": str(self._ports[METRICS_PORT]),
+            "MILVUS_RUN_DIR": str(self.data_dir / "run"),
+            "LD_LIBRARY_PATH": ":".join(filter(None, [str(bin_dir), os.environ.get("LD_LIBRARY_PATH", "")])),
+            "ETCD_CONFIG_PATH": str(etcd_config),
+        }
+        return str(bin_dir / "milvus"), env
+
     def _wait_until_ready(self, timeout: float) -> None:
         from pymilvus import MilvusClient
 
         deadline = time.monotonic() + timeout
+        seen = False  # the binary, once the watchdog shell has started it
         while True:
-            if not self.pids():
+            running = self._binary_running()
+            seen |= running
+            if not self.pids() or (seen and not running):
                 raise MilvusServerError(f"the Milvus server stopped while starting; see {self.log}")
-            # milvus-server moves a port it could not bind to the next free one: read what it chose
-            self.port = _configured_proxy_port(self.data_dir) or self._ports["proxy-port"]
             try:
                 client = MilvusClient(uri=self.uri, timeout=2, dedicated=True, **self.client_options)
                 try:
@@ -149,6 +184,16 @@ class LocalMilvusServer:
             if int(fields[2]) == group and fields[0] != "Z":
                 found.append(int(stat.parent.name))
         return found
+
+    def _binary_running(self) -> bool:
+        binary = str(self.data_dir / "bin" / "milvus")
+        for pid in self.pids():
+            try:
+                if os.readlink(f"/proc/{pid}/exe") == binary:
+                    return True
+            except OSError:
+                continue
+        return False
 
     def rss_mb(self) -> float:
         """Resident memory of the server's processes together, in MiB."""
@@ -197,22 +242,3 @@ class LocalMilvusServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _configured_proxy_port(data_dir: Path) -> int | None:
-    """The proxy port in the configuration milvus-server wrote (``proxy:`` ... ``port: N``)."""
-    try:
-        text = (data_dir / "configs" / "milvus.yaml").read_text()
-    except OSError:
-        return None
-    match = re.search(r"^proxy:\n(?:(?:\s.*|)\n)*?  port: (\d+)", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
