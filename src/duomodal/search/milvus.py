@@ -35,7 +35,7 @@ from duomodal.search.milvus_target import (
     connect,
     milvus_error_text,
 )
-from duomodal.search.store import IndexStoreError, MetadataStore
+from duomodal.search.store import IndexStoreError, MetadataStore, VectorStoreUnavailable
 
 __all__ = ["LITE_COLLECTION", "MilvusTarget", "MilvusVectors", "connect", "sync_milvus"]
 
@@ -78,7 +78,7 @@ class MilvusVectors:
     def search_batch(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
         """`search` for each row of `queries` (B, D) in one request."""
         params = {"metric_type": "IP", "params": self._search_params}
-        with _server_errors(self.target, "search"), self._lock:
+        with _server_errors(self.target, "search", error_type=VectorStoreUnavailable), self._lock:
             result = self._client.search(
                 self.target.collection, data=[q.tolist() for q in queries], limit=k, search_params=params,
                 output_fields=[], timeout=self._timeout, **self._read_options,
@@ -91,8 +91,8 @@ class MilvusVectors:
 
 
 @contextlib.contextmanager
-def _server_errors(target: MilvusTarget, doing: str, index_dir=None):
-    """pymilvus errors as an IndexStoreError naming the store and what to do."""
+def _server_errors(target: MilvusTarget, doing: str, index_dir=None, error_type=IndexStoreError):
+    """pymilvus errors as an IndexStoreError (or `error_type`) naming the store and what to do."""
     from pymilvus.exceptions import MilvusException
 
     try:
@@ -100,7 +100,7 @@ def _server_errors(target: MilvusTarget, doing: str, index_dir=None):
     except MilvusException as e:
         advice = (f"; nothing is lost (the index's SQLite store keeps every vector): run 'duomodal index update "
                   f"{index_dir}' when the server answers again") if index_dir is not None else ""
-        raise IndexStoreError(f"Milvus at {target.spec} failed during the {doing}: {milvus_error_text(e)}{advice}") \
+        raise error_type(f"Milvus at {target.spec} failed during the {doing}: {milvus_error_text(e)}{advice}") \
             from None
 
 
