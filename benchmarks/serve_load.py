@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args, clip_dir: Path, tag: str, vector_store: str, milvus) -> int:
+    """Build or sync the index, start `duomodal serve` over it, run the loads; 1 if any request failed."""
+    client_counts = [int(c) for c in args.clients.split(",")]
     index_dir, build_seconds = make_synthetic_index(
         args.work / f"index-{tag}-{args.images}-{args.index_type}", clip_dir, args.images, args.index_type,
         vector_store,

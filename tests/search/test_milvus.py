@@ -75,12 +75,14 @@ def test_a_collection_belongs_to_one_index(tmp_path, request, kind):
     assert_every_image_finds_itself(tmp_path / "idx-a", 2)  # the first index is untouched
 
 
+@pytest.mark.parametrize("kind", ["milvus-lite", "milvus-server"])
 @pytest.mark.parametrize("cut", ["apply", "rebuild"])
-def test_a_sync_cut_off_half_way_is_repaired_on_the_next_open(tmp_path, monkeypatch, cut):
+def test_a_sync_cut_off_half_way_is_repaired_on_the_next_open(tmp_path, monkeypatch, request, cut, kind):
     """The store committed; Milvus got part of the work and the state was never recorded."""
     root = tmp_path / "photos"
     paths = make_images(root, 8)
-    store = f"milvus:{tmp_path / 'v.db'}"
+    store, drop = store_spec(request, kind, tmp_path)
+    request.addfinalizer(drop)
     build(root, tmp_path / "idx", store)
     paths[0].unlink()
     make_images(root, 5, seed=2, prefix="new")
@@ -116,13 +118,15 @@ def test_a_sync_cut_off_half_way_is_repaired_on_the_next_open(tmp_path, monkeypa
     assert_every_image_finds_itself(tmp_path / "idx", 12)
 
 
-def test_an_index_moves_between_stores_on_update(tmp_path):
+@pytest.mark.parametrize("kind", ["milvus-lite", "milvus-server"])
+def test_an_index_moves_between_stores_on_update(tmp_path, request, kind):
     root = tmp_path / "photos"
     make_images(root, 6)
     build(root, tmp_path / "idx", "faiss")
     with ImageIndex.open(tmp_path / "idx") as index:
         before = [(h.id, round(h.score, 5)) for h in index.search(index.vector(1), k=6)]
-    store = f"milvus:{tmp_path / 'v.db'}"
+    store, drop = store_spec(request, kind, tmp_path)
+    request.addfinalizer(drop)
     report = update_index(tmp_path / "idx", FakeEmbedder(), options=BuildOptions(store=store), progress=False)
     assert (report.vector_store, report.count, report.embedded) == (store, 6, 0)
     with ImageIndex.open(tmp_path / "idx") as index:
