@@ -20,6 +20,7 @@ query, so the server's query cache never helps. Both are kept in --work between 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import io
@@ -95,7 +96,7 @@ def make_synthetic_index(directory: Path, clip_dir: Path, count: int, index_type
 
     embedder = load_clip(clip_dir, device="cpu")
     if directory.exists():
-        with MetadataStore.open(directory) as store:
+        with contextlib.closing(MetadataStore.open(directory)) as store:
             if store.count() != count or store.get_meta("clip_model_id") != embedder.model_id:
                 raise SystemExit(f"{directory} exists but is not this benchmark's index: remove it")
             moved = store.get_meta("vector_store") != vector_store
