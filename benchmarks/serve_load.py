@@ -6,6 +6,9 @@ memory while clients upload large images at once.
 
     flock /tmp/duomodal-heavy.lock .venv/bin/python benchmarks/serve_load.py --images 100000 \\
         --clients 1,8 --seconds 20 --upload-clients 8
+    # the index's vectors in a Milvus server this script starts (and stops):
+    flock /tmp/duomodal-heavy.lock .venv/bin/python benchmarks/serve_load.py --images 1000000 \\
+        --index-type ivf --store milvus-server --clients 1,8 --seconds 20
 
 Without --clip the CLIP is the `quick` preset's architecture with random weights (the cost of a
 query does not depend on what the weights learned); the index holds `--images` random unit
@@ -17,6 +20,7 @@ query, so the server's query cache never helps. Both are kept in --work between 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import io
@@ -83,8 +87,10 @@ def make_quick_clip(directory: Path) -> Path:
     return directory
 
 
-def make_synthetic_index(directory: Path, clip_dir: Path, count: int, index_type: str) -> tuple[Path, float]:
-    """`count` random unit vectors in a duomodal index at `directory`; returns (dir, build seconds)."""
+def make_synthetic_index(directory: Path, clip_dir: Path, count: int, index_type: str,
+                         vector_store: str = "faiss") -> tuple[Path, float]:
+    """`count` random unit vectors in a duomodal index at `directory`, their vectors in `vector_store`
+    (a store spec); returns (dir, seconds spent building or syncing the vector store)."""
     from duomodal import __version__
     from duomodal.models.clip import load_clip
     from duomodal.search.index import ImageIndex
@@ -92,10 +98,16 @@ def make_synthetic_index(directory: Path, clip_dir: Path, count: int, index_type
 
     embedder = load_clip(clip_dir, device="cpu")
     if directory.exists():
+        with contextlib.closing(MetadataStore.open(directory)) as store:
+            if store.count() != count or store.get_meta("clip_model_id") != embedder.model_id:
+                raise SystemExit(f"{directory} exists but is not this benchmark's index: remove it")
+            moved = store.get_meta("vector_store") != vector_store
+            store.set_meta({"vector_store": vector_store})  # the next open syncs it there
+        start = time.perf_counter()
         with ImageIndex.open(directory) as index:
-            if index.count == count and index.clip_model_id == embedder.model_id:
-                return directory, 0.0
-        raise SystemExit(f"{directory} exists but is not this benchmark's index: remove it")
+            print(f"index: {index.count} vectors, {index.dim}-d, {index.index_type} in {index.vector_store}",
+                  file=sys.stderr)
+        return directory, (time.perf_counter() - start) if moved else 0.0
     start = time.perf_counter()
     meta = {
         "root": str(directory / "no-images"),
@@ -105,6 +117,7 @@ def make_synthetic_index(directory: Path, clip_dir: Path, count: int, index_type
         "index_type_option": index_type,
         "faiss_params": "{}",
         "created_by": f"duomodal {__version__} benchmarks/serve_load.py",
+        "vector_store": vector_store,
     }
     store = MetadataStore.create(directory, meta)
     rng = np.random.default_rng(0)
@@ -120,8 +133,9 @@ def make_synthetic_index(directory: Path, clip_dir: Path, count: int, index_type
                     size=1000, mtime_ns=0, width=32, height=32, caption=None, vector=vector,
                 ))
     store.close()
-    with ImageIndex.open(directory) as index:  # builds and saves the faiss index
-        print(f"index: {index.count} vectors, {index.dim}-d, {index.index_type}", file=sys.stderr)
+    with ImageIndex.open(directory) as index:  # builds the faiss index or loads the Milvus collection
+        print(f"index: {index.count} vectors, {index.dim}-d, {index.index_type} in {index.vector_store}",
+              file=sys.stderr)
     return directory, time.perf_counter() - start
 
 
@@ -332,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-decodes", type=int, default=2, help="the server's --max-decodes (default 2)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/duomodal-serve-load"),
                         help="where the CLIP and index are kept between runs")
+    parser.add_argument("--store", choices=("faiss", "milvus-server"), default="faiss",
+                        help="where the index keeps its vectors: faiss, or a Milvus server this script starts "
+                        "in --work (default faiss)")
     args = parser.parse_args(argv)
     try:
         client_counts = [int(c) for c in args.clients.split(",")]
@@ -346,16 +363,40 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     clip_dir = args.clip or make_quick_clip(args.work / "clip-quick")
     tag = "quick" if args.clip is None else hashlib.sha256(str(args.clip.resolve()).encode()).hexdigest()[:8]
+    milvus = None
+    vector_store = "faiss"
+    if args.store == "milvus-server":
+        import shutil
+
+        from duomodal.search.milvus_server import LocalMilvusServer
+
+        shutil.rmtree(args.work / "milvus-server", ignore_errors=True)
+        milvus = LocalMilvusServer(args.work / "milvus-server").start()
+        vector_store = milvus.spec("serve_load")
+    try:
+        return run(args, clip_dir, tag, vector_store, milvus)
+    finally:
+        if milvus is not None:
+            milvus.stop(timeout=10)
+
+
+def run(args, clip_dir: Path, tag: str, vector_store: str, milvus) -> int:
+    """Build or sync the index, start `duomodal serve` over it, run the loads; 1 if any request failed."""
+    client_counts = [int(c) for c in args.clients.split(",")]
     index_dir, build_seconds = make_synthetic_index(
-        args.work / f"index-{tag}-{args.images}-{args.index_type}", clip_dir, args.images, args.index_type
+        args.work / f"index-{tag}-{args.images}-{args.index_type}", clip_dir, args.images, args.index_type,
+        vector_store,
     )
     if build_seconds:
-        print(f"built the synthetic index in {build_seconds:.1f} s", file=sys.stderr)
+        print(f"built the synthetic index (its vectors in {vector_store}) in {build_seconds:.1f} s", file=sys.stderr)
     image = large_upload(int(args.upload_megapixels * 1e6)) if args.upload_clients else b""
     port = free_port()
     server = start_server(index_dir, clip_dir, port, args.device, args.work / "server.log", args.max_decodes)
-    print(f"serve_load: {args.endpoint} search, {args.images} images, k={args.k}, {args.seconds:.0f} s per load, "
-          f"cpu cores {os.cpu_count()}")
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(f"serve_load: {args.endpoint} search, {args.images} images in {vector_store}, k={args.k}, "
+          f"{args.seconds:.0f} s per load, cpu cores {os.cpu_count()}, load average {load}")
+    if milvus is not None:
+        print(f"Milvus server RSS {milvus.rss_mb():.0f} MB")
     throughputs: dict[int, float] = {}
     failed = False
     try:
@@ -375,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"server memory: {memory['before']:.0f} MiB before, peak {memory['peak']:.0f} MiB sampled, "
                   f"VmHWM {memory['hwm']:.0f} MiB (--max-decodes {args.max_decodes})")
             failed |= bool(memory["results"].errors)
+        if milvus is not None:
+            print(f"Milvus server RSS {milvus.rss_mb():.0f} MB after the load")
     finally:
         stop_server(server)
     return 1 if failed else 0

@@ -16,6 +16,7 @@ from duomodal.search.build import build_index
 from duomodal.search.index import ImageIndex
 from duomodal.search.shards import SHARD_DIR
 
+from ..conftest import store_spec
 from .conftest import FakeEmbedder
 from .test_index import make_images
 from .test_resume import vectors_by_path
@@ -28,14 +29,20 @@ spec.loader.exec_module(fake)
 from duomodal.search.build import BuildOptions, build_index
 
 embedder = fake.FakeEmbedder()
-report = build_index({root!r}, {index!r}, embedder, options=BuildOptions(batch_size=3), progress=False)
+report = build_index({root!r}, {index!r}, embedder, options=BuildOptions(batch_size=3, store={store!r}),
+                     progress=False)
 with open(os.path.join({out!r}, "rank" + os.environ["RANK"]), "w") as f:
     f.write(f"{{embedder.images_embedded}} {{report.count}} {{report.embedded}} {{report.reused}} {{len(report.skipped)}}")
 """
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_build_one_index(tmp_path):
+@pytest.mark.parametrize("kind", ["faiss", "milvus-server"])
+def test_torchrun_two_processes_build_one_index(tmp_path, request, kind):
+    """Both ranks embed; rank 0 merges and syncs the vectors (into a Milvus server, for the second
+    case: the hand-off of docs/shards.md's multi-node recipe)."""
+    store, drop = store_spec(request, kind, tmp_path)
+    request.addfinalizer(drop)
     torchrun = Path(sys.executable).with_name("torchrun")
     root = tmp_path / "photos"
     paths = make_images(root, 17)
@@ -44,7 +51,8 @@ def test_torchrun_two_processes_build_one_index(tmp_path):
     (root / "broken.png").write_bytes(b"not an image")
     script = tmp_path / "build.py"
     conftest = str(Path(__file__).with_name("conftest.py"))
-    script.write_text(SCRIPT.format(conftest=conftest, root=str(root), index=str(tmp_path / "idx"), out=str(tmp_path)))
+    script.write_text(SCRIPT.format(conftest=conftest, root=str(root), index=str(tmp_path / "idx"), out=str(tmp_path),
+                                    store=store))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)],
@@ -63,7 +71,9 @@ def test_torchrun_two_processes_build_one_index(tmp_path):
     for path in expected:
         np.testing.assert_array_equal(merged[path], expected[path])
     with ImageIndex.open(tmp_path / "idx") as index:
-        assert index.count == 20
+        assert index.count == 20 and index.vector_store == store
+        for image_id in (1, 10, 20):
+            assert index.search(index.vector(image_id), k=1)[0].id == image_id
 
 
 def test_shards_left_by_an_interrupted_run_are_merged_not_redone(tmp_path):

@@ -1,6 +1,7 @@
-"""What only the Milvus store has: store specs, a collection owned by one index, a sync cut off
-half-way, moving an index between stores, a milvus-lite file busy in another process.
-(Everything else runs on both stores through the `vector_store` fixture.)"""
+"""What only the Milvus store has: store specs, a collection owned by one index (lite and server), a
+sync cut off half-way, moving an index between stores, a milvus-lite file busy in another process.
+(Everything else runs on every store through the `vector_store` fixture; what only a server shows
+is in test_milvus_server.py.)"""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from duomodal.search.index import ImageIndex, vector_store_spec
 from duomodal.search.milvus import MilvusTarget
 from duomodal.search.store import IndexStoreError
 
+from ..conftest import store_spec
 from .conftest import FakeEmbedder
 from .test_index import all_rows, make_images
 
@@ -57,25 +59,30 @@ def test_store_specs(tmp_path, monkeypatch):
         assert str(e.value) == message
 
 
-def test_a_collection_belongs_to_one_index(tmp_path):
+@pytest.mark.parametrize("kind", ["milvus-lite", "milvus-server"])
+def test_a_collection_belongs_to_one_index(tmp_path, request, kind):
     make_images(tmp_path / "a", 2)
     make_images(tmp_path / "b", 2, seed=1)
-    store = f"milvus:{tmp_path / 'shared.db'}"
+    store, drop = store_spec(request, kind, tmp_path)
+    request.addfinalizer(drop)
     build(tmp_path / "a", tmp_path / "idx-a", store)
     with pytest.raises(IndexStoreError) as e:
         build(tmp_path / "b", tmp_path / "idx-b", store)
-    assert str(e.value).startswith(f"Milvus collection 'duomodal_images' at {vector_store_spec(store)} belongs to "
+    collection = MilvusTarget.parse(store).collection
+    assert str(e.value).startswith(f"Milvus collection {collection!r} at {vector_store_spec(store)} belongs to "
                                    "another index (")
     assert str(e.value).endswith("); choose another collection or file")
     assert_every_image_finds_itself(tmp_path / "idx-a", 2)  # the first index is untouched
 
 
+@pytest.mark.parametrize("kind", ["milvus-lite", "milvus-server"])
 @pytest.mark.parametrize("cut", ["apply", "rebuild"])
-def test_a_sync_cut_off_half_way_is_repaired_on_the_next_open(tmp_path, monkeypatch, cut):
+def test_a_sync_cut_off_half_way_is_repaired_on_the_next_open(tmp_path, monkeypatch, request, cut, kind):
     """The store committed; Milvus got part of the work and the state was never recorded."""
     root = tmp_path / "photos"
     paths = make_images(root, 8)
-    store = f"milvus:{tmp_path / 'v.db'}"
+    store, drop = store_spec(request, kind, tmp_path)
+    request.addfinalizer(drop)
     build(root, tmp_path / "idx", store)
     paths[0].unlink()
     make_images(root, 5, seed=2, prefix="new")
@@ -111,13 +118,15 @@ def test_a_sync_cut_off_half_way_is_repaired_on_the_next_open(tmp_path, monkeypa
     assert_every_image_finds_itself(tmp_path / "idx", 12)
 
 
-def test_an_index_moves_between_stores_on_update(tmp_path):
+@pytest.mark.parametrize("kind", ["milvus-lite", "milvus-server"])
+def test_an_index_moves_between_stores_on_update(tmp_path, request, kind):
     root = tmp_path / "photos"
     make_images(root, 6)
     build(root, tmp_path / "idx", "faiss")
     with ImageIndex.open(tmp_path / "idx") as index:
         before = [(h.id, round(h.score, 5)) for h in index.search(index.vector(1), k=6)]
-    store = f"milvus:{tmp_path / 'v.db'}"
+    store, drop = store_spec(request, kind, tmp_path)
+    request.addfinalizer(drop)
     report = update_index(tmp_path / "idx", FakeEmbedder(), options=BuildOptions(store=store), progress=False)
     assert (report.vector_store, report.count, report.embedded) == (store, 6, 0)
     with ImageIndex.open(tmp_path / "idx") as index:

@@ -1,6 +1,7 @@
-"""The multi-node recipe of docs/search.md, simulated on one machine: two torchrun launchers with
+"""The multi-node recipe of docs/shards.md, simulated on one machine: two torchrun launchers with
 --nnodes 2 (one process each, gloo) train a VAE from shards, then build one index of the shards
-into milvus-lite; the index equals a single-process build."""
+into milvus-lite, and (as the recipe ends) into a Milvus server; the index equals a single-process
+build."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from duomodal.search.build import build_index
 from duomodal.search.index import ImageIndex
 from duomodal.train.checkpoints import list_checkpoints, load_checkpoint_state
 
+from ..conftest import store_spec
 from .conftest import FakeEmbedder
 from .test_resume import vectors_by_path
 
@@ -92,4 +94,25 @@ def test_two_nodes_train_from_shards_and_index_them_into_milvus(shape_dataset, t
     with ImageIndex.open(tmp_path / "shared" / "idx") as index:
         assert index.vector_store == f"milvus:{tmp_path / 'shared' / 'icons.db'}" and index.count == 24
         for image_id in (1, 12, 24):
+            assert index.search(index.vector(image_id), k=1)[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_nodes_index_shards_into_a_milvus_server(shape_dataset, tmp_path, request):
+    store, drop = store_spec(request, "milvus-server", tmp_path)
+    request.addfinalizer(drop)
+    shards = tmp_path / "shared" / "shapes"
+    pack_dataset(shape_dataset, shards, shard_size=2)
+    script = tmp_path / "node.py"
+    script.write_text(NODE.format(conftest=str(Path(__file__).with_name("conftest.py"))))
+    (tmp_path / "clip").mkdir()
+    on_two_nodes(script, ["index", "build", str(shards), "--clip", str(tmp_path / "clip"),
+                          "--out", str(tmp_path / "shared" / "idx"), "--store", store, "--batch-size", "3",
+                          "--quiet"], tmp_path)
+    build_index(shards, tmp_path / "reference", FakeEmbedder(), progress=False)
+    merged, expected = vectors_by_path(tmp_path / "shared" / "idx"), vectors_by_path(tmp_path / "reference")
+    assert sorted(merged) == sorted(expected) and len(expected) == 24
+    with ImageIndex.open(tmp_path / "shared" / "idx") as index:  # as `duomodal serve` opens it
+        assert index.vector_store == store and index.count == 24
+        for image_id in (1, 12, 24):  # (each shape and colour is there twice: the top may be the twin)
             assert index.search(index.vector(image_id), k=1)[0].score == pytest.approx(1.0, abs=1e-5)

@@ -210,6 +210,21 @@ def test_an_unexpected_value_error_in_a_handler_is_a_logged_500_not_a_400(fake_i
     assert "GET /api/search failed" in caplog.text
 
 
+def test_a_vector_store_that_does_not_answer_is_a_503_and_a_log_line(fake_index, fake_clip, monkeypatch, caplog):
+    from duomodal.search.store import VectorStoreUnavailable
+
+    def unreachable(vector, k):
+        raise VectorStoreUnavailable("Milvus at milvus://10.0.0.5:19530/icons failed during the search: timeout")
+
+    monkeypatch.setattr(fake_index, "search", unreachable)
+    with TestClient(create_app(fake_index, fake_clip), raise_server_exceptions=False, base_url="http://localhost") as client:
+        response = client.get("/api/search", params={"q": "red"})
+        assert client.get("/openapi.json").json()["paths"]["/api/search"]["get"]["responses"]["503"]
+    assert response.status_code == 503
+    assert response.json() == {"detail": "the vector store did not answer; try again in a moment"}
+    assert "GET /api/search: Milvus at milvus://10.0.0.5:19530/icons failed during the search: timeout" in caplog.text
+
+
 # --- more like this ------------------------------------------------------------------------------
 
 

@@ -22,6 +22,8 @@ from duomodal.models.clip import ContrastiveClip, load_clip
 from duomodal.search.build import BuildOptions, build_index
 from duomodal.text.tokenizer import Tokenizer
 
+from ..conftest import VECTOR_STORES, store_spec
+
 pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(scope="module")
@@ -36,17 +38,15 @@ def clip_dir(tmp_path_factory, shape_dataset, tiny_clip_config):
     return directory
 
 
-@pytest.fixture(scope="module", params=["faiss", "milvus-lite"])
+@pytest.fixture(scope="module", params=VECTOR_STORES)
 def index_dir(request, tmp_path_factory, shape_dataset, clip_dir):
-    """The same index in each vector store (the serve tests run on both)."""
+    """The same index in each vector store (the serve tests run on each)."""
     directory = tmp_path_factory.mktemp("index") / "idx"
-    store = "faiss"
-    if request.param == "milvus-lite":
-        pytest.importorskip("milvus_lite", reason="install duomodal[milvus] to test the Milvus store")
-        store = f"milvus:{directory.parent / 'vectors.db'}"
+    store, drop = store_spec(request, request.param, directory.parent)
     build_index(shape_dataset, directory, load_clip(clip_dir, device="cpu"), clip_path=clip_dir,
                 options=BuildOptions(store=store), progress=False)
-    return directory
+    yield directory
+    drop()
 
 
 @pytest.fixture

@@ -60,7 +60,9 @@ def _add_index_options(parser: argparse.ArgumentParser, keep_recorded: bool = Fa
     parser.add_argument(
         "--store", default=None if keep_recorded else "faiss", metavar="STORE",
         help="vector engine: faiss (a file in the index directory), milvus:PATH.db (milvus-lite) or "
-        f"milvus://HOST:PORT/COLLECTION (a Milvus server; token from $MILVUS_TOKEN) ({default_note.replace('auto', 'faiss')})",
+        "milvus://HOST:PORT/[DB/]COLLECTION[?tls=1&ca=PATH&timeout=S] (a Milvus server; credentials from "
+        "$MILVUS_TOKEN or $MILVUS_USER and $MILVUS_PASSWORD; see docs/search.md) "
+        f"({default_note.replace('auto', 'faiss')})",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per embedding batch (default 64)")
     parser.add_argument("--hnsw-m", type=int, default=None, help="hnsw graph degree (default 32)")

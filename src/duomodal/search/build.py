@@ -35,7 +35,14 @@ from tqdm import tqdm
 
 from duomodal import __version__
 from duomodal.data.images import ImageError
-from duomodal.search.index import INDEX_TYPES, FaissParams, IndexLock, sync_vectors, vector_store_spec
+from duomodal.search.index import (
+    INDEX_TYPES,
+    FaissParams,
+    IndexLock,
+    check_vector_store,
+    sync_vectors,
+    vector_store_spec,
+)
 from duomodal.search.plan import BuildReport, SkipCallback, plan_run, skip_file
 from duomodal.search.query import Embedder
 from duomodal.search.shards import Distributed, merge_shards, write_records, write_shard
@@ -171,6 +178,7 @@ def _prepare(
     lock = IndexLock(index_dir)
     try:
         with contextlib.closing(_open_for_run(index_dir, embedder, options, create_meta)) as store:
+            check_vector_store(store.get_meta("vector_store") or "faiss")  # fail now, not after embedding
             report = BuildReport(store.get_meta("root"), index_dir)
             merge_shards(store, index_dir, embedder.dim)
             source = open_source(report.root, index_dir)

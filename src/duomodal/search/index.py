@@ -290,9 +290,18 @@ def vector_store_spec(spec: str) -> str:
     "milvus://HOST:PORT/COLLECTION"; ValueError naming the value otherwise."""
     if spec == "faiss":
         return spec
-    from duomodal.search.milvus import MilvusTarget
+    from duomodal.search.milvus_target import MilvusTarget
 
     return MilvusTarget.parse(spec).spec
+
+
+def check_vector_store(spec: str) -> None:
+    """IndexStoreError now when the vector store `spec` cannot be reached (a Milvus server that is
+    down, refuses the credentials...), so a build fails before it embeds anything."""
+    if spec.startswith("milvus://"):
+        from duomodal.search.milvus_target import MilvusTarget, connect
+
+        connect(MilvusTarget.parse(spec)).close()
 
 
 def sync_vectors(

@@ -3,94 +3,55 @@
 The SQLite store stays the truth (paths, hashes, captions and every vector); a Milvus collection is
 derived from it exactly as the faiss file is. The collection holds ``id`` (the store's row id,
 primary key) and ``vector`` (FLOAT_VECTOR, inner product). After a sync the store's meta records
-what the collection holds (``milvus_state``: the store, the change number, the index type and
-params), so the next sync applies only the change log since then: deletes, then upserts by id, both
+what the collection holds (``milvus_state``: where, the change number, the index type and params),
+so the next sync applies only the change log since then: deletes, then upserts by id, both
 idempotent, so an interruption at any point is repaired by the next sync. Anything else (a missing
-collection, another index type) is a rebuild from the stored vectors.
+collection, another index type, a count that disagrees with the store) is a rebuild from the stored
+vectors. A sync ends with a flush and a count: a sync that returned has every row in Milvus's
+persisted segments, and a server that restarts afterwards still holds them.
 
-Store specs (``--store``): ``milvus:PATH`` (milvus-lite, one process at a time per file) and
-``milvus://HOST:PORT/COLLECTION`` (a server; the token, if any, from ``$MILVUS_TOKEN``).
+A collection carries the ``index_id`` of the index that made it; a sync never drops or writes a
+collection another index owns (checked again right before a drop and right after a create, so two
+builds racing for one collection on a server end with one owner and one clear refusal).
+
+Store specs and connection settings: ``milvus_target.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import re
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from duomodal.search.store import IndexStoreError, MetadataStore
+from duomodal.search.milvus_target import (
+    LITE_COLLECTION,
+    ConnectionSettings,
+    MilvusTarget,
+    connect,
+    milvus_error_text,
+)
+from duomodal.search.store import IndexStoreError, MetadataStore, VectorStoreUnavailable
 
-LITE_COLLECTION = "duomodal_images"
+__all__ = ["LITE_COLLECTION", "MilvusTarget", "MilvusVectors", "connect", "sync_milvus"]
+
 OWNER_PROPERTY = "duomodal.index"  # collection property naming the index (meta `index_id`) that owns it
 INSERT_CHUNK = 5_000  # vectors per insert call (a 512-d chunk is ~10 MB, under gRPC's message limit)
-_COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 _MILVUS_TYPES = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT"}
 
 
-@dataclass(frozen=True)
-class MilvusTarget:
-    uri: str  # what MilvusClient opens: an absolute .db path (lite) or http://HOST:PORT
-    collection: str
+class _Calls:
+    """Per-request timeouts for one target: None for milvus-lite (in process), the resolved
+    connection settings for a server."""
 
-    @property
-    def is_lite(self) -> bool:
-        return not self.uri.startswith("http://")
-
-    @property
-    def spec(self) -> str:
-        """The canonical store spec, as recorded in the index meta."""
-        if self.is_lite:
-            return f"milvus:{self.uri}"
-        return f"milvus://{self.uri.removeprefix('http://')}/{self.collection}"
-
-    @classmethod
-    def parse(cls, spec: str) -> MilvusTarget:
-        """``milvus:PATH`` (relative paths are resolved now) or ``milvus://HOST:PORT/COLLECTION``."""
-        if spec.startswith("milvus://"):
-            match = re.fullmatch(r"milvus://([^/:]+):(\d{1,5})/(.+)", spec)
-            if match is None:
-                raise ValueError(f"store {spec!r} is not of the form milvus://HOST:PORT/COLLECTION")
-            host, port, collection = match.groups()
-            if not _COLLECTION_NAME.fullmatch(collection):
-                raise ValueError(
-                    f"Milvus collection name {collection!r} must start with a letter or _ and hold only "
-                    "letters, digits and _"
-                )
-            return cls(f"http://{host}:{port}", collection)
-        if spec.startswith("milvus:"):
-            path = spec.removeprefix("milvus:")
-            if not path.endswith(".db"):
-                raise ValueError(f"store {spec!r}: a milvus-lite file name must end in .db, e.g. milvus:./icons.db")
-            return cls(str(Path(path).resolve()), LITE_COLLECTION)
-        raise ValueError(f"store {spec!r} is not milvus:PATH.db or milvus://HOST:PORT/COLLECTION")
-
-
-def connect(target: MilvusTarget):
-    """A MilvusClient for `target`; IndexStoreError (with what to do) when it cannot be opened."""
-    try:
-        from pymilvus import MilvusClient
-    except ImportError:
-        raise IndexStoreError(
-            "this index keeps its vectors in Milvus; install pymilvus and milvus-lite "
-            "(pip install 'duomodal[milvus]')"
-        ) from None
-    if target.is_lite:
-        Path(target.uri).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return MilvusClient(uri=target.uri, token=os.environ.get("MILVUS_TOKEN", ""))
-    except Exception as e:  # pymilvus raises its own exception types, of several kinds
-        extra = (
-            " (milvus-lite serves one process at a time: is another duomodal process using this file?)"
-            if target.is_lite else ""
-        )
-        raise IndexStoreError(f"cannot open Milvus at {target.spec}: {e}{extra}") from None
+    def __init__(self, target: MilvusTarget):
+        settings = None if target.is_lite else ConnectionSettings.resolve(target)
+        self.request = None if settings is None else settings.timeout
+        self.wait = None if settings is None else settings.wait_timeout
 
 
 class MilvusVectors:
@@ -102,7 +63,13 @@ class MilvusVectors:
         self.index_type = index_type
         self._search_params = search_params
         self.count = count
-        self._lock = threading.Lock()  # milvus-lite's client is not documented as thread-safe
+        self._timeout = _Calls(target).request
+        # milvus-lite's client is not documented as thread-safe; a server's gRPC client is
+        self._lock = threading.Lock() if target.is_lite else contextlib.nullcontext()
+        # A server answers reads at "Bounded" consistency (at most its gracefulTime, 5 s, stale), not
+        # "Strong" (which waits for the next time tick, ~200 ms a query). A sync ends with a Strong
+        # count, after which every row it wrote is visible to Bounded reads.
+        self._read_options = {} if target.is_lite else {"consistency_level": "Bounded"}
 
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         """(id, inner product) of the `k` nearest stored vectors to `query` (1, D), best first."""
@@ -111,16 +78,30 @@ class MilvusVectors:
     def search_batch(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
         """`search` for each row of `queries` (B, D) in one request."""
         params = {"metric_type": "IP", "params": self._search_params}
-        with self._lock:
+        with _server_errors(self.target, "search", error_type=VectorStoreUnavailable), self._lock:
             result = self._client.search(
                 self.target.collection, data=[q.tolist() for q in queries], limit=k, search_params=params,
-                output_fields=[],
+                output_fields=[], timeout=self._timeout, **self._read_options,
             )
         return [[(int(hit["id"]), float(hit["distance"])) for hit in hits] for hits in result]
 
     def close(self) -> None:
         with self._lock:
             self._client.close()
+
+
+@contextlib.contextmanager
+def _server_errors(target: MilvusTarget, doing: str, index_dir=None, error_type=IndexStoreError):
+    """pymilvus errors as an IndexStoreError (or `error_type`) naming the store and what to do."""
+    from pymilvus.exceptions import MilvusException
+
+    try:
+        yield
+    except MilvusException as e:
+        advice = (f"; nothing is lost (the index's SQLite store keeps every vector): run 'duomodal index update "
+                  f"{index_dir}' when the server answers again") if index_dir is not None else ""
+        raise error_type(f"Milvus at {target.spec} failed during the {doing}: {milvus_error_text(e)}{advice}") \
+            from None
 
 
 def _index_params(index_type: str, params, count: int) -> tuple[dict, dict]:
@@ -134,21 +115,47 @@ def _index_params(index_type: str, params, count: int) -> tuple[dict, dict]:
     return {}, {}
 
 
-def _collection_count(client, collection: str) -> int:
-    rows = client.query(collection, filter="", output_fields=["count(*)"])
+def _collection_count(client, collection: str, calls: _Calls) -> int:
+    rows = client.query(collection, filter="", output_fields=["count(*)"], timeout=calls.request)
     return int(rows[0]["count(*)"])
+
+
+def _owner(client, collection: str, calls: _Calls) -> str | None:
+    return client.describe_collection(collection, timeout=calls.request).get("properties", {}).get(OWNER_PROPERTY)
+
+
+def _check_owner(client, target: MilvusTarget, owner: str, calls: _Calls) -> None:
+    found = _owner(client, target.collection, calls)
+    if found != owner or not owner:
+        raise IndexStoreError(
+            f"Milvus collection {target.collection!r} at {target.spec} belongs to another index "
+            f"({found or 'not a duomodal index'}); choose another collection or file"
+        )
 
 
 def sync_milvus(store: MetadataStore, writable: bool, progress: Callable | None = None) -> MilvusVectors:
     """The Milvus collection brought up to date with the store (when `writable`), ready to search.
 
     A reader that is not `writable` (a build holds the index) searches the collection as it is;
-    hits whose rows are gone are dropped by ``ImageIndex.search``.
+    hits whose rows are gone are dropped by ``ImageIndex.search``. Raises IndexStoreError when the
+    server cannot be reached or fails part-way (the store is untouched; the next sync repairs).
     """
+    target = MilvusTarget.parse(store.meta()["vector_store"])
+    calls = _Calls(target)
+    client = connect(target)
+    try:
+        with _server_errors(target, "sync" if writable else "opening of the index", store.path.parent):
+            return _sync(client, target, calls, store, writable, progress)
+    except BaseException:
+        client.close()
+        raise
+
+
+def _sync(client, target: MilvusTarget, calls: _Calls, store: MetadataStore, writable: bool,
+          progress: Callable | None) -> MilvusVectors:
     from duomodal.search.index import choose_index_type, read_params
 
     meta = store.meta()
-    target = MilvusTarget.parse(meta["vector_store"])
     dim = int(meta["dim"])
     params = read_params(meta)
     count = store.count()
@@ -156,79 +163,111 @@ def sync_milvus(store: MetadataStore, writable: bool, progress: Callable | None 
     build_params, search_params = _index_params(wanted, params, count)
     state = json.loads(meta.get("milvus_state", "{}"))
     seq = store.last_change()
-    client = connect(target)
-    try:
-        owner = meta.get("index_id", "")
-        if not owner and writable:  # an index made before it had an id
-            owner = uuid.uuid4().hex
-            store.set_meta({"index_id": owner})
-        exists = client.has_collection(target.collection)
-        if exists:
-            found = client.describe_collection(target.collection).get("properties", {}).get(OWNER_PROPERTY)
-            if found != owner or not owner:
-                raise IndexStoreError(
-                    f"Milvus collection {target.collection!r} at {target.spec} belongs to another index "
-                    f"({found or 'not a duomodal index'}); choose another collection or file"
-                )
-            client.load_collection(target.collection)  # released after a restart; a no-op when loaded
-        if not writable:
-            if not exists:
-                raise IndexStoreError(
-                    f"{target.spec} has no collection {target.collection!r} yet; "
-                    "finish the build with 'duomodal index update'"
-                )
-            recorded = state.get("index_type", wanted)
-            _, recorded_search = _index_params(recorded, params, count)
-            count_now = _collection_count(client, target.collection)
-            return MilvusVectors(client, target, recorded, recorded_search, count_now)
-        same_layout = {"store": target.spec, "index_type": wanted, "build_params": build_params}
-        current = exists and {k: state.get(k) for k in same_layout} == same_layout and state.get("seq", -1) <= seq
-        if current:
-            _apply_changes(client, target.collection, store, dim, int(state["seq"]))
-            current = _collection_count(client, target.collection) == count
-        if not current:
-            _rebuild(client, target.collection, store, owner, dim, wanted, build_params, count, progress)
-        store.set_meta({"milvus_state": json.dumps({**same_layout, "seq": seq}, sort_keys=True),
-                        "index_type": wanted})
-        store.forget_changes(seq)
-        return MilvusVectors(client, target, wanted, search_params, _collection_count(client, target.collection))
-    except BaseException:
-        client.close()
-        raise
+    owner = meta.get("index_id", "")
+    if not owner and writable:  # an index made before it had an id
+        owner = uuid.uuid4().hex
+        store.set_meta({"index_id": owner})
+    exists = client.has_collection(target.collection, timeout=calls.request)
+    if exists:
+        _check_owner(client, target, owner, calls)
+        client.load_collection(target.collection, timeout=calls.wait)  # released after a restart; else a no-op
+    if not writable:
+        if not exists:
+            raise IndexStoreError(
+                f"{target.spec} has no collection {target.collection!r} yet; "
+                "finish the build with 'duomodal index update'"
+            )
+        recorded = state.get("index_type", wanted)
+        _, recorded_search = _index_params(recorded, params, count)
+        count_now = _collection_count(client, target.collection, calls)
+        return MilvusVectors(client, target, recorded, recorded_search, count_now)
+    # `location`, not `spec`: another timeout or TLS setting reaches the same collection
+    same_layout = {"store": target.location, "index_type": wanted, "build_params": build_params}
+    current = exists and {k: state.get(k) for k in same_layout} == same_layout and state.get("seq", -1) <= seq
+    if current:
+        _apply_changes(client, target.collection, store, dim, int(state["seq"]), calls)
+        current = _collection_count(client, target.collection, calls) == count
+    if not current:
+        _rebuild(client, target, store, owner, dim, wanted, build_params, count, progress, calls)
+        found = _collection_count(client, target.collection, calls)
+        if found != count:
+            raise IndexStoreError(
+                f"Milvus at {target.spec} holds {found} vectors after loading {count}; run "
+                f"'duomodal index update {store.path.parent}' again (it rebuilds the collection)"
+            )
+    store.set_meta({"milvus_state": json.dumps({**same_layout, "seq": seq}, sort_keys=True),
+                    "index_type": wanted})
+    store.forget_changes(seq)
+    return MilvusVectors(client, target, wanted, search_params, count)
 
 
-def _apply_changes(client, collection: str, store: MetadataStore, dim: int, after: int) -> None:
+def _apply_changes(client, collection: str, store: MetadataStore, dim: int, after: int, calls: _Calls) -> None:
     ids = store.changed_ids(after)
     for start in range(0, len(ids), INSERT_CHUNK):
         chunk = ids[start : start + INSERT_CHUNK]
         vectors = store.vectors(chunk, dim)
         gone = [i for i in chunk if i not in vectors]
         if gone:
-            client.delete(collection, ids=gone)
+            client.delete(collection, ids=gone, timeout=calls.request)
         if vectors:
-            client.upsert(collection, [{"id": i, "vector": v.tolist()} for i, v in sorted(vectors.items())])
+            client.upsert(collection, [{"id": i, "vector": v.tolist()} for i, v in sorted(vectors.items())],
+                          timeout=calls.request)
     if ids:
-        client.flush(collection)  # seal what was written: unsealed rows are searched without the index
+        _flush(client, collection, calls)
 
 
-def _rebuild(client, collection: str, store: MetadataStore, owner: str, dim: int, index_type: str,
-             build_params: dict, count: int, progress: Callable | None) -> None:
+def _rebuild(client, target: MilvusTarget, store: MetadataStore, owner: str, dim: int, index_type: str,
+             build_params: dict, count: int, progress: Callable | None, calls: _Calls) -> None:
     from pymilvus import DataType
+    from pymilvus.exceptions import MilvusException
 
-    if client.has_collection(collection):
-        client.drop_collection(collection)
+    collection = target.collection
+    if client.has_collection(collection, timeout=calls.request):
+        _check_owner(client, target, owner, calls)  # again, right before the drop: never drop another's
+        client.drop_collection(collection, timeout=calls.request)
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.INT64, is_primary=True)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
     index_params = client.prepare_index_params()
     index_params.add_index("vector", index_type=_MILVUS_TYPES[index_type], metric_type="IP", params=build_params)
-    client.create_collection(collection, schema=schema, index_params=index_params,
-                             consistency_level="Strong", properties={OWNER_PROPERTY: owner})
+    try:
+        client.create_collection(collection, schema=schema, index_params=index_params, timeout=calls.wait,
+                                 consistency_level="Strong", properties={OWNER_PROPERTY: owner})
+    except MilvusException:
+        if client.has_collection(collection, timeout=calls.request):
+            _check_owner(client, target, owner, calls)  # another index's build created it first
+        raise
+    _check_owner(client, target, owner, calls)  # the same, where the server took the create as a no-op
     bar = progress(total=count, desc=f"loading Milvus ({index_type})", unit="vec") if progress else None
     for ids, vectors in store.iter_vectors(dim, chunk=INSERT_CHUNK):
-        client.insert(collection, [{"id": int(i), "vector": v.tolist()} for i, v in zip(ids, vectors)])
+        client.insert(collection, [{"id": int(i), "vector": v.tolist()} for i, v in zip(ids, vectors)],
+                      timeout=calls.request)
         if bar is not None:
             bar.update(len(ids))
-    client.flush(collection)  # seal and index the segments (milvus-lite brute-forces unsealed rows in Python)
+    _flush(client, collection, calls)
     if bar is not None:
         bar.close()
+
+
+def _flush(client, collection: str, calls: _Calls) -> None:
+    """Seal and persist what was written, then (on a server) wait until the index covers it.
+
+    milvus-lite brute-forces unsealed rows in Python; a server searches unsealed rows and sealed
+    ones not yet indexed with a temporary index of lower recall.
+    """
+    client.flush(collection, timeout=calls.wait)
+    if calls.wait is None:
+        return
+    deadline = time.monotonic() + calls.wait
+    while True:
+        info = client.describe_index(collection, "vector", timeout=calls.request)
+        if info.get("state") == "Failed":
+            raise IndexStoreError(f"Milvus could not index {collection!r}: {info.get('index_state_fail_reason', '')}")
+        if int(info.get("pending_index_rows", 0)) == 0:
+            return
+        if time.monotonic() > deadline:
+            raise IndexStoreError(
+                f"Milvus has not indexed {info.get('pending_index_rows')} rows of {collection!r} after "
+                f"{calls.wait:.0f} s (wait_timeout); the rows are stored and searchable, run the update again later"
+            )
+        time.sleep(0.5)

@@ -71,6 +71,10 @@ class ModelMismatchError(IndexStoreError):
     """The CLIP model given is not the one the index was built with."""
 
 
+class VectorStoreUnavailable(IndexStoreError):
+    """The vector engine (a Milvus server) did not answer a search; the index itself is intact."""
+
+
 @dataclass(frozen=True)
 class ImageRow:
     id: int

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from duomodal import __version__
 from duomodal.models.sampling import GenerationError
 from duomodal.search.query import QueryError
+from duomodal.search.store import VectorStoreUnavailable
 from duomodal.serve.jobs import JobQueue, QueueFullError
 from duomodal.serve.media import MAX_UPLOAD_BYTES, ThumbnailCache, UploadError, human_bytes
 from duomodal.serve.routes_generate import make_generate_router
@@ -152,6 +153,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     for error_type, status in REQUEST_ERRORS.items():
         app.add_exception_handler(error_type, _answer_with(status))
+
+    @app.exception_handler(VectorStoreUnavailable)
+    async def vector_store_unavailable(request: Request, exc: VectorStoreUnavailable) -> JSONResponse:
+        # the message names the store's host: logged for the operator, not shown to the client
+        logger.error("%s %s: %s", request.method, request.url.path, exc)
+        return _json_error(503, "the vector store did not answer; try again in a moment")
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -26,7 +26,8 @@ from duomodal.serve.schemas import (
 )
 from duomodal.serve.state import ServerState
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 422)}
+# 503: the index's vector store (a Milvus server) did not answer
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 422, 503)}
 IMAGE_RESPONSES = {
     200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "the image"},
     **{status: {"model": ErrorResponse} for status in (404, 422)},
