@@ -232,12 +232,11 @@ class ClipTask:
 
     def _check_caption_lengths(self) -> None:
         context = self.config.model.context_length
-        longest, worst = 0, ""
-        for record in self.records:
-            for caption in record.captions:
-                n = len(self.tokenizer.tokens(caption)) + 2
-                if n > longest:
-                    longest, worst = n, caption
+        captions = [caption for record in self.records for caption in record.captions]
+        # one batch call (the tokenizer encodes it in parallel): caption by caption cost ~6 s on 345k captions
+        lengths = [len(e.ids) + 2 for e in self.tokenizer.hf.encode_batch(captions)] if captions else [0]
+        longest = max(lengths)
+        worst = captions[lengths.index(longest)] if captions else ""
         if longest > context:
             raise ConfigError(
                 f"caption {worst!r} is {longest} tokens with BOS/EOS, longer than model.context_length {context}; "
