@@ -306,3 +306,17 @@ def test_caption_augmentation_rewords_training_captions_only(shape_dataset, tmp_
     for index in range(len(val)):
         item = val[index]
         assert torch.equal(item["tokens"], task._tokenize(item["caption"])), "validation captions stay as written"
+
+
+def test_a_caption_longer_than_the_context_is_refused_naming_it(shape_dataset, tmp_path):
+    from duomodal.config import ConfigError, merge
+    from duomodal.train.clip_task import ClipTask
+
+    data = tmp_path / "data"
+    shutil.copytree(shape_dataset, data)
+    long = "a red square drawn with a very steady hand on a perfectly white page at noon"
+    (data / "red_square_0.txt").write_text(long + "\n")
+    config = merge(ClipRunConfig(), {"model": {"context_length": 8, "vocab_size": 64}})
+    with pytest.raises(ConfigError, match=r"^caption '" + long + r"' is \d+ tokens with BOS/EOS, longer than "
+                                          r"model.context_length 8; set model.context_length=\d+"):
+        ClipTask(config, data)
