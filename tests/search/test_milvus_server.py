@@ -67,7 +67,7 @@ def assert_every_image_finds_itself(index_dir: Path, count: int) -> None:
 @pytest.fixture
 def fake_clip(monkeypatch, tmp_path):
     embedder = FakeEmbedder()
-    monkeypatch.setattr(cli_search, "_search_load_clip", lambda path, device: embedder)
+    monkeypatch.setattr(cli_search, "_search_load_clip", lambda path, device, precision="auto": embedder)
     (tmp_path / "clip").mkdir()
     return embedder
 

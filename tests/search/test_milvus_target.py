@@ -108,7 +108,7 @@ def test_a_server_down_at_start_is_one_line_naming_it_before_anything_is_embedde
     from .conftest import FakeEmbedder
 
     embedder = FakeEmbedder()
-    monkeypatch.setattr(cli_search, "_search_load_clip", lambda path, device: embedder)
+    monkeypatch.setattr(cli_search, "_search_load_clip", lambda path, device, precision="auto": embedder)
     monkeypatch.setenv("MILVUS_PASSWORD", "never-shown")
     monkeypatch.setenv("MILVUS_USER", "root")
     make_images(tmp_path / "photos", 3)
