@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from duomodal.config import ConfigError
-from duomodal.train.budget import BudgetError, plan_steps, tasks_due
+from duomodal.train.budget import BudgetError, StepPlan, plan_steps, revise_steps, revision_points, tasks_due
 from duomodal.train.recipe import TrainConfig
 
 
@@ -24,6 +24,23 @@ def test_the_plan_is_the_most_steps_that_fit():
     assert plan.warmup_steps == 24  # fitted: at most a quarter of the steps
     assert plan.planned_s == pytest.approx(52.0)
     assert plan_steps(10.0, 5.0, 0.5, 6, 2.0, 100, 1.0, 0, warmup_steps=50).warmup_steps == 50
+
+
+def test_a_revision_re_plans_from_the_measured_pace_only_when_it_is_well_off():
+    plan = plan_steps(1.0, 5.0, 0.5, 6, 2.0, 100, 1.0, 0, warmup_steps=50)  # 98 steps, as above
+    assert revision_points(98) == [10, 20, 29, 39, 49]  # 10% to 50% of the steps
+    # at step 10, 5 s into the run: 47 s left; steps at 0.52 s (4% slower) still fit the margin: no revision
+    assert revise_steps(plan, 10, 5.0, 0.52, 100, 0) is None
+    # steps at 1 s, twice the probe's: the final validation and samples slow alike (4 s + 2 s), so 41 more
+    # steps fit in the 47 s left
+    assert revise_steps(plan, 10, 5.0, 1.0, 100, 0) == 51
+    # faster steps buy more, but at most twice the probe's plan; a little faster is left alone
+    assert revise_steps(plan, 10, 5.0, 0.25, 100, 0) == 188  # (178 more x 0.25 s + 2 validations + samples)
+    assert revise_steps(plan, 10, 5.0, 0.2, 100, 0) == 196
+    assert revise_steps(plan, 10, 5.0, 0.45, 100, 0) is None
+    revised = plan.revised(10, 51, 1.0)
+    assert (revised.steps, revised.first_steps, revised.revisions) == (51, 98, ((10, 98, 51, 1.0),))
+    assert StepPlan.from_dict(revised.as_dict()) == revised
 
 
 def test_budget_errors_are_one_line_and_say_what_to_give():

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, default_collate
 from duomodal.data.images import save_grid
 from duomodal.modelfile import load_weights
 from duomodal.train.budget import BudgetError
+from duomodal.train.checkpoints import list_checkpoints, load_checkpoint_state
 from duomodal.train.loop import train
 from duomodal.train.recipe import TrainConfig, TrainingError
 
@@ -221,14 +222,16 @@ class FakeClock:
 
 
 class TimedTask(TinyTask):
-    """Each micro-batch costs 1 s of the clock, a validation 5 s, a sample grid 2 s."""
+    """Each micro-batch costs 1 s of the clock in the probe's 3 steps and `later_step_s` after, a
+    validation 5 s, a sample grid 2 s."""
 
-    def __init__(self, clock: FakeClock, **kwargs):
+    def __init__(self, clock: FakeClock, later_step_s: float = 1.0, **kwargs):
         super().__init__(**kwargs)
-        self.clock = clock
+        self.clock, self.later_step_s, self.calls = clock, later_step_s, 0
 
     def loss(self, model, batch, step):
-        self.clock.now += 1.0
+        self.calls += 1
+        self.clock.now += 1.0 if self.calls <= 3 else self.later_step_s
         return super().loss(model, batch, step)
 
     def validate(self, model, batches):
@@ -296,6 +299,27 @@ def test_a_planned_run_resumes_exactly_and_keeps_its_budget(tmp_path, clock):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_steps_slower_than_the_probe_re_plan_the_run_into_its_budget(tmp_path, clock, capsys):
+    # the probe plans 40 steps of 1 s (as above); then steps take 2 s, which would end at 10 + 87 s. At the
+    # first check (step 4, 10% of the plan) 60 x 0.95 - 10 - 8 = 39 s are left: 12 more steps of 2 s and the
+    # final validation and samples at twice their probed time (14 s) fit, so the run ends at step 16.
+    result = train(TimedTask(clock, later_step_s=2.0), timed_config(), tmp_path / "run")
+    assert result["step"] == 16 and result["interrupted"] is None
+    assert result["plan"]["steps"] == 16 and result["plan"]["revisions"] == [[4, 40, 16, 2.0]]
+    assert 10.0 + result["wall_time_s"] <= 60.0
+    assert "time budget: steps take 2 s here against 1 s in the probe; re-planned at step 4: 40 -> 16 steps" \
+        in capsys.readouterr().err
+    last = load_checkpoint_state(list_checkpoints(tmp_path / "run")[-1][1])
+    assert last["plan"]["steps"] == 16  # a resume keeps the revised steps
+
+
+def test_steps_faster_than_the_probe_re_plan_the_run_up_to_twice_its_steps(tmp_path, clock):
+    result = train(TimedTask(clock, later_step_s=0.5), timed_config(), tmp_path / "run")
+    # at step 4, 45 s are left: 83 more steps of 0.5 s fit, capped at twice the probe's 40 steps
+    assert result["step"] == 80 and [r[:3] for r in result["plan"]["revisions"]] == [[4, 40, 80]]
+    assert 10.0 + result["wall_time_s"] <= 60.0
+
+
 def test_a_budget_shorter_than_the_probe_is_refused(tmp_path, clock):
     with pytest.raises(BudgetError, match=r"^train.minutes=0.1 \(6 s\) is shorter than the probe"):
         train(TimedTask(clock), timed_config(minutes=0.1), tmp_path / "run")
@@ -316,4 +340,6 @@ def test_train_cli_takes_minutes(shape_dataset, tmp_path, capsys):
     steps = recorded["train"]["steps"]
     assert steps == recorded["plan"]["steps"] > 1
     assert lines[-1].startswith(f"time budget: 0.15 minutes bought {steps} steps on this machine (")
-    assert f"reached step {steps} in " in lines[-1] and lines[-1].endswith(" images/s")
+    final = json.loads((Path(tmp_path / "run") / "result.json").read_text())  # steps re-planned on the way
+    assert final["step"] == final["plan"]["steps"]  # (the pace checks may have re-planned it: timing is real)
+    assert f"reached step {final['step']} in " in lines[-1] and lines[-1].endswith(" images/s")

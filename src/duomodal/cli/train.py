@@ -72,8 +72,14 @@ def _run_training(task, train_config, args: argparse.Namespace, run_config: dict
     print(f"run directory: {result['run_dir']} (weights, metrics.jsonl, samples/, loss.png)")
     plan = result["plan"]
     if plan is not None:
-        print(f"time budget: {plan['minutes']:g} minutes bought {plan['steps']} steps on this machine "
-              f"({plan['step_s']:.3f} s a step in the probe); reached step {result['step']} in "
+        revisions = plan.get("revisions", ())
+        from duomodal.train.budget import StepPlan  # (torch-free module; the CLI starts without it)
+
+        bought = StepPlan.from_dict(plan).first_steps
+        revised = "".join(f", re-planned to {after} at step {at} as steps took {step_s:.3f} s"
+                          for at, _, after, step_s in revisions)
+        print(f"time budget: {plan['minutes']:g} minutes bought {bought} steps on this machine "
+              f"({plan['step_s']:.3f} s a step in the probe{revised}); reached step {result['step']} in "
               f"{plan['before_s'] + result['wall_time_s']:.0f} s, {result['items_per_s']:.0f} images/s")
     return 0
 

@@ -6,11 +6,19 @@ figures), and `plan_steps` fixes the step count from those timings. The plan is 
 (run.json and every checkpoint), so ``--resume`` continues exactly and ``train.steps=N`` repeats the run.
 The schedule is fitted to the planned steps: warm-up at most a quarter of them (the cool-down of
 warmup-stable-decay is a fraction of the steps already).
+
+A probe of a few seconds cannot see what happens later: another job starting on the machine, thermal
+throttling, a slower part of the data. So the run checks its pace at a few points of its first half
+(`revision_points`, before warmup-stable-decay's cool-down) and, where the measured steps would miss the
+budget or leave a good part of it unused, `revise_steps` re-plans the step count from what is left of the
+budget at the measured pace. Each revision is recorded in the plan; a resumed run keeps the step count
+its checkpoint recorded.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from duomodal.config import ConfigError
@@ -22,6 +30,9 @@ PROBE_WARMUP_STEPS = 1  # untimed first steps (allocation, first-touch caches)
 PROBE_MAX_STEPS = 50
 MARGIN_FRACTION = 0.05  # of the budget, kept for checkpoints, the loss plot and a long run's steps drifting 5-6% slower than the probe's (measured)
 MAX_WARMUP_FRACTION = 0.25  # the warm-up fitted into a planned run takes at most this share of its steps
+REVISION_POINTS = (0.1, 0.2, 0.3, 0.4, 0.5)  # fractions of the planned steps where the pace is checked
+REVISION_THRESHOLDS = (0.05, 0.15)  # re-plan only when the steps that fit are this share fewer / more
+MAX_GROWTH = 2.0  # a revision at most doubles the step count (a pace measured over a quiet moment)
 
 
 class BudgetError(ConfigError):
@@ -41,13 +52,24 @@ class StepPlan:
     samples_s: float  # one sample grid, measured
     before_s: float  # spent before planning: data preparation, step-0 validation and samples, the probe
     planned_s: float  # what the plan's steps, validations and sample grids should take
+    revisions: tuple[tuple[int, int, int, float], ...] = ()  # (at step, steps before, steps after, s a step)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "revisions": [list(r) for r in self.revisions]}  # as JSON gives it back
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepPlan:
-        return cls(**data)
+        revisions = tuple(tuple(r) for r in data.get("revisions", ()))
+        return cls(**{**data, "revisions": revisions})
+
+    @property
+    def first_steps(self) -> int:
+        """The step count planned from the probe, before any revision."""
+        return self.revisions[0][1] if self.revisions else self.steps
+
+    def revised(self, step: int, steps: int, step_s: float) -> StepPlan:
+        """This plan with its step count changed at `step`, the warm-up kept (it is over or nearly)."""
+        return replace(self, steps=steps, revisions=(*self.revisions, (step, self.steps, steps, step_s)))
 
 
 def check_budget(minutes: float | None, setting: str = "train.minutes") -> None:
@@ -88,13 +110,8 @@ def plan_steps(minutes: float, before_s: float, step_s: float, probe_steps: int,
             f"train.minutes={minutes:g} ({budget_s:.0f} s) is shorter than the probe: preparing the data and "
             f"timing this machine took {before_s:.0f} s; give at least {_suggest(before_s, step_s)} minutes"
         )
-    low, high = 0, 1
-    while planned_seconds(high, step_s, validation_s, val_every, samples_s, sample_every) <= available:
-        low, high = high, high * 2
-    while high - low > 1:  # the largest step count that fits, between low (fits) and high (does not)
-        middle = (low + high) // 2
-        fits = planned_seconds(middle, step_s, validation_s, val_every, samples_s, sample_every) <= available
-        low, high = (middle, high) if fits else (low, middle)
+    low = _most_that_fit(
+        lambda steps: planned_seconds(steps, step_s, validation_s, val_every, samples_s, sample_every) <= available)
     if low < 1:
         raise BudgetError(
             f"train.minutes={minutes:g} leaves no time for a step after {before_s:.0f} s of preparation and "
@@ -106,6 +123,51 @@ def plan_steps(minutes: float, before_s: float, step_s: float, probe_steps: int,
         step_s=step_s, probe_steps=probe_steps, validation_s=validation_s, samples_s=samples_s, before_s=before_s,
         planned_s=planned_seconds(low, step_s, validation_s, val_every, samples_s, sample_every),
     )
+
+
+def revision_points(steps: int) -> list[int]:
+    """The steps of a planned run of `steps` steps at which its pace is checked."""
+    return sorted({max(1, round(steps * fraction)) for fraction in REVISION_POINTS} - {steps})
+
+
+def revise_steps(plan: StepPlan, step: int, elapsed_s: float, step_s: float, val_every: int,
+                 sample_every: int) -> int | None:
+    """The step count that fits what is left of the plan's budget at `step`, `elapsed_s` seconds into the
+    run, with steps taking `step_s` (validations and sample grids slowed or sped up alike); None when it is
+    within REVISION_THRESHOLDS of the planned count (a pace a little off is what the margin is for). At least one more step, at most MAX_GROWTH times the
+    probe's plan."""
+    if step_s <= 0 or plan.step_s <= 0:
+        return None
+    scale = step_s / plan.step_s
+    available = plan.minutes * 60.0 * (1 - MARGIN_FRACTION) - plan.before_s - elapsed_s
+
+    def left_s(total: int) -> float:  # the steps from `step` to `total` and the tasks still due on the way
+        return ((total - step) * step_s
+                + _tasks_left(total, step, val_every) * plan.validation_s * scale
+                + _tasks_left(total, step, sample_every) * plan.samples_s * scale)
+
+    ceiling = max(step + 1, int(plan.first_steps * MAX_GROWTH))
+    fits = max(step + 1, min(ceiling, step + _most_that_fit(lambda more: left_s(step + more) <= available)))
+    fewer, more = REVISION_THRESHOLDS
+    return fits if not (1 - fewer) * plan.steps <= fits <= (1 + more) * plan.steps else None
+
+
+def _tasks_left(total: int, step: int, every: int) -> int:
+    """Of the tasks due in a run of `total` steps, those not run by `step` (the periodic ones fall on
+    multiples of `every`, the last one after the last step)."""
+    return tasks_due(total, every) - (step // every if every > 0 else 0)
+
+
+def _most_that_fit(fits: Callable[[int], bool]) -> int:
+    """The largest n >= 0 with fits(n), for a fits() that holds up to some n and not after (0 if fits(1)
+    does not hold)."""
+    low, high = 0, 1
+    while fits(high):
+        low, high = high, high * 2
+    while high - low > 1:  # between low (fits) and high (does not)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def _suggest(spent_s: float, more_s: float) -> str:

@@ -22,6 +22,7 @@ import copy
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +47,8 @@ from duomodal.train.budget import (
     StepPlan,
     plan_steps,
     probe_seconds,
+    revise_steps,
+    revision_points,
 )
 from duomodal.train.batches import BatchStream, ShardBatchStream, make_batch_stream, to_device, val_batches
 from duomodal.train.checkpoints import (
@@ -178,6 +181,8 @@ class _Trainer:
         self.last_loss = float("nan")
         self.val_figures: dict[str, float] = {}
         self.plan: StepPlan | None = None  # the steps train.minutes bought (from a checkpoint on resume)
+        self.revise_at: list[int] = []  # steps where this process checks the plan's pace (not after a resume)
+        self.pace_mark = (0, 0.0)  # (step, train_time) where the pace since the last check is measured from
         self.clock_start = 0.0  # perf_counter() when run() began
 
     # signals -------------------------------------------------------------------------------------
@@ -296,6 +301,7 @@ class _Trainer:
         slowest = [max(f) for f in zip(*all_gather_objects((step_s, validation_s, samples_s), info))]
         self.plan = plan_steps(config.minutes, time.perf_counter() - self.clock_start, slowest[0], timed,
                                slowest[1], config.val_every, slowest[2], config.sample_every, config.warmup_steps)
+        self.revise_at = revision_points(self.plan.steps)
         self._build()  # the probe's steps undone: the initial weights and a fresh optimizer again
         torch.manual_seed(config.seed + info.rank)
         self._wrap()
@@ -387,18 +393,20 @@ class _Trainer:
                                    unit="step", disable=not self.info.is_main, dynamic_ncols=True) as bar:
             self.model.train()
             postfix: dict[str, str] = {}
-            while self.step < config.steps:
+            while self.step < self.config.steps:  # (a time budget's revision may change the steps)
                 t0 = time.perf_counter()
                 stats = self._forward_backward().all_reduce(self.info)
                 lr, grad_norm = self._optimizer_step(stats)
                 self.step += 1
                 self._count(stats, time.perf_counter() - t0)
-                if self.step % config.log_every == 0 or self.step == config.steps:
+                if self.step % config.log_every == 0 or self.step == self.config.steps:
                     row = self._log_train(lr, grad_norm)
                     postfix.update(loss=f"{row['loss']:.4g}", items_s=f"{row['items_per_s']:.0f}")
                 if self.plan is not None:  # what is left of the time budget
                     left = self.plan.minutes * 60 - self.plan.before_s - self._elapsed()
                     postfix["left"] = f"{'-' if left < 0 else ''}{int(abs(left)) // 60}:{int(abs(left)) % 60:02d}"
+                if self.revise_at and self.step >= self.revise_at[0]:
+                    bar.total = self._revise_plan()
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
                 if self._due(config.val_every):
@@ -409,6 +417,25 @@ class _Trainer:
                     break  # every rank stops here: _finish saves the checkpoint
                 if self._due(config.checkpoint_every):
                     self.last_checkpoint = self._checkpoint()
+
+    def _revise_plan(self) -> int:
+        """Check the pace since the last check against the plan's probe; re-plan the step count where it
+        no longer fits the budget (see train/budget.py). Returns the step count."""
+        config, plan = self.config, self.plan
+        self.revise_at = [s for s in self.revise_at if s > self.step]
+        mark_step, mark_time = self.pace_mark
+        self.pace_mark = (self.step, self.train_time)
+        pace = (self.train_time - mark_time) / max(1, self.step - mark_step)
+        pace, elapsed = (max(f) for f in zip(*all_gather_objects((pace, self._elapsed()), self.info)))
+        steps = revise_steps(plan, self.step, elapsed, pace, config.val_every, config.sample_every)
+        if steps is not None:
+            if self.info.is_main:
+                tqdm.write(f"time budget: steps take {pace:.3g} s here against {plan.step_s:.3g} s in the probe; "
+                           f"re-planned at step {self.step}: {plan.steps} -> {steps} steps", file=sys.stderr)
+            self.plan = plan.revised(self.step, steps, pace)
+            self.config = replace(config, steps=steps)
+            self.revise_at = [s for s in self.revise_at if s < steps]
+        return self.config.steps
 
     def _elapsed(self) -> float:
         """Seconds of the run since its first step, the processes before a resume included."""
