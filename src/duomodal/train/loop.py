@@ -292,16 +292,20 @@ class _Trainer:
                 self._optimizer_step(self._forward_backward().all_reduce(info))
                 bar.update(1)
             started, seconds = time.perf_counter(), probe_seconds(config.minutes)
-            while timed < PROBE_MAX_STEPS and (timed < PROBE_MIN_STEPS or time.perf_counter() - started < seconds):
+            while True:
                 self._optimizer_step(self._forward_backward().all_reduce(info))
                 timed += 1
                 bar.update(1)
+                enough = timed >= PROBE_MAX_STEPS or (
+                    timed >= PROBE_MIN_STEPS and time.perf_counter() - started >= seconds)
+                if any(all_gather_objects(enough, info)):  # every rank stops at the same step (DDP in lockstep)
+                    break
             step_s = (time.perf_counter() - started) / timed
         # every rank plans from the slowest rank's figures, so all plan the same steps
         slowest = [max(f) for f in zip(*all_gather_objects((step_s, validation_s, samples_s), info))]
         self.plan = plan_steps(config.minutes, time.perf_counter() - self.clock_start, slowest[0], timed,
                                slowest[1], config.val_every, slowest[2], config.sample_every, config.warmup_steps)
-        self.revise_at = revision_points(self.plan.steps)
+        self.revise_at = revision_points(self.plan.steps) if config.replan else []
         self._build()  # the probe's steps undone: the initial weights and a fresh optimizer again
         torch.manual_seed(config.seed + info.rank)
         self._wrap()

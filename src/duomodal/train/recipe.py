@@ -32,6 +32,9 @@ class TrainConfig:
     # wall-clock budget of the run in minutes, data preparation included; the steps are planned from a probe
     # of this machine's speed and written to the run (train/budget.py); None = train.steps as given
     minutes: float | None = None
+    # with `minutes`: check the pace at 10-50% of the steps and re-plan them when the machine turned slower or
+    # faster; false keeps the probe's plan, so that train.steps repeats the run exactly
+    replan: bool = True
     batch_size: int = 64  # global batch of one optimizer step (all processes x accumulation steps)
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the schedule decays the learning rate to lr * min_lr_ratio
