@@ -28,7 +28,7 @@ def test_the_plan_is_the_most_steps_that_fit():
 
 def test_a_revision_re_plans_from_the_measured_pace_only_when_it_is_well_off():
     plan = plan_steps(1.0, 5.0, 0.5, 6, 2.0, 100, 1.0, 0, warmup_steps=50)  # 98 steps, as above
-    assert revision_points(98) == [10, 20, 29, 39, 49]  # 10% to 50% of the steps
+    assert revision_points(98) == [10, 20, 29, 39, 49, 59, 69, 78, 88]  # every tenth of the steps
     # at step 10, 5 s into the run: 47 s left; steps at 0.52 s (4% slower) still fit the margin: no revision
     assert revise_steps(plan, 10, 5.0, 0.52, 100, 0) is None
     # steps at 1 s, twice the probe's: the final validation and samples slow alike (4 s + 2 s), so 41 more
@@ -38,6 +38,9 @@ def test_a_revision_re_plans_from_the_measured_pace_only_when_it_is_well_off():
     assert revise_steps(plan, 10, 5.0, 0.25, 100, 0) == 188  # (178 more x 0.25 s + 2 validations + samples)
     assert revise_steps(plan, 10, 5.0, 0.2, 100, 0) == 196
     assert revise_steps(plan, 10, 5.0, 0.45, 100, 0) is None
+    # past half of the steps a revision only shortens the run (the learning rate is decaying)
+    assert revise_steps(plan, 59, 24.5, 0.2, 100, 0) is None
+    assert revise_steps(plan, 59, 24.5, 1.0, 100, 0) == 80  # 21 more x 1 s + 6 s in the 27.5 s left
     revised = plan.revised(10, 51, 1.0)
     assert (revised.steps, revised.first_steps, revised.revisions) == (51, 98, ((10, 98, 51, 1.0),))
     assert StepPlan.from_dict(revised.as_dict()) == revised

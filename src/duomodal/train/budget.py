@@ -8,10 +8,11 @@ The schedule is fitted to the planned steps: warm-up at most a quarter of them (
 warmup-stable-decay is a fraction of the steps already).
 
 A probe of a few seconds cannot see what happens later: another job starting on the machine, thermal
-throttling, a slower part of the data. So the run checks its pace at a few points of its first half
-(`revision_points`, before warmup-stable-decay's cool-down) and, where the measured steps would miss the
-budget or leave a good part of it unused, `revise_steps` re-plans the step count from what is left of the
-budget at the measured pace. Each revision is recorded in the plan; a resumed run keeps the step count
+throttling, a slower part of the data. So the run checks its pace at every tenth of its steps
+(`revision_points`) and, where the measured steps would miss the budget or leave a good part of it
+unused, `revise_steps` re-plans the step count from what is left of the budget at the measured pace. In
+the second half a revision only shortens the run: lengthening it there would raise a learning rate that
+has begun to decay. Each revision is recorded in the plan; a resumed run keeps the step count
 its checkpoint recorded.
 """
 
@@ -30,7 +31,8 @@ PROBE_WARMUP_STEPS = 1  # untimed first steps (allocation, first-touch caches)
 PROBE_MAX_STEPS = 50
 MARGIN_FRACTION = 0.05  # of the budget, kept for checkpoints, the loss plot and a long run's steps drifting 5-6% slower than the probe's (measured)
 MAX_WARMUP_FRACTION = 0.25  # the warm-up fitted into a planned run takes at most this share of its steps
-REVISION_POINTS = (0.1, 0.2, 0.3, 0.4, 0.5)  # fractions of the planned steps where the pace is checked
+REVISION_POINTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # of the planned steps: pace checks
+GROWTH_BEFORE = 0.5  # a revision after this share of the steps only shortens the run (the decay has begun)
 REVISION_THRESHOLDS = (0.05, 0.15)  # re-plan only when the steps that fit are this share fewer / more
 MAX_GROWTH = 2.0  # a revision at most doubles the step count (a pace measured over a quiet moment)
 
@@ -133,9 +135,10 @@ def revision_points(steps: int) -> list[int]:
 def revise_steps(plan: StepPlan, step: int, elapsed_s: float, step_s: float, val_every: int,
                  sample_every: int) -> int | None:
     """The step count that fits what is left of the plan's budget at `step`, `elapsed_s` seconds into the
-    run, with steps taking `step_s` (validations and sample grids slowed or sped up alike); None when it is
-    within REVISION_THRESHOLDS of the planned count (a pace a little off is what the margin is for). At least one more step, at most MAX_GROWTH times the
-    probe's plan."""
+    run, with steps taking `step_s` (validations and sample grids slowed or sped up alike); None when it
+    is within REVISION_THRESHOLDS of the planned count (a pace a little off is what the margin is for).
+    At least one more step; at most MAX_GROWTH times the probe's plan, and no more than planned after
+    GROWTH_BEFORE of it."""
     if step_s <= 0 or plan.step_s <= 0:
         return None
     scale = step_s / plan.step_s
@@ -146,7 +149,7 @@ def revise_steps(plan: StepPlan, step: int, elapsed_s: float, step_s: float, val
                 + _tasks_left(total, step, val_every) * plan.validation_s * scale
                 + _tasks_left(total, step, sample_every) * plan.samples_s * scale)
 
-    ceiling = max(step + 1, int(plan.first_steps * MAX_GROWTH))
+    ceiling = max(step + 1, int(plan.first_steps * MAX_GROWTH) if step <= GROWTH_BEFORE * plan.steps else plan.steps)
     fits = max(step + 1, min(ceiling, step + _most_that_fit(lambda more: left_s(step + more) <= available)))
     fewer, more = REVISION_THRESHOLDS
     return fits if not (1 - fewer) * plan.steps <= fits <= (1 + more) * plan.steps else None
