@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from duomodal.data.records import caption_key
+from duomodal.data.record_types import caption_key
 from duomodal.evaluate import metrics as M
 
 # Built-in template sets. "{}" is replaced by the label with '-' and '_' read as spaces.

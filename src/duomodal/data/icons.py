@@ -46,6 +46,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from duomodal.data.record_types import hash_split
 from duomodal.files import atomic_write_text
 
 # The fixed palette, ordered so that the first few colours are the most distinct from each other
@@ -197,10 +198,6 @@ def split_for_path(relative_path: str, val_fraction: float) -> str:
     The rule of every captioned-image dataset (`records.hash_split`), so adding files never moves
     an old one and a manifest without splits would give the same validation images.
     """
-    # Imported here, not at the top: records imports torch, which the spawned render workers
-    # (that import this module) would otherwise load for nothing, seconds each.
-    from duomodal.data.records import hash_split
-
     return hash_split(relative_path, val_fraction)
 
 

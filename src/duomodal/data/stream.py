@@ -27,7 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from duomodal.data.dataset import Tokenize
 from duomodal.data.images import DEFAULT_MAX_PIXELS, WHITE, ImageError, load_image_bytes, to_tensor
 from duomodal.data.records import Problem
-from duomodal.data.shards import ShardSample, ShardSet, stream_shard
+from duomodal.data.shards import ShardSample, ShardSet, is_shard_source, open_shards, stream_shard
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,6 @@ def training_stream(
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> ShardStream | None:
     """The streamed "train" split of `data` when it names shards (`train_count` samples); None for a folder."""
-    from duomodal.data.shards import is_shard_source, open_shards
-
     if not is_shard_source(data):
         return None
     return ShardStream(open_shards(data), "train", train_count, image_size, tokenize, background, val_fraction,

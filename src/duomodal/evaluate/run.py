@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from duomodal.data.images import to_pil, to_tensor
-from duomodal.data.records import Record, caption_key, load_records
+from duomodal.data.record_types import Record, caption_key
+from duomodal.data.records import load_records
 from duomodal.device import machine, resolve_device, resolve_precision
 from duomodal.evaluate import metrics as M
 from duomodal.evaluate.context import EvalContext, EvalOptions, EvalResult, LoadedImages, Log, dataset_palette
