@@ -19,7 +19,7 @@ from pathlib import Path
 from duomodal.data.images import load_image, to_pil, to_tensor
 from duomodal.data.records import load_records
 from duomodal.evaluate.context import dataset_palette
-from duomodal.evaluate.metrics import accuracy, dominant_color
+from duomodal.metrics import accuracy, dominant_color
 from duomodal.evaluate.shape import TemplateMatcher
 from this_machine import print_header
 

@@ -1,5 +1,5 @@
 """Zero-shot classification with CLIP, and the figures CLIP is judged by (computed by
-``duomodal.evaluate.metrics``).
+``duomodal.metrics``).
 
 Each label becomes a text classifier by prompt ensembling (CLIP paper, section 3.1.4): the label
 is put into several templates ("a {} icon", "an icon of {}"), each prompt is embedded and
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from duomodal.data.record_types import caption_key
-from duomodal.evaluate import metrics as M
+from duomodal import metrics as M
 
 # Built-in template sets. "{}" is replaced by the label with '-' and '_' read as spaces.
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {

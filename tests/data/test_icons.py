@@ -10,14 +10,11 @@ from PIL import Image
 
 from duomodal.cli import main
 from duomodal.data.icons import (
-    PALETTE,
     IconDatasetError,
     IconSource,
     build_icon_dataset,
-    captions_for,
     choose_heldout,
     colored_svg,
-    icon_words,
     load_icons,
     palette,
     plan_images,
@@ -25,6 +22,7 @@ from duomodal.data.icons import (
     render_icon,
     split_for_path,
 )
+from duomodal.data.profile import PALETTE, captions_for, icon_words
 
 
 def hex_to_rgb(hex_color: str) -> tuple[int, int, int]:

@@ -21,9 +21,9 @@ from PIL import Image, ImageDraw
 
 from duomodal.cli import main
 from duomodal.config import to_dict
-from duomodal.data.icons import captions_for, unseen_phrasing
+from duomodal.data.profile import captions_for, unseen_phrasing
 from duomodal.evaluate import EvalError, EvalOptions, run_evaluation
-from duomodal.evaluate.metrics import dominant_color
+from duomodal.metrics import dominant_color
 from duomodal.modelfile import save_model
 from duomodal.models.dalle import DalleRun
 from duomodal.models.sampling import SamplingOptions

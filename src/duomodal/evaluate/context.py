@@ -112,19 +112,6 @@ def load_images(records: Sequence[Record], log: Log, skipped: list[str]) -> Load
     return LoadedImages(kept, images)
 
 
-def dataset_palette(root: Path) -> dict[str, str]:
-    """The colour palette of an icon dataset (dataset.json), else the icon recipe's PALETTE."""
-    from duomodal.data.icons import PALETTE, SUMMARY_FILE
-    from duomodal.files import load_json
-
-    summary = root / SUMMARY_FILE
-    if summary.is_file():
-        palette = load_json(summary).get("palette")
-        if isinstance(palette, dict) and palette and all(isinstance(v, str) for v in palette.values()):
-            return dict(palette)
-    return dict(PALETTE)
-
-
 # --- the context ---------------------------------------------------------------------------------
 
 

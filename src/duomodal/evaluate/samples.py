@@ -39,9 +39,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from duomodal.data.images import to_tensor
-from duomodal.data.icons import UNSEEN_PHRASINGS, unseen_phrasing
+from duomodal.data.profile import UNSEEN_PHRASINGS, unseen_phrasing
 from duomodal.data.records import Record
-from duomodal.evaluate import metrics as M
+from duomodal import metrics as M
 from duomodal.evaluate.report import Section, fmt, fmt_accuracy, plot_image_rows
 from duomodal.evaluate.shape import Judge, TemplateMatcher, TemplateScores, independence
 from duomodal.models.dalle import DalleRun
@@ -52,7 +52,7 @@ from duomodal.evaluate.context import EvalContext, EvalOptions, LoadedImages
 
 DATA_SPLITS = ("train", "heldout")  # the dataset splits that prompts come from
 # the prompt sets: the data splits' first captions, and the held-out pairs again in words no training
-# caption has (data/icons.py UNSEEN_PHRASINGS), sampled from the same seeds as "heldout"
+# caption has (data/profile.py UNSEEN_PHRASINGS), sampled from the same seeds as "heldout"
 PROMPT_SPLITS = (*DATA_SPLITS, "heldout_reworded")
 LIKELIHOOD_SPLITS = ("train", "val", "heldout")
 SEED_STRIDE = 100_003  # prompt p samples from seeds options.seed + p * SEED_STRIDE + i

@@ -23,8 +23,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from duomodal.data.images import to_tensor
+from duomodal.data.profile import captions_for
 from duomodal.data.records import Record
-from duomodal.evaluate import metrics as M
+from duomodal import metrics as M
 
 if TYPE_CHECKING:
     from duomodal.evaluate.context import EvalOptions
@@ -39,8 +40,6 @@ class Judge:
     _classes: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def class_embeddings(self, color: str) -> torch.Tensor:
-        from duomodal.data.icons import captions_for
-
         if color not in self._classes:
             texts = [captions_for(icon, color)[0] for icon in self.icons]
             self._classes[color] = F.normalize(self.clip.embed_texts(texts).float(), dim=-1)  # (C, D)
