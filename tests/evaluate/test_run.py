@@ -130,7 +130,7 @@ def fakes(monkeypatch, vae_dir):
 
     clips = {"reranker": FakeClip("color", "fake:reranker"), "judge": FakeClip("shape", "fake:judge"),
              "same": FakeClip("shape", "fake:reranker")}
-    monkeypatch.setattr("duomodal.models.clip.load_clip", lambda path, device=None, precision="auto": clips[Path(path).name])
+    monkeypatch.setattr("duomodal.evaluate.context.load_clip", lambda path, device=None, precision="auto": clips[Path(path).name])
 
     def fake_load_dalle(path, device=None):
         vae = load_vae(vae_dir)

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import material_design_icons_pack as mdi
+import resvg_py
 from PIL import Image
 from tqdm import tqdm
 
@@ -99,8 +101,6 @@ class IconImage:
 
 def load_icons(include_deprecated: bool = False, limit: int | None = None) -> list[IconSource]:
     """The icons of material-design-icons-pack sorted by slug; the first `limit` when given."""
-    import material_design_icons_pack as mdi
-
     icons = []
     for name in mdi.__all__:
         if not name.isupper():
@@ -224,8 +224,6 @@ def colored_svg(svg: str, hex_color: str) -> str:
 
 def render_icon(svg: str, hex_color: str, size: int) -> Image.Image:
     """The icon in `hex_color` on white, `size` x `size`, as an RGB image."""
-    import resvg_py
-
     png = resvg_py.svg_to_bytes(
         svg_string=colored_svg(svg, hex_color), width=size, height=size, background=BACKGROUND
     )

@@ -77,6 +77,7 @@ class _ShardSeries:
         self._in_shard = 0
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
+        # webdataset (the shards extra) loads here: folder datasets work without it
         import webdataset
 
         if self._writer is None:

@@ -93,7 +93,7 @@ def open_shards(spec: str | os.PathLike) -> ShardSet:
     manifest = Path(text) / SHARD_MANIFEST
     if not _URL.match(text) and manifest.is_file():
         return _read_manifest(Path(text))
-    from braceexpand import braceexpand  # webdataset's own dependency
+    from braceexpand import braceexpand  # webdataset's own dependency (the shards extra): loaded only for shards
 
     urls = tuple(braceexpand(text))
     missing = [u for u in urls if is_local(u) and not _local_path(u).is_file()]
@@ -268,6 +268,7 @@ def index_shard(url: str, val_fraction: float = 0.05, require_caption: bool = Tr
 def stream_shard(url: str, val_fraction: float = 0.05) -> Iterator[SampleOrProblem]:
     """The samples of any shard (local or remote, compressed or not), read front to back holding one
     sample in memory. A shard that cannot be read to its end yields one Problem and ends."""
+    # webdataset (the shards extra) loads here: folder datasets work without it
     import webdataset
 
     try:

@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
@@ -18,10 +18,8 @@ from PIL import Image
 from duomodal.data.dataset import load_record_image
 from duomodal.data.images import ImageError
 from duomodal.data.records import Record
+from duomodal.models.clip import ClipEmbedder, load_clip
 from duomodal.models.sampling import SamplingOptions, check_sampling
-
-if TYPE_CHECKING:
-    from duomodal.models.clip import ClipEmbedder
 
 Log = Callable[[str], None]
 
@@ -140,7 +138,5 @@ class EvalContext:
     def clip(self, path: Path) -> ClipEmbedder:
         """The CLIP at `path`, loaded once."""
         if path not in self._clips:
-            from duomodal.models.clip import load_clip
-
             self._clips[path] = load_clip(path, device=self.device, precision=self.options.precision)
         return self._clips[path]

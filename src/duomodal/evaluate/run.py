@@ -18,16 +18,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from duomodal import metrics as M
 from duomodal.classify import TEMPLATE_SETS, class_text_features
 from duomodal.data.images import to_pil, to_tensor
 from duomodal.data.profile import captions_for, icon_words, read_profile
 from duomodal.data.record_types import Record, caption_key
 from duomodal.data.records import load_records
 from duomodal.device import machine, resolve_device, resolve_precision
-from duomodal import metrics as M
 from duomodal.evaluate.context import EvalContext, EvalOptions, EvalResult, LoadedImages, Log
 from duomodal.evaluate.report import Section, fmt, fmt_accuracy, plot_image_rows, plot_training_curves, write_report
 from duomodal.evaluate.samples import evaluate_dalle, fmt_template_shape
+from duomodal.models.vae import load_vae
 
 RECALL_KS = (1, 5, 10)
 EVAL_SPLITS = ("val", "heldout")
@@ -401,7 +402,6 @@ def _training_result(path: Path) -> dict[str, Any] | None:
 def _vae_part(ctx: EvalContext, sections: list[Section]) -> dict[str, Any]:
     if ctx.options.vae is None:
         return {"skipped": "no --vae given"}
-    from duomodal.models.vae import load_vae
 
     vae = load_vae(ctx.options.vae, device=ctx.device)
     result, section = evaluate_vae(vae, ctx.split_images("val"), ctx.options.batch_size, ctx.out)

@@ -30,7 +30,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,17 +38,18 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from duomodal import metrics as M
+from duomodal.data.dataset import load_record_image
 from duomodal.data.images import to_tensor
 from duomodal.data.profile import UNSEEN_PHRASINGS, unseen_phrasing
 from duomodal.data.records import Record
-from duomodal import metrics as M
-from duomodal.evaluate.report import Section, fmt, fmt_accuracy, plot_image_rows
+from duomodal.evaluate.report import Section, Table, fmt, fmt_accuracy, plot_image_rows
 from duomodal.evaluate.shape import Judge, TemplateMatcher, TemplateScores, independence
-from duomodal.models.dalle import DalleRun
+from duomodal.generate import GenerationError, generate_images
+from duomodal.models.dalle import DalleRun, load_dalle
 
-if TYPE_CHECKING:
-    from duomodal.models.clip import ClipEmbedder
 from duomodal.evaluate.context import EvalContext, EvalOptions, LoadedImages
+from duomodal.models.clip import ClipEmbedder
 
 DATA_SPLITS = ("train", "heldout")  # the dataset splits that prompts come from
 # the prompt sets: the data splits' first captions, and the held-out pairs again in words no training
@@ -139,8 +140,6 @@ class PromptSamples:
 def sample_prompt(run: DalleRun, prompt: Prompt, index: int, options: EvalOptions, palette: dict[str, str],
                   scorers: Scorers, generated: int) -> PromptSamples:
     """`generated` images for the prompt (index `index` of its split), with every assessment of them."""
-    from duomodal.generate import generate_images
-
     sampling = options.sampling(options.seed + index * SEED_STRIDE, min(generated, options.batch_size))
     result = generate_images(run, prompt.text, num=generated, options=sampling)
     reranker, judge, matcher = scorers.reranker, scorers.judge, scorers.matcher
@@ -245,8 +244,6 @@ def _grid(samples: Sequence[PromptSamples], choice: str, path: Path) -> None:
 
 def evaluate_dalle(ctx: EvalContext) -> tuple[dict[str, Any], list[Section]]:
     """Likelihood, prompt samples and reranking."""
-    from duomodal.models.dalle import load_dalle
-
     run = load_dalle(ctx.options.dalle, device=ctx.device)
     result: dict[str, Any] = {"path": str(ctx.options.dalle)}
     result["bits_per_image_token"], likelihood = likelihood_section(run, ctx)
@@ -353,8 +350,6 @@ def sample_splits(run: DalleRun, ctx: EvalContext, scorers: Scorers, samples_sec
 def _sample_prompts(run: DalleRun, ctx: EvalContext, split: str, prompts: Sequence[Prompt], scorers: Scorers,
                     generated: int) -> tuple[list[PromptSamples], list[dict[str, str]]]:
     """The samples of every prompt of a split, and the prompts skipped (with why)."""
-    from duomodal.generate import GenerationError
-
     samples, skipped = [], []
     for i, p in enumerate(tqdm(prompts, desc=f"sampling {split} prompts", file=sys.stderr, leave=False)):
         try:
@@ -465,8 +460,6 @@ def color_calibration(split_images: Callable[[str], LoadedImages], palette: dict
 
 def load_reference(prompt: Prompt) -> Image.Image | None:
     """The dataset's image of the prompt's pair, or None when it cannot be read."""
-    from duomodal.data.dataset import load_record_image
-
     try:
         return load_record_image(prompt.record)
     except ValueError:
@@ -506,8 +499,6 @@ def fmt_template_shape(entry: dict[str, Any], templates: int | None = None) -> s
 
 
 def _samples_table(rows: list[tuple[str, ...]], k: int):
-    from duomodal.evaluate.report import Table
-
     return Table(("prompts from", "prompts", "images", "colour accuracy", "shape (judge CLIP)", "shape (template)"),
                  tuple(rows),
                  caption=f"First {k} samples per prompt, no reranking. Held-out prompts are (icon, colour) "

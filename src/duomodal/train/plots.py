@@ -11,6 +11,7 @@ from duomodal.files import atomic_write_bytes
 
 def plot_loss(metrics_path: Path, out_path: Path) -> None:
     """loss.png: train loss against step, and the validation figures, from metrics.jsonl."""
+    # matplotlib loads here, when a figure is drawn: importing it costs a second that the rest does not need
     import matplotlib
 
     matplotlib.use("Agg")
