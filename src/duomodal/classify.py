@@ -168,7 +168,7 @@ def save_confusion_png(matrix: torch.Tensor, labels: Sequence[str], path: str | 
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend, lazily as above
 
     n = len(labels)
     side = max(4.0, 0.45 * n + 2.0)

@@ -120,6 +120,7 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.evaluate import EvalOptions, headline, run_evaluation
 
     options = EvalOptions(

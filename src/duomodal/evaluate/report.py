@@ -200,7 +200,7 @@ def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend, lazily as above
 
     return plt
 

@@ -23,7 +23,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +39,8 @@ from duomodal.modelfile import (
     load_weights,
     read_config,
 )
-
-if TYPE_CHECKING:
-    from duomodal.models.vae import DiscreteVAE
-    from duomodal.text.tokenizer import Tokenizer
+from duomodal.models.vae import DiscreteVAE, load_vae
+from duomodal.text.tokenizer import Tokenizer
 
 ATTENTION_TYPES = ("full", "axial_row", "axial_col", "conv_like")
 MLP_TYPES = ("gelu", "relu2")
@@ -483,9 +480,6 @@ class DalleRun:
 
 def load_dalle(run_dir: str | os.PathLike, device: torch.device | str | None = None) -> DalleRun:
     """A trained DALL-E from a run (or model) directory, in eval mode, with its VAE and tokenizer."""
-    from duomodal.models.vae import load_vae  # the VAE module is a sibling; imported when needed
-    from duomodal.text.tokenizer import Tokenizer
-
     run_dir = Path(run_dir)
     config = from_dict(DALLEConfig, read_config(run_dir, kind="dalle"), "model")
     model = DALLE(config)

@@ -350,7 +350,7 @@ class ClipTask:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # after choosing the Agg backend, lazily as above
 
         records = (self.val_records or self.train_records)[:12]
         dataset = self._dataset(records)

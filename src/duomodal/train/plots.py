@@ -15,7 +15,7 @@ def plot_loss(metrics_path: Path, out_path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend, lazily as above
 
     train_rows, val_rows = [], []
     for line in metrics_path.read_text(encoding="utf-8").splitlines():
