@@ -137,8 +137,8 @@ def fakes(monkeypatch, vae_dir):
         model = FakeDalle(vae)
         return DalleRun(model, vae, model.tokenizer)
 
-    monkeypatch.setattr("duomodal.models.dalle.load_dalle", fake_load_dalle)
-    monkeypatch.setattr("duomodal.generate.generate_images", fake_generate)
+    monkeypatch.setattr("duomodal.evaluate.samples.load_dalle", fake_load_dalle)
+    monkeypatch.setattr("duomodal.evaluate.prompts.generate_images", fake_generate)
     return clips
 
 
@@ -347,7 +347,7 @@ def test_a_prompt_the_model_cannot_read_is_skipped_and_counted(tmp_path, data, f
             raise GenerationError(f"prompt {prompt!r} has characters this model's tokenizer never saw, in: triangle")
         return fake_generate(run, prompt, **kwargs)
 
-    monkeypatch.setattr("duomodal.generate.generate_images", picky)
+    monkeypatch.setattr("duomodal.evaluate.prompts.generate_images", picky)
     lines: list[str] = []
     out = tmp_path / "r"
     m = run_evaluation(options(data, out, dalle=tmp_path / "dalle", judge_clip=tmp_path / "judge"),
