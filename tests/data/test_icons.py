@@ -9,19 +9,16 @@ import pytest
 from PIL import Image
 
 from duomodal.cli import main
-from duomodal.data.icons import (
+from duomodal.data.icon_plan import (
     IconDatasetError,
     IconSource,
-    build_icon_dataset,
     choose_heldout,
-    colored_svg,
     load_icons,
     palette,
     plan_images,
-    read_manifest,
-    render_icon,
     split_for_path,
 )
+from duomodal.data.icons import build_icon_dataset, colored_svg, read_manifest, render_icon
 from duomodal.data.profile import PALETTE, captions_for, icon_words
 
 
