@@ -156,8 +156,7 @@ def test_bad_members_are_skipped_with_a_reason_and_counted(tmp_path, capsys):
 
 def stream_of(spec: str, rank: int, world_size: int, epoch: int = 0, done=frozenset()) -> ShardStream:
     stream = ShardStream(open_shards(spec), "train", 0, 8, val_fraction=0.0, shuffle_buffer=3)
-    stream.seed, stream.rank, stream.world_size, stream.micro_batch = 7, rank, world_size, 1
-    stream.position = StreamPosition(epoch, frozenset(done))
+    stream.start_epoch(StreamPosition(epoch, frozenset(done)), seed=7, rank=rank, world_size=world_size, micro_batch=1)
     return stream
 
 

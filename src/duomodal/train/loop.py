@@ -45,7 +45,7 @@ from duomodal.train.budget import (
     plan_steps,
     probe_seconds,
 )
-from duomodal.train.batches import BatchStream, ShardBatchStream, make_batch_stream, val_batches
+from duomodal.train.batches import BatchStream, ShardBatchStream, ValBatches, make_batch_stream
 from duomodal.train.checkpoints import (
     CHECKPOINTS_DIR,
     check_model_config,
@@ -336,13 +336,12 @@ class _Trainer:
         info = self.info
         if self.val_set is None or len(self.val_set) == 0 or not info.is_main:  # type: ignore[arg-type]
             return {}
-        counter = [0]
         with self.stepper.evaluating() as net:
-            figures = self.task.validate(net, val_batches(
-                self.val_set, self.task, self.micro_batch * info.world_size, self.config.val_batches,
-                info.device, counter))
+            batches = ValBatches(self.val_set, self.task, self.micro_batch * info.world_size,
+                                 self.config.val_batches, info.device)
+            figures = self.task.validate(net, batches)
         row = {"split": "val", "step": self.step, **{k: float(v) for k, v in figures.items()},
-               "dropped": counter[0], "train_s": self.train_time}
+               "dropped": batches.dropped, "train_s": self.train_time}
         self._log(row)
         return {k: float(v) for k, v in figures.items()}
 
