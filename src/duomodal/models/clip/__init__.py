@@ -19,19 +19,30 @@ importable from here.
 from duomodal.models.clip.config import KIND, LOGIT_SCALE_MAX, ClipConfig, hf_config
 from duomodal.models.clip.embedder import ClipEmbedder
 from duomodal.models.clip.export import export_hf
-from duomodal.models.clip.load import ClipLoadError, load_clip, load_contrastive_clip
+from duomodal.models.clip.load import HF_REPO_ID, ClipLoadError, file_model_id, load_clip, load_contrastive_clip
 from duomodal.models.clip.model import ClipFeatures, ContrastiveClip
-from duomodal.models.clip.preprocess import normalize_pixels, trim_padding
+from duomodal.models.clip.preprocess import (
+    TextEncoder,
+    duomodal_image_preprocessor,
+    duomodal_text_encoder,
+    normalize_pixels,
+    trim_padding,
+)
 
 __all__ = [
+    "HF_REPO_ID",
     "KIND",
+    "LOGIT_SCALE_MAX",
     "ClipConfig",
     "ClipEmbedder",
     "ClipFeatures",
     "ClipLoadError",
     "ContrastiveClip",
-    "LOGIT_SCALE_MAX",
+    "TextEncoder",
+    "duomodal_image_preprocessor",
+    "duomodal_text_encoder",
     "export_hf",
+    "file_model_id",
     "hf_config",
     "load_clip",
     "load_contrastive_clip",
