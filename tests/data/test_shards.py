@@ -160,6 +160,16 @@ def stream_of(spec: str, rank: int, world_size: int, epoch: int = 0, done=frozen
     return stream
 
 
+def test_an_epoch_is_set_up_in_one_call_that_checks_it(tmp_path):
+    img2dataset_shards(tmp_path / "shards", shards=2, per_shard=2)
+    stream = stream_of(str(tmp_path / "shards" / "{00000..00001}.tar"), 1, 2, epoch=3)
+    assert (stream.seed, stream.rank, stream.world_size, stream.micro_batch, stream.position.epoch) == (7, 1, 2, 1, 3)
+    with pytest.raises(ValueError, match=r"^rank must be in \[0, 2\), got 2$"):
+        stream.start_epoch(StreamPosition(), seed=0, rank=2, world_size=2, micro_batch=1)
+    with pytest.raises(ValueError, match=r"^micro_batch must be at least 1, got 0$"):
+        stream.start_epoch(StreamPosition(), seed=0, rank=0, world_size=1, micro_batch=0)
+
+
 def test_each_rank_and_worker_reads_its_own_shards(tmp_path):
     captions = img2dataset_shards(tmp_path / "shards", shards=8, per_shard=3)
     spec = str(tmp_path / "shards" / "{00000..00007}.tar")
