@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from duomodal.data.profile import SUMMARY_FILE
 from duomodal.data.records import SPLITS, DatasetError, load_records
 from duomodal.data.shards import MANIFEST_VERSION, SHARD_MANIFEST, is_shard_source
-from duomodal.data.profile import SUMMARY_FILE
 from duomodal.files import atomic_write_text
 
 
