@@ -2,7 +2,7 @@
 
 For N (icon, colour) combinations of the `heldout` split (never trained on) and N of the `train`
 split, it generates K images from the first caption ("a red heart icon") and counts an image right when
-its dominant non-white colour (duomodal.evaluate.metrics.dominant_color over the dataset's 8-colour
+its dominant non-white colour (duomodal.metrics.dominant_color over the dataset's 8-colour
 palette) is the prompted one. It also writes a grid: one row per fixed prompt, the real icon first.
 
 Shape, without any model: every icon's ink mask (its first image, colour ignored) is a template, and
@@ -30,7 +30,7 @@ from PIL import Image
 import numpy as np
 
 from duomodal.data.images import to_pil, to_tensor
-from duomodal.evaluate.metrics import dominant_color, ink_mask, template_ranks
+from duomodal.metrics import dominant_color, ink_mask, template_ranks
 from duomodal.generate import decode_tokens, generate_images, image_tokens
 from duomodal.models.dalle import load_dalle
 from duomodal.models.sampling import SamplingOptions

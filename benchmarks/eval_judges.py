@@ -18,8 +18,8 @@ from pathlib import Path
 
 from duomodal.data.images import load_image, to_pil, to_tensor
 from duomodal.data.records import load_records
-from duomodal.evaluate.context import dataset_palette
-from duomodal.evaluate.metrics import accuracy, dominant_color
+from duomodal.data.profile import read_profile
+from duomodal.metrics import accuracy, dominant_color
 from duomodal.evaluate.shape import TemplateMatcher
 from this_machine import print_header
 
@@ -34,7 +34,7 @@ def main() -> None:
     print_header("numpy and PIL (no model)", "cpu")
 
     records = [r for r in load_records(args.data) if "icon" in r.labels and "color" in r.labels]
-    palette = dataset_palette(args.data)
+    palette = read_profile(args.data).palette
     sample = random.Random(args.seed).sample(records, min(args.images, len(records)))
     heldout = [r for r in sample if r.split == "heldout"]
     print(f"{args.data}: {len(records)} labelled images; judging {len(sample)} ({len(heldout)} held-out)")

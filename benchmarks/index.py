@@ -36,15 +36,15 @@ def peak_rss_mb() -> float:
 
 def quick_random_clip(directory: Path, data: Path) -> Path:
     """A random-weight CLIP with the quick preset's architecture and a tokenizer trained on `data`."""
-    from duomodal.config import PRESETS, to_dict
+    from duomodal.config import preset, to_dict
     from duomodal.modelfile import save_model
     from duomodal.models.clip import ClipConfig, ContrastiveClip
     from duomodal.search.sources import read_caption_manifest
     from duomodal.text.tokenizer import Tokenizer
 
     captions = list(read_caption_manifest(data).values())[:5000] or ["an icon"]
-    tokenizer = Tokenizer.train(captions, vocab_size=PRESETS["clip"]["quick"]["model"]["vocab_size"])
-    config = ClipConfig(**{**PRESETS["clip"]["quick"]["model"], "vocab_size": tokenizer.vocab_size})
+    tokenizer = Tokenizer.train(captions, vocab_size=preset("clip", "quick")["model"]["vocab_size"])
+    config = ClipConfig(**{**preset("clip", "quick")["model"], "vocab_size": tokenizer.vocab_size})
     torch.manual_seed(0)
     save_model(directory, "clip", to_dict(config), ContrastiveClip.from_config(config).state_dict())
     tokenizer.save(directory / "tokenizer.json")

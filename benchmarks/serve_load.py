@@ -70,7 +70,7 @@ def make_quick_clip(directory: Path) -> Path:
     """The quick preset's CLIP architecture with random weights, saved as a duomodal model dir."""
     import torch
 
-    from duomodal.config import PRESETS, to_dict
+    from duomodal.config import preset, to_dict
     from duomodal.modelfile import save_model
     from duomodal.models.clip import ClipConfig, ContrastiveClip
     from duomodal.text.tokenizer import Tokenizer
@@ -78,7 +78,7 @@ def make_quick_clip(directory: Path) -> Path:
     if (directory / "model.safetensors").is_file():
         return directory
     torch.manual_seed(0)
-    model_fields = dict(PRESETS["clip"]["quick"]["model"])
+    model_fields = dict(preset("clip", "quick")["model"])
     tokenizer = Tokenizer.train(queries() * 2, vocab_size=model_fields["vocab_size"], min_frequency=1)
     model_fields["vocab_size"] = tokenizer.vocab_size
     config = ClipConfig(**model_fields)

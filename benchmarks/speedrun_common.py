@@ -73,13 +73,13 @@ def reach_time(points: list[dict], key: str, target: float, lower_is_better: boo
 
 def preset_batch_size(kind: str, overrides: list[str]) -> int:
     """The recipe's batch size: its train.batch_size override, else the quick preset's."""
-    from duomodal.config import PRESETS
+    from duomodal.config import preset
 
     for item in overrides:
         key, _, value = item.partition("=")
         if key.strip() == "train.batch_size":
             return int(value)
-    return int(PRESETS[kind]["quick"]["train"]["batch_size"])
+    return int(preset(kind, "quick")["train"]["batch_size"])
 
 
 def percent(value: float | None) -> str:

@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import torch
 
-from duomodal.config import PRESETS, from_dict
+from duomodal.config import from_dict, preset
 from duomodal.device import attention_kernel, resolve_device
 from duomodal.models.clip import ContrastiveClip
 from duomodal.train.clip_task import ClipRunConfig, pair_loss
@@ -59,7 +59,7 @@ def main() -> None:
     device = resolve_device(args.device)
     precisions = precisions_to_compare(device, args.precisions)
     print_header(f"{', '.join(precisions)} (one variant each)", device)
-    config = from_dict(ClipRunConfig, PRESETS["clip"]["quick"]).model
+    config = from_dict(ClipRunConfig, preset("clip", "quick")).model
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(args.batch, 3, config.image_size, config.image_size, generator=generator).to(device)
     ids = caption_ids(args.batch, config.vocab_size, generator).to(device)

@@ -28,7 +28,7 @@ from dataclasses import replace
 
 import torch
 
-from duomodal.config import PRESETS, merge, override
+from duomodal.config import merge, override, preset
 from duomodal.device import attention_kernel, resolve_device
 from duomodal.models.dalle import DALLE, text_ids_with_padding, weighted_loss
 from duomodal.train.recipe import build_optimizer
@@ -64,7 +64,7 @@ def main() -> None:
     device = resolve_device(args.device)
     precisions = precisions_to_compare(device, args.precisions)
     machine = print_header(f"{', '.join(precisions)} (one variant each)", device)
-    run = override(merge(DALLERunConfig(), PRESETS["dalle"]["quick"]), args.overrides)
+    run = override(merge(DALLERunConfig(), preset("dalle", "quick")), args.overrides)
     config = replace(run.model, image_vocab_size=512, image_grid_size=8, image_size=32)
     batch = run.train.batch_size
     torch.manual_seed(0)

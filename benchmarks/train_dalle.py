@@ -26,7 +26,7 @@ import time
 import torch
 
 from dalle_pytorch_ref import import_dalle_pytorch, reference_dalle
-from duomodal.config import PRESETS, from_dict
+from duomodal.config import from_dict, presets
 from duomodal.models.dalle import DALLE, DALLEConfig, text_ids_with_padding, weighted_loss
 from this_machine import print_header
 
@@ -37,7 +37,7 @@ def setups() -> dict[str, tuple[DALLEConfig, int]]:
     """name -> (model config, batch size)."""
     found = {}
     for name, grid in (("quick", 8), ("seed", 16)):
-        preset = PRESETS["dalle"].get(name)
+        preset = presets("dalle").get(name)
         if preset is None:
             continue
         model = from_dict(DALLEConfig, {**preset.get("model", {}), "image_vocab_size": 512,

@@ -9,7 +9,7 @@ from typing import Literal
 
 import pytest
 
-from duomodal.config import PRESETS, ConfigError, from_dict, merge, override, preset, to_dict
+from duomodal.config import ConfigError, from_dict, merge, override, preset, preset_kinds, presets, to_dict
 
 
 @dataclass(frozen=True)
@@ -158,14 +158,32 @@ def test_merge_is_strict():
 
 
 def test_presets_are_partial_dicts_for_merge():
-    assert set(PRESETS) >= {"vae", "dalle", "clip"}
+    assert set(preset_kinds()) >= {"vae", "dalle", "clip"}
     with pytest.raises(ConfigError, match=r"^no presets for 'gan'; kinds: "):
         preset("gan", "quick")
     with pytest.raises(ConfigError, match=r"^unknown vae preset 'nope'; presets: "):
         preset("vae", "nope")
-    for kind, presets in PRESETS.items():
-        for name in presets:
+    for kind in preset_kinds():
+        for name in presets(kind):
             assert isinstance(preset(kind, name), dict)
+
+
+def test_every_preset_merges_over_its_trainers_run_config():
+    from duomodal.train.clip_task import ClipRunConfig
+    from duomodal.train.dalle_task import DALLERunConfig
+    from duomodal.train.vae_task import VAERunConfig
+
+    run_configs = {"vae": VAERunConfig, "dalle": DALLERunConfig, "clip": ClipRunConfig}
+    assert set(preset_kinds()) == set(run_configs)
+    for kind, cls in run_configs.items():
+        for name in presets(kind):
+            merged = merge(cls(), preset(kind, name))
+            assert merged.train.steps == preset(kind, name)["train"]["steps"], (kind, name)
+
+
+def test_a_preset_is_a_copy_free_to_change():
+    preset("vae", "quick")["train"]["steps"] = -1
+    assert preset("vae", "quick")["train"]["steps"] > 0
 
 
 def test_configs_are_frozen():

@@ -10,7 +10,7 @@ import torch
 
 from duomodal import device as hw
 from duomodal.cli import main
-from duomodal.config import PRESETS
+from duomodal.config import preset_kinds, presets
 from duomodal.device import DeviceError, SlowPrecisionWarning, attention_kernel, resolve_precision
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
@@ -78,8 +78,8 @@ def test_attention_kernel_from_the_device():
 
 
 def test_no_preset_pins_a_precision_or_a_kernel():
-    for kind, presets in PRESETS.items():
-        for name, preset in presets.items():
+    for kind in preset_kinds():
+        for name, preset in presets(kind).items():
             assert "precision" not in preset.get("train", {}), (kind, name)
             assert "attention" not in preset.get("model", {}), (kind, name)
 

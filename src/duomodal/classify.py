@@ -1,5 +1,5 @@
 """Zero-shot classification with CLIP, and the figures CLIP is judged by (computed by
-``duomodal.evaluate.metrics``).
+``duomodal.metrics``).
 
 Each label becomes a text classifier by prompt ensembling (CLIP paper, section 3.1.4): the label
 is put into several templates ("a {} icon", "an icon of {}"), each prompt is embedded and
@@ -10,6 +10,7 @@ normalised, the embeddings are averaged and normalised again. An image's class p
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,8 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from duomodal.data.records import caption_key
-from duomodal.evaluate import metrics as M
+from duomodal import metrics as M
+from duomodal.data.dataset import load_record_image
+from duomodal.data.images import ImageError, is_image_path, load_image
+from duomodal.data.record_types import caption_key
+from duomodal.data.records import load_records
+from duomodal.files import atomic_write_bytes, atomic_write_text
 
 # Built-in template sets. "{}" is replaced by the label with '-' and '_' read as spaces.
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
@@ -159,14 +164,11 @@ def clip_figures(
 
 def save_confusion_png(matrix: torch.Tensor, labels: Sequence[str], path: str | os.PathLike, title: str = "") -> None:
     """A labelled heat map of a confusion matrix (rows: true, columns: predicted), written atomically."""
-    import io
-
+    # matplotlib loads here, when a figure is drawn: importing it costs a second that classifying does not need
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from duomodal.files import atomic_write_bytes
+    import matplotlib.pyplot as plt  # after choosing the Agg backend, lazily as above
 
     n = len(labels)
     side = max(4.0, 0.45 * n + 2.0)
@@ -202,10 +204,6 @@ class Prediction:
 
 def write_predictions_csv(predictions: Sequence[Prediction], path: str | os.PathLike) -> None:
     """One row per image: path, true label (if known), then label_1, prob_1, ... label_k, prob_k."""
-    import io
-
-    from duomodal.files import atomic_write_text
-
     top_k = max((len(p.top) for p in predictions), default=0)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -240,8 +238,6 @@ def find_images(inputs: Sequence[str | os.PathLike], label_field: str | None = N
     directly below that directory. With `label_field`, a directory is read as a duomodal dataset
     and the label is that manifest field of each record instead.
     """
-    from duomodal.data.images import is_image_path
-
     found: list[tuple[Path, str | None]] = []
     for item in inputs:
         path = Path(item)
@@ -253,8 +249,6 @@ def find_images(inputs: Sequence[str | os.PathLike], label_field: str | None = N
             found.append((path, None))
             continue
         if label_field is not None:
-            from duomodal.data.records import load_records
-
             records = load_records(path)
             with_field = [r for r in records if label_field in r.labels]
             if not with_field:
@@ -283,8 +277,6 @@ def classify_images(
     progress: Callable[[int], None] | None = None,
 ) -> ClassifyResult:
     """Zero-shot classify image files with a ``ClipEmbedder``; unreadable files are skipped and counted."""
-    from duomodal.data.images import ImageError, load_image
-
     if top_k < 1:
         raise ClassifyError(f"top_k must be at least 1, got {top_k}")
     labels = list(labels)
@@ -337,9 +329,6 @@ def evaluate_records(
     Zero-shot figures come once per template set of `template_sets` (name -> templates): the first
     set's as ``zero_shot_<field>``, every other set's as ``<set>/zero_shot_<field>``.
     """
-    from duomodal.data.dataset import load_record_image
-    from duomodal.data.images import ImageError
-
     if not template_sets:
         raise ClassifyError("evaluate_records needs at least one template set")
     image_parts, kept = [], []

@@ -1,8 +1,8 @@
 """Configuration: frozen dataclasses, strict JSON round trips, dotted overrides, named presets.
 
 Each component's dataclass lives beside the code that uses it (``models/vae.py`` holds
-``VAEConfig``, ``train/loop.py`` holds ``TrainConfig``); this module holds the machinery that
-every one of them shares and the presets, in one place.
+``VAEConfig``, ``train/recipe.py`` holds ``TrainConfig``); this module holds the machinery that
+every one of them shares, and reads the trainers' named presets (``train/presets/<kind>.json``).
 
 A run is described by a ``RunConfig``-like dataclass whose fields are component configs, e.g.
 ``{"model": VAEConfig, "train": TrainConfig}``. Overrides address fields by dotted name:
@@ -11,10 +11,13 @@ A run is described by a ``RunConfig``-like dataclass whose fields are component 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import types
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -191,87 +194,34 @@ def merge(config: T, changes: dict[str, Any]) -> T:
     return from_dict(type(config), deep_update(to_dict(config), changes))
 
 
-# Presets: the one place where named setups live. Each entry is a partial dict merged over the
-# run config's defaults with `merge`. Trainers register their kind here ("vae", "dalle", "clip").
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "vae": {
-        # 32 px -> 8x8 grid of 512 codes; a few minutes on 2 CPU cores (see docs/vae.md)
-        "quick": {
-            "model": {"image_size": 32, "n_downsample": 2, "width": 64, "res_blocks": 1,
-                      "codebook_size": 512, "codebook_dim": 64, "quantizer": "vq"},
-            "train": {"steps": 1800, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50,
-                      "log_every": 25, "val_every": 600, "sample_every": 300, "checkpoint_every": 600},
-            "data": {"image_size": 32},
-        },
-        # the seed post's setup: 128 px, 512 codes, 3 stages -> 16x16 grid
-        "seed": {
-            "model": {"image_size": 128, "n_downsample": 3, "width": 32, "res_blocks": 2,
-                      "codebook_size": 512, "codebook_dim": 64, "quantizer": "vq"},
-            "train": {"steps": 20000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 500,
-                      "log_every": 50, "val_every": 1000, "sample_every": 1000, "checkpoint_every": 2000},
-            "data": {"image_size": 128},
-        },
-    },
-    "dalle": {
-        # 32 px icons through the quick VAE (8x8 grid of 512 codes), 16 text tokens, sized for 2 CPU cores:
-        # a narrow model learns more per second of training than a wide one there; Muon, warmup-stable-decay,
-        # lr 4e-3, the embeddings at 20x that and a 2,048-token vocabulary won the speedrun ablation
-        # (docs/dalle.md). The recipe before the last two is --set train.embed_lr_scale=1
-        # --set model.text_vocab_size=1024 --set train.steps=2800; the one before Muon is
-        # --set train.optimizer=adamw --set train.schedule=cosine --set train.lr=2e-3 --set train.steps=3000 too
-        "quick": {
-            "model": {"text_seq_len": 16, "text_vocab_size": 2048, "n_layer": 4, "n_head": 4, "n_embd": 128,
-                      "attention_types": ["full"], "caption_dropout": 0.1},
-            "train": {"steps": 3600, "batch_size": 32, "lr": 4e-3, "embed_lr_scale": 20.0, "warmup_steps": 50,
-                      "weight_decay": 0.01, "optimizer": "muon", "schedule": "wsd",
-                      "log_every": 50, "val_every": 900, "val_batches": 32, "sample_every": 1800,
-                      "checkpoint_every": 900},
-            "data": {"image_size": 32},
-        },
-        # the seed post's setup: 128 px icons through the seed VAE (16x16 grid of 512 codes), 32 text tokens
-        "seed": {
-            "model": {"text_seq_len": 32, "text_vocab_size": 2048, "n_layer": 8, "n_head": 8, "n_embd": 512,
-                      "attention_types": ["full"], "caption_dropout": 0.1},
-            "train": {"steps": 30000, "batch_size": 32, "lr": 4e-4, "embed_lr_scale": 20.0, "warmup_steps": 1000,
-                      "weight_decay": 0.01, "optimizer": "muon", "schedule": "wsd", "log_every": 50, "val_every": 1000, "val_batches": 50, "sample_every": 1000,
-                      "checkpoint_every": 2000},
-            "data": {"image_size": 128},
-        },
-    },
-    "clip": {
-        # 32 px icons as 4x4 patches of 8 px, small ViT and text transformer, sized for 2 CPU cores; Muon,
-        # warmup-stable-decay and lr 3e-3 won the speedrun (docs/clip.md). Precision and attention kernel are
-        # chosen from the hardware (duomodal.device). The previous recipe is --set train.optimizer=adamw
-        # --set train.schedule=cosine --set train.lr=1e-3 --set train.steps=450
-        "quick": {
-            "model": {"image_size": 32, "patch_size": 8, "vision_width": 128, "vision_layers": 4, "vision_heads": 4,
-                      "text_width": 128, "text_layers": 3, "text_heads": 4, "context_length": 32,
-                      "vocab_size": 2048, "embed_dim": 128},
-            "train": {"steps": 1600, "batch_size": 256, "lr": 3e-3, "warmup_steps": 40, "weight_decay": 0.1,
-                      "optimizer": "muon", "schedule": "wsd",
-                      "log_every": 20, "val_every": 400, "sample_every": 800, "checkpoint_every": 400},
-            "data": {"image_size": 32},
-            "augment": {"crop_scale_min": 0.8},
-        },
-        # the seed post's scale: 64 px, wider and deeper encoders, more steps (a GPU job)
-        "seed": {
-            "model": {"image_size": 64, "patch_size": 8, "vision_width": 256, "vision_layers": 6, "vision_heads": 8,
-                      "text_width": 256, "text_layers": 6, "text_heads": 8, "context_length": 48,
-                      "vocab_size": 4096, "embed_dim": 256},
-            "train": {"steps": 20000, "batch_size": 512, "lr": 5e-4, "warmup_steps": 1000, "weight_decay": 0.1,
-                      "optimizer": "muon", "schedule": "wsd",
-                      "log_every": 50, "val_every": 1000, "sample_every": 1000, "checkpoint_every": 2000},
-            "data": {"image_size": 64},
-            "augment": {"crop_scale_min": 0.8},
-        },
-    },
-}
+# Presets: named setups, kept as data beside the trainers that own them: train/presets/<kind>.json maps
+# each preset name to a partial run config, merged over the run config's defaults with `merge`. What
+# each preset is for, and the recipes it replaced, are in docs/vae.md, docs/dalle.md and docs/clip.md.
+PRESET_DIR = Path(__file__).parent / "train" / "presets"
+
+
+@functools.cache
+def _presets_of(kind: str) -> dict[str, dict[str, Any]]:
+    path = PRESET_DIR / f"{kind}.json"
+    if not path.is_file():
+        raise ConfigError(f"no presets for {kind!r}; kinds: {', '.join(preset_kinds())}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def preset_kinds() -> list[str]:
+    """The trainer kinds that have presets ("clip", "dalle", "vae")."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def presets(kind: str) -> dict[str, dict[str, Any]]:
+    """The named presets of one trainer kind: name -> partial run config (a copy, free to change)."""
+    return copy.deepcopy(_presets_of(kind))
 
 
 def preset(kind: str, name: str) -> dict[str, Any]:
-    if kind not in PRESETS:
-        raise ConfigError(f"no presets for {kind!r}; kinds: {', '.join(sorted(PRESETS))}")
-    if name not in PRESETS[kind]:
-        known = ", ".join(sorted(PRESETS[kind])) or "none yet"
+    """One named preset of `kind`, a partial run config; ConfigError for an unknown kind or name."""
+    named = presets(kind)
+    if name not in named:
+        known = ", ".join(sorted(named)) or "none yet"
         raise ConfigError(f"unknown {kind} preset {name!r}; presets: {known}")
-    return PRESETS[kind][name]
+    return named[name]

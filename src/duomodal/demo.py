@@ -97,6 +97,37 @@ def _train_items(data: Path) -> int | None:
     return int(json.loads(path.read_text(encoding="utf-8"))["counts"]["train"])
 
 
+def _trainer_options(kind: str, setup: DemoSetup, budget: float | None, train_items: int | None,
+                     train_overrides: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """A trainer's options after its data and run folders (the device left to the caller), and notes on
+    what the demo chose: the preset, its share of the time `budget`, the overrides for it, and a batch
+    lowered to what the training split's `train_items` hold."""
+    assignments = []
+    for assignment in (*setup.overrides.get(kind, ()), *train_overrides):
+        target, _, rest = assignment.partition(":")
+        if rest and "=" not in target:
+            if target not in TRAINER_KINDS:
+                raise ValueError(f"override {assignment!r}: {target!r} is not one of {', '.join(TRAINER_KINDS)}")
+            if target != kind:
+                continue
+            assignment = rest
+        assignments.append(assignment)
+    given = {assignment.partition("=")[0].strip() for assignment in assignments}
+    out, notes = ["--preset", setup.train_preset], []
+    if budget is not None and setup.shares and not given & {"train.steps", "train.minutes"}:
+        stage_minutes = f"{budget * setup.shares[kind]:.2f}".rstrip("0").rstrip(".")
+        out += ["--minutes", stage_minutes]
+        notes.append(f"{stage_minutes} minutes")
+    batch = trainer_preset(kind, setup.train_preset)["train"]["batch_size"]
+    if train_items is not None and "train.batch_size" not in given and 0 < train_items < batch:
+        fitted = 2 ** (train_items.bit_length() - 1)  # the largest power of two the split holds
+        assignments.append(f"train.batch_size={fitted}")
+        notes.append(f"batch lowered from {batch} to {fitted}: the training split has {train_items} items")
+    for assignment in assignments:
+        out += ["--set", assignment]
+    return out, notes
+
+
 def plan(
     work: Path,
     preset: str = "quick",
@@ -133,35 +164,9 @@ def plan(
 
     train_items = _train_items(data)
 
-    def options(kind: str) -> tuple[list[str], list[str]]:
-        """The trainer's options after its data and run folders, and notes on what the demo chose."""
-        assignments = []
-        for assignment in (*setup.overrides.get(kind, ()), *train_overrides):
-            target, _, rest = assignment.partition(":")
-            if rest and "=" not in target:
-                if target not in TRAINER_KINDS:
-                    raise ValueError(f"override {assignment!r}: {target!r} is not one of {', '.join(TRAINER_KINDS)}")
-                if target != kind:
-                    continue
-                assignment = rest
-            assignments.append(assignment)
-        given = {assignment.partition("=")[0].strip() for assignment in assignments}
-        out, notes = ["--preset", setup.train_preset], []
-        if budget is not None and setup.shares and not given & {"train.steps", "train.minutes"}:
-            stage_minutes = f"{budget * setup.shares[kind]:.2f}".rstrip("0").rstrip(".")
-            out += ["--minutes", stage_minutes]
-            notes.append(f"{stage_minutes} minutes")
-        batch = trainer_preset(kind, setup.train_preset)["train"]["batch_size"]
-        if train_items is not None and "train.batch_size" not in given and 0 < train_items < batch:
-            fitted = 2 ** (train_items.bit_length() - 1)  # the largest power of two the split holds
-            assignments.append(f"train.batch_size={fitted}")
-            notes.append(f"batch lowered from {batch} to {fitted}: the training split has {train_items} items")
-        for assignment in assignments:
-            out += ["--set", assignment]
-        return out + dev, notes
-
     def training_stage(kind: str, what: str, inputs: list[str], run_dir: Path) -> Stage:
-        extra, notes = options(kind)
+        extra, notes = _trainer_options(kind, setup, budget, train_items, train_overrides)
+        extra += dev
         what = f"{what} ({'; '.join(notes)})" if notes else what
         return _training_stage(kind, what, ["train", kind, "--data", str(data), *inputs, "--out", str(run_dir),
                                             *extra], run_dir)

@@ -7,7 +7,7 @@ import torch
 
 from duomodal.config import ConfigError
 from duomodal.data.captions import SYNONYMS, CaptionAugmentConfig, augment_caption, insert_noise_tokens
-from duomodal.data.icons import UNSEEN_PHRASINGS, captions_for, icon_words, unseen_phrasing
+from duomodal.data.profile import UNSEEN_PHRASINGS, captions_for, icon_words, unseen_phrasing
 
 
 def draws(caption: str, config: CaptionAugmentConfig, n: int = 200) -> list[str]:

@@ -9,22 +9,17 @@ import pytest
 from PIL import Image
 
 from duomodal.cli import main
-from duomodal.data.icons import (
-    PALETTE,
+from duomodal.data.icon_plan import (
     IconDatasetError,
     IconSource,
-    build_icon_dataset,
-    captions_for,
     choose_heldout,
-    colored_svg,
-    icon_words,
     load_icons,
     palette,
     plan_images,
-    read_manifest,
-    render_icon,
     split_for_path,
 )
+from duomodal.data.icons import build_icon_dataset, colored_svg, read_manifest, render_icon
+from duomodal.data.profile import PALETTE, captions_for, icon_words
 
 
 def hex_to_rgb(hex_color: str) -> tuple[int, int, int]:

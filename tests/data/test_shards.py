@@ -156,9 +156,18 @@ def test_bad_members_are_skipped_with_a_reason_and_counted(tmp_path, capsys):
 
 def stream_of(spec: str, rank: int, world_size: int, epoch: int = 0, done=frozenset()) -> ShardStream:
     stream = ShardStream(open_shards(spec), "train", 0, 8, val_fraction=0.0, shuffle_buffer=3)
-    stream.seed, stream.rank, stream.world_size, stream.micro_batch = 7, rank, world_size, 1
-    stream.position = StreamPosition(epoch, frozenset(done))
+    stream.start_epoch(StreamPosition(epoch, frozenset(done)), seed=7, rank=rank, world_size=world_size, micro_batch=1)
     return stream
+
+
+def test_an_epoch_is_set_up_in_one_call_that_checks_it(tmp_path):
+    img2dataset_shards(tmp_path / "shards", shards=2, per_shard=2)
+    stream = stream_of(str(tmp_path / "shards" / "{00000..00001}.tar"), 1, 2, epoch=3)
+    assert (stream.seed, stream.rank, stream.world_size, stream.micro_batch, stream.position.epoch) == (7, 1, 2, 1, 3)
+    with pytest.raises(ValueError, match=r"^rank must be in \[0, 2\), got 2$"):
+        stream.start_epoch(StreamPosition(), seed=0, rank=2, world_size=2, micro_batch=1)
+    with pytest.raises(ValueError, match=r"^micro_batch must be at least 1, got 0$"):
+        stream.start_epoch(StreamPosition(), seed=0, rank=0, world_size=1, micro_batch=0)
 
 
 def test_each_rank_and_worker_reads_its_own_shards(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from duomodal.data.icons import captions_for
+from duomodal.data.profile import captions_for
 from duomodal.files import save_json
 
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (235, 200, 20)}

@@ -21,9 +21,9 @@ from PIL import Image, ImageDraw
 
 from duomodal.cli import main
 from duomodal.config import to_dict
-from duomodal.data.icons import captions_for, unseen_phrasing
+from duomodal.data.profile import captions_for, unseen_phrasing
 from duomodal.evaluate import EvalError, EvalOptions, run_evaluation
-from duomodal.evaluate.metrics import dominant_color
+from duomodal.metrics import dominant_color
 from duomodal.modelfile import save_model
 from duomodal.models.dalle import DalleRun
 from duomodal.models.sampling import SamplingOptions
@@ -130,15 +130,15 @@ def fakes(monkeypatch, vae_dir):
 
     clips = {"reranker": FakeClip("color", "fake:reranker"), "judge": FakeClip("shape", "fake:judge"),
              "same": FakeClip("shape", "fake:reranker")}
-    monkeypatch.setattr("duomodal.models.clip.load_clip", lambda path, device=None, precision="auto": clips[Path(path).name])
+    monkeypatch.setattr("duomodal.evaluate.context.load_clip", lambda path, device=None, precision="auto": clips[Path(path).name])
 
     def fake_load_dalle(path, device=None):
         vae = load_vae(vae_dir)
         model = FakeDalle(vae)
         return DalleRun(model, vae, model.tokenizer)
 
-    monkeypatch.setattr("duomodal.models.dalle.load_dalle", fake_load_dalle)
-    monkeypatch.setattr("duomodal.generate.generate_images", fake_generate)
+    monkeypatch.setattr("duomodal.evaluate.samples.load_dalle", fake_load_dalle)
+    monkeypatch.setattr("duomodal.evaluate.prompts.generate_images", fake_generate)
     return clips
 
 
@@ -347,7 +347,7 @@ def test_a_prompt_the_model_cannot_read_is_skipped_and_counted(tmp_path, data, f
             raise GenerationError(f"prompt {prompt!r} has characters this model's tokenizer never saw, in: triangle")
         return fake_generate(run, prompt, **kwargs)
 
-    monkeypatch.setattr("duomodal.generate.generate_images", picky)
+    monkeypatch.setattr("duomodal.evaluate.prompts.generate_images", picky)
     lines: list[str] = []
     out = tmp_path / "r"
     m = run_evaluation(options(data, out, dalle=tmp_path / "dalle", judge_clip=tmp_path / "judge"),

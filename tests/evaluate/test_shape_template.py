@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from duomodal.data.records import Record
-from duomodal.evaluate.metrics import MetricError
-from duomodal.evaluate.samples import Prompt, PromptSamples, fmt_template_shape, name_blind_icons, summarise
+from duomodal.metrics import MetricError
+from duomodal.evaluate.prompts import Prompt, PromptSamples, name_blind_icons, summarise
+from duomodal.evaluate.samples import fmt_template_shape
 from duomodal.evaluate.shape import TemplateMatcher, TemplateScores
 
 

@@ -11,17 +11,15 @@ import torch
 
 from duomodal.config import ConfigError, from_dict, to_dict
 from duomodal.models.dalle import (
-    ATTENTION_TYPES,
     DALLE,
     DALLEConfig,
-    attend,
-    attention_mask,
     drop_captions,
     load_dalle,
     text_ids_with_padding,
     vae_identity,
     weighted_loss,
 )
+from duomodal.models.dalle_attention import ATTENTION_TYPES, attend, attention_mask
 from duomodal.modelfile import ModelFileError, save_model
 from duomodal.models.dalle_step import StepDecoder, packed_linears_available
 from duomodal.models.sampling import choose_tokens, row_uniforms, sample_image_tokens

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from duomodal.train.batches import grouped_order
+from duomodal.train.batches import ValBatches, grouped_order
 
 
 def test_grouped_order_keeps_every_index_and_groups_the_asked_share_of_batches():
@@ -23,3 +23,21 @@ def test_grouped_order_keeps_every_index_and_groups_the_asked_share_of_batches()
     assert grouped_order(indices, groups, 20, 0.0, torch.Generator().manual_seed(1)) == indices
     every = grouped_order(indices, groups, 20, 1.0, torch.Generator().manual_seed(1))
     assert all(len({groups[i] for i in every[k : k + 20]}) <= 2 for k in range(0, 400, 20))
+
+
+class _Task:
+    """A task's collate: stack the readable items."""
+
+    @staticmethod
+    def collate(items):
+        return torch.stack(items)
+
+
+def test_val_batches_count_the_items_they_leave_out():
+    items = [None if i in (1, 2, 5) else torch.full((2,), float(i)) for i in range(8)]  # 3 unreadable
+    batches = ValBatches(items, _Task(), batch_size=2, limit=0, device=torch.device("cpu"))
+    seen = [batch[:, 0].tolist() for batch in batches]
+    assert seen == [[0.0], [3.0], [4.0], [6.0, 7.0]]  # the batch of items 1 and 2 had nothing left
+    assert batches.dropped == 3
+    limited = ValBatches(items, _Task(), batch_size=2, limit=2, device=torch.device("cpu"))
+    assert len(list(limited)) == 2 and limited.dropped == 2  # the first two batches only

@@ -247,6 +247,7 @@ class TimedTask(TinyTask):
 def clock(monkeypatch) -> FakeClock:
     fake = FakeClock()
     monkeypatch.setattr("duomodal.train.loop.time", fake)
+    monkeypatch.setattr("duomodal.train.budget.time", fake)  # the probe's timing
     return fake
 
 

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clip_commands(sub)
     _add_search_commands(sub)
     _add_serve_commands(sub)
-    _add_demo_commands(sub)
+    _add_demo_commands(sub, run_command=main)
     _add_eval_commands(sub)
     return parser
 

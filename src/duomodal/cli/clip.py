@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
 
 from duomodal.cli.common import _add_precision_option, _error
+from duomodal.files import save_json
 
 
 def _add_clip_commands(sub: argparse._SubParsersAction) -> None:
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.classify import TEMPLATE_SETS
 
     parser = sub.add_parser(
@@ -67,8 +73,7 @@ def _add_clip_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _resolve_labels(args: argparse.Namespace, known: list[str]) -> list[str]:
-    from pathlib import Path
-
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.classify import ClassifyError, parse_labels
 
     if args.labels and args.labels_file:
@@ -86,10 +91,7 @@ def _resolve_labels(args: argparse.Namespace, known: list[str]) -> list[str]:
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from tqdm import tqdm
-
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.classify import (
         classify_images,
         find_images,
@@ -129,6 +131,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _cmd_clip_export(args: argparse.Namespace) -> int:
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.models.clip import export_hf
 
     path = export_hf(args.run_dir, args.hf_dir)
@@ -137,8 +140,7 @@ def _cmd_clip_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_clip_eval(args: argparse.Namespace) -> int:
-    import time
-
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.classify import TEMPLATE_SETS, evaluate_records, label_classes_of
     from duomodal.data.records import filter_split, load_records
     from duomodal.device import resolve_device
@@ -166,8 +168,6 @@ def _cmd_clip_eval(args: argparse.Namespace) -> int:
         if name not in ("count", "skipped"):
             print(f"  {name:<32} {value:.4f}")
     if args.json:
-        from duomodal.files import save_json
-
         save_json({"split": args.split, "model_id": embedder.model_id, "seconds": seconds,
                    "templates": {name: list(TEMPLATE_SETS[name]) for name in names}, **figures}, args.json)
         print(f"wrote {args.json}")

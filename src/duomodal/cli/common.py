@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from tqdm import tqdm
+
 
 def _error(message: str) -> None:
     print(f"duomodal: error: {message}", file=sys.stderr)
@@ -23,6 +25,7 @@ def _positive_int(text: str) -> int:
 
 def _add_precision_option(parser: argparse.ArgumentParser, what: str) -> None:
     """--precision, with the choices and the default `auto` that duomodal.device declares."""
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.device import PRECISIONS
 
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -35,8 +38,6 @@ def _is_main_process() -> bool:
 
 
 def _progress_bar(total: int, desc: str):
-    from tqdm import tqdm
-
     bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
 
     def update(done: int, _total: int) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from duomodal.cli.common import _positive_int
+from duomodal.data.icons import build_icon_dataset
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +19,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_data_check(data_sub: argparse._SubParsersAction) -> None:
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.data.images import DEFAULT_MAX_PIXELS
 
     check = data_sub.add_parser(
@@ -45,8 +48,7 @@ def _add_data_check(data_sub: argparse._SubParsersAction) -> None:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    import json
-
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.data.scan import check_dataset, report_lines
 
     report = check_dataset(args.dir, max_pixels=args.max_pixels, progress=sys.stderr.isatty())
@@ -96,8 +98,6 @@ def _add_data_icons(data_sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_data_icons(args: argparse.Namespace) -> int:
-    from duomodal.data.icons import build_icon_dataset
-
     summary = build_icon_dataset(
         args.out,
         size=args.size,
@@ -145,6 +145,7 @@ def _add_data_pack(data_sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_data_pack(args: argparse.Namespace) -> int:
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.data.pack import pack_dataset
 
     summary = pack_dataset(args.dir, args.out, args.shard_size, args.val_fraction,

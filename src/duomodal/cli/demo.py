@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 from duomodal.cli.common import _add_precision_option, _error, _positive_int
+from duomodal.files import save_json
 
 
-def _add_demo_commands(sub: argparse._SubParsersAction) -> None:
-    from pathlib import Path
-
+def _add_demo_commands(sub: argparse._SubParsersAction, run_command: Callable[[list[str]], int]) -> None:
+    """`duomodal demo`, which runs its stages as the commands `run_command` (the CLI's `main`) runs."""
+    # Imported here: the CLI builds its parser without torch, and duomodal.demo imports the trainers.
     from duomodal.demo import DEMO_MINUTES, DEMO_SETUPS
 
     demo = sub.add_parser(
@@ -35,15 +41,12 @@ def _add_demo_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--no-serve", action="store_true", help="stop after the report instead of starting the web app")
     demo.add_argument("--host", default="127.0.0.1", help="web app address (default 127.0.0.1)")
     demo.add_argument("--port", type=int, default=8000, help="web app port (default 8000)")
-    demo.set_defaults(func=_cmd_demo)
+    demo.set_defaults(func=functools.partial(_cmd_demo, run_command=run_command))
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    import time
-
-    from duomodal.cli import main
+def _cmd_demo(args: argparse.Namespace, run_command: Callable[[list[str]], int]) -> int:
+    # Imported here: the CLI builds its parser without torch, and duomodal.demo imports the trainers.
     from duomodal.demo import DEMO_SETUPS, plan, serve_argv
-    from duomodal.files import save_json
 
     def current_plan():  # planned again before each stage: a finished dataset stage tells the batch it holds
         return plan(args.work, args.preset, args.device, args.limit, tuple(args.train_set), args.eval_prompts,
@@ -55,8 +58,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     timings_path = args.work / "timings.json"
     timings = {}
     if timings_path.is_file():
-        import json
-
         timings = json.loads(timings_path.read_text(encoding="utf-8"))
     for number, name in enumerate([stage.name for stage in stages], 1):
         stage = next(s for s in current_plan() if s.name == name)
@@ -66,7 +67,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             continue
         print(f"{header}\n  $ duomodal {' '.join(stage.argv)}", file=sys.stderr)
         started = time.perf_counter()
-        status = main(list(stage.argv))
+        status = run_command(list(stage.argv))
         if status != 0:
             _error(f"demo stage {stage.name!r} failed (exit {status}); fix the cause and run the demo again "
                    "to resume from there")
@@ -81,12 +82,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.no_serve:
         return 0
     print(f"web app: http://{args.host}:{args.port}/ (Ctrl-C to stop)")
-    return main(serve_argv(args.work, args.host, args.port))
+    return run_command(serve_argv(args.work, args.host, args.port))
 
 
 def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
-    from pathlib import Path
-
     ev = sub.add_parser(
         "eval",
         help="measure the trained models on a dataset and write a report (Markdown, HTML, JSON, figures)",
@@ -121,6 +120,7 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.evaluate import EvalOptions, headline, run_evaluation
 
     options = EvalOptions(

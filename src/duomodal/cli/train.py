@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 from duomodal.cli.common import _is_main_process
+from duomodal.config import merge, override, preset, to_dict
 
 
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:
@@ -33,8 +36,6 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
 def _resolve_run_config(cls: type, kind: str, args: argparse.Namespace):
     """The run config: dataclass defaults, then --preset, then each --set, in that order."""
-    from duomodal.config import merge, override, preset
-
     config = cls()
     if args.preset:
         config = merge(config, preset(kind, args.preset))
@@ -44,8 +45,7 @@ def _resolve_run_config(cls: type, kind: str, args: argparse.Namespace):
 
 def _run_training(task, train_config, args: argparse.Namespace, run_config: dict | None = None) -> int:
     """Run the training loop for `task` into args.out and print a summary (rank 0 only)."""
-    from pathlib import Path
-
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.train.loop import train
 
     result = train(task, train_config, Path(args.out), resume=args.resume, run_config=run_config,
@@ -95,7 +95,7 @@ def _add_train_vae(train_sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train_vae(args: argparse.Namespace) -> int:
-    from duomodal.config import to_dict
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.train.vae_task import VAERunConfig, VAETask
 
     config = _resolve_run_config(VAERunConfig, "vae", args)
@@ -117,9 +117,7 @@ def _add_train_dalle(train_sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train_dalle(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from duomodal.config import to_dict
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.train.dalle_task import DALLERunConfig, DALLETask
 
     config = _resolve_run_config(DALLERunConfig, "dalle", args)
@@ -142,9 +140,7 @@ def _add_train_clip(train_sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train_clip(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from duomodal.config import to_dict
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.text.tokenizer import Tokenizer
     from duomodal.train.clip_task import ClipRunConfig, ClipTask
     from duomodal.train.distributed import init_distributed, shutdown

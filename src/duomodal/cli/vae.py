@@ -21,6 +21,7 @@ def _add_vae_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.data.images import ImageError, load_image
     from duomodal.device import resolve_device
     from duomodal.models.vae import load_vae

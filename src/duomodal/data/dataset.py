@@ -28,6 +28,7 @@ from duomodal.data.images import (
     to_tensor,
 )
 from duomodal.data.records import Record, filter_split, load_records
+from duomodal.data.shards import read_member
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,6 @@ def load_record_image(
     (`draft_size` as there); raises ImageError naming where it is and why it cannot be used."""
     if record.member is None:
         return load_image(record.path, background, max_pixels, draft_size=draft_size)
-    from duomodal.data.shards import read_member
-
     try:
         data = read_member(record)
     except (OSError, ValueError) as e:

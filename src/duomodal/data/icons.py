@@ -19,7 +19,7 @@ The colour is set on the root ``<svg>`` element (``fill="#rrggbb"``) and inherit
 Held-out combinations, for testing compositional generalisation: a seeded fraction of the
 (icon, colour) pairs never appears in training, while every held-out icon still appears in
 training in another colour and every colour appears in training on other icons. The other images
-are split into train and validation by hashing their path (see `split_for_path`), so adding icons
+are split into train and validation by hashing their path (see `icon_plan.split_for_path`), so adding icons
 never moves an old image across the split.
 
 A build is idempotent and resumable: images are written atomically (temporary file, rename),
@@ -29,7 +29,6 @@ prints: the progress bar goes to stderr through tqdm, skipped icons come back in
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import io
 import json
@@ -43,233 +42,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import resvg_py
 from PIL import Image
 from tqdm import tqdm
 
+from duomodal.data.icon_plan import (
+    IMAGES_DIR,
+    NAME_SEPARATOR,
+    IconDatasetError,
+    IconImage,
+    load_icons,
+    palette,
+    plan_images,
+)
+from duomodal.data.profile import SUMMARY_FILE
 from duomodal.files import atomic_write_text
 
-# The fixed palette, ordered so that the first few colours are the most distinct from each other
-# (``colors=k`` takes the first k). Hex values are Material Design 600/700 shades, except black.
-PALETTE: dict[str, str] = {
-    "red": "#e53935",
-    "green": "#43a047",
-    "blue": "#1e88e5",
-    "black": "#000000",
-    "yellow": "#fbc02d",
-    "purple": "#8e24aa",
-    "orange": "#fb8c00",
-    "pink": "#f06292",
-}
-
-IMAGES_DIR = "images"
 MANIFEST_FILE = "captions.jsonl"
-SUMMARY_FILE = "dataset.json"
 BACKGROUND = "#ffffff"
-_NAME_SEPARATOR = "__"
-
-
-class IconDatasetError(ValueError):
-    """An option of the icon dataset build that cannot be honoured."""
-
-
-@dataclass(frozen=True)
-class IconSource:
-    """One icon of the set: its slug (``heart-outline``) and its SVG markup."""
-
-    slug: str
-    svg: str
-    deprecated: bool = False
-
-
-@dataclass(frozen=True)
-class IconImage:
-    """One image of the dataset: an icon in a colour, with its captions and split."""
-
-    icon: str
-    color: str
-    file: str  # relative to the dataset root, with forward slashes: images/<icon>__<color>.png
-    captions: tuple[str, ...]
-    split: str  # "train" | "val" | "heldout"
-
-    @property
-    def heldout(self) -> bool:
-        return self.split == "heldout"
-
-    def manifest_line(self) -> dict[str, Any]:
-        return {
-            "file": self.file,
-            "caption": list(self.captions),
-            "icon": self.icon,
-            "color": self.color,
-            "split": self.split,
-            "heldout": self.heldout,
-        }
-
-
-# --- icons, palette, captions -------------------------------------------------------------------
-
-
-def load_icons(include_deprecated: bool = False, limit: int | None = None) -> list[IconSource]:
-    """The icons of material-design-icons-pack sorted by slug; the first `limit` when given."""
-    import material_design_icons_pack as mdi
-
-    icons = []
-    for name in mdi.__all__:
-        if not name.isupper():
-            continue
-        icon = getattr(mdi, name)
-        if icon.deprecated and not include_deprecated:
-            continue
-        icons.append(IconSource(slug=icon.slug, svg=icon.svg, deprecated=bool(icon.deprecated)))
-    icons.sort(key=lambda icon: icon.slug)
-    if limit is not None:
-        icons = icons[:limit]
-    return icons
-
-
-def palette(colors: int = 8) -> dict[str, str]:
-    """The first `colors` colours of PALETTE, name -> "#rrggbb"."""
-    if not 1 <= colors <= len(PALETTE):
-        raise IconDatasetError(f"colors must be between 1 and {len(PALETTE)}, got {colors}")
-    return dict(list(PALETTE.items())[:colors])
-
-
-def icon_words(slug: str) -> str:
-    """The icon's name as words: "heart-outline" -> "heart outline"."""
-    return " ".join(part for part in slug.split("-") if part)
-
-
-_A_BEFORE_U = ("uni", "usb", "use", "usu", "ura", "ure", "uro", "ubuntu", "umb", "utr")
-
-
-def _article(word: str) -> str:
-    """ "a" or "an" before `word` (good enough for icon names and colour names)."""
-    lowered = word.lower()
-    if lowered[:1] in ("a", "e", "i", "o"):
-        return "an"
-    if lowered[:1] == "u" and not lowered.startswith(_A_BEFORE_U):
-        return "an"
-    return "a"
-
-
-def captions_for(slug: str, color: str) -> tuple[str, ...]:
-    """Several phrasings of "this icon in this colour", so that models learn words, not one template."""
-    name = icon_words(slug)
-    return (
-        f"{_article(color)} {color} {name} icon",
-        f"{name}, {color}",
-        f"{color} {name}",
-        f"an icon of {_article(name)} {name} in {color}",
-        f"{_article(name)} {name} icon in {color}",
-        f"{name} in {color}",
-    )
-
-
-# Phrasings of "this icon in this colour" that neither `captions_for` nor the caption augmentation
-# (data/captions.py) writes, with words no icon name has ("clipart", "shaded", "tinted", "painted"...),
-# some right beside the colour word: the evaluation asks with them whether a model follows a prompt
-# worded as a user would word it.
-UNSEEN_PHRASINGS = (
-    "{name} clipart, {color}",
-    "please show {a} {name} shaded {color}",
-    "{color} tinted {name} graphic",
-    "{a} {name} sketch painted {color}",
-)
-
-
-def unseen_phrasing(slug: str, color: str, index: int) -> str:
-    """Phrasing `index` (cycled) of UNSEEN_PHRASINGS for the icon in the colour."""
-    name = icon_words(slug)
-    template = UNSEEN_PHRASINGS[index % len(UNSEEN_PHRASINGS)]
-    return template.format(name=name, color=color, a=_article(name))
-
-
-def image_file(slug: str, color: str) -> str:
-    return f"{IMAGES_DIR}/{slug}{_NAME_SEPARATOR}{color}.png"
-
-
-# --- splits -------------------------------------------------------------------------------------
-
-
-def split_for_path(relative_path: str, val_fraction: float) -> str:
-    """ "val" or "train" for a file, by hashing its path relative to the dataset root.
-
-    The rule of every captioned-image dataset (`records.hash_split`), so adding files never moves
-    an old one and a manifest without splits would give the same validation images.
-    """
-    # Imported here, not at the top: records imports torch, which the spawned render workers
-    # (that import this module) would otherwise load for nothing, seconds each.
-    from duomodal.data.records import hash_split
-
-    return hash_split(relative_path, val_fraction)
-
-
-def choose_heldout(
-    icons: Sequence[str],
-    colors: Sequence[str],
-    fraction: float,
-    seed: int,
-    val_fraction: float = 0.0,
-) -> set[tuple[str, str]]:
-    """A seeded set of (icon, colour) pairs to keep out of training.
-
-    ``round(fraction * len(icons) * len(colors))`` pairs are chosen in an order fixed by a hash of
-    (seed, icon, colour), skipping any pair whose removal would leave its icon or its colour with
-    no image in the train split (images that hash into validation do not count as training).
-    Fewer pairs are held out only when those constraints leave no more candidates.
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise IconDatasetError(f"heldout fraction must be in [0, 1), got {fraction}")
-    target = round(fraction * len(icons) * len(colors))
-    if target == 0:
-        return set()
-    if len(colors) < 2:
-        raise IconDatasetError(
-            f"holding out (icon, colour) pairs needs at least 2 colours, got {len(colors)}; "
-            "use more colours or a heldout fraction of 0"
-        )
-    in_train = {
-        (icon, color): split_for_path(image_file(icon, color), val_fraction) == "train"
-        for icon in icons
-        for color in colors
-    }
-    train_count_icon = Counter(icon for (icon, _), train in in_train.items() if train)
-    train_count_color = Counter(color for (_, color), train in in_train.items() if train)
-    order = sorted(in_train, key=lambda pair: hashlib.sha1(f"{seed}:{pair[0]}:{pair[1]}".encode()).digest())
-    heldout: set[tuple[str, str]] = set()
-    for icon, color in order:
-        if len(heldout) == target:
-            break
-        if in_train[icon, color]:
-            if train_count_icon[icon] < 2 or train_count_color[color] < 2:
-                continue
-            train_count_icon[icon] -= 1
-            train_count_color[color] -= 1
-        elif train_count_icon[icon] < 1 or train_count_color[color] < 1:
-            continue  # the icon (or colour) has no training image at all: nothing to generalise from
-        heldout.add((icon, color))
-    return heldout
-
-
-def plan_images(
-    icons: Sequence[IconSource],
-    colors: Sequence[str],
-    heldout_fraction: float,
-    val_fraction: float,
-    seed: int,
-) -> list[IconImage]:
-    """Every (icon, colour) image of the dataset with its captions and split, in a fixed order."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise IconDatasetError(f"val fraction must be in [0, 1), got {val_fraction}")
-    slugs = [icon.slug for icon in icons]
-    heldout = choose_heldout(slugs, colors, heldout_fraction, seed, val_fraction)
-    images = []
-    for slug in slugs:
-        for color in colors:
-            file = image_file(slug, color)
-            split = "heldout" if (slug, color) in heldout else split_for_path(file, val_fraction)
-            images.append(IconImage(slug, color, file, captions_for(slug, color), split))
-    return images
 
 
 # --- rendering ----------------------------------------------------------------------------------
@@ -290,8 +80,6 @@ def colored_svg(svg: str, hex_color: str) -> str:
 
 def render_icon(svg: str, hex_color: str, size: int) -> Image.Image:
     """The icon in `hex_color` on white, `size` x `size`, as an RGB image."""
-    import resvg_py
-
     png = resvg_py.svg_to_bytes(
         svg_string=colored_svg(svg, hex_color), width=size, height=size, background=BACKGROUND
     )
@@ -433,69 +221,62 @@ def build_icon_dataset(
     }
     out = Path(out)
     _check_previous_build(out, options, overwrite)
-    images_dir = out / IMAGES_DIR
-    images_dir.mkdir(parents=True, exist_ok=True)
-
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     icons = load_icons(include_deprecated=include_deprecated, limit=limit)
-    svg_by_slug = {icon.slug: icon.svg for icon in icons}
     planned = plan_images(icons, list(colors_used), heldout_fraction, val_fraction, seed)
-
-    # Clean up: temporary files of an interrupted build, PNGs this build does not plan.
-    planned_names = {Path(image.file).name for image in planned}
-    removed = 0
-    for entry in images_dir.iterdir():
-        if entry.name.endswith(".tmp") and entry.name.startswith("."):
-            entry.unlink(missing_ok=True)
-        elif entry.suffix == ".png" and _NAME_SEPARATOR in entry.name and entry.name not in planned_names:
-            entry.unlink(missing_ok=True)
-            removed += 1
-
+    removed = _remove_unplanned(out / IMAGES_DIR, planned)
+    svg_by_slug = {icon.slug: icon.svg for icon in icons}
     jobs = [
         _RenderJob(str(out / image.file), svg_by_slug[image.icon], colors_used[image.color], size)
         for image in planned
         if not _is_valid_image(out / image.file, size)
     ]
-    if workers is None:
-        workers = min(2, os.cpu_count() or 1)
     skipped: list[str] = []  # one line per image that could not be rendered: which and why
     failed: set[str] = set()
-    for path, reason in _run_jobs(jobs, workers, progress):
+    for path, reason in _run_jobs(jobs, min(2, os.cpu_count() or 1) if workers is None else workers, progress):
         if reason is not None:
             failed.add(Path(path).name)
             skipped.append(f"{Path(path).name}: {reason}")
     images = [image for image in planned if Path(image.file).name not in failed]
-
     counts = Counter(image.split for image in images)
     summary: dict[str, Any] = {
-        "out": str(out),
-        "size": size,
-        "icons": len({image.icon for image in images}),
-        "colors": len(colors_used),
-        "images": len(images),
-        "train": counts["train"],
-        "val": counts["val"],
-        "heldout": counts["heldout"],
-        "rendered": len(jobs) - len(skipped),
-        "reused": len(planned) - len(jobs),
-        "removed": removed,
+        "out": str(out), "size": size, "icons": len({image.icon for image in images}), "colors": len(colors_used),
+        "images": len(images), "train": counts["train"], "val": counts["val"], "heldout": counts["heldout"],
+        "rendered": len(jobs) - len(skipped), "reused": len(planned) - len(jobs), "removed": removed,
         "skipped": skipped,
-        "seconds": round(time.perf_counter() - started, 2),
     }
     manifest = "".join(json.dumps(image.manifest_line(), ensure_ascii=False) + "\n" for image in images)
     _write_if_changed(out / MANIFEST_FILE, manifest)
-    info = {
+    info = _dataset_info(summary, colors_used, options, round(time.perf_counter() - started, 2))
+    atomic_write_text(out / SUMMARY_FILE, json.dumps(info, indent=2) + "\n")
+    summary["seconds"] = info["build_seconds"]
+    return summary
+
+
+def _remove_unplanned(images_dir: Path, planned: Sequence[IconImage]) -> int:
+    """Remove the temporary files of an interrupted build and the PNGs this build does not plan;
+    how many PNGs were removed."""
+    planned_names = {Path(image.file).name for image in planned}
+    removed = 0
+    for entry in images_dir.iterdir():
+        if entry.name.endswith(".tmp") and entry.name.startswith("."):
+            entry.unlink(missing_ok=True)
+        elif entry.suffix == ".png" and NAME_SEPARATOR in entry.name and entry.name not in planned_names:
+            entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _dataset_info(summary: dict[str, Any], colors_used: dict[str, str], options: dict[str, Any],
+                  seconds: float) -> dict[str, Any]:
+    """The content of dataset.json: size, palette, counts, the options and packages used, build time."""
+    return {
         "kind": "icons",
-        "size": size,
+        "size": summary["size"],
         "background": BACKGROUND,
         "palette": colors_used,
-        "counts": {
-            "icons": summary["icons"],
-            "images": summary["images"],
-            "train": summary["train"],
-            "val": summary["val"],
-            "heldout": summary["heldout"],
-            "skipped": len(skipped),
-        },
+        "counts": {key: summary[key] for key in ("icons", "images", "train", "val", "heldout")}
+        | {"skipped": len(summary["skipped"])},
         "options": options,
         "source": {
             "icons": "material-design-icons-pack",
@@ -504,12 +285,9 @@ def build_icon_dataset(
             "renderer_version": _package_version("resvg-py"),
         },
         "manifest": MANIFEST_FILE,
-        "build_seconds": round(time.perf_counter() - started, 2),
+        "build_seconds": seconds,
         "rendered": summary["rendered"],
     }
-    atomic_write_text(out / SUMMARY_FILE, json.dumps(info, indent=2) + "\n")
-    summary["seconds"] = info["build_seconds"]
-    return summary
 
 
 def read_manifest(out: str | os.PathLike) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from duomodal.data.profile import SUMMARY_FILE
 from duomodal.data.records import SPLITS, DatasetError, load_records
 from duomodal.data.shards import MANIFEST_VERSION, SHARD_MANIFEST, is_shard_source
 from duomodal.files import atomic_write_text
@@ -53,8 +54,6 @@ def pack_dataset(source: str | os.PathLike, out: str | os.PathLike, shard_size: 
         names[split], counts[split] = writer.close(), writer.count
     manifest = {"version": MANIFEST_VERSION, "source": str(source), "shard_size": shard_size,
                 "splits": {s: n for s, n in names.items() if n}, "counts": {s: c for s, c in counts.items() if c}}
-    from duomodal.data.icons import SUMMARY_FILE
-
     if (source / SUMMARY_FILE).is_file():  # an icon dataset's summary (its palette): evaluation reads it
         atomic_write_text(out / SUMMARY_FILE, (source / SUMMARY_FILE).read_text(encoding="utf-8"))
     atomic_write_text(out / SHARD_MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -78,6 +77,7 @@ class _ShardSeries:
         self._in_shard = 0
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
+        # webdataset (the shards extra) loads here: folder datasets work without it
         import webdataset
 
         if self._writer is None:

@@ -20,12 +20,10 @@ Reading the captions never decodes an image (see `scan.check_dataset` for that):
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
 import os
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,59 +38,29 @@ from duomodal.data.walk import (
     check_file,
     walk_files,
 )
+from duomodal.data.record_types import (
+    MANIFEST,
+    NO_CAPTION,
+    ORPHAN_CAPTION,
+    SPLITS,
+    DatasetError,
+    Problem,
+    Record,
+    hash_split,
+    relative_key,
+)
+from duomodal.data.shards import is_shard_source, load_shard_records, open_shards
 from duomodal.files import UnsafeFileError, read_regular
 
 log = logging.getLogger(__name__)
 JSONL_MANIFEST = "captions.jsonl"
 CSV_MANIFEST = "captions.csv"
-SPLITS = ("train", "val", "heldout")
 _RESERVED_FIELDS = ("file", "caption", "split", "heldout")
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no", "")
 
-# Problem kinds found while reading captions (scan.py adds the image-decoding ones).
-NO_CAPTION = "no-caption"
-ORPHAN_CAPTION = "orphan-caption"
-MANIFEST = "manifest"
 # Files the walk refuses to read (walk.py): logged and left out by load_records.
 UNSAFE_KINDS = (SPECIAL_FILE, OUTSIDE_ROOT, OVERSIZED_FILE, UNREADABLE)
-
-
-class DatasetError(ValueError):
-    """A dataset folder that cannot be used as asked."""
-
-
-@dataclass(frozen=True)
-class Member:
-    """Where an image lies inside a tar shard (see ``duomodal.data.shards``)."""
-
-    name: str  # the member's name in the tar
-    offset: int  # byte offset of its data in the shard file; -1 for a remote shard (read by streaming only)
-    size: int  # bytes
-
-
-@dataclass(frozen=True)
-class Record:
-    path: Path  # absolute path of the image file, or of the shard holding it (see `member`)
-    captions: tuple[str, ...]  # at least one
-    split: str  # "train" | "val" | "heldout"
-    labels: dict[str, str] = field(default_factory=dict, hash=False)  # extra manifest fields
-    member: Member | None = None  # set when the image is a member of a WebDataset shard
-
-    @property
-    def location(self) -> str:
-        """The image's place for messages and ordering: its path, or SHARD#MEMBER."""
-        return str(self.path) if self.member is None else f"{self.path}#{self.member.name}"
-
-
-@dataclass(frozen=True)
-class Problem:
-    path: str  # relative to the dataset folder, with "/" separators
-    kind: str  # NO_CAPTION, ORPHAN_CAPTION, MANIFEST, or an ImageError kind, or "duplicate"
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
 
 
 @dataclass
@@ -120,23 +88,6 @@ class DatasetScan:
         return [key for key in self.images if key in self.captions and self.captions[key].captions]
 
 
-def relative_key(relative: str) -> str:
-    """The key under which a relative path is matched: "/" separators, Unicode NFC (so a manifest
-    written on macOS matches files on Linux)."""
-    return unicodedata.normalize("NFC", relative.replace(os.sep, "/"))
-
-
-def caption_key(caption: str) -> str:
-    """The key under which captions are compared: case and runs of spaces ignored, so captions that
-    read the same count as the same (a retrieval hit is any item with the query's caption key)."""
-    return " ".join(caption.lower().split())
-
-
-def hash_split(relative: str, val_fraction: float) -> str:
-    """"val" or "train" from the SHA-256 of the relative path: stable whatever else is in the folder."""
-    digest = hashlib.sha256(relative_key(relative).encode("utf-8", "surrogateescape")).digest()
-    position = int.from_bytes(digest[:8], "big") / 2.0**64  # uniform in [0, 1)
-    return "val" if position < val_fraction else "train"
 
 
 def find_files(root: Path, skipped: list[Problem] | None = None) -> tuple[list[str], list[str]]:
@@ -205,10 +156,8 @@ def load_records(root: str | os.PathLike, val_fraction: float = 0.05) -> list[Re
     read from the shards' caption members, in shard order."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    from duomodal.data import shards  # shards.py builds on this module
-
-    if shards.is_shard_source(root):
-        return shards.load_shard_records(shards.open_shards(root), val_fraction)
+    if is_shard_source(root):
+        return load_shard_records(open_shards(root), val_fraction)
     scan = scan_dataset(root)
     manifest_problems = [p for p in scan.problems if p.kind == MANIFEST]
     if manifest_problems:

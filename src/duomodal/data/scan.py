@@ -7,6 +7,7 @@ files). Memory stays bounded by one image of at most `max_pixels` plus one hash 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -25,8 +26,11 @@ from duomodal.data.images import (
     UNREADABLE,
     ImageError,
     load_image,
+    load_image_bytes,
 )
-from duomodal.data.records import MANIFEST, NO_CAPTION, ORPHAN_CAPTION, Problem, scan_dataset
+from duomodal.data.record_types import MANIFEST, NO_CAPTION, ORPHAN_CAPTION, Problem
+from duomodal.data.records import scan_dataset
+from duomodal.data.shards import ShardSample, ShardSet, is_shard_source, iter_samples, open_shards
 from duomodal.data.walk import OUTSIDE_ROOT, OVERSIZED_FILE
 from duomodal.files import file_sha256
 
@@ -90,10 +94,8 @@ def check_dataset(
     Raises DatasetError only when `root` is not a folder."""
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
-    from duomodal.data import shards
-
-    if shards.is_shard_source(root):
-        return shards.check_shards(shards.open_shards(root), max_pixels, progress)
+    if is_shard_source(root):
+        return check_shards(open_shards(root), max_pixels, progress)
     scan = scan_dataset(root)
     problems = list(scan.problems)
     captioned = set(scan.captioned_keys())
@@ -149,3 +151,46 @@ def report_lines(report: CheckReport) -> list[str]:
     else:
         lines.append("not usable: no captioned image that decodes")
     return lines
+
+
+def check_shards(shards: ShardSet, max_pixels: int, progress: bool = False) -> CheckReport:
+    """`duomodal data check` over shards: read every sample (streamed, one in memory at a time),
+    decode every image; a ``CheckReport`` whose problems name SHARD#MEMBER."""
+    problems: list[Problem] = []
+    first_with_hash: dict[str, str] = {}
+    samples = usable = captions = 0
+    bar = tqdm(total=len(shards.urls), unit="shard", desc="checking", disable=not progress)
+    current = None
+    for item in iter_samples(shards, None, read_images=True):
+        url = item.url if isinstance(item, ShardSample) else item.path.split("#")[0]
+        if url != current:
+            current = url
+            bar.update(1)
+        if isinstance(item, Problem):
+            problems.append(item)
+            continue
+        samples += 1
+        captions += len(item.captions)
+        first = first_with_hash.setdefault(hashlib.sha256(item.image).hexdigest(), item.where)
+        if first != item.where:
+            problems.append(Problem(item.where, DUPLICATE, f"duplicate: same content as {first}"))
+        try:
+            load_image_bytes(item.image, item.where, max_pixels=max_pixels)
+        except ImageError as e:
+            problems.append(Problem(item.where, e.kind, e.reason))
+            continue
+        usable += 1
+    bar.close()
+    kind_order = {kind: i for i, kind in enumerate(PROBLEM_KINDS)}
+    problems.sort(key=lambda p: (p.path, kind_order[p.kind]))
+    without_caption = sum(1 for p in problems if p.kind == NO_CAPTION)
+    return CheckReport(
+        root=shards.spec,
+        caption_source=".txt/.json shard members",
+        max_pixels=max_pixels,
+        image_count=samples + without_caption,
+        captioned_count=samples,
+        caption_count=captions,
+        usable_count=usable,
+        problems=problems,
+    )

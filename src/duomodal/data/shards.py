@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from duomodal.data.images import IMAGE_EXTENSIONS, UNREADABLE
-from duomodal.data.records import (
+from duomodal.data.record_types import (
     MANIFEST,
     NO_CAPTION,
     ORPHAN_CAPTION,
@@ -93,7 +93,7 @@ def open_shards(spec: str | os.PathLike) -> ShardSet:
     manifest = Path(text) / SHARD_MANIFEST
     if not _URL.match(text) and manifest.is_file():
         return _read_manifest(Path(text))
-    from braceexpand import braceexpand  # webdataset's own dependency
+    from braceexpand import braceexpand  # webdataset's own dependency (the shards extra): loaded only for shards
 
     urls = tuple(braceexpand(text))
     missing = [u for u in urls if is_local(u) and not _local_path(u).is_file()]
@@ -268,6 +268,7 @@ def index_shard(url: str, val_fraction: float = 0.05, require_caption: bool = Tr
 def stream_shard(url: str, val_fraction: float = 0.05) -> Iterator[SampleOrProblem]:
     """The samples of any shard (local or remote, compressed or not), read front to back holding one
     sample in memory. A shard that cannot be read to its end yields one Problem and ends."""
+    # webdataset (the shards extra) loads here: folder datasets work without it
     import webdataset
 
     try:
@@ -330,53 +331,3 @@ def read_member(record: Record) -> bytes:
     if len(data) != member.size:
         raise ValueError(f"the shard ends after {len(data)} of the member's {member.size} bytes (truncated?)")
     return data
-
-
-def check_shards(shards: ShardSet, max_pixels: int, progress: bool = False):
-    """`duomodal data check` over shards: read every sample (streamed, one in memory at a time),
-    decode every image; a ``scan.CheckReport`` whose problems name SHARD#MEMBER."""
-    import hashlib
-
-    from tqdm import tqdm
-
-    from duomodal.data.images import ImageError, load_image_bytes
-    from duomodal.data.scan import DUPLICATE, PROBLEM_KINDS, CheckReport
-
-    problems: list[Problem] = []
-    first_with_hash: dict[str, str] = {}
-    samples = usable = captions = 0
-    bar = tqdm(total=len(shards.urls), unit="shard", desc="checking", disable=not progress)
-    current = None
-    for item in iter_samples(shards, None, read_images=True):
-        url = item.url if isinstance(item, ShardSample) else item.path.split("#")[0]
-        if url != current:
-            current = url
-            bar.update(1)
-        if isinstance(item, Problem):
-            problems.append(item)
-            continue
-        samples += 1
-        captions += len(item.captions)
-        first = first_with_hash.setdefault(hashlib.sha256(item.image).hexdigest(), item.where)
-        if first != item.where:
-            problems.append(Problem(item.where, DUPLICATE, f"duplicate: same content as {first}"))
-        try:
-            load_image_bytes(item.image, item.where, max_pixels=max_pixels)
-        except ImageError as e:
-            problems.append(Problem(item.where, e.kind, e.reason))
-            continue
-        usable += 1
-    bar.close()
-    kind_order = {kind: i for i, kind in enumerate(PROBLEM_KINDS)}
-    problems.sort(key=lambda p: (p.path, kind_order[p.kind]))
-    without_caption = sum(1 for p in problems if p.kind == NO_CAPTION)
-    return CheckReport(
-        root=shards.spec,
-        caption_source=".txt/.json shard members",
-        max_pixels=max_pixels,
-        image_count=samples + without_caption,
-        captioned_count=samples,
-        caption_count=captions,
-        usable_count=usable,
-        problems=problems,
-    )

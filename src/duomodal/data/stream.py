@@ -27,7 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from duomodal.data.dataset import Tokenize
 from duomodal.data.images import DEFAULT_MAX_PIXELS, WHITE, ImageError, load_image_bytes, to_tensor
 from duomodal.data.records import Problem
-from duomodal.data.shards import ShardSample, ShardSet, stream_shard
+from duomodal.data.shards import ShardSample, ShardSet, is_shard_source, open_shards, stream_shard
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,22 @@ class ShardStream(IterableDataset):
         self.image_size, self.tokenize, self.background = image_size, tokenize, background
         self.val_fraction, self.transform, self.max_pixels = val_fraction, transform, max_pixels
         self.shuffle_buffer = shuffle_buffer
-        # set by the batch stream before each epoch
+        # what the next iteration reads, set in one call by `start_epoch`
         self.seed, self.rank, self.world_size, self.micro_batch = 0, 0, 1, 1
         self.position = StreamPosition()
+
+    def start_epoch(self, position: StreamPosition, *, seed: int, rank: int, world_size: int,
+                    micro_batch: int) -> None:
+        """What the next iteration reads: the shards of `position`'s epoch that it has not finished,
+        rank `rank` of `world_size`'s share of them in the order `seed` gives, as micro-batches of
+        `micro_batch` items. The batch stream calls it before each epoch; a stream never told reads
+        epoch 0 as rank 0 of 1 with seed 0, one item a batch."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be at least 1, got {micro_batch}")
+        self.seed, self.rank, self.world_size, self.micro_batch = seed, rank, world_size, micro_batch
+        self.position = position
 
     def __len__(self) -> int:
         """Samples of the split (what the checks on batch sizes use)."""
@@ -164,8 +177,6 @@ def training_stream(
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> ShardStream | None:
     """The streamed "train" split of `data` when it names shards (`train_count` samples); None for a folder."""
-    from duomodal.data.shards import is_shard_source, open_shards
-
     if not is_shard_source(data):
         return None
     return ShardStream(open_shards(data), "train", train_count, image_size, tokenize, background, val_fraction,

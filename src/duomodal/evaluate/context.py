@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
@@ -18,10 +18,8 @@ from PIL import Image
 from duomodal.data.dataset import load_record_image
 from duomodal.data.images import ImageError
 from duomodal.data.records import Record
+from duomodal.models.clip import ClipEmbedder, load_clip
 from duomodal.models.sampling import SamplingOptions, check_sampling
-
-if TYPE_CHECKING:
-    from duomodal.models.clip import ClipEmbedder
 
 Log = Callable[[str], None]
 
@@ -112,19 +110,6 @@ def load_images(records: Sequence[Record], log: Log, skipped: list[str]) -> Load
     return LoadedImages(kept, images)
 
 
-def dataset_palette(root: Path) -> dict[str, str]:
-    """The colour palette of an icon dataset (dataset.json), else the icon recipe's PALETTE."""
-    from duomodal.data.icons import PALETTE, SUMMARY_FILE
-    from duomodal.files import load_json
-
-    summary = root / SUMMARY_FILE
-    if summary.is_file():
-        palette = load_json(summary).get("palette")
-        if isinstance(palette, dict) and palette and all(isinstance(v, str) for v in palette.values()):
-            return dict(palette)
-    return dict(PALETTE)
-
-
 # --- the context ---------------------------------------------------------------------------------
 
 
@@ -153,7 +138,5 @@ class EvalContext:
     def clip(self, path: Path) -> ClipEmbedder:
         """The CLIP at `path`, loaded once."""
         if path not in self._clips:
-            from duomodal.models.clip import load_clip
-
             self._clips[path] = load_clip(path, device=self.device, precision=self.options.precision)
         return self._clips[path]

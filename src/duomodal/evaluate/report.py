@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from duomodal.files import atomic_write_bytes, atomic_write_text
 
@@ -196,10 +196,11 @@ def write_report(report_dir: Path, title: str, sections: Sequence[Section], metr
 
 
 def _pyplot():
+    # matplotlib loads here, when a figure is drawn: importing it costs a second that the rest does not need
     import matplotlib
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend, lazily as above
 
     return plt
 
@@ -222,8 +223,6 @@ def plot_image_rows(
     own font): a matplotlib axes per cell made a report's figures take most of its time."""
     if not rows:
         raise ValueError("no rows to draw; pass at least one (label, images) row")
-    from PIL import ImageDraw, ImageFont
-
     columns = max(1, max(len(images) for _, images in rows))
     cell, gap, label_width = round(cell_inches * 100), 6, 240  # pixels
     title = 14 if cell_titles is not None else 0  # pixels above each cell for its title

@@ -18,13 +18,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from duomodal import metrics as M
+from duomodal.classify import TEMPLATE_SETS, class_text_features
 from duomodal.data.images import to_pil, to_tensor
-from duomodal.data.records import Record, caption_key, load_records
+from duomodal.data.profile import captions_for, icon_words, read_profile
+from duomodal.data.record_types import Record, caption_key
+from duomodal.data.records import load_records
 from duomodal.device import machine, resolve_device, resolve_precision
-from duomodal.evaluate import metrics as M
-from duomodal.evaluate.context import EvalContext, EvalOptions, EvalResult, LoadedImages, Log, dataset_palette
+from duomodal.evaluate.context import EvalContext, EvalOptions, EvalResult, LoadedImages, Log
 from duomodal.evaluate.report import Section, fmt, fmt_accuracy, plot_image_rows, plot_training_curves, write_report
 from duomodal.evaluate.samples import evaluate_dalle, fmt_template_shape
+from duomodal.models.vae import load_vae
 
 RECALL_KS = (1, 5, 10)
 EVAL_SPLITS = ("val", "heldout")
@@ -100,8 +104,6 @@ def relevance_matrix(records: Sequence[Record]) -> torch.Tensor:
 def color_class_texts(color: str, icons: Sequence[str]) -> list[str]:
     """Prompts for one colour: the dataset's first caption template over the given icons, or a plain
     "a {colour} icon" when the data has no icon names."""
-    from duomodal.data.icons import captions_for
-
     if not icons:
         return [f"a {color} icon"]
     return [captions_for(icon, color)[0] for icon in icons]
@@ -123,8 +125,6 @@ def evaluate_clip_split(clip: Any, loaded: LoadedImages, palette: dict[str, str]
     """Recall@k both ways, zero-shot colour and icon accuracy (with the captions' wording and with wordings
     they never use), and name search on one split. `icon_classes` keeps the icon names' text embeddings
     (thousands of prompts) between the splits of one evaluation: the same `clip` and `icons` each call."""
-    from duomodal.classify import TEMPLATE_SETS, class_text_features
-
     records = loaded.records
     result: dict[str, Any] = {"images": len(records)}
     if not records:
@@ -168,8 +168,6 @@ def evaluate_clip_split(clip: Any, loaded: LoadedImages, palette: dict[str, str]
 def name_search(clip: Any, image_features: torch.Tensor, records: Sequence[Record], k: int = 10) -> dict[str, Any]:
     """A user types an icon's name ("heart outline") into the search over these images: is an image of
     that icon, in any colour, among the k most similar? One query per icon name of the images."""
-    from duomodal.data.icons import icon_words
-
     names = sorted({r.labels["icon"] for r in records if r.labels.get("icon")})
     queries = clip.embed_texts([icon_words(name) for name in names])  # (Q, D)
     query_of = {name: q for q, name in enumerate(names)}
@@ -314,7 +312,7 @@ def run_evaluation(options: EvalOptions, log: Log | None = None) -> EvalResult:
         options=options,
         device=resolve_device(options.device),
         by_split={s: [r for r in records if r.split == s] for s in ("train", "val", "heldout")},
-        palette=dataset_palette(Path(options.data)),
+        palette=read_profile(options.data).palette,
         icons=sorted({r.labels["icon"] for r in records if "icon" in r.labels}),
         out=Path(options.out),
         log=log or (lambda message: None),
@@ -404,7 +402,6 @@ def _training_result(path: Path) -> dict[str, Any] | None:
 def _vae_part(ctx: EvalContext, sections: list[Section]) -> dict[str, Any]:
     if ctx.options.vae is None:
         return {"skipped": "no --vae given"}
-    from duomodal.models.vae import load_vae
 
     vae = load_vae(ctx.options.vae, device=ctx.device)
     result, section = evaluate_vae(vae, ctx.split_images("val"), ctx.options.batch_size, ctx.out)

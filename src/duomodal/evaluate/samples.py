@@ -24,69 +24,40 @@ get). The gap between the two is the evidence that shapes follow the prompt.
 from __future__ import annotations
 
 import math
-import random
 import sys
-import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from duomodal import metrics as M
 from duomodal.data.images import to_tensor
-from duomodal.data.icons import UNSEEN_PHRASINGS, unseen_phrasing
+from duomodal.data.profile import UNSEEN_PHRASINGS
 from duomodal.data.records import Record
-from duomodal.evaluate import metrics as M
-from duomodal.evaluate.report import Section, fmt, fmt_accuracy, plot_image_rows
-from duomodal.evaluate.shape import Judge, TemplateMatcher, TemplateScores, independence
-from duomodal.models.dalle import DalleRun
-
-if TYPE_CHECKING:
-    from duomodal.models.clip import ClipEmbedder
-from duomodal.evaluate.context import EvalContext, EvalOptions, LoadedImages
-
-DATA_SPLITS = ("train", "heldout")  # the dataset splits that prompts come from
-# the prompt sets: the data splits' first captions, and the held-out pairs again in words no training
-# caption has (data/icons.py UNSEEN_PHRASINGS), sampled from the same seeds as "heldout"
-PROMPT_SPLITS = (*DATA_SPLITS, "heldout_reworded")
-LIKELIHOOD_SPLITS = ("train", "val", "heldout")
-SEED_STRIDE = 100_003  # prompt p samples from seeds options.seed + p * SEED_STRIDE + i
-SHAPE_TOP_K = 10  # shape_match_top10: the prompted icon's template among this many best
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str  # the dataset's first caption of the pair, or an unseen phrasing of it
-    icon: str
-    color: str
-    record: Record  # the dataset image of the pair (a reference in the grid)
-
-
-def choose_prompts(records: Sequence[Record], count: int, seed: int, palette: dict[str, str]) -> list[Prompt]:
-    """A seeded sample of distinct (icon, colour) pairs among labelled records, in a fixed order."""
-    pairs: dict[tuple[str, str], Record] = {}
-    for r in sorted(records, key=lambda r: r.location):
-        icon, color = r.labels.get("icon"), r.labels.get("color")
-        if icon and color in palette:
-            pairs.setdefault((icon, color), r)
-    keys = sorted(pairs)
-    if len(keys) > count:
-        keys = sorted(random.Random(seed).sample(keys, count))
-    return [Prompt(pairs[k].captions[0], k[0], k[1], pairs[k]) for k in keys]
-
-
-def split_prompts(ctx: EvalContext, split: str) -> list[Prompt]:
-    """The prompts of one prompt split (PROMPT_SPLITS)."""
-    options = ctx.options
-    if split == "heldout_reworded":
-        prompts = choose_prompts(ctx.by_split["heldout"], options.prompts, options.seed, ctx.palette)
-        return [replace(p, text=unseen_phrasing(p.icon, p.color, i)) for i, p in enumerate(prompts)]
-    return choose_prompts(ctx.by_split[split], options.prompts, options.seed, ctx.palette)
+from duomodal.evaluate.context import EvalContext, LoadedImages
+from duomodal.evaluate.prompts import (
+    DATA_SPLITS,
+    LIKELIHOOD_SPLITS,
+    PROMPT_SPLITS,
+    SHAPE_TOP_K,
+    Prompt,
+    PromptSamples,
+    Scorers,
+    add_name_blind,
+    load_reference,
+    plot_samples,
+    sample_prompt,
+    split_prompts,
+    summarise,
+)
+from duomodal.evaluate.report import Section, Table, fmt, fmt_accuracy
+from duomodal.evaluate.shape import Judge, TemplateMatcher, independence
+from duomodal.generate import GenerationError
+from duomodal.models.dalle import DalleRun, load_dalle
 
 
 # --- likelihood -------------------------------------------------------------------------------------
@@ -117,136 +88,11 @@ def image_token_nats(run: DalleRun, images: Sequence[Image.Image], captions: Seq
     return total / count, count
 
 
-# --- samples ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PromptSamples:
-    prompt: Prompt
-    images: list[Image.Image]  # all R generated
-    colors: list[str | None]  # dominant colour of each generated image
-    shapes: list[str] | None  # judge's icon for each generated image (None without a judge)
-    rerank_scores: list[float] | None  # reranking CLIP score of each image
-    judge_scores: list[float] | None  # judge CLIP score of each image with the prompt
-    judge_ranks: list[int] | None  # rank of the prompted icon among all icons for the judge (1 = first)
-    template: TemplateScores | None  # the template matcher on each image against the prompted icon
-    masks: np.ndarray | None  # (R, S, S) ink mask of each image, for the name-blind comparison
-    first: list[int]  # indices kept without reranking
-    best: list[int] | None  # indices kept with reranking, best first
-    name_blind_iou: list[float | None] | None = None  # IoU of each image with another prompt's icon
-
-
-def sample_prompt(run: DalleRun, prompt: Prompt, index: int, options: EvalOptions, palette: dict[str, str],
-                  scorers: Scorers, generated: int) -> PromptSamples:
-    """`generated` images for the prompt (index `index` of its split), with every assessment of them."""
-    from duomodal.generate import generate_images
-
-    sampling = options.sampling(options.seed + index * SEED_STRIDE, min(generated, options.batch_size))
-    result = generate_images(run, prompt.text, num=generated, options=sampling)
-    reranker, judge, matcher = scorers.reranker, scorers.judge, scorers.matcher
-    images = result.images
-    colors = [M.dominant_color(im, palette) for im in images]
-    shapes = judge_scores = judge_ranks = None
-    if judge is not None:
-        shapes, judge_scores, judge_ranks = judge.assess(images, prompt.color, prompt.text, prompt.icon)
-    k = options.samples_per_prompt
-    rerank_scores = best = None
-    if reranker is not None:
-        rerank_scores = [float(s) for s in reranker.score(images, [prompt.text])]
-        best = sorted(range(len(images)), key=lambda i: -rerank_scores[i])[:k]
-    masks = template = None
-    if matcher is not None:
-        masks = matcher.masks(images)
-        template = matcher.assess_masks(masks, [prompt.icon] * len(images))
-    return PromptSamples(prompt, images, colors, shapes, rerank_scores, judge_scores, judge_ranks, template, masks,
-                         list(range(k)), best)
-
-
-def name_blind_icons(icons: Sequence[str]) -> list[str | None]:
-    """A fixed derangement of the prompts' icons: for prompt i, the icon of the next prompt (i+1, i+2...,
-    wrapping around) whose icon differs from prompt i's; None when every prompt has the same icon."""
-    out: list[str | None] = []
-    for i, icon in enumerate(icons):
-        later = (icons[(i + step) % len(icons)] for step in range(1, len(icons)))
-        out.append(next((other for other in later if other != icon), None))
-    return out
-
-
-def add_name_blind(samples: Sequence[PromptSamples], matcher: TemplateMatcher) -> None:
-    """Fill each prompt's name_blind_iou: its images against the icon ``name_blind_icons`` gives it."""
-    for s, other in zip(samples, name_blind_icons([s.prompt.icon for s in samples])):
-        if other is not None and s.masks is not None:
-            s.name_blind_iou = matcher.assess_masks(s.masks, [other] * len(s.masks)).iou
-
-
-def summarise(samples: Sequence[PromptSamples], choice: str) -> dict[str, Any]:
-    """Accuracies and mean scores over the kept images of every prompt; choice: "first" or "best"."""
-    colors_predicted, colors_expected, shapes_predicted, shapes_expected = [], [], [], []
-    rerank, judge, matched, matched_expected = [], [], [], []
-    ranks, ious, name_blind, judge_ranks = [], [], [], []
-    for s in samples:
-        kept = s.first if choice == "first" else (s.best or [])
-        colors_predicted += [s.colors[i] for i in kept]
-        colors_expected += [s.prompt.color] * len(kept)
-        if s.shapes is not None:
-            shapes_predicted += [s.shapes[i] for i in kept]
-            shapes_expected += [s.prompt.icon] * len(kept)
-        if s.template is not None:
-            matched += [s.template.predicted[i] for i in kept]
-            matched_expected += [s.prompt.icon] * len(kept)
-            ranks += [s.template.ranks[i] for i in kept if s.template.ranks[i] is not None]
-            ious += [s.template.iou[i] for i in kept if s.template.iou[i] is not None]
-        if s.name_blind_iou is not None:
-            name_blind += [s.name_blind_iou[i] for i in kept if s.name_blind_iou[i] is not None]
-        if s.rerank_scores is not None:
-            rerank += [s.rerank_scores[i] for i in kept]
-        if s.judge_scores is not None:
-            judge += [s.judge_scores[i] for i in kept]
-        if s.judge_ranks is not None:
-            judge_ranks += [s.judge_ranks[i] for i in kept]
-    out: dict[str, Any] = {
-        "prompts": len(samples),
-        "images": len(colors_expected),
-        "color_accuracy": M.accuracy(colors_predicted, colors_expected).to_dict(),
-    }
-    if shapes_expected:
-        out["shape_accuracy"] = M.accuracy(shapes_predicted, shapes_expected).to_dict()
-    if judge_ranks:
-        out["shape_judge_top10"] = M.Accuracy(sum(r <= SHAPE_TOP_K for r in judge_ranks), len(judge_ranks)).to_dict()
-        out["shape_judge_median_rank"] = float(np.median(judge_ranks))
-    if matched:
-        out["shape_match_accuracy"] = M.accuracy(matched, matched_expected).to_dict()
-    if ranks:
-        out["shape_match_top10"] = M.Accuracy(sum(r <= SHAPE_TOP_K for r in ranks), len(ranks)).to_dict()
-        out["shape_median_rank"] = float(np.median(ranks))
-        out["shape_iou"] = M.mean_score(ious)
-    if name_blind:
-        out["shape_iou_name_blind"] = M.mean_score(name_blind)
-    if rerank:
-        out["clip_score"] = M.mean_score(rerank)
-    if judge:
-        out["judge_clip_score"] = M.mean_score(judge)
-    return out
-
-
-def _grid(samples: Sequence[PromptSamples], choice: str, path: Path) -> None:
-    rows, titles = [], []
-    for s in samples:
-        kept = s.first if choice == "first" else (s.best or [])
-        reference = [load_reference(s.prompt) or Image.new("RGB", s.images[0].size, "white")]
-        rows.append(("\n".join(textwrap.wrap(s.prompt.text, 28)), reference + [s.images[i] for i in kept]))
-        titles.append(["dataset"] + [str(s.colors[i]) + ("" if s.shapes is None else f"\n{s.shapes[i]}")
-                                     for i in kept])
-    plot_image_rows(rows, path, cell_titles=titles)
-
-
 # --- the DALL-E section ---------------------------------------------------------------------------------
 
 
 def evaluate_dalle(ctx: EvalContext) -> tuple[dict[str, Any], list[Section]]:
     """Likelihood, prompt samples and reranking."""
-    from duomodal.models.dalle import load_dalle
-
     run = load_dalle(ctx.options.dalle, device=ctx.device)
     result: dict[str, Any] = {"path": str(ctx.options.dalle)}
     result["bits_per_image_token"], likelihood = likelihood_section(run, ctx)
@@ -284,16 +130,6 @@ def likelihood_section(run: DalleRun, ctx: EvalContext) -> tuple[dict[str, Any],
                   caption="Cross-entropy of the VAE tokens of real images given their first caption "
                   f"(uniform guessing would be {uniform:.2f} bits).")
     return figures, section
-
-
-@dataclass(frozen=True)
-class Scorers:
-    """What assesses the samples: the reranking CLIP, the independent shape judge, the template matcher."""
-
-    reranker: ClipEmbedder | None
-    judge: Judge | None
-    matcher: TemplateMatcher | None  # None when the dataset has fewer than 2 icon names
-    judge_info: dict[str, Any]  # what to report about the judge (path, model id, independent, how)
 
 
 def scorers(ctx: EvalContext, image_size: int) -> Scorers:
@@ -353,8 +189,6 @@ def sample_splits(run: DalleRun, ctx: EvalContext, scorers: Scorers, samples_sec
 def _sample_prompts(run: DalleRun, ctx: EvalContext, split: str, prompts: Sequence[Prompt], scorers: Scorers,
                     generated: int) -> tuple[list[PromptSamples], list[dict[str, str]]]:
     """The samples of every prompt of a split, and the prompts skipped (with why)."""
-    from duomodal.generate import GenerationError
-
     samples, skipped = [], []
     for i, p in enumerate(tqdm(prompts, desc=f"sampling {split} prompts", file=sys.stderr, leave=False)):
         try:
@@ -386,7 +220,7 @@ def _report_split(ctx: EvalContext, split: str, prompts: Sequence[Prompt], sampl
     rows.samples.append((split, prompt_cell, str(first["images"]), fmt_accuracy(first["color_accuracy"]),
                          _shape_cell(first, judge), fmt_template_shape(first, templates)))
     grid = f"dalle_samples_{split}.png"
-    _grid(samples, "first", ctx.out / grid)
+    plot_samples(samples, "first", ctx.out / grid)
     samples_section.figure(grid, f"{split} prompts: the dataset image, then the first {k} samples "
                            "(titles: dominant colour" + (", judge's icon)" if judge else ")"))
     # the judge and the matcher on the dataset's own images: once per data split (a reworded split's
@@ -408,7 +242,7 @@ def _report_split(ctx: EvalContext, split: str, prompts: Sequence[Prompt], sampl
                             _shape_cell(entry, judge), fmt_template_shape(entry, templates),
                             fmt(entry.get("clip_score"), 3), fmt(entry.get("judge_clip_score"), 3)))
     grid = f"dalle_reranked_{split}.png"
-    _grid(samples, "best", ctx.out / grid)
+    plot_samples(samples, "best", ctx.out / grid)
     samples_section.figure(grid, f"{split} prompts after reranking: best {k} of {generated} by CLIP score.")
 
 
@@ -463,16 +297,6 @@ def color_calibration(split_images: Callable[[str], LoadedImages], palette: dict
     return out
 
 
-def load_reference(prompt: Prompt) -> Image.Image | None:
-    """The dataset's image of the prompt's pair, or None when it cannot be read."""
-    from duomodal.data.dataset import load_record_image
-
-    try:
-        return load_record_image(prompt.record)
-    except ValueError:
-        return None
-
-
 def _has_labels(by_split: dict[str, list[Record]]) -> bool:
     return any("icon" in r.labels and "color" in r.labels for records in by_split.values() for r in records)
 
@@ -506,8 +330,6 @@ def fmt_template_shape(entry: dict[str, Any], templates: int | None = None) -> s
 
 
 def _samples_table(rows: list[tuple[str, ...]], k: int):
-    from duomodal.evaluate.report import Table
-
     return Table(("prompts from", "prompts", "images", "colour accuracy", "shape (judge CLIP)", "shape (template)"),
                  tuple(rows),
                  caption=f"First {k} samples per prompt, no reranking. Held-out prompts are (icon, colour) "

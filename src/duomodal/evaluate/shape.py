@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from duomodal.data.images import to_tensor
+from duomodal import metrics as M
+from duomodal.data.dataset import load_record_image
+from duomodal.data.images import to_pil, to_tensor
+from duomodal.data.profile import captions_for
 from duomodal.data.records import Record
-from duomodal.evaluate import metrics as M
 
-if TYPE_CHECKING:
-    from duomodal.evaluate.context import EvalOptions
+from duomodal.evaluate.context import EvalOptions
 
 
 @dataclass
@@ -39,8 +40,6 @@ class Judge:
     _classes: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def class_embeddings(self, color: str) -> torch.Tensor:
-        from duomodal.data.icons import captions_for
-
         if color not in self._classes:
             texts = [captions_for(icon, color)[0] for icon in self.icons]
             self._classes[color] = F.normalize(self.clip.embed_texts(texts).float(), dim=-1)  # (C, D)
@@ -89,9 +88,6 @@ class TemplateMatcher:
     @classmethod
     def from_records(cls, records: Sequence[Record], size: int, log: Callable[[str], None]) -> TemplateMatcher:
         """One template per icon: its first training image by path (another split if it has none)."""
-        from duomodal.data.dataset import load_record_image
-        from duomodal.data.images import to_pil
-
         chosen: dict[str, Record] = {}
         for r in sorted(records, key=lambda r: (r.split != "train", r.location)):
             if r.labels.get("icon"):
@@ -109,8 +105,6 @@ class TemplateMatcher:
 
     def masks(self, images: Sequence[Image.Image]) -> np.ndarray:
         """The ink mask of each image at the templates' size: (N, S, S) bool."""
-        from duomodal.data.images import to_pil
-
         if not images:
             return np.zeros((0, self.size, self.size), bool)
         return np.stack([M.ink_mask(to_pil(to_tensor(im, self.size))) for im in images])

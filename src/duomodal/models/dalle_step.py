@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from duomodal.device import bf16_supported
-from duomodal.models.dalle import DALLE, mask_bias
+from duomodal.models.dalle import DALLE
+from duomodal.models.dalle_attention import mask_bias
 
 
 def packed_linears_available(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:

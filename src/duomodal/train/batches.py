@@ -43,15 +43,55 @@ class DropNone:
         return batch, len(kept), len(items) - len(kept)
 
 
-class BatchStream:
-    """Endless micro-batches of this rank's shard, epoch after epoch, from (epoch, position)."""
+_EPOCH_END = object()  # what a loader's iterator gives after its last batch
+
+
+class _MicroBatches:
+    """Endless micro-batches of this rank's share, epoch after epoch: what the two batch streams share.
+
+    A stream opens one epoch's loader at a time (`_open`), takes each loader output into its position
+    (`_take`: the batch, items kept, items dropped) and is told when an epoch ends (`_end_epoch`);
+    `next` skips the micro-batches whose items were all unreadable, counting them."""
+
+    def __init__(self, dataset: Dataset, task: TrainTask, micro_batch: int, info: DistInfo,
+                 seed: int, num_workers: int):
+        self.dataset, self.task, self.micro_batch, self.info = dataset, task, micro_batch, info
+        self.seed, self.num_workers = seed, num_workers
+        self._iterator: Iterator | None = None
+
+    def _open(self) -> Iterator:
+        raise NotImplementedError
+
+    def _take(self, output: Any) -> tuple[Any, int, int]:
+        raise NotImplementedError
+
+    def _end_epoch(self) -> None:
+        raise NotImplementedError
+
+    def next(self) -> tuple[Any, int, int]:
+        """(batch, kept, dropped); a micro-batch whose items were all unreadable is skipped (and counted)."""
+        dropped_total = 0
+        while True:
+            if self._iterator is None:
+                self._iterator = self._open()
+            output = next(self._iterator, _EPOCH_END)
+            if output is _EPOCH_END:
+                self._iterator = None
+                self._end_epoch()
+                continue
+            batch, kept, dropped = self._take(output)
+            dropped_total += dropped
+            if kept:
+                return batch, kept, dropped_total
+
+
+class BatchStream(_MicroBatches):
+    """Endless micro-batches of this rank's shard of a dataset, epoch after epoch, from (epoch, position)."""
 
     def __init__(self, dataset: Dataset, task: TrainTask, micro_batch: int, info: DistInfo,
                  seed: int, num_workers: int, epoch: int = 0, position: int = 0):
-        self.dataset, self.task, self.micro_batch, self.info = dataset, task, micro_batch, info
-        self.seed, self.num_workers = seed, num_workers
+        super().__init__(dataset, task, micro_batch, info, seed, num_workers)
         self.epoch, self.position = epoch, position
-        self._iterator: Iterator | None = None
 
     def batches_per_epoch(self) -> int:
         return (len(self.dataset) // self.info.world_size) // self.micro_batch  # type: ignore[arg-type]
@@ -77,23 +117,13 @@ class BatchStream:
         )
         return iter(loader)
 
-    def next(self) -> tuple[Any, int, int]:
-        """(batch, kept, dropped); a micro-batch whose items were all unreadable is skipped."""
-        dropped_total = 0
-        while True:
-            if self._iterator is None:
-                self._iterator = self._open()
-            try:
-                batch, kept, dropped = next(self._iterator)
-            except StopIteration:
-                self._iterator = None
-                self.epoch += 1
-                self.position = 0
-                continue
-            self.position += 1
-            dropped_total += dropped
-            if kept:
-                return batch, kept, dropped_total
+    def _take(self, output: tuple[Any, int, int]) -> tuple[Any, int, int]:
+        self.position += 1
+        return output
+
+    def _end_epoch(self) -> None:
+        self.epoch += 1
+        self.position = 0
 
 
 def grouped_order(indices: list[int], groups: list[Any], micro_batch: int, fraction: float,
@@ -132,17 +162,17 @@ class _CollateStream:
         return (*self.drop_none(batch.items), batch.finished)
 
 
-class ShardBatchStream:
+class ShardBatchStream(_MicroBatches):
     """BatchStream's twin for a ShardStream: endless micro-batches of this rank's shards, epoch after
     epoch; `position` (a dict: epoch and finished shards) goes into checkpoints, and a stream made
     with it goes on from the next unfinished shard."""
 
+    dataset: ShardStream
+
     def __init__(self, dataset: ShardStream, task: TrainTask, micro_batch: int, info: DistInfo,
                  seed: int, num_workers: int, position: dict[str, Any] | None = None):
-        self.dataset, self.task, self.micro_batch, self.info = dataset, task, micro_batch, info
-        self.seed, self.num_workers = seed, num_workers
+        super().__init__(dataset, task, micro_batch, info, seed, num_workers)
         self._position = StreamPosition.from_dict(position) if position else StreamPosition()
-        self._iterator: Iterator | None = None
         self._kept_in_epoch = False
 
     @property
@@ -164,37 +194,28 @@ class ShardBatchStream:
 
     def _open(self) -> Iterator:
         stream = self.dataset
-        stream.seed, stream.rank, stream.world_size = self.seed, self.info.rank, self.info.world_size
-        stream.micro_batch, stream.position = self.micro_batch, self._position
+        stream.start_epoch(self._position, seed=self.seed, rank=self.info.rank, world_size=self.info.world_size,
+                           micro_batch=self.micro_batch)
+        self._kept_in_epoch = False
         workers = min(self.num_workers, max(1, len(stream.rank_shards(self._position.epoch))))
         loader = DataLoader(stream, batch_size=None, collate_fn=_CollateStream(self.task.collate),
                             num_workers=workers if self.num_workers else 0,
                             pin_memory=self.info.device.type == "cuda")
         return iter(loader)
 
-    def next(self) -> tuple[Any, int, int]:
-        """(batch, kept, dropped); micro-batches whose items were all unreadable are skipped."""
-        dropped_total = 0
-        while True:
-            if self._iterator is None:
-                self._iterator = self._open()
-                self._kept_in_epoch = False
-            try:
-                batch, kept, dropped, finished = next(self._iterator)
-            except StopIteration:
-                self._iterator = None
-                if not self._kept_in_epoch and not self._position.done:  # a whole epoch, nothing usable
-                    raise ValueError(
-                        f"rank {self.info.rank} read a whole epoch of {self.dataset.shards.spec} without one "
-                        "usable micro-batch; give each process more shards or lower train.batch_size"
-                    ) from None
-                self._position = StreamPosition(self._position.epoch + 1)
-                continue
-            self._position = StreamPosition(self._position.epoch, self._position.done | frozenset(finished))
-            dropped_total += dropped
-            if kept:
-                self._kept_in_epoch = True
-                return batch, kept, dropped_total
+    def _take(self, output: tuple[Any, int, int, list[int]]) -> tuple[Any, int, int]:
+        batch, kept, dropped, finished = output
+        self._position = StreamPosition(self._position.epoch, self._position.done | frozenset(finished))
+        self._kept_in_epoch = self._kept_in_epoch or kept > 0
+        return batch, kept, dropped
+
+    def _end_epoch(self) -> None:
+        if not self._kept_in_epoch and not self._position.done:  # a whole epoch, nothing usable
+            raise ValueError(
+                f"rank {self.info.rank} read a whole epoch of {self.dataset.shards.spec} without one "
+                "usable micro-batch; give each process more shards or lower train.batch_size"
+            )
+        self._position = StreamPosition(self._position.epoch + 1)
 
 
 def make_batch_stream(dataset: Dataset, task: TrainTask, micro_batch: int, info: DistInfo, seed: int,
@@ -216,12 +237,20 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def val_batches(dataset: Dataset, task: TrainTask, batch_size: int, limit: int,
-                 device: torch.device, counter: list[int]) -> Iterator[Any]:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=DropNone(task.collate))
-    for i, (batch, kept, dropped) in enumerate(loader):
-        if limit and i >= limit:
-            break
-        counter[0] += dropped
-        if kept:
-            yield to_device(batch, device)
+class ValBatches:
+    """The validation micro-batches of `dataset` on `device`, at most `limit` of them (0: all), for one
+    pass; `dropped` counts the unreadable items left out so far (all of them once the pass is done)."""
+
+    def __init__(self, dataset: Dataset, task: TrainTask, batch_size: int, limit: int, device: torch.device):
+        self.dataset, self.task, self.batch_size, self.limit, self.device = dataset, task, batch_size, limit, device
+        self.dropped = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False,
+                            collate_fn=DropNone(self.task.collate))
+        for i, (batch, kept, dropped) in enumerate(loader):
+            if self.limit and i >= self.limit:
+                break
+            self.dropped += dropped
+            if kept:
+                yield to_device(batch, self.device)

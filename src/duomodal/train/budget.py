@@ -18,6 +18,7 @@ its checkpoint recorded.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -125,6 +126,43 @@ def plan_steps(minutes: float, before_s: float, step_s: float, probe_steps: int,
         step_s=step_s, probe_steps=probe_steps, validation_s=validation_s, samples_s=samples_s, before_s=before_s,
         planned_s=planned_seconds(low, step_s, validation_s, val_every, samples_s, sample_every),
     )
+
+
+def time_probe(step: Callable[[], object], minutes: float, agree: Callable[[bool], bool]) -> tuple[int, float]:
+    """Run probe steps (`step()` is one optimizer step) until PROBE_MIN_STEPS timed ones and probe_seconds
+    are done, or PROBE_MAX_STEPS: (steps timed, seconds a step). `agree(done)` tells whether any process
+    is done, so that under DDP every rank stops at the same step."""
+    for _ in range(PROBE_WARMUP_STEPS):
+        step()
+    started, seconds, timed = time.perf_counter(), probe_seconds(minutes), 0
+    while True:
+        step()
+        timed += 1
+        done = timed >= PROBE_MAX_STEPS or (timed >= PROBE_MIN_STEPS and time.perf_counter() - started >= seconds)
+        if agree(done):
+            return timed, (time.perf_counter() - started) / timed
+
+
+class PaceChecks:
+    """The steps where a planned run checks its pace (`revision_points`; none when off or after a resume),
+    and the pace since the last check."""
+
+    def __init__(self, steps: int = 0, enabled: bool = False):
+        self.at = revision_points(steps) if enabled else []
+        self.mark = (0, 0.0)  # (step, seconds in steps) where the pace since the last check is measured from
+
+    def due(self, step: int) -> bool:
+        return bool(self.at) and step >= self.at[0]
+
+    def pace(self, step: int, step_seconds: float) -> float:
+        """Seconds a step since the last check, `step_seconds` being the run's total in steps so far."""
+        self.at = [s for s in self.at if s > step]
+        (mark_step, mark_seconds), self.mark = self.mark, (step, step_seconds)
+        return (step_seconds - mark_seconds) / max(1, step - mark_step)
+
+    def keep_before(self, steps: int) -> None:
+        """A revision to `steps` steps: no check at or after the new last step."""
+        self.at = [s for s in self.at if s < steps]
 
 
 def revision_points(steps: int) -> list[int]:

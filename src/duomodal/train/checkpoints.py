@@ -4,6 +4,7 @@ exists is complete), the last K kept. RUN_DIR itself holds the latest weights.""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from duomodal.modelfile import CONFIG_FILE, WEIGHTS_FILE, load_training_state, save_model, save_training_state
+from duomodal.modelfile import CONFIG_FILE, WEIGHTS_FILE, load_training_state, read_config, save_model, save_training_state
 
 CHECKPOINTS_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
@@ -73,3 +74,31 @@ def load_checkpoint_state(path: Path) -> dict[str, Any]:
 
 def has_weights(path: Path) -> bool:
     return (Path(path) / WEIGHTS_FILE).is_file()
+
+
+def checkpoints_to_resume(out_dir: Path, resume: bool) -> list[tuple[int, Path]]:
+    """The run directory's checkpoints; raises ValueError when there are none to resume from,
+    or when a new run would write over an existing one."""
+    checkpoints = list_checkpoints(out_dir)
+    if resume and not checkpoints:
+        raise ValueError(
+            f"--resume: {out_dir} has no checkpoint to resume from (looked in {out_dir / CHECKPOINTS_DIR}); "
+            "run without --resume to start a new run"
+        )
+    if not resume and checkpoints:
+        raise ValueError(
+            f"{out_dir} already holds a training run (checkpoint at step {checkpoints[-1][0]}); "
+            "pass --resume to continue it, or choose another --out"
+        )
+    return checkpoints
+
+
+def check_model_config(path: Path, kind: str, current: dict[str, Any]) -> None:
+    """Raises ValueError naming the fields where the model config `current` differs from checkpoint `path`'s."""
+    saved = read_config(path, kind=kind)
+    if saved != json.loads(json.dumps(current)):
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        raise ValueError(
+            f"--resume: the model config differs from the checkpoint's in {', '.join(changed)}; "
+            "resume with the same model settings"
+        )

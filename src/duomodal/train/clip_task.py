@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
 from duomodal.classify import TEMPLATE_SETS, clip_figures, label_classes_of
-from duomodal.config import ConfigError
+from duomodal.config import ConfigError, to_dict
 from duomodal.data.captions import CaptionAugmentConfig, augment_caption, insert_noise_tokens
 from duomodal.data.dataset import CaptionedImageDataset, DataConfig
 from duomodal.data.records import Record, filter_split, load_records
@@ -246,8 +246,6 @@ class ClipTask:
     # -- TrainTask protocol --
 
     def model_config(self) -> dict[str, Any]:
-        from duomodal.config import to_dict
-
         return to_dict(self.config.model)
 
     def build_model(self) -> torch.nn.Module:
@@ -348,10 +346,11 @@ class ClipTask:
 
     def write_samples(self, model: torch.nn.Module, path: Path, step: int) -> None:
         """A heat map of image-caption cosine similarity for up to 12 validation (else training) items."""
+        # matplotlib loads here, when a figure is drawn: importing it costs a second that the rest does not need
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # after choosing the Agg backend, lazily as above
 
         records = (self.val_records or self.train_records)[:12]
         dataset = self._dataset(records)

@@ -46,6 +46,7 @@ from duomodal.models.dalle import (
     words_of,
 )
 from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K, row_uniforms, sample_image_tokens
+from duomodal.models.vae import load_vae
 from duomodal.text.tokenizer import SPECIAL_TOKENS, Tokenizer
 from duomodal.train.distributed import train_tokenizer
 from duomodal.train.recipe import TrainConfig
@@ -257,8 +258,6 @@ class DALLETask:
 
     def __init__(self, config: DALLERunConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                  resume: bool = False, show_progress: bool = True):
-        from duomodal.models.vae import load_vae
-
         if not config.vae:
             raise ValueError("no VAE given: pass --vae VAE_DIR (a trained `duomodal train vae` run)")
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)

@@ -1,4 +1,5 @@
-"""The one training loop, for every model kind (a ``TrainTask`` supplies the model-specific part).
+"""The one training loop, for every model kind (a ``TrainTask`` supplies the model-specific part; the
+optimizer step itself is ``train/step.py``).
 
 ``train(task, config, out_dir)`` runs the recipe of ``train/recipe.py`` (AdamW or Muon, warm-up then a
 cosine or warmup-stable-decay learning rate), gradient clipping
@@ -18,141 +19,51 @@ naming the step and keeps the last good checkpoint.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import math
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from duomodal.config import to_dict
-from duomodal.device import precision_dtype, resolve_precision
+from duomodal.device import resolve_precision
 from duomodal.files import atomic_write_bytes, load_json, save_json
-from duomodal.modelfile import capture_rng_state, load_state_dict_strict, load_weights, read_config, restore_rng_state
-from duomodal.train.budget import (
-    PROBE_MAX_STEPS,
-    PROBE_MIN_STEPS,
-    PROBE_WARMUP_STEPS,
-    BudgetError,
-    StepPlan,
-    plan_steps,
-    probe_seconds,
-    revise_steps,
-    revision_points,
-)
-from duomodal.train.batches import BatchStream, ShardBatchStream, make_batch_stream, to_device, val_batches
+from duomodal.modelfile import capture_rng_state, load_state_dict_strict, load_weights, restore_rng_state
+from duomodal.train.budget import BudgetError, PaceChecks, StepPlan, plan_steps, revise_steps, time_probe
+from duomodal.train.batches import BatchStream, ShardBatchStream, ValBatches, make_batch_stream
 from duomodal.train.checkpoints import (
     CHECKPOINTS_DIR,
+    check_model_config,
     checkpoint_name,
+    checkpoints_to_resume,
     list_checkpoints,
     load_checkpoint_state,
     save_checkpoint,
 )
-from duomodal.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
+from duomodal.train.distributed import DistInfo, all_gather_objects, barrier, init_distributed, shutdown
 from duomodal.train.plots import plot_loss
-from duomodal.train.recipe import (
-    MuonWithAdamW,
-    TrainConfig,
-    TrainingError,
-    build_optimizer,
-    lr_multiplier,
-)
+from duomodal.train.recipe import TrainConfig, TrainingError, lr_multiplier
+from duomodal.train.step import Interval, StepStats, Stepper
 from duomodal.train.task import TrainTask
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
 
 
-class _Ema:
-    """Exponential moving average of a model's parameters (buffers are copied)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        ema_params = list(self.model.parameters())
-        params = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
-
-
-# --- the loop --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _StepStats:
-    """The figures of one optimizer step: `loss` and the task's `figures` are means over the
-    micro-batches, `items` and `dropped` count the items used and skipped as unreadable, `stop`
-    says a signal asked training to stop."""
-
-    loss: float
-    items: int
-    dropped: int
-    stop: bool
-    figures: dict[str, float]
-
-    def all_reduce(self, info: DistInfo) -> _StepStats:
-        """The step's figures over all processes, in one all-reduce: counts summed, loss and
-        figures averaged, `stop` set when any process was signalled (so all stop at one step).
-        Every process must name the same figures."""
-        named = {"loss": self.loss, "items": self.items, "dropped": self.dropped, "stop": float(self.stop),
-                 **{f"figure.{k}": self.figures[k] for k in sorted(self.figures)}}
-        packed = torch.tensor(list(named.values()), dtype=torch.float64)
-        summed = dict(zip(named, all_reduce_sum(packed.to(info.device), info).cpu().tolist()))
-        return _StepStats(
-            loss=summed["loss"] / info.world_size,
-            items=int(summed["items"]),
-            dropped=int(summed["dropped"]),
-            stop=summed["stop"] > 0,
-            figures={k: summed[f"figure.{k}"] / info.world_size for k in sorted(self.figures)},
-        )
-
-
-@dataclass
-class _Interval:
-    """The train figures summed since the last train line of metrics.jsonl."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    steps: int = 0
-    items: int = 0
-    seconds: float = 0.0
-
-    def add(self, stats: _StepStats, seconds: float) -> None:
-        self.seconds += seconds
-        self.items += stats.items
-        self.steps += 1
-        self.sums["loss"] = self.sums.get("loss", 0.0) + stats.loss
-        for k, v in stats.figures.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-
-
 class _Trainer:
     """One training run: `run` restores or builds the model, trains it step by step and finishes.
 
-    The model and its optimizer are attributes once `run` has built them; the counters that
+    `stepper` holds the model and its optimizer once `run` has built them; the counters that
     `__init__` sets are what a checkpoint saves and the result reports."""
 
-    model: torch.nn.Module
-    trained: torch.nn.Module  # the model, DDP-wrapped under torchrun: the forward passes go through it
-    params: list[torch.nn.Parameter]  # the trainable parameters (gradient clipping)
-    optimizer: torch.optim.Optimizer | MuonWithAdamW
-    scaler: torch.amp.GradScaler | None  # fp16 only
-    ema: _Ema | None
     stream: BatchStream | ShardBatchStream
     val_set: Dataset | None
 
@@ -169,7 +80,7 @@ class _Trainer:
             )
         self.micro_batch = config.batch_size // (world * accum)
         self.precision = resolve_precision(config.precision, info.device, "train.precision")
-        self.autocast_dtype = None if self.precision == "fp32" else precision_dtype(self.precision)
+        self.stepper = Stepper(task, config, info, self.precision)  # the model, optimizer, scaler and EMA
         self.step = 0
         self.last_checkpoint: Path | None = None
         self.dropped_total = 0
@@ -177,12 +88,11 @@ class _Trainer:
         self.started = 0.0  # perf_counter() when this process began its steps
         self.train_time = 0.0  # seconds in optimizer steps, validation and checkpoints left out
         self.total_items = 0
-        self.interval = _Interval()
+        self.interval = Interval()
         self.last_loss = float("nan")
         self.val_figures: dict[str, float] = {}
         self.plan: StepPlan | None = None  # the steps train.minutes bought (from a checkpoint on resume)
-        self.revise_at: list[int] = []  # steps where this process checks the plan's pace (not after a resume)
-        self.pace_mark = (0, 0.0)  # (step, train_time) where the pace since the last check is measured from
+        self.pace_checks = PaceChecks()  # where this process checks the plan's pace (set when it plans)
         self.clock_start = 0.0  # perf_counter() when run() began
 
     # signals -------------------------------------------------------------------------------------
@@ -226,14 +136,14 @@ class _Trainer:
         """Train from scratch, or from the last checkpoint when `resume`; the final figures."""
         self.clock_start = time.perf_counter()  # a train.minutes budget counts from here
         config, info, task = self.config, self.info, self.task
-        checkpoints = self._checkpoints_to_resume(resume)
+        checkpoints = checkpoints_to_resume(self.out_dir, resume)
         train_set, self.val_set = task.datasets()
         if len(train_set) // info.world_size < self.micro_batch:  # type: ignore[arg-type]
             raise TrainingError(
                 f"the training split has {len(train_set)} items, fewer than one batch per process "  # type: ignore[arg-type]
                 f"({self.micro_batch} x {info.world_size} processes); lower train.batch_size or add data"
             )
-        self._build()
+        self.stepper.build()
         epoch, position = 0, 0
         if resume:
             epoch, position = self._restore(*checkpoints[-1])
@@ -241,7 +151,7 @@ class _Trainer:
             torch.manual_seed(config.seed + info.rank)  # each rank its own random stream (noise, dropout...)
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._wrap()
+        self.stepper.wrap()
         if config.minutes is not None and self.plan is None:
             self._plan_by_time(train_set)
         elif self.plan is not None and config.minutes not in (None, self.plan.minutes):
@@ -263,14 +173,6 @@ class _Trainer:
         self._train()
         return self._finish()
 
-    def _wrap(self) -> None:
-        """`trained`: the model, DDP-wrapped under torchrun."""
-        info = self.info
-        self.trained = (
-            DistributedDataParallel(self.model, device_ids=[info.device] if info.device.type == "cuda" else None)
-            if info.enabled else self.model
-        )
-
     def _plan_by_time(self, train_set: Dataset) -> None:
         """Fix the step count that train.minutes buys here (see train/budget.py): time the step-0 validation
         and sample grid (kept: the untrained model's figures), then a few optimizer steps (undone: the model,
@@ -284,76 +186,35 @@ class _Trainer:
         samples_s = time.perf_counter() - started
         self.stream = make_batch_stream(train_set, self.task, self.micro_batch, info, config.seed, config.num_workers,
                                         0, 0)
-        self.model.train()
-        timed = 0
+        self.stepper.model.train()
         with tqdm(desc=f"time {self.task.kind} steps", unit="step", disable=not info.is_main,
                   dynamic_ncols=True) as bar:
-            for _ in range(PROBE_WARMUP_STEPS):
-                self._optimizer_step(self._forward_backward().all_reduce(info))
-                bar.update(1)
-            started, seconds = time.perf_counter(), probe_seconds(config.minutes)
-            while True:
-                self._optimizer_step(self._forward_backward().all_reduce(info))
-                timed += 1
-                bar.update(1)
-                enough = timed >= PROBE_MAX_STEPS or (
-                    timed >= PROBE_MIN_STEPS and time.perf_counter() - started >= seconds)
-                if any(all_gather_objects(enough, info)):  # every rank stops at the same step (DDP in lockstep)
-                    break
-            step_s = (time.perf_counter() - started) / timed
+            timed, step_s = time_probe(lambda: (self._step(), bar.update(1)), config.minutes,
+                                       lambda done: any(all_gather_objects(done, info)))
         # every rank plans from the slowest rank's figures, so all plan the same steps
         slowest = [max(f) for f in zip(*all_gather_objects((step_s, validation_s, samples_s), info))]
         self.plan = plan_steps(config.minutes, time.perf_counter() - self.clock_start, slowest[0], timed,
                                slowest[1], config.val_every, slowest[2], config.sample_every, config.warmup_steps)
-        self.revise_at = revision_points(self.plan.steps) if config.replan else []
-        self._build()  # the probe's steps undone: the initial weights and a fresh optimizer again
+        self.pace_checks = PaceChecks(self.plan.steps, enabled=config.replan)
+        self.stepper.build()  # the probe's steps undone: the initial weights and a fresh optimizer again
         torch.manual_seed(config.seed + info.rank)
-        self._wrap()
-
-    def _checkpoints_to_resume(self, resume: bool) -> list[tuple[int, Path]]:
-        """The run directory's checkpoints; raises ValueError when there are none to resume from,
-        or when a new run would write over an existing one."""
-        out_dir = self.out_dir
-        checkpoints = list_checkpoints(out_dir)
-        if resume and not checkpoints:
-            raise ValueError(
-                f"--resume: {out_dir} has no checkpoint to resume from (looked in {out_dir / CHECKPOINTS_DIR}); "
-                "run without --resume to start a new run"
-            )
-        if not resume and checkpoints:
-            raise ValueError(
-                f"{out_dir} already holds a training run (checkpoint at step {checkpoints[-1][0]}); "
-                "pass --resume to continue it, or choose another --out"
-            )
-        return checkpoints
-
-    def _build(self) -> None:
-        """The model (the same initial weights on every rank), the optimizer, the fp16 scaler and the EMA."""
-        config, info = self.config, self.info
-        torch.manual_seed(config.seed)
-        self.model = self.task.build_model().to(info.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, config, info.device, self.precision)
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.ema = _Ema(self.model, config.ema_decay) if config.ema_decay > 0 else None
-
-    # resume --------------------------------------------------------------------------------------
+        self.stepper.wrap()
 
     def _restore(self, step: int, path: Path) -> tuple[int, int]:
         """Load checkpoint `path` of step `step`: weights, optimizer, scaler, RNG and counters; the
         (epoch, position) in the data order to go on from."""
         config, info = self.config, self.info
-        self._check_model_config(path)
+        check_model_config(path, self.task.kind, self.task.model_config())
         state = load_checkpoint_state(path)
         weights = load_weights(path)
-        if self.ema is not None:
+        if self.stepper.ema is not None:
             # the checkpoint's weights are the EMA ones; the raw ones travel in the training state
-            load_state_dict_strict(self.ema.model, weights, str(path))
+            load_state_dict_strict(self.stepper.ema.model, weights, str(path))
             weights = state["raw_model"]
-        load_state_dict_strict(self.model, weights, str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
+        load_state_dict_strict(self.stepper.model, weights, str(path))
+        self.stepper.optimizer.load_state_dict(state["optimizer"])
+        if self.stepper.scaler is not None and "scaler" in state:
+            self.stepper.scaler.load_state_dict(state["scaler"])
         per_rank = state["ranks"]
         same_world = len(per_rank) == info.world_size
         mine = per_rank[info.rank] if same_world else per_rank[0]
@@ -375,17 +236,6 @@ class _Trainer:
         self._truncate_metrics(step)
         return state["epoch"], position
 
-    def _check_model_config(self, path: Path) -> None:
-        """Raises ValueError naming the fields where the task's model config differs from `path`'s."""
-        saved = read_config(path, kind=self.task.kind)
-        current = self.task.model_config()
-        if saved != json.loads(json.dumps(current)):
-            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-            raise ValueError(
-                f"--resume: the model config differs from the checkpoint's in {', '.join(changed)}; "
-                "resume with the same model settings"
-            )
-
     # training steps ------------------------------------------------------------------------------
 
     def _train(self) -> None:
@@ -395,12 +245,11 @@ class _Trainer:
         self.started = time.perf_counter()
         with self._signals(), tqdm(total=config.steps, initial=self.step, desc=f"train {self.task.kind}",
                                    unit="step", disable=not self.info.is_main, dynamic_ncols=True) as bar:
-            self.model.train()
+            self.stepper.model.train()
             postfix: dict[str, str] = {}
             while self.step < self.config.steps:  # (a time budget's revision may change the steps)
                 t0 = time.perf_counter()
-                stats = self._forward_backward().all_reduce(self.info)
-                lr, grad_norm = self._optimizer_step(stats)
+                stats, lr, grad_norm = self._step()
                 self.step += 1
                 self._count(stats, time.perf_counter() - t0)
                 if self.step % config.log_every == 0 or self.step == self.config.steps:
@@ -409,7 +258,7 @@ class _Trainer:
                 if self.plan is not None:  # what is left of the time budget
                     left = self.plan.minutes * 60 - self.plan.before_s - self._elapsed()
                     postfix["left"] = f"{'-' if left < 0 else ''}{int(abs(left)) // 60}:{int(abs(left)) % 60:02d}"
-                if self.revise_at and self.step >= self.revise_at[0]:
+                if self.pace_checks.due(self.step):
                     bar.total = self._revise_plan()
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
@@ -426,10 +275,7 @@ class _Trainer:
         """Check the pace since the last check against the plan's probe; re-plan the step count where it
         no longer fits the budget (see train/budget.py). Returns the step count."""
         config, plan = self.config, self.plan
-        self.revise_at = [s for s in self.revise_at if s > self.step]
-        mark_step, mark_time = self.pace_mark
-        self.pace_mark = (self.step, self.train_time)
-        pace = (self.train_time - mark_time) / max(1, self.step - mark_step)
+        pace = self.pace_checks.pace(self.step, self.train_time)
         pace, elapsed = (max(f) for f in zip(*all_gather_objects((pace, self._elapsed()), self.info)))
         steps = revise_steps(plan, self.step, elapsed, pace, config.val_every, config.sample_every)
         if steps is not None:
@@ -438,7 +284,7 @@ class _Trainer:
                            f"re-planned at step {self.step}: {plan.steps} -> {steps} steps", file=sys.stderr)
             self.plan = plan.revised(self.step, steps, pace)
             self.config = replace(config, steps=steps)
-            self.revise_at = [s for s in self.revise_at if s < steps]
+            self.pace_checks.keep_before(steps)
         return self.config.steps
 
     def _elapsed(self) -> float:
@@ -450,81 +296,22 @@ class _Trainer:
         left to _finish."""
         return every > 0 and self.step % every == 0 and self.step < self.config.steps
 
-    def _forward_backward(self) -> _StepStats:
-        """The gradients of one optimizer step, accumulated over train.grad_accum micro-batches;
-        this process's figures of the step."""
-        config, info = self.config, self.info
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=info.device)
-        figure_sums: dict[str, float] = {}
-        items = dropped = 0
-        for micro in range(config.grad_accum):
-            batch, kept, skipped = self.stream.next()
-            items += kept
-            dropped += skipped
-            batch = to_device(batch, info.device)
-            # DDP averages the gradients over processes on the last micro-batch only
-            defer_sync = info.enabled and micro < config.grad_accum - 1
-            with (self.trained.no_sync() if defer_sync else contextlib.nullcontext()):  # type: ignore[operator]
-                with self._autocast():
-                    loss, figures = self.task.loss(self.trained, batch, self.step)
-                scaled = loss.float() / config.grad_accum
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            loss_sum += loss.detach().float()
-            for k, v in figures.items():
-                figure_sums[k] = figure_sums.get(k, 0.0) + float(v)
-        return _StepStats(
-            loss=float(loss_sum) / config.grad_accum,
-            items=items,
-            dropped=dropped,
-            stop=self.stop_signal is not None,
-            figures={k: v / config.grad_accum for k, v in figure_sums.items()},
-        )
 
-    def _optimizer_step(self, stats: _StepStats) -> tuple[float, float]:
-        """Clip the gradients and step at this step's learning rate, then update the EMA; the
-        (learning rate, gradient norm). Raises TrainingError on a NaN/inf loss or gradient norm."""
-        config = self.config
-        if not math.isfinite(stats.loss):
-            kept_at = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
-                "no checkpoint was saved yet"
-            raise TrainingError(
-                f"loss is {stats.loss} at step {self.step + 1}: training stopped; {kept_at}. "
-                "Lower train.lr or use train.precision=fp32, then resume with --resume"
-            )
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        lr = config.lr * lr_multiplier(config, self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the step itself when the norm is inf/NaN
-            self.scaler.update()
-        elif math.isfinite(grad_norm):
-            self.optimizer.step()
-        else:
-            raise TrainingError(
-                f"gradient norm is {grad_norm} at step {self.step + 1}: training stopped; "
-                f"the last good checkpoint is {self.last_checkpoint or 'none (none saved yet)'}"
-            )
-        if self.ema is not None:
-            self.ema.update(self.model)
-        return lr, grad_norm
+    def _step(self) -> tuple[StepStats, float, float]:
+        """One optimizer step at this step's learning rate: its figures over all processes, the
+        learning rate and the gradient norm."""
+        stats = self.stepper.forward_backward(self.stream, self.step, lambda: self.stop_signal is not None)
+        stats = stats.all_reduce(self.info)
+        lr = self.config.lr * lr_multiplier(self.config, self.step)
+        return stats, lr, self.stepper.optimizer_step(stats, lr, self.step, self.last_checkpoint)
 
-    def _count(self, stats: _StepStats, seconds: float) -> None:
+    def _count(self, stats: StepStats, seconds: float) -> None:
         """Add a finished step (all processes') to the run's totals and to the log interval."""
         self.dropped_total += stats.dropped
         self.total_items += stats.items
         self.train_time += seconds
         self.interval.add(stats, seconds)
         self.last_loss = stats.loss
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.info.device.type, dtype=self.autocast_dtype)
 
     # log, validate, sample -----------------------------------------------------------------------
 
@@ -539,19 +326,8 @@ class _Trainer:
                "dropped": self.dropped_total,
                "elapsed_s": self._elapsed()}
         self._log(row)
-        self.interval = _Interval()
+        self.interval = Interval()
         return row
-
-    @contextlib.contextmanager
-    def _evaluating(self) -> Iterator[torch.nn.Module]:
-        """The weights to evaluate (the EMA ones when kept), in eval mode, without gradients and
-        on a forked RNG, so that evaluating leaves training's random stream as it was."""
-        net = self.ema.model if self.ema is not None else self.model
-        net.eval()
-        devices = [self.info.device] if self.info.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
-            yield net
-        self.model.train()
 
     def _validate(self) -> dict[str, float]:
         """The validation figures, also written as a val line; rank 0 only ({} elsewhere), and {}
@@ -559,20 +335,19 @@ class _Trainer:
         info = self.info
         if self.val_set is None or len(self.val_set) == 0 or not info.is_main:  # type: ignore[arg-type]
             return {}
-        counter = [0]
-        with self._evaluating() as net:
-            figures = self.task.validate(net, val_batches(
-                self.val_set, self.task, self.micro_batch * info.world_size, self.config.val_batches,
-                info.device, counter))
+        with self.stepper.evaluating() as net:
+            batches = ValBatches(self.val_set, self.task, self.micro_batch * info.world_size,
+                                 self.config.val_batches, info.device)
+            figures = self.task.validate(net, batches)
         row = {"split": "val", "step": self.step, **{k: float(v) for k, v in figures.items()},
-               "dropped": counter[0], "train_s": self.train_time}
+               "dropped": batches.dropped, "train_s": self.train_time}
         self._log(row)
         return {k: float(v) for k, v in figures.items()}
 
     def _write_samples(self) -> None:
         if not self.info.is_main:
             return
-        with self._evaluating() as net:
+        with self.stepper.evaluating() as net:
             self.task.write_samples(net, self.out_dir / "samples" / f"step_{self.step:07d}.png", self.step)
 
     # checkpoint and finish -----------------------------------------------------------------------
@@ -590,18 +365,18 @@ class _Trainer:
                 "items_in_epoch": (self.stream.position * self.micro_batch * info.world_size
                                    if isinstance(self.stream, BatchStream) else 0),
                 "ranks": per_rank,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": self.stepper.optimizer.state_dict(),
                 "dropped_total": self.dropped_total,
                 "elapsed_s": self._elapsed(),
                 "world_size": info.world_size,
                 "plan": self.plan.as_dict() if self.plan is not None else None,
             }
-            if self.scaler is not None:
-                state["scaler"] = self.scaler.state_dict()
-            weights = self.model.state_dict()
-            if self.ema is not None:
+            if self.stepper.scaler is not None:
+                state["scaler"] = self.stepper.scaler.state_dict()
+            weights = self.stepper.model.state_dict()
+            if self.stepper.ema is not None:
                 state["raw_model"] = weights
-                weights = self.ema.model.state_dict()
+                weights = self.stepper.ema.model.state_dict()
             path = save_checkpoint(self.out_dir, self.step, self.task.kind, self.task.model_config(), weights,
                                    state, self.task.save_extras, self.config.keep_checkpoints)
         barrier(info)

@@ -11,10 +11,11 @@ from duomodal.files import atomic_write_bytes
 
 def plot_loss(metrics_path: Path, out_path: Path) -> None:
     """loss.png: train loss against step, and the validation figures, from metrics.jsonl."""
+    # matplotlib loads here, when a figure is drawn: importing it costs a second that the rest does not need
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend, lazily as above
 
     train_rows, val_rows = [], []
     for line in metrics_path.read_text(encoding="utf-8").splitlines():

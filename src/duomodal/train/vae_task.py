@@ -16,7 +16,7 @@ from duomodal.data.dataset import CaptionedImageDataset, DataConfig, open_split
 from duomodal.data.images import save_grid
 from duomodal.data.records import filter_split, load_records
 from duomodal.data.stream import ShardStream, training_stream
-from duomodal.evaluate.metrics import codebook_usage
+from duomodal.metrics import codebook_usage
 from duomodal.models.vae import KIND, DiscreteVAE, VAEConfig
 from duomodal.train.recipe import TrainConfig
 from duomodal.train.schedules import cosine_anneal, cosine_warmup_weight

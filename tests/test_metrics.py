@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from duomodal.data.icons import PALETTE
+from duomodal.data.profile import PALETTE
 from duomodal.data.images import parse_color
-from duomodal.evaluate.metrics import (
+from duomodal.metrics import (
     Accuracy,
     MetricError,
     accuracy,
