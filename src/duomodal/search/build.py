@@ -45,7 +45,7 @@ from duomodal.search.index import (
 )
 from duomodal.search.plan import BuildReport, SkipCallback, plan_run, skip_file
 from duomodal.search.query import Embedder
-from duomodal.search.shards import Distributed, merge_shards, write_records, write_shard
+from duomodal.search.handoff import Distributed, merge_handoffs, write_handoff, write_records
 from duomodal.search.sources import FolderSource, ShardSource, open_source, resolve_root
 from duomodal.search.store import IndexStoreError, MetadataStore, ModelMismatchError, NewImage, PendingFile
 
@@ -148,7 +148,7 @@ def _run(
                 report.reused += sum(share[1] for share in shares[1:])
                 report.skipped = [s for share in shares for s in share[2]]
             with contextlib.closing(MetadataStore.open(index_dir)) as store:
-                merge_shards(store, index_dir, embedder.dim)
+                merge_handoffs(store, index_dir, embedder.dim)
                 store.clear_pending()
                 vectors = sync_vectors(store, index_dir, writable=True, progress=tqdm if progress else None)
                 report.count = vectors.count
@@ -180,7 +180,7 @@ def _prepare(
         with contextlib.closing(_open_for_run(index_dir, embedder, options, create_meta)) as store:
             check_vector_store(store.get_meta("vector_store") or "faiss")  # fail now, not after embedding
             report = BuildReport(store.get_meta("root"), index_dir)
-            merge_shards(store, index_dir, embedder.dim)
+            merge_handoffs(store, index_dir, embedder.dim)
             source = open_source(report.root, index_dir)
             plan_run(store, source, report, on_skip, progress)
     except BaseException:
@@ -245,7 +245,7 @@ def _embed_pending(
         if dist.world_size == 1:
             write_records(store, records, [f.path for f in files])
         elif records:
-            write_shard(index_dir, f"{run_id}-r{dist.rank}-{number:06d}", records)
+            write_handoff(index_dir, f"{run_id}-r{dist.rank}-{number:06d}", records)
         bar.update(len(files))
     bar.close()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 from tokenizers import Tokenizer as HFTokenizer
 
 from duomodal.device import resolve_device
+from duomodal.launch import launch_info
 from duomodal.text.tokenizer import Tokenizer
 
 
@@ -34,9 +34,8 @@ class DistInfo:
 def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1 in the environment):
     NCCL on CUDA, gloo on CPU. Without torchrun, a single process on `device`."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launch = launch_info()
+    world_size, rank, local_rank = launch.world_size, launch.rank, launch.local_rank
     resolved = resolve_device(device, local_rank)
     if world_size <= 1:
         return DistInfo(device=resolved)
