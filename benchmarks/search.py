@@ -31,7 +31,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from duomodal.search.index import FaissParams, make_faiss_index, search_params
+from duomodal.search.vectors.base import FaissParams
+from duomodal.search.vectors.faiss_store import make_faiss_index, search_params
 from this_machine import print_header
 
 
@@ -130,8 +131,8 @@ def bench_milvus(kind, index_type, data, queries, truth, params, search_settings
 
     from pymilvus import DataType, MilvusClient
 
-    from duomodal.search import milvus as store
-    from duomodal.search.milvus_target import MilvusTarget
+    from duomodal.search.vectors import milvus_store as store
+    from duomodal.search.vectors.milvus_target import MilvusTarget
 
     gc.collect()
     if kind == "lite":
@@ -147,7 +148,7 @@ def bench_milvus(kind, index_type, data, queries, truth, params, search_settings
     calls = store._Calls(target)
     if client.has_collection(target.collection):
         client.drop_collection(target.collection)
-    build_params, _ = store._index_params(index_type, params, len(data))
+    build_params, _ = store.index_params(index_type, params, len(data))
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.INT64, is_primary=True)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=data.shape[1])
@@ -164,7 +165,7 @@ def bench_milvus(kind, index_type, data, queries, truth, params, search_settings
     store._flush(client, target.collection, calls)  # as a sync ends: sealed, persisted, indexed
     rows = []
     for n_setting, setting in enumerate(search_settings):
-        _, search = store._index_params(index_type, search_settings_params(index_type, params, setting), len(data))
+        _, search = store.index_params(index_type, search_settings_params(index_type, params, setting), len(data))
         vectors = store.MilvusVectors(client, target, index_type, search, len(data))
         vectors.search(queries[:1], 10)  # the first search loads what the index node built: part of the build
         if n_setting == 0:

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from duomodal.search import milvus
+from duomodal.search.vectors import base, milvus_store
 from duomodal.search.build import BuildOptions, build_index, update_index
-from duomodal.search.index import ImageIndex, vector_store_spec
-from duomodal.search.milvus import MilvusTarget
+from duomodal.search.index import ImageIndex
+from duomodal.search.vectors import vector_store_spec
+from duomodal.search.vectors.milvus_target import MilvusTarget
 from duomodal.search.store import IndexStoreError
 
 from ..conftest import store_spec
@@ -86,12 +87,14 @@ def test_a_sync_cut_off_half_way_is_repaired_on_the_next_open(tmp_path, monkeypa
     build(root, tmp_path / "idx", store)
     paths[0].unlink()
     make_images(root, 5, seed=2, prefix="new")
-    monkeypatch.setattr(milvus, "INSERT_CHUNK", 2)
-    real = milvus._apply_changes if cut == "apply" else milvus._rebuild
+    monkeypatch.setattr(milvus_store, "INSERT_CHUNK", 2)
+    real = base.apply_changes if cut == "apply" else milvus_store.MilvusEngine.rebuild
     calls = []
 
-    def cut_off(client, collection, *args, **kwargs):
-        calls.append(collection)
+    def cut_off(*args, **kwargs):  # (store, engine, ...) for the change log, (engine, store, ...) for a rebuild
+        engine = next(a for a in args if isinstance(a, milvus_store.MilvusEngine))
+        client = engine.client
+        calls.append(engine.target.collection)
         original_insert, original_upsert = client.insert, client.upsert
         sent = []
 
@@ -105,11 +108,14 @@ def test_a_sync_cut_off_half_way_is_repaired_on_the_next_open(tmp_path, monkeypa
 
         client.insert, client.upsert = once(original_insert), once(original_upsert)
         try:
-            return real(client, collection, *args, **kwargs)
+            return real(*args, **kwargs)
         finally:
             client.insert, client.upsert = original_insert, original_upsert
 
-    monkeypatch.setattr(milvus, "_apply_changes" if cut == "apply" else "_rebuild", cut_off)
+    if cut == "apply":
+        monkeypatch.setattr(base, "apply_changes", cut_off)
+    else:
+        monkeypatch.setattr(milvus_store.MilvusEngine, "rebuild", cut_off)
     options = BuildOptions(index_type="hnsw") if cut == "rebuild" else None  # a new type means a rebuild
     with pytest.raises(RuntimeError, match="killed"):
         update_index(tmp_path / "idx", FakeEmbedder(), options=options, progress=False)

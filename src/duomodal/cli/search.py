@@ -88,7 +88,7 @@ def _index_options(args: argparse.Namespace, recorded: dict[str, str] | None):
     import json
 
     from duomodal.search.build import BuildOptions
-    from duomodal.search.index import FaissParams
+    from duomodal.search.vectors import FaissParams
 
     changes = {
         "hnsw_m": args.hnsw_m,
