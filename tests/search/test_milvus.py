@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from duomodal.search.vectors import base, milvus_store
 from duomodal.search.build import BuildOptions, build_index, update_index
 from duomodal.search.index import ImageIndex
-from duomodal.search.vectors import vector_store_spec
-from duomodal.search.vectors.milvus_target import MilvusTarget
 from duomodal.search.store import IndexStoreError
+from duomodal.search.vectors import base, milvus_store, vector_store_spec
+from duomodal.search.vectors.milvus_target import MilvusTarget
 
 from ..conftest import store_spec
 from .conftest import FakeEmbedder
@@ -138,6 +137,21 @@ def test_an_index_moves_between_stores_on_update(tmp_path, request, kind):
     with ImageIndex.open(tmp_path / "idx") as index:
         assert index.vector_store == store
         assert [(h.id, round(h.score, 5)) for h in index.search(index.vector(1), k=6)] == before
+    update_index(tmp_path / "idx", FakeEmbedder(), options=BuildOptions(store="faiss"), progress=False)
+    assert_every_image_finds_itself(tmp_path / "idx", 6)
+
+
+def test_a_store_that_missed_pruned_changes_is_rebuilt_when_the_index_moves_back(tmp_path):
+    """faiss -> milvus-lite -> (a file changes; the Milvus sync prunes the log) -> faiss: the old faiss
+    file cannot catch up from the log any more, so it is rebuilt, not left with the stale vector."""
+    root = tmp_path / "photos"
+    make_images(root, 6)
+    build(root, tmp_path / "idx", "faiss")
+    lite = f"milvus:{tmp_path / 'vectors.db'}"
+    update_index(tmp_path / "idx", FakeEmbedder(), options=BuildOptions(store=lite), progress=False)
+    make_images(root, 1, seed=7)  # img_000.png: new content, same count
+    report = update_index(tmp_path / "idx", FakeEmbedder(), progress=False)
+    assert (report.embedded, report.count) == (1, 6)
     update_index(tmp_path / "idx", FakeEmbedder(), options=BuildOptions(store="faiss"), progress=False)
     assert_every_image_finds_itself(tmp_path / "idx", 6)
 

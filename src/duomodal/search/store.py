@@ -337,6 +337,14 @@ class MetadataStore:
             row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         return 0 if row is None else int(row[0])
 
+    def oldest_change(self) -> int:
+        """The sequence number of the oldest change still logged (``last_change() + 1`` when none
+        is): a copy of the vectors that holds the changes up to N can catch up from the log only
+        when N + 1 >= this (the log is pruned after each sync, whichever vector store it was for)."""
+        with self._lock:
+            row = self._db.execute("SELECT MIN(seq) FROM changes").fetchone()
+        return self.last_change() + 1 if row[0] is None else int(row[0])
+
     def changed_ids(self, after: int) -> list[int]:
         with self._lock:
             rows = self._db.execute(

@@ -141,11 +141,12 @@ def sync_changes(
     """Bring `engine` to exactly the store's vectors; when `writable`, record it and prune the log.
 
     Applies the change log since the engine's change number; rebuilds when the engine holds nothing
-    usable, cannot apply a change, or ends with another count than the store's.
+    usable, is older than the log (pruned by a sync of another store the index used since), cannot
+    apply a change, or ends with another count than the store's.
     """
     plan = SyncPlan.read(store)
     held = engine.held(plan)
-    current = held is not None and held <= plan.seq
+    current = held is not None and store.oldest_change() - 1 <= held <= plan.seq
     if current and held < plan.seq:
         current = apply_changes(store, engine, plan.dim, held)
     current = current and engine.count() == plan.count
