@@ -31,7 +31,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from duomodal.search.index import FaissParams, make_faiss_index, search_params
+from duomodal.search.vectors.base import FaissParams
+from duomodal.search.vectors.faiss_store import make_faiss_index, search_params
 from this_machine import print_header
 
 
@@ -130,8 +131,8 @@ def bench_milvus(kind, index_type, data, queries, truth, params, search_settings
 
     from pymilvus import DataType, MilvusClient
 
-    from duomodal.search import milvus as store
-    from duomodal.search.milvus_target import MilvusTarget
+    from duomodal.search.vectors import milvus_store as store
+    from duomodal.search.vectors.milvus_target import MilvusTarget
 
     gc.collect()
     if kind == "lite":
@@ -147,7 +148,7 @@ def bench_milvus(kind, index_type, data, queries, truth, params, search_settings
     calls = store._Calls(target)
     if client.has_collection(target.collection):
         client.drop_collection(target.collection)
-    build_params, _ = store._index_params(index_type, params, len(data))
+    build_params, _ = store.index_params(index_type, params, len(data))
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.INT64, is_primary=True)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=data.shape[1])
@@ -164,7 +165,7 @@ def bench_milvus(kind, index_type, data, queries, truth, params, search_settings
     store._flush(client, target.collection, calls)  # as a sync ends: sealed, persisted, indexed
     rows = []
     for n_setting, setting in enumerate(search_settings):
-        _, search = store._index_params(index_type, search_settings_params(index_type, params, setting), len(data))
+        _, search = store.index_params(index_type, search_settings_params(index_type, params, setting), len(data))
         vectors = store.MilvusVectors(client, target, index_type, search, len(data))
         vectors.search(queries[:1], 10)  # the first search loads what the index node built: part of the build
         if n_setting == 0:
@@ -240,7 +241,7 @@ def machine() -> str:
     return f"{model}, {simd}, {os.cpu_count()} cores, load average {' '.join(load)}"
 
 
-def main(argv=None) -> int:
+def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--types", default="flat,hnsw,ivf", help="faiss index types (exact search is always the truth)")
@@ -264,10 +265,51 @@ def main(argv=None) -> int:
                         help="where milvus-lite and the Milvus server keep their files (removed after the run)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    stores = args.stores.split(",")
-    unknown = set(stores) - {"faiss", "milvus-lite", "milvus-server"}
+    unknown = set(args.stores.split(",")) - {"faiss", "milvus-lite", "milvus-server"}
     if unknown:
         parser.error(f"--stores: unknown {', '.join(sorted(unknown))}; choose from faiss, milvus-lite, milvus-server")
+    return args
+
+
+def measure_size(n, args, params, settings, types, milvus_types, server) -> list[dict]:
+    """Every store and index type on `n` vectors: one printed line and one result row per setting."""
+    stores = args.stores.split(",")
+    results = []
+    everything = synthetic(n + args.queries, args.dim, args.data, args.spread, seed=n)
+    data, queries = everything[:n], everything[n:]
+    exact = faiss.IndexFlatIP(args.dim)
+    exact.add(data)
+    truth = [list(row) for row in exact.search(queries, 10)[1]]
+    del exact
+    for index_type in dict.fromkeys(["flat", *types, *milvus_types]):
+        measured = []
+        if "faiss" in stores and index_type in types:
+            measured.append(("faiss", bench_type(index_type, data, queries, truth, params, args.ivf_train,
+                                                 settings[index_type], args.batch)))
+        for kind in ("lite", "server"):
+            if f"milvus-{kind}" in stores and index_type in milvus_types:
+                args.workdir.mkdir(parents=True, exist_ok=True)
+                measured.append((f"milvus-{kind}", bench_milvus(
+                    kind, index_type, data, queries, truth, params, settings[index_type], args.workdir,
+                    args.batch, server)))
+        for store, store_rows in measured:
+            for row, _ in store_rows:
+                row = {"n": n, "store": store, "type": index_type, **row}
+                results.append(row)
+                batch = [f"{row[k]:>9.3f}" if row[k] is not None else f"{'-':>9}"
+                         for k in ("batch_p50_ms", "batch_p99_ms")]
+                print(f"{n:>9}  {store:<13}  {index_type:<5}  {row['setting']:<13}  {row['build_s']:>8.2f}  "
+                      f"{row['index_memory_mb']:>8.1f}  {row['p50_ms']:>8.3f}  {row['p99_ms']:>8.3f}  "
+                      f"{row['recall_at_10']:>9.4f}  {batch[0]}  {batch[1]}  {row['peak_rss_mb']:>11.0f}",
+                      flush=True)
+    del everything, data, queries
+    gc.collect()
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    stores = args.stores.split(",")
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     # in a child process: the probe's matrices would raise the peak RSS this benchmark reports
@@ -302,35 +344,7 @@ def main(argv=None) -> int:
           f"{'p99 ms':>8}  {'recall@10':>9}  {'batch p50':>9}  {'batch p99':>9}  {'peak RSS MB':>11}")
     try:
         for n in (int(s) for s in args.sizes.split(",")):
-            everything = synthetic(n + args.queries, args.dim, args.data, args.spread, seed=n)
-            data, queries = everything[:n], everything[n:]
-            exact = faiss.IndexFlatIP(args.dim)
-            exact.add(data)
-            truth = [list(row) for row in exact.search(queries, 10)[1]]
-            del exact
-            for index_type in dict.fromkeys(["flat", *types, *milvus_types]):
-                measured = []
-                if "faiss" in stores and index_type in types:
-                    measured.append(("faiss", bench_type(index_type, data, queries, truth, params, args.ivf_train,
-                                                         settings[index_type], args.batch)))
-                for kind in ("lite", "server"):
-                    if f"milvus-{kind}" in stores and index_type in milvus_types:
-                        args.workdir.mkdir(parents=True, exist_ok=True)
-                        measured.append((f"milvus-{kind}", bench_milvus(
-                            kind, index_type, data, queries, truth, params, settings[index_type], args.workdir,
-                            args.batch, server)))
-                for store, store_rows in measured:
-                    for row, _ in store_rows:
-                        row = {"n": n, "store": store, "type": index_type, **row}
-                        results.append(row)
-                        batch = [f"{row[k]:>9.3f}" if row[k] is not None else f"{'-':>9}"
-                                 for k in ("batch_p50_ms", "batch_p99_ms")]
-                        print(f"{n:>9}  {store:<13}  {index_type:<5}  {row['setting']:<13}  {row['build_s']:>8.2f}  "
-                              f"{row['index_memory_mb']:>8.1f}  {row['p50_ms']:>8.3f}  {row['p99_ms']:>8.3f}  "
-                              f"{row['recall_at_10']:>9.4f}  {batch[0]}  {batch[1]}  {row['peak_rss_mb']:>11.0f}",
-                              flush=True)
-            del everything, data, queries
-            gc.collect()
+            results += measure_size(n, args, params, settings, types, milvus_types, server)
     finally:
         if server is not None:
             server.stop(timeout=10)

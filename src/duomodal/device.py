@@ -15,13 +15,14 @@ The attention kernel ``auto`` is the one the step benchmarks measured fastest fo
 from __future__ import annotations
 
 import functools
-import os
 import platform
 import time
 import warnings
 from typing import Any
 
 import torch
+
+from duomodal.launch import launch_info
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what every entry point's precision setting takes
 ATTENTION_KERNELS = ("auto", "sdpa", "eager")  # what a model's attention setting takes
@@ -43,7 +44,7 @@ def resolve_device(device: str | torch.device | None = None, local_rank: int | N
     multi-GPU run takes its own GPU. Raises DeviceError for a CUDA device when CUDA is not available.
     """
     if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = launch_info().local_rank
     if device is None or str(device) in ("", "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)

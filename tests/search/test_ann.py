@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from duomodal.search.dedup import group_near_duplicates
-from duomodal.search.index import FaissParams, Hit, make_faiss_index, search_params
+from duomodal.search.index import Hit
+from duomodal.search.vectors import FaissParams
+from duomodal.search.vectors.faiss_store import make_faiss_index, search_params
 
 
 def clustered_vectors(n: int, dim: int, clusters: int, spread: float, rng) -> np.ndarray:

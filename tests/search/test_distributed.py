@@ -14,7 +14,7 @@ from PIL import Image
 
 from duomodal.search.build import build_index
 from duomodal.search.index import ImageIndex
-from duomodal.search.shards import SHARD_DIR
+from duomodal.search.handoff import HANDOFF_DIR
 
 from ..conftest import store_spec
 from .conftest import FakeEmbedder
@@ -63,7 +63,7 @@ def test_torchrun_two_processes_build_one_index(tmp_path, request, kind):
     rank1 = [int(x) for x in (tmp_path / "rank1").read_text().split()]
     assert rank0[0] > 0 and rank1[0] > 0 and rank0[0] + rank1[0] == 17  # the work was shared
     assert rank0[1:] == [20, 17, 3, 1]  # rank 0 reports the merged index: 20 images, 1 skipped
-    assert not list((tmp_path / "idx" / SHARD_DIR).glob("*"))
+    assert not list((tmp_path / "idx" / HANDOFF_DIR).glob("*"))
 
     build_index(root, tmp_path / "reference", FakeEmbedder(), progress=False)
     merged, expected = vectors_by_path(tmp_path / "idx"), vectors_by_path(tmp_path / "reference")
@@ -78,7 +78,7 @@ def test_torchrun_two_processes_build_one_index(tmp_path, request, kind):
 
 def test_shards_left_by_an_interrupted_run_are_merged_not_redone(tmp_path):
     from duomodal.files import file_sha256
-    from duomodal.search.shards import write_shard
+    from duomodal.search.handoff import write_handoff
     from duomodal.search.store import NewImage
 
     root = tmp_path / "photos"
@@ -88,8 +88,8 @@ def test_shards_left_by_an_interrupted_run_are_merged_not_redone(tmp_path):
     stat = extra.stat()
     vector = FakeEmbedder().embed_images([Image.open(extra)])[0].numpy()
     record = NewImage("late_000.png", file_sha256(extra), stat.st_size, stat.st_mtime_ns, 16, 16, None, vector)
-    write_shard(tmp_path / "idx", "crashed-r1-000000", [record])  # as if rank 1 wrote it, then the run died
+    write_handoff(tmp_path / "idx", "crashed-r1-000000", [record])  # as if rank 1 wrote it, then the run died
     embedder = FakeEmbedder()
     report = build_index(root, tmp_path / "idx", embedder, progress=False)
     assert (report.count, embedder.images_embedded, report.unchanged) == (4, 0, 4)
-    assert not list((tmp_path / "idx" / SHARD_DIR).glob("*"))
+    assert not list((tmp_path / "idx" / HANDOFF_DIR).glob("*"))

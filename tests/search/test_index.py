@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from duomodal.data.records import load_records
 from duomodal.search.build import BuildOptions, build_index, update_index
 from duomodal.search.index import MAX_K, ImageIndex
 from duomodal.search.query import parse_query, query_vector
@@ -127,6 +128,22 @@ def test_captions_from_manifest(tmp_path):
     assert rows["images/img_000.png"][2] == "a red heart icon" and rows["images/img_001.png"][2] is None
 
 
+def test_captions_from_a_csv_manifest_as_datasets_read_it(tmp_path):
+    root = tmp_path / "photos"
+    make_images(root / "images", 3)
+    (root / "captions.csv").write_text(
+        'file,caption\nimages/img_000.png,"a red heart icon"\nimages/img_000.png,"heart, red"\n'
+        './images/img_001.png,  a blue star  \n'
+    )
+    (root / "images" / "img_002.txt").write_text("from the sidecar\n")
+    build(root, tmp_path / "idx")
+    rows = all_rows(tmp_path / "idx")
+    assert rows["images/img_000.png"][2] == "a red heart icon"
+    assert rows["images/img_001.png"][2] == "a blue star"
+    assert rows["images/img_002.png"][2] == "from the sidecar"  # not in the manifest: its sidecar
+    assert [r.captions for r in load_records(root)][:2] == [("a red heart icon", "heart, red"), ("a blue star",)]
+
+
 def test_unreadable_files_are_skipped_with_a_line_each(tmp_path, vector_store):
     root = tmp_path / "photos"
     make_images(root, 3)
@@ -235,9 +252,9 @@ def test_index_type_can_be_changed_on_update(tmp_path, vector_store):
 
 
 def test_auto_switches_to_hnsw_above_the_threshold(tmp_path, monkeypatch, vector_store):
-    import duomodal.search.index as index_module
+    from duomodal.search.vectors import base
 
-    monkeypatch.setattr(index_module, "AUTO_EXACT_MAX", 5)
+    monkeypatch.setattr(base, "AUTO_EXACT_MAX", 5)
     root = tmp_path / "photos"
     make_images(root, 5)
     assert build(root, tmp_path / "idx", store=vector_store).index_type == "flat"
@@ -264,7 +281,7 @@ def test_a_second_writer_is_refused_while_one_holds_the_index(tmp_path, vector_s
 
 
 def test_option_errors_name_the_value():
-    from duomodal.search.index import FaissParams
+    from duomodal.search.vectors import FaissParams
 
     with pytest.raises(ValueError) as e:
         BuildOptions(index_type="annoy")

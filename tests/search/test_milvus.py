@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from duomodal.search import milvus
 from duomodal.search.build import BuildOptions, build_index, update_index
-from duomodal.search.index import ImageIndex, vector_store_spec
-from duomodal.search.milvus import MilvusTarget
+from duomodal.search.index import ImageIndex
 from duomodal.search.store import IndexStoreError
+from duomodal.search.vectors import base, milvus_store, vector_store_spec
+from duomodal.search.vectors.milvus_target import MilvusTarget
 
 from ..conftest import store_spec
 from .conftest import FakeEmbedder
@@ -86,12 +86,14 @@ def test_a_sync_cut_off_half_way_is_repaired_on_the_next_open(tmp_path, monkeypa
     build(root, tmp_path / "idx", store)
     paths[0].unlink()
     make_images(root, 5, seed=2, prefix="new")
-    monkeypatch.setattr(milvus, "INSERT_CHUNK", 2)
-    real = milvus._apply_changes if cut == "apply" else milvus._rebuild
+    monkeypatch.setattr(milvus_store, "INSERT_CHUNK", 2)
+    real = base.apply_changes if cut == "apply" else milvus_store.MilvusEngine.rebuild
     calls = []
 
-    def cut_off(client, collection, *args, **kwargs):
-        calls.append(collection)
+    def cut_off(*args, **kwargs):  # (store, engine, ...) for the change log, (engine, store, ...) for a rebuild
+        engine = next(a for a in args if isinstance(a, milvus_store.MilvusEngine))
+        client = engine.client
+        calls.append(engine.target.collection)
         original_insert, original_upsert = client.insert, client.upsert
         sent = []
 
@@ -105,11 +107,14 @@ def test_a_sync_cut_off_half_way_is_repaired_on_the_next_open(tmp_path, monkeypa
 
         client.insert, client.upsert = once(original_insert), once(original_upsert)
         try:
-            return real(client, collection, *args, **kwargs)
+            return real(*args, **kwargs)
         finally:
             client.insert, client.upsert = original_insert, original_upsert
 
-    monkeypatch.setattr(milvus, "_apply_changes" if cut == "apply" else "_rebuild", cut_off)
+    if cut == "apply":
+        monkeypatch.setattr(base, "apply_changes", cut_off)
+    else:
+        monkeypatch.setattr(milvus_store.MilvusEngine, "rebuild", cut_off)
     options = BuildOptions(index_type="hnsw") if cut == "rebuild" else None  # a new type means a rebuild
     with pytest.raises(RuntimeError, match="killed"):
         update_index(tmp_path / "idx", FakeEmbedder(), options=options, progress=False)
@@ -132,6 +137,21 @@ def test_an_index_moves_between_stores_on_update(tmp_path, request, kind):
     with ImageIndex.open(tmp_path / "idx") as index:
         assert index.vector_store == store
         assert [(h.id, round(h.score, 5)) for h in index.search(index.vector(1), k=6)] == before
+    update_index(tmp_path / "idx", FakeEmbedder(), options=BuildOptions(store="faiss"), progress=False)
+    assert_every_image_finds_itself(tmp_path / "idx", 6)
+
+
+def test_a_store_that_missed_pruned_changes_is_rebuilt_when_the_index_moves_back(tmp_path):
+    """faiss -> milvus-lite -> (a file changes; the Milvus sync prunes the log) -> faiss: the old faiss
+    file cannot catch up from the log any more, so it is rebuilt, not left with the stale vector."""
+    root = tmp_path / "photos"
+    make_images(root, 6)
+    build(root, tmp_path / "idx", "faiss")
+    lite = f"milvus:{tmp_path / 'vectors.db'}"
+    update_index(tmp_path / "idx", FakeEmbedder(), options=BuildOptions(store=lite), progress=False)
+    make_images(root, 1, seed=7)  # img_000.png: new content, same count
+    report = update_index(tmp_path / "idx", FakeEmbedder(), progress=False)
+    assert (report.embedded, report.count) == (1, 6)
     update_index(tmp_path / "idx", FakeEmbedder(), options=BuildOptions(store="faiss"), progress=False)
     assert_every_image_finds_itself(tmp_path / "idx", 6)
 

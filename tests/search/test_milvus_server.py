@@ -15,7 +15,7 @@ import pytest
 
 from duomodal import cli
 from duomodal.cli import search as cli_search
-from duomodal.search import milvus
+from duomodal.search.vectors import milvus_store
 from duomodal.search.build import BuildOptions, build_index
 from duomodal.search.index import ImageIndex
 
@@ -87,10 +87,11 @@ def test_a_server_crash_mid_build_loses_no_finished_row_and_a_rerun_resumes_with
     make_images(tmp_path / "photos", 12, seed=1)
     spec, index_dir = own_server.spec("interrupted"), tmp_path / "idx"
     monkeypatch.setenv("MILVUS_TIMEOUT", "3")
-    monkeypatch.setattr(milvus, "INSERT_CHUNK", 4)
-    real_rebuild = milvus._rebuild
+    monkeypatch.setattr(milvus_store, "INSERT_CHUNK", 4)
+    real_rebuild = milvus_store.MilvusEngine.rebuild
 
-    def rebuild_with_a_crash(client, *args, **kwargs):
+    def rebuild_with_a_crash(engine, *args, **kwargs):
+        client = engine.client
         real_insert, calls = client.insert, []
 
         def insert(*a, **k):
@@ -100,9 +101,9 @@ def test_a_server_crash_mid_build_loses_no_finished_row_and_a_rerun_resumes_with
             return real_insert(*a, **k)
 
         client.insert = insert
-        return real_rebuild(client, *args, **kwargs)
+        return real_rebuild(engine, *args, **kwargs)
 
-    monkeypatch.setattr(milvus, "_rebuild", rebuild_with_a_crash)
+    monkeypatch.setattr(milvus_store.MilvusEngine, "rebuild", rebuild_with_a_crash)
     argv = ["index", "build", str(tmp_path / "photos"), "--clip", str(tmp_path / "clip"), "--out", str(index_dir),
             "--store", spec, "--quiet"]
     assert cli.main(argv) == 2
@@ -111,7 +112,7 @@ def test_a_server_crash_mid_build_loses_no_finished_row_and_a_rerun_resumes_with
     assert err.startswith(f"duomodal: error: Milvus at {spec} failed during the sync: ")
     assert err.endswith(f"; nothing is lost (the index's SQLite store keeps every vector): run 'duomodal index "
                         f"update {index_dir}' when the server answers again\n")
-    monkeypatch.setattr(milvus, "_rebuild", real_rebuild)
+    monkeypatch.setattr(milvus_store.MilvusEngine, "rebuild", real_rebuild)
 
     own_server.start()
     finished = sorted(row[0] for row in all_rows(tmp_path / "idx-done").values())

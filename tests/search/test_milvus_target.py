@@ -7,10 +7,10 @@ import sqlite3
 import pytest
 
 from duomodal import cli
-from duomodal.search import milvus_target
+from duomodal.search.vectors import milvus_target
 from duomodal.search.build import BuildOptions
-from duomodal.search.index import vector_store_spec
-from duomodal.search.milvus_target import ConnectionSettings, MilvusTarget, credentials
+from duomodal.search.vectors import vector_store_spec
+from duomodal.search.vectors.milvus_target import ConnectionSettings, MilvusTarget, credentials
 from duomodal.search.store import STORE_FILE, IndexStoreError
 
 from .test_index import make_images

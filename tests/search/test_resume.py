@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from duomodal.search.build import BuildOptions, build_index
-from duomodal.search.index import ImageIndex, vector_store_spec
+from duomodal.search.index import ImageIndex
+from duomodal.search.vectors import vector_store_spec
 from duomodal.search.store import STORE_FILE
 
 from .conftest import FakeEmbedder

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from tqdm import tqdm
+
+from duomodal.launch import launch_info
 
 
 def _error(message: str) -> None:
@@ -34,7 +35,7 @@ def _add_precision_option(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return launch_info().is_main
 
 
 def _progress_bar(total: int, desc: str):

@@ -9,6 +9,7 @@ import os
 import sys
 
 from duomodal.cli.common import _add_precision_option
+from duomodal.launch import launch_info
 
 
 def _add_search_commands(sub: argparse._SubParsersAction) -> None:
@@ -87,7 +88,7 @@ def _index_options(args: argparse.Namespace, recorded: dict[str, str] | None):
     import json
 
     from duomodal.search.build import BuildOptions
-    from duomodal.search.index import FaissParams
+    from duomodal.search.vectors import FaissParams
 
     changes = {
         "hnsw_m": args.hnsw_m,
@@ -111,7 +112,7 @@ def _print_skip(path: str, reason: str) -> None:
 
 
 def _print_build_report(report) -> None:
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not launch_info().is_main:
         return
     print(
         f"{report.index_dir}: {report.count} images ({report.index_type} index"

@@ -123,15 +123,9 @@ def scan_dataset(root: str | os.PathLike) -> DatasetScan:
     problems: list[Problem] = []
     image_paths, text_paths = find_files(root, problems)
     images = {relative_key(p): p for p in image_paths}
-    jsonl, csv_path = root / JSONL_MANIFEST, root / CSV_MANIFEST
-    if os.path.lexists(jsonl):
-        source = JSONL_MANIFEST
-        entries = _read_jsonl(jsonl, root, problems)
-        if os.path.lexists(csv_path):
-            problems.append(Problem(CSV_MANIFEST, MANIFEST, f"ignored: {JSONL_MANIFEST} is used; keep one manifest"))
-    elif os.path.lexists(csv_path):
-        source = CSV_MANIFEST
-        entries = _read_csv(csv_path, root, problems)
+    manifest = read_manifest_captions(root, problems)
+    if manifest is not None:
+        source, entries = manifest
     else:
         source = "sidecar .txt files"
         entries = _read_sidecars(root, images, text_paths, problems)
@@ -208,8 +202,7 @@ def _read_sidecars(
             problems.append(Problem(text_path, ORPHAN_CAPTION, reason))
             continue
         try:
-            text = read_regular(root / text_path, MAX_CAPTION_FILE_BYTES).decode("utf-8-sig")
-            captions = _unique(line.strip() for line in text.splitlines())
+            captions = read_sidecar(root / text_path)
             source = text_path
         except UnicodeDecodeError as e:
             captions, source = [], f"{text_path} (not UTF-8 text: byte {e.start})"
@@ -220,6 +213,14 @@ def _read_sidecars(
     return entries
 
 
+def read_sidecar(path: Path) -> list[str]:
+    """The captions of a sidecar .txt file: one a line, blank lines left out, each once. The caller
+    has checked the file (a regular file inside the folder, at most MAX_CAPTION_FILE_BYTES);
+    OSError or UnicodeDecodeError when it cannot be read as UTF-8 text."""
+    text = read_regular(path, MAX_CAPTION_FILE_BYTES).decode("utf-8-sig")
+    return _unique(line.strip() for line in text.splitlines())
+
+
 def _strip_suffix(relative: str) -> str:
     slash = relative.rfind("/")
     dot = relative.rfind(".")
@@ -227,6 +228,20 @@ def _strip_suffix(relative: str) -> str:
 
 
 # --- manifests ------------------------------------------------------------------------------------
+
+
+def read_manifest_captions(root: Path, problems: list[Problem]) -> tuple[str, dict[str, CaptionEntry]] | None:
+    """(manifest name, captions by relative_key) from ROOT/captions.jsonl, else ROOT/captions.csv;
+    None when the folder has neither. What is wrong in a manifest is added to `problems`."""
+    jsonl, csv_path = root / JSONL_MANIFEST, root / CSV_MANIFEST
+    if os.path.lexists(jsonl):
+        entries = _read_jsonl(jsonl, root, problems)
+        if os.path.lexists(csv_path):
+            problems.append(Problem(CSV_MANIFEST, MANIFEST, f"ignored: {JSONL_MANIFEST} is used; keep one manifest"))
+        return JSONL_MANIFEST, entries
+    if os.path.lexists(csv_path):
+        return CSV_MANIFEST, _read_csv(csv_path, root, problems)
+    return None
 
 
 def _read_jsonl(path: Path, root: Path, problems: list[Problem]) -> dict[str, CaptionEntry]:

@@ -9,13 +9,13 @@ One run (``build_index`` or ``update_index``; a build of an existing index is an
    goes into the store's ``pending`` table. Rows whose file is gone are removed.
 2. embed: pending files are loaded and embedded ``batch_size`` at a time. A single process writes
    each batch in one SQLite transaction (and removes it from ``pending`` in the same one). Under
-   ``torchrun`` rank r embeds every world_size-th pending file and writes shard files
-   (``shards/*.safetensors``, atomic); after a barrier rank 0 merges them.
-3. sync: rank 0 brings the vector engine up to date with the store (``index.sync_vectors``: the
+   ``torchrun`` rank r embeds every world_size-th pending file and writes hand-off files
+   (``shards/*.safetensors``, atomic; see handoff.py); after a barrier rank 0 merges them.
+3. sync: rank 0 brings the vector store up to date with the store (``vectors.open_vectors``: the
    faiss file, or the Milvus collection when the index was built with ``store="milvus:..."``).
 
-An interruption anywhere leaves the store consistent (every write is one transaction; shards are
-written atomically and merged idempotently); the next run plans again and finishes the work.
+An interruption anywhere leaves the store consistent (every write is one transaction; hand-off
+files are written atomically and merged idempotently); the next run plans again and finishes the work.
 """
 
 from __future__ import annotations
@@ -35,19 +35,13 @@ from tqdm import tqdm
 
 from duomodal import __version__
 from duomodal.data.images import ImageError
-from duomodal.search.index import (
-    INDEX_TYPES,
-    FaissParams,
-    IndexLock,
-    check_vector_store,
-    sync_vectors,
-    vector_store_spec,
-)
+from duomodal.search.index import IndexLock
 from duomodal.search.plan import BuildReport, SkipCallback, plan_run, skip_file
 from duomodal.search.query import Embedder
-from duomodal.search.shards import Distributed, merge_shards, write_records, write_shard
-from duomodal.search.sources import FolderSource, ShardSource, open_source, resolve_root
+from duomodal.search.handoff import Distributed, merge_handoffs, write_handoff, write_records
+from duomodal.search.sources import ImageSource, open_source, resolve_root
 from duomodal.search.store import IndexStoreError, MetadataStore, ModelMismatchError, NewImage, PendingFile
+from duomodal.search.vectors import INDEX_TYPES, FaissParams, check_vector_store, open_vectors, vector_store_spec
 
 __all__ = ["BuildOptions", "BuildReport", "build_index", "update_index"]
 
@@ -57,7 +51,7 @@ class BuildOptions:
     index_type: str = "auto"  # "auto" (flat up to AUTO_EXACT_MAX vectors, else hnsw) | "flat" | "hnsw" | "ivf"
     batch_size: int = 64  # images per embedding call
     faiss: FaissParams = field(default_factory=FaissParams)  # also the Milvus index params (same meaning)
-    # vector engine: "faiss" (a file in the index directory) or a Milvus spec (see milvus.py);
+    # vector store: "faiss" (a file in the index directory) or a Milvus spec (see vectors/milvus_target.py);
     # None: as recorded in the index (faiss for a new one)
     store: str | None = None
 
@@ -141,16 +135,16 @@ def _run(
         source = source or open_source(root, index_dir)  # rank 0 goes on with the source it planned with
         with contextlib.closing(MetadataStore.open(index_dir)) as store:
             _embed_pending(store, source, index_dir, embedder, batch_size, dist, report, on_skip, progress)
-        shares = dist.gather((report.embedded, report.reused, report.skipped))  # a barrier: shards are written
+        shares = dist.gather((report.embedded, report.reused, report.skipped))  # a barrier: hand-off files are written
         if dist.rank == 0:
             if dist.world_size > 1:
                 report.embedded = sum(share[0] for share in shares)
                 report.reused += sum(share[1] for share in shares[1:])
                 report.skipped = [s for share in shares for s in share[2]]
             with contextlib.closing(MetadataStore.open(index_dir)) as store:
-                merge_shards(store, index_dir, embedder.dim)
+                merge_handoffs(store, index_dir, embedder.dim)
                 store.clear_pending()
-                vectors = sync_vectors(store, index_dir, writable=True, progress=tqdm if progress else None)
+                vectors = open_vectors(store, index_dir, writable=True, progress=tqdm if progress else None)
                 report.count = vectors.count
                 report.index_type = vectors.index_type
                 report.vector_store = store.get_meta("vector_store") or "faiss"
@@ -170,8 +164,8 @@ def _prepare(
     create_meta: dict[str, str] | None,
     on_skip: SkipCallback | None,
     progress: bool,
-) -> tuple[IndexLock, BuildReport, FolderSource | ShardSource]:
-    """Rank 0: lock the index, check it fits this run, merge leftover shards, plan the work."""
+) -> tuple[IndexLock, BuildReport, ImageSource]:
+    """Rank 0: lock the index, check it fits this run, merge leftover hand-off files, plan the work."""
     if create_meta is None:
         MetadataStore.open(index_dir).close()  # a clear error when there is no index
     index_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +174,7 @@ def _prepare(
         with contextlib.closing(_open_for_run(index_dir, embedder, options, create_meta)) as store:
             check_vector_store(store.get_meta("vector_store") or "faiss")  # fail now, not after embedding
             report = BuildReport(store.get_meta("root"), index_dir)
-            merge_shards(store, index_dir, embedder.dim)
+            merge_handoffs(store, index_dir, embedder.dim)
             source = open_source(report.root, index_dir)
             plan_run(store, source, report, on_skip, progress)
     except BaseException:
@@ -227,7 +221,7 @@ def _open_for_run(
 
 def _embed_pending(
     store: MetadataStore,
-    source: FolderSource | ShardSource,
+    source: ImageSource,
     index_dir: Path,
     embedder: Embedder,
     batch_size: int,
@@ -245,14 +239,14 @@ def _embed_pending(
         if dist.world_size == 1:
             write_records(store, records, [f.path for f in files])
         elif records:
-            write_shard(index_dir, f"{run_id}-r{dist.rank}-{number:06d}", records)
+            write_handoff(index_dir, f"{run_id}-r{dist.rank}-{number:06d}", records)
         bar.update(len(files))
     bar.close()
 
 
 def _embed_batch(
     store: MetadataStore,
-    source: FolderSource | ShardSource,
+    source: ImageSource,
     files: list[PendingFile],
     embedder: Embedder,
     report: BuildReport,

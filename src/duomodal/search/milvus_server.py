@@ -118,7 +118,7 @@ class LocalMilvusServer:
     def _prepare(self) -> tuple[str, dict[str, str]]:
         """Write the configuration (the package's template, as milvus-server fills it) and unpack
         the binary; (the binary, its environment)."""
-        import milvus  # the package: its compressed binary, libraries and configuration template
+        import milvus  # lazily (an optional dev extra): the package with its binary, libraries and config template
 
         config = milvus.MilvusServerConfig(data_dir=str(self.data_dir))
         config.resolve_storage()  # data, logs and configs under data_dir
@@ -148,7 +148,7 @@ class LocalMilvusServer:
         return str(bin_dir / "milvus"), env
 
     def _wait_until_ready(self, timeout: float) -> None:
-        from pymilvus import MilvusClient
+        from pymilvus import MilvusClient  # lazily: pymilvus is an optional extra
 
         deadline = time.monotonic() + timeout
         seen = False  # the binary, once the watchdog shell has started it

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from duomodal.search.sources import FolderSource, ShardSource, SourceFile, Unreadable
+from duomodal.search.sources import ImageSource, SourceFile, Unreadable
 from duomodal.search.store import MetadataStore, NewImage, PendingFile
 
 _SCAN_CHUNK = 256
@@ -51,7 +51,7 @@ def skip_file(report: BuildReport, on_skip: SkipCallback | None, path: str, reas
 
 def plan_run(
     store: MetadataStore,
-    source: FolderSource | ShardSource,
+    source: ImageSource,
     report: BuildReport,
     on_skip: SkipCallback | None,
     progress: bool,
@@ -72,7 +72,7 @@ def plan_run(
 
 def _plan_chunk(
     store: MetadataStore,
-    source: FolderSource | ShardSource,
+    source: ImageSource,
     chunk: list[SourceFile | Unreadable],
     report: BuildReport,
     on_skip: SkipCallback | None,
@@ -125,7 +125,7 @@ def _plan_chunk(
         store.add_pending(pending)
 
 
-def _remove_missing(store: MetadataStore, source: FolderSource | ShardSource, report: BuildReport) -> None:
+def _remove_missing(store: MetadataStore, source: ImageSource, report: BuildReport) -> None:
     """Delete the rows whose file is gone (or is no longer an indexable image)."""
     gone = [row.id for row in store.iter_rows() if not source.exists(row.path)]
     for start in range(0, len(gone), 500):

@@ -1,20 +1,23 @@
 """Where an index's images come from: a folder of files, or local WebDataset shards.
 
-Planning and embedding (plan.py, build.py) and serving an indexed image go through a source, so both
-kinds behave the same: an image has a path (a folder's: relative to the root; a shard's:
-``SHARD#MEMBER``, the shard relative to the shards' folder), a size and mtime (a shard member has
-its shard's mtime, so an unchanged shard is not read again), a content hash, an optional caption
-and bytes. A member moved to another shard (a repack) is recognised by its hash, as a renamed file is.
+Planning and embedding (plan.py, build.py) and serving an indexed image go through an
+``ImageSource``, so both kinds behave the same: an image has a path (a folder's: relative to the
+root; a shard's: ``SHARD#MEMBER``, the shard relative to the shards' folder), a size and mtime (a
+shard member has its shard's mtime, so an unchanged shard is not read again), a content hash, an
+optional caption and bytes. A member moved to another shard (a repack) is recognised by its hash,
+as a renamed file is. Captions and member bytes are read by data's readers, as datasets read them:
+a folder's from its manifest (captions.jsonl or captions.csv) or a sidecar .txt, a shard's from its
+.txt/.json members.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from PIL import Image
 
@@ -25,17 +28,12 @@ from duomodal.data.images import (
     load_image,
     load_image_bytes,
 )
-from duomodal.data.walk import (
-    MAX_CAPTION_FILE_BYTES,
-    MAX_MANIFEST_BYTES,
-    Entry,
-    check_file,
-    walk_files,
-)
-from duomodal.files import file_sha256, read_regular
+from duomodal.data.records import Problem, Record, read_manifest_captions, read_sidecar, relative_key
+from duomodal.data.shards import index_shard, is_local, is_shard_source, open_shards, read_member
+from duomodal.data.walk import MAX_CAPTION_FILE_BYTES, Entry, check_file, walk_files
+from duomodal.files import file_sha256
 from duomodal.search.store import IndexStoreError
 
-CAPTION_MANIFEST = "captions.jsonl"
 MAX_CAPTION_CHARS = 1000
 
 
@@ -53,10 +51,40 @@ class Unreadable:
     reason: str
 
 
-def open_source(root: str, index_dir: Path) -> FolderSource | ShardSource:
-    """The source an index's recorded root names (a folder path or a shard spec)."""
-    from duomodal.data.shards import is_shard_source
+class ImageSource(Protocol):
+    """The images an index reads, each by the path recorded for it (`relative`)."""
 
+    kind: str  # "folder" or "shards"
+
+    def files(self) -> Iterator[SourceFile | Unreadable]:
+        """Every image with its facts and caption, or the reason it cannot be indexed."""
+        ...
+
+    def sha256(self, relative: str) -> str: ...
+
+    def exists(self, relative: str) -> bool:
+        """Whether `relative` is still an indexable image of the source."""
+        ...
+
+    def load_image(self, relative: str) -> Image.Image:
+        """The decoded image; ImageError when it cannot be."""
+        ...
+
+    def read_bytes(self, relative: str) -> bytes:
+        """The image's bytes; OSError when it is gone or cut short."""
+        ...
+
+    def file_path(self, relative: str) -> Path | None:
+        """The image's own file, or None for a shard member."""
+        ...
+
+    def display(self, relative: str) -> str:
+        """Where the image is, for people."""
+        ...
+
+
+def open_source(root: str, index_dir: Path) -> ImageSource:
+    """The source an index's recorded root names (a folder path or a shard spec)."""
     if is_shard_source(root):
         return ShardSource(root)
     return FolderSource(Path(root), index_dir)
@@ -65,8 +93,6 @@ def open_source(root: str, index_dir: Path) -> FolderSource | ShardSource:
 def resolve_root(root: str | os.PathLike) -> str:
     """The root to record for a new index: an absolute folder, or an absolute local shard spec;
     IndexStoreError when it is neither."""
-    from duomodal.data.shards import is_local, is_shard_source
-
     text = str(root)
     if is_shard_source(text):
         if not is_local(text):
@@ -83,8 +109,9 @@ def resolve_root(root: str | os.PathLike) -> str:
 
 class FolderSource:
     """Image files under a folder (hidden names and the index directory left out); captions from
-    ROOT/captions.jsonl, else a sidecar .txt next to the image. Special files, links that lead out
-    of the folder and files over the size cap are Unreadable, with the walk's reason."""
+    the folder's manifest (captions.jsonl or captions.csv), else a sidecar .txt next to the image.
+    Special files, links that lead out of the folder and files over the size cap are Unreadable,
+    with the walk's reason."""
 
     kind = "folder"
 
@@ -104,7 +131,7 @@ class FolderSource:
             except OSError as e:
                 yield Unreadable(entry.relative, f"cannot read file ({e.strerror or e})")
                 continue
-            caption = _caption(self.real_root, entry.path, entry.relative, manifest)
+            caption = manifest.get(relative_key(entry.relative)) or _sidecar_caption(self.real_root, entry.path)
             yield SourceFile(entry.relative, stat.st_size, stat.st_mtime_ns, caption)
 
     def sha256(self, relative: str) -> str:
@@ -123,6 +150,9 @@ class FolderSource:
     def load_image(self, relative: str) -> Image.Image:
         return load_image(self.root / relative)
 
+    def read_bytes(self, relative: str) -> bytes:
+        return (self.root / relative).read_bytes()
+
     def file_path(self, relative: str) -> Path:
         return self.root / relative
 
@@ -138,17 +168,12 @@ class ShardSource:
     kind = "shards"
 
     def __init__(self, spec: str):
-        from duomodal.data.shards import open_shards
-
         self.spec = spec
         self.shards = open_shards(spec)
         self.base = Path(os.path.commonpath([str(Path(u).parent) for u in self.shards.urls]))
-        self._members: dict[str, tuple[Path, int, int]] | None = None
+        self._members: dict[str, Record] | None = None  # by recorded path
 
     def files(self) -> Iterator[SourceFile | Unreadable]:
-        from duomodal.data.records import Problem
-        from duomodal.data.shards import index_shard
-
         self._members = {}
         for url in self.shards.urls:
             shard = Path(url)
@@ -166,14 +191,14 @@ class ShardSource:
                     limit_mib = DEFAULT_MAX_FILE_BYTES // 2**20
                     yield Unreadable(relative, f"member is {sample.size / 2**20:.1f} MiB, over the {limit_mib} MiB limit")
                     continue
-                self._members[relative] = (shard, sample.offset, sample.size)
+                self._members[relative] = sample.record()
                 caption = sample.captions[0][:MAX_CAPTION_CHARS] if sample.captions else None
                 yield SourceFile(relative, sample.size, mtime_ns, caption)
 
     def _name(self, shard: Path) -> str:
         return shard.relative_to(self.base).as_posix()
 
-    def _member(self, relative: str) -> tuple[Path, int, int]:
+    def _member(self, relative: str) -> Record:
         if self._members is None:  # opened to serve or embed without a scan
             for _ in self.files():
                 pass
@@ -183,13 +208,11 @@ class ShardSource:
         return found
 
     def read_bytes(self, relative: str) -> bytes:
-        shard, offset, size = self._member(relative)
-        with open(shard, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-        if len(data) != size:
-            raise OSError(f"{shard} ends inside member {relative}")
-        return data
+        record = self._member(relative)
+        try:
+            return read_member(record)
+        except ValueError as e:  # a shard cut short: as gone as a missing file
+            raise OSError(f"{record.location}: {e}") from None
 
     def sha256(self, relative: str) -> str:
         return hashlib.sha256(self.read_bytes(relative)).hexdigest()
@@ -227,44 +250,23 @@ def iter_image_files(root: Path, exclude: Path | None = None) -> Iterator[Entry]
 
 
 def read_caption_manifest(root: Path) -> dict[str, str]:
-    """First caption per file from ROOT/captions.jsonl (lines of {"file": ..., "caption": str | [str]}).
-    A manifest that is not a regular file inside `root` under MAX_MANIFEST_BYTES is ignored."""
-    path = root / CAPTION_MANIFEST
-    captions: dict[str, str] = {}
-    try:
-        if not os.path.lexists(path) or check_file(path, Path(os.path.realpath(root)), MAX_MANIFEST_BYTES):
-            return captions
-        text = read_regular(path, MAX_MANIFEST_BYTES).decode("utf-8-sig", errors="replace")
-    except OSError:
-        return captions
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("file"), str):
-            continue
-        caption = row.get("caption")
-        if isinstance(caption, list):
-            caption = next((c for c in caption if isinstance(c, str) and c.strip()), None)
-        if isinstance(caption, str) and caption.strip():
-            captions[Path(row["file"]).as_posix()] = caption.strip()[:MAX_CAPTION_CHARS]
-    return captions
+    """The first caption of each image (by ``relative_key``) from the folder's manifest,
+    captions.jsonl or captions.csv, read as a dataset's is (``data.records``); {} without one. A row
+    the dataset reader refuses gives no caption (`duomodal data check` names it)."""
+    manifest = read_manifest_captions(root, [])
+    if manifest is None:
+        return {}
+    return {key: entry.captions[0][:MAX_CAPTION_CHARS] for key, entry in manifest[1].items() if entry.captions}
 
 
-def _caption(real_root: Path, path: Path, relative: str, manifest: dict[str, str]) -> str | None:
-    """The manifest's caption, or the first line of the sidecar .txt (a regular file inside the
-    root of at most MAX_CAPTION_FILE_BYTES; any other sidecar is ignored)."""
-    if relative in manifest:
-        return manifest[relative]
+def _sidecar_caption(real_root: Path, path: Path) -> str | None:
+    """The first caption of the sidecar .txt next to `path` (a regular file inside the root of at
+    most MAX_CAPTION_FILE_BYTES, UTF-8; any other sidecar is ignored)."""
     sidecar = path.with_suffix(".txt")
     try:
         if check_file(sidecar, real_root, MAX_CAPTION_FILE_BYTES) is not None:
             return None
-        text = read_regular(sidecar, MAX_CAPTION_FILE_BYTES).decode("utf-8-sig", errors="replace")
-    except OSError:
+        captions = read_sidecar(sidecar)
+    except (OSError, UnicodeDecodeError):
         return None
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()[:MAX_CAPTION_CHARS]
-    return None
+    return captions[0][:MAX_CAPTION_CHARS] if captions else None

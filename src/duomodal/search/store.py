@@ -76,8 +76,9 @@ class VectorStoreUnavailable(IndexStoreError):
 
 
 @dataclass(frozen=True)
-class ImageRow:
-    id: int
+class ImageFacts:
+    """What the index records of an image besides its vector."""
+
     path: str
     sha256: str
     size: int
@@ -88,16 +89,21 @@ class ImageRow:
 
 
 @dataclass(frozen=True)
-class NewImage:
-    """An image ready to be written: file facts plus its vector."""
+class ImageRow(ImageFacts):
+    """An indexed image: its facts and its row id."""
 
-    path: str
-    sha256: str
-    size: int
-    mtime_ns: int
-    width: int
-    height: int
-    caption: str | None
+    id: int
+
+    @classmethod
+    def from_sql(cls, row: tuple[Any, ...]) -> ImageRow:
+        """From a row selected as ``_COLUMNS`` (the id first)."""
+        return cls(*row[1:], id=row[0])
+
+
+@dataclass(frozen=True)
+class NewImage(ImageFacts):
+    """An image ready to be written: its facts plus its vector."""
+
     vector: np.ndarray  # (D,) float32
 
 
@@ -225,18 +231,18 @@ class MetadataStore:
     def by_path(self, path: str) -> ImageRow | None:
         with self._lock:
             row = self._db.execute(f"SELECT {_COLUMNS} FROM images WHERE path = ?", (path,)).fetchone()
-        return None if row is None else ImageRow(*row)
+        return None if row is None else ImageRow.from_sql(row)
 
     def by_paths(self, paths: Sequence[str]) -> dict[str, ImageRow]:
-        return {r[1]: ImageRow(*r) for r in self._select_in(_COLUMNS, "path", paths)}
+        return {r[1]: ImageRow.from_sql(r) for r in self._select_in(_COLUMNS, "path", paths)}
 
     def by_sha256(self, sha256: str) -> list[ImageRow]:
         with self._lock:
             rows = self._db.execute(f"SELECT {_COLUMNS} FROM images WHERE sha256 = ? ORDER BY id", (sha256,))
-            return [ImageRow(*r) for r in rows.fetchall()]
+            return [ImageRow.from_sql(r) for r in rows.fetchall()]
 
     def rows(self, ids: Sequence[int]) -> dict[int, ImageRow]:
-        return {r[0]: ImageRow(*r) for r in self._select_in(_COLUMNS, "id", [int(i) for i in ids])}
+        return {r[0]: ImageRow.from_sql(r) for r in self._select_in(_COLUMNS, "id", [int(i) for i in ids])}
 
     def iter_rows(self, chunk: int = 1000) -> Iterator[ImageRow]:
         """All rows in id order, read `chunk` at a time (bounded memory)."""
@@ -249,7 +255,7 @@ class MetadataStore:
             if not rows:
                 return
             for r in rows:
-                yield ImageRow(*r)
+                yield ImageRow.from_sql(r)
             last = rows[-1][0]
 
     def vectors(self, ids: Sequence[int], dim: int) -> dict[int, np.ndarray]:
@@ -330,6 +336,14 @@ class MetadataStore:
         with self._lock:
             row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
         return 0 if row is None else int(row[0])
+
+    def oldest_change(self) -> int:
+        """The sequence number of the oldest change still logged (``last_change() + 1`` when none
+        is): a copy of the vectors that holds the changes up to N can catch up from the log only
+        when N + 1 >= this (the log is pruned after each sync, whichever vector store it was for)."""
+        with self._lock:
+            row = self._db.execute("SELECT MIN(seq) FROM changes").fetchone()
+        return self.last_change() + 1 if row[0] is None else int(row[0])
 
     def changed_ids(self, after: int) -> list[int]:
         with self._lock:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 from dataclasses import dataclass
 
 import torch
@@ -11,43 +10,38 @@ import torch.distributed as dist
 from tokenizers import Tokenizer as HFTokenizer
 
 from duomodal.device import resolve_device
+from duomodal.launch import LaunchInfo, launch_info
 from duomodal.text.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+class DistInfo(LaunchInfo):
+    """The launch (rank, world size, local rank) and what training set up for it."""
+
     device: torch.device = torch.device("cpu")
     owns_group: bool = False  # True when this process created the group (and must destroy it)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+        """Whether DDP is on (the launch is distributed)."""
+        return self.distributed
 
 
 def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1 in the environment):
     NCCL on CUDA, gloo on CPU. Without torchrun, a single process on `device`."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    resolved = resolve_device(device, local_rank)
-    if world_size <= 1:
+    launch = launch_info()
+    resolved = resolve_device(device, launch.local_rank)
+    if not launch.distributed:
         return DistInfo(device=resolved)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if resolved.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size)
         owns = True
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved, owns_group=owns)
+    return DistInfo(launch.rank, launch.world_size, launch.local_rank, device=resolved, owns_group=owns)
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

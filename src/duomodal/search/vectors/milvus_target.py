@@ -219,7 +219,7 @@ def milvus_error_text(error: Exception) -> str:
 def connect(target: MilvusTarget):
     """A MilvusClient for `target`; IndexStoreError (with what to do) when it cannot be opened."""
     try:
-        from pymilvus import MilvusClient
+        from pymilvus import MilvusClient  # lazily: pymilvus is an optional extra
     except ImportError:
         raise IndexStoreError(
             "this index keeps its vectors in Milvus; install pymilvus and milvus-lite "

@@ -4,10 +4,10 @@ The SQLite store stays the truth (paths, hashes, captions and every vector); a M
 derived from it exactly as the faiss file is. The collection holds ``id`` (the store's row id,
 primary key) and ``vector`` (FLOAT_VECTOR, inner product). After a sync the store's meta records
 what the collection holds (``milvus_state``: where, the change number, the index type and params),
-so the next sync applies only the change log since then: deletes, then upserts by id, both
-idempotent, so an interruption at any point is repaired by the next sync. Anything else (a missing
-collection, another index type, a count that disagrees with the store) is a rebuild from the stored
-vectors. A sync ends with a flush and a count: a sync that returned has every row in Milvus's
+so the next sync (``base.sync_changes``, shared with faiss) applies only the change log since then:
+deletes, then upserts by id, both idempotent, so an interruption at any point is repaired by the
+next sync. Anything else (a missing collection, another index type, a count that disagrees with the
+store) is a rebuild from the stored vectors. A sync ends with a flush and a count: a sync that returned has every row in Milvus's
 persisted segments, and a server that restarts afterwards still holds them.
 
 A collection carries the ``index_id`` of the index that made it; a sync never drops or writes a
@@ -28,16 +28,17 @@ from collections.abc import Callable
 
 import numpy as np
 
-from duomodal.search.milvus_target import (
-    LITE_COLLECTION,
-    ConnectionSettings,
-    MilvusTarget,
-    connect,
-    milvus_error_text,
-)
 from duomodal.search.store import IndexStoreError, MetadataStore, VectorStoreUnavailable
-
-__all__ = ["LITE_COLLECTION", "MilvusTarget", "MilvusVectors", "connect", "sync_milvus"]
+from duomodal.search.vectors.base import (
+    FaissParams,
+    SyncPlan,
+    choose_index_type,
+    ivf_list_count,
+    load_every_vector,
+    read_params,
+    sync_changes,
+)
+from duomodal.search.vectors.milvus_target import ConnectionSettings, MilvusTarget, connect, milvus_error_text
 
 OWNER_PROPERTY = "duomodal.index"  # collection property naming the index (meta `index_id`) that owns it
 INSERT_CHUNK = 5_000  # vectors per insert call (a 512-d chunk is ~10 MB, under gRPC's message limit)
@@ -55,7 +56,7 @@ class _Calls:
 
 
 class MilvusVectors:
-    """Search over a synced collection (the vector backend of ``ImageIndex`` for Milvus stores)."""
+    """Search over a synced collection (a ``VectorStore``)."""
 
     def __init__(self, client, target: MilvusTarget, index_type: str, search_params: dict, count: int):
         self._client = client
@@ -93,7 +94,7 @@ class MilvusVectors:
 @contextlib.contextmanager
 def _server_errors(target: MilvusTarget, doing: str, index_dir=None, error_type=IndexStoreError):
     """pymilvus errors as an IndexStoreError (or `error_type`) naming the store and what to do."""
-    from pymilvus.exceptions import MilvusException
+    from pymilvus.exceptions import MilvusException  # lazily: pymilvus is an optional extra
 
     try:
         yield
@@ -104,10 +105,8 @@ def _server_errors(target: MilvusTarget, doing: str, index_dir=None, error_type=
             from None
 
 
-def _index_params(index_type: str, params, count: int) -> tuple[dict, dict]:
+def index_params(index_type: str, params: FaissParams, count: int) -> tuple[dict, dict]:
     """(build params, search params) for a Milvus index of `index_type`."""
-    from duomodal.search.index import ivf_list_count
-
     if index_type == "hnsw":
         return {"M": params.hnsw_m, "efConstruction": params.hnsw_ef_construction}, {"ef": params.hnsw_ef_search}
     if index_type == "ivf":
@@ -115,17 +114,9 @@ def _index_params(index_type: str, params, count: int) -> tuple[dict, dict]:
     return {}, {}
 
 
-def _collection_count(client, collection: str, calls: _Calls) -> int:
-    rows = client.query(collection, filter="", output_fields=["count(*)"], timeout=calls.request)
-    return int(rows[0]["count(*)"])
-
-
-def _owner(client, collection: str, calls: _Calls) -> str | None:
-    return client.describe_collection(collection, timeout=calls.request).get("properties", {}).get(OWNER_PROPERTY)
-
-
 def _check_owner(client, target: MilvusTarget, owner: str, calls: _Calls) -> None:
-    found = _owner(client, target.collection, calls)
+    properties = client.describe_collection(target.collection, timeout=calls.request).get("properties", {})
+    found = properties.get(OWNER_PROPERTY)
     if found != owner or not owner:
         raise IndexStoreError(
             f"Milvus collection {target.collection!r} at {target.spec} belongs to another index "
@@ -133,7 +124,7 @@ def _check_owner(client, target: MilvusTarget, owner: str, calls: _Calls) -> Non
         )
 
 
-def sync_milvus(store: MetadataStore, writable: bool, progress: Callable | None = None) -> MilvusVectors:
+def open_milvus(store: MetadataStore, writable: bool, progress: Callable | None = None) -> MilvusVectors:
     """The Milvus collection brought up to date with the store (when `writable`), ready to search.
 
     A reader that is not `writable` (a build holds the index) searches the collection as it is;
@@ -141,112 +132,130 @@ def sync_milvus(store: MetadataStore, writable: bool, progress: Callable | None 
     server cannot be reached or fails part-way (the store is untouched; the next sync repairs).
     """
     target = MilvusTarget.parse(store.meta()["vector_store"])
-    calls = _Calls(target)
     client = connect(target)
     try:
         with _server_errors(target, "sync" if writable else "opening of the index", store.path.parent):
-            return _sync(client, target, calls, store, writable, progress)
+            engine = MilvusEngine(client, target, store, writable)
+            if not writable:
+                return engine.reader()
+            plan = sync_changes(store, engine, writable=True, progress=progress)
+            _, search = index_params(plan.index_type, plan.params, plan.count)
+            return MilvusVectors(client, target, plan.index_type, search, plan.count)
     except BaseException:
         client.close()
         raise
 
 
-def _sync(client, target: MilvusTarget, calls: _Calls, store: MetadataStore, writable: bool,
-          progress: Callable | None) -> MilvusVectors:
-    from duomodal.search.index import choose_index_type, read_params
+class MilvusEngine:
+    """One index's collection, as ``sync_changes`` drives it (see ``base.VectorEngine``)."""
 
-    meta = store.meta()
-    dim = int(meta["dim"])
-    params = read_params(meta)
-    count = store.count()
-    wanted = choose_index_type(meta.get("index_type_option", "auto"), count)
-    build_params, search_params = _index_params(wanted, params, count)
-    state = json.loads(meta.get("milvus_state", "{}"))
-    seq = store.last_change()
-    owner = meta.get("index_id", "")
-    if not owner and writable:  # an index made before it had an id
-        owner = uuid.uuid4().hex
-        store.set_meta({"index_id": owner})
-    exists = client.has_collection(target.collection, timeout=calls.request)
-    if exists:
-        _check_owner(client, target, owner, calls)
-        client.load_collection(target.collection, timeout=calls.wait)  # released after a restart; else a no-op
-    if not writable:
-        if not exists:
+    def __init__(self, client, target: MilvusTarget, store: MetadataStore, writable: bool):
+        self.client = client
+        self.target = target
+        self.calls = _Calls(target)
+        self._store = store
+        meta = store.meta()
+        self.state = json.loads(meta.get("milvus_state", "{}"))
+        self.owner = meta.get("index_id", "")
+        if not self.owner and writable:  # an index made before it had an id
+            self.owner = uuid.uuid4().hex
+            store.set_meta({"index_id": self.owner})
+        self.exists = client.has_collection(target.collection, timeout=self.calls.request)
+        if self.exists:
+            _check_owner(client, target, self.owner, self.calls)
+            client.load_collection(target.collection, timeout=self.calls.wait)  # released after a restart
+
+    @property
+    def chunk(self) -> int:
+        return INSERT_CHUNK
+
+    def reader(self) -> MilvusVectors:
+        """The collection as it is, for a reader that may not sync it."""
+        if not self.exists:
             raise IndexStoreError(
-                f"{target.spec} has no collection {target.collection!r} yet; "
+                f"{self.target.spec} has no collection {self.target.collection!r} yet; "
                 "finish the build with 'duomodal index update'"
             )
-        recorded = state.get("index_type", wanted)
-        _, recorded_search = _index_params(recorded, params, count)
-        count_now = _collection_count(client, target.collection, calls)
-        return MilvusVectors(client, target, recorded, recorded_search, count_now)
-    # `location`, not `spec`: another timeout or TLS setting reaches the same collection
-    same_layout = {"store": target.location, "index_type": wanted, "build_params": build_params}
-    current = exists and {k: state.get(k) for k in same_layout} == same_layout and state.get("seq", -1) <= seq
-    if current:
-        _apply_changes(client, target.collection, store, dim, int(state["seq"]), calls)
-        current = _collection_count(client, target.collection, calls) == count
-    if not current:
-        _rebuild(client, target, store, owner, dim, wanted, build_params, count, progress, calls)
-        found = _collection_count(client, target.collection, calls)
-        if found != count:
+        meta = self._store.meta()
+        params, count = read_params(meta), self._store.count()
+        recorded = self.state.get("index_type", choose_index_type(meta.get("index_type_option", "auto"), count))
+        _, search = index_params(recorded, params, count)
+        return MilvusVectors(self.client, self.target, recorded, search, self.count())
+
+    def _layout(self, plan: SyncPlan) -> dict:
+        # `location`, not `spec`: another timeout or TLS setting reaches the same collection
+        build, _ = index_params(plan.index_type, plan.params, plan.count)
+        return {"store": self.target.location, "index_type": plan.index_type, "build_params": build}
+
+    def held(self, plan: SyncPlan) -> int | None:
+        layout = self._layout(plan)
+        if not self.exists or {k: self.state.get(k) for k in layout} != layout:
+            return None
+        return int(self.state["seq"])
+
+    def apply(self, ids: list[int], vectors: dict[int, np.ndarray]) -> bool:
+        gone = [i for i in ids if i not in vectors]
+        if gone:
+            self.client.delete(self.target.collection, ids=gone, timeout=self.calls.request)
+        if vectors:
+            rows = [{"id": i, "vector": v.tolist()} for i, v in sorted(vectors.items())]
+            self.client.upsert(self.target.collection, rows, timeout=self.calls.request)
+        return True
+
+    def finish_changes(self) -> None:
+        _flush(self.client, self.target.collection, self.calls)
+
+    def count(self) -> int:
+        rows = self.client.query(self.target.collection, filter="", output_fields=["count(*)"],
+                                 timeout=self.calls.request)
+        return int(rows[0]["count(*)"])
+
+    def rebuild(self, store: MetadataStore, plan: SyncPlan, progress: Callable | None) -> None:
+        """Drop and create the collection (never another index's), load every stored vector, flush,
+        and check the count."""
+        self._create(plan)
+        collection = self.target.collection
+
+        def insert(ids: np.ndarray, vectors: np.ndarray) -> None:
+            rows = [{"id": int(i), "vector": v.tolist()} for i, v in zip(ids, vectors)]
+            self.client.insert(collection, rows, timeout=self.calls.request)
+
+        load_every_vector(store, plan, insert, INSERT_CHUNK, f"loading Milvus ({plan.index_type})", progress)
+        _flush(self.client, collection, self.calls)
+        found = self.count()
+        if found != plan.count:
             raise IndexStoreError(
-                f"Milvus at {target.spec} holds {found} vectors after loading {count}; run "
+                f"Milvus at {self.target.spec} holds {found} vectors after loading {plan.count}; run "
                 f"'duomodal index update {store.path.parent}' again (it rebuilds the collection)"
             )
-    store.set_meta({"milvus_state": json.dumps({**same_layout, "seq": seq}, sort_keys=True),
-                    "index_type": wanted})
-    store.forget_changes(seq)
-    return MilvusVectors(client, target, wanted, search_params, count)
 
+    def _create(self, plan: SyncPlan) -> None:
+        from pymilvus import DataType  # lazily: pymilvus is an optional extra
+        from pymilvus.exceptions import MilvusException  # lazily, as above
 
-def _apply_changes(client, collection: str, store: MetadataStore, dim: int, after: int, calls: _Calls) -> None:
-    ids = store.changed_ids(after)
-    for start in range(0, len(ids), INSERT_CHUNK):
-        chunk = ids[start : start + INSERT_CHUNK]
-        vectors = store.vectors(chunk, dim)
-        gone = [i for i in chunk if i not in vectors]
-        if gone:
-            client.delete(collection, ids=gone, timeout=calls.request)
-        if vectors:
-            client.upsert(collection, [{"id": i, "vector": v.tolist()} for i, v in sorted(vectors.items())],
-                          timeout=calls.request)
-    if ids:
-        _flush(client, collection, calls)
-
-
-def _rebuild(client, target: MilvusTarget, store: MetadataStore, owner: str, dim: int, index_type: str,
-             build_params: dict, count: int, progress: Callable | None, calls: _Calls) -> None:
-    from pymilvus import DataType
-    from pymilvus.exceptions import MilvusException
-
-    collection = target.collection
-    if client.has_collection(collection, timeout=calls.request):
-        _check_owner(client, target, owner, calls)  # again, right before the drop: never drop another's
-        client.drop_collection(collection, timeout=calls.request)
-    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("id", DataType.INT64, is_primary=True)
-    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-    index_params = client.prepare_index_params()
-    index_params.add_index("vector", index_type=_MILVUS_TYPES[index_type], metric_type="IP", params=build_params)
-    try:
-        client.create_collection(collection, schema=schema, index_params=index_params, timeout=calls.wait,
-                                 consistency_level="Strong", properties={OWNER_PROPERTY: owner})
-    except MilvusException:
+        client, collection, calls = self.client, self.target.collection, self.calls
         if client.has_collection(collection, timeout=calls.request):
-            _check_owner(client, target, owner, calls)  # another index's build created it first
-        raise
-    _check_owner(client, target, owner, calls)  # the same, where the server took the create as a no-op
-    bar = progress(total=count, desc=f"loading Milvus ({index_type})", unit="vec") if progress else None
-    for ids, vectors in store.iter_vectors(dim, chunk=INSERT_CHUNK):
-        client.insert(collection, [{"id": int(i), "vector": v.tolist()} for i, v in zip(ids, vectors)],
-                      timeout=calls.request)
-        if bar is not None:
-            bar.update(len(ids))
-    _flush(client, collection, calls)
-    if bar is not None:
-        bar.close()
+            _check_owner(client, self.target, self.owner, calls)  # again, right before the drop: never drop another's
+            client.drop_collection(collection, timeout=calls.request)
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=plan.dim)
+        index = client.prepare_index_params()
+        build = self._layout(plan)["build_params"]
+        index.add_index("vector", index_type=_MILVUS_TYPES[plan.index_type], metric_type="IP", params=build)
+        try:
+            client.create_collection(collection, schema=schema, index_params=index, timeout=calls.wait,
+                                     consistency_level="Strong", properties={OWNER_PROPERTY: self.owner})
+        except MilvusException:
+            if client.has_collection(collection, timeout=calls.request):
+                _check_owner(client, self.target, self.owner, calls)  # another index's build created it first
+            raise
+        _check_owner(client, self.target, self.owner, calls)  # the same, where the server took the create as a no-op
+        self.exists = True
+
+    def save(self, plan: SyncPlan) -> None:
+        self.state = {**self._layout(plan), "seq": plan.seq}
+        self._store.set_meta({"milvus_state": json.dumps(self.state, sort_keys=True)})
 
 
 def _flush(client, collection: str, calls: _Calls) -> None:
