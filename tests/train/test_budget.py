@@ -37,7 +37,7 @@ def test_a_revision_re_plans_from_the_measured_pace_only_when_it_is_well_off():
     # faster steps buy more, but at most twice the probe's plan; a little faster is left alone
     assert revise_steps(plan, 10, 5.0, 0.25, 100, 0) == 188  # (178 more x 0.25 s + 2 validations + samples)
     assert revise_steps(plan, 10, 5.0, 0.2, 100, 0) == 196
-    assert revise_steps(plan, 10, 5.0, 0.45, 100, 0) is None
+    assert revise_steps(plan, 10, 5.0, 0.48, 100, 0) is None
     # past half of the steps a revision only shortens the run (the learning rate is decaying)
     assert revise_steps(plan, 59, 24.5, 0.2, 100, 0) is None
     assert revise_steps(plan, 59, 24.5, 1.0, 100, 0) == 80  # 21 more x 1 s + 6 s in the 27.5 s left

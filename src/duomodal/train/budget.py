@@ -34,7 +34,7 @@ MARGIN_FRACTION = 0.05  # of the budget, kept for checkpoints, the loss plot and
 MAX_WARMUP_FRACTION = 0.25  # the warm-up fitted into a planned run takes at most this share of its steps
 REVISION_POINTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # of the planned steps: pace checks
 GROWTH_BEFORE = 0.5  # a revision after this share of the steps only shortens the run (the decay has begun)
-REVISION_THRESHOLDS = (0.05, 0.15)  # re-plan only when the steps that fit are this share fewer / more
+REVISION_THRESHOLDS = (0.05, 0.05)  # re-plan only when the steps that fit are this share fewer / more
 MAX_GROWTH = 2.0  # a revision at most doubles the step count (a pace measured over a quiet moment)
 
 
