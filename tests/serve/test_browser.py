@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,10 @@ def test_search_click_upload_drop_and_generate(server_url, page, shape_dataset, 
     page.wait_for_function("() => document.querySelector('#gallery-count').textContent === '3'")
     page.click("#tab-gallery")
     links = page.eval_on_selector_all("#gallery a.again", "links => links.map(a => a.href)")
-    assert len(links) == 3 and all("#generate=1&prompt=a+green+square&num=1&keep=1&guidance=2" in a for a in links)
+    made = [dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(a).fragment)) for a in links]  # in any order
+    assert len(links) == 3 and all(list(m)[:2] == ["generate", "prompt"] and m["prompt"] == "a green square" and
+                                   (m["generate"], m["num"], m["keep"], m["guidance"]) == ("1", "1", "1", "2")
+                                   for m in made)
     seed = links[0].split("&seed=")[1].split("&")[0]
     page.goto(links[0])
     page.wait_for_function("() => document.querySelectorAll('#generated figure').length === 1")
