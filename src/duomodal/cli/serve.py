@@ -5,6 +5,7 @@ Tests replace `_serve_run` in this module, and `_search_load_clip` in cli/search
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -49,9 +50,7 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
 
 def _serve_config(args: argparse.Namespace):
     """The ServeConfig of the flags (it checks them), after the checks only the command line has."""
-    import dataclasses
-
-    from duomodal.serve.config import ServeConfig
+    from duomodal.serve.config import ServeConfig  # lazy: the server's modules load FastAPI
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
@@ -65,7 +64,7 @@ def _set_threads(args: argparse.Namespace) -> None:
         return
     if threads < 1:
         raise ValueError(f"--torch-threads must be at least 1, got {threads}")
-    import faiss
+    import faiss  # lazy: only a server that sets threads needs them loaded here
     import torch
 
     torch.set_num_threads(threads)
@@ -77,6 +76,7 @@ def _set_threads(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import functools
 
+    # lazy: torch, faiss and FastAPI load only when serving
     from duomodal.search.index import ImageIndex
     from duomodal.serve.app import create_app
     from duomodal.serve.security import is_loopback
