@@ -1,14 +1,15 @@
-"""The server's limits, declared once: `create_app` takes a `ServeConfig`, and `duomodal serve`'s
-flags (their names, defaults and help) are derived from its fields."""
+"""The server's limits, declared once: `create_app` takes a `ServeConfig`, `duomodal serve`'s flags
+(their names, defaults and help) are derived from its fields, and the job queue, the thumbnail
+cache and the upload decoder take their defaults from it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from duomodal.serve.jobs import MAX_KEPT_JOBS
-from duomodal.serve.media import MAX_UPLOAD_BYTES
 from duomodal.serve.security import AccessPolicy
+
+MAX_KEPT_JOBS = 32  # jobs remembered (queued, running and finished): the most --max-jobs may be
 
 
 def _limit(default: Any, help: str, flag: str | None = None) -> Any:
@@ -26,7 +27,7 @@ class ServeConfig:
     job_max_age_s: float = _limit(3600.0, "how long a finished job's results are kept, in seconds", "--job-max-age")
     max_decodes: int = _limit(2, "images decoded at once (uploads, thumbnails); bounds the decode memory",
                               "--max-decodes")
-    max_upload_bytes: int = _limit(MAX_UPLOAD_BYTES, "largest upload accepted, in bytes")
+    max_upload_bytes: int = _limit(10 * 1024 * 1024, "largest upload accepted, in bytes")
     thumb_size: int = _limit(256, "longer side of a thumbnail, in pixels")
     thumb_cache_bytes: int = _limit(64 * 1024 * 1024, "memory the thumbnail cache may hold")
     query_cache_size: int = _limit(256, "query vectors remembered (typing a query again embeds it once)")
