@@ -131,7 +131,7 @@ def test_sampling_defaults_and_plain_sampling(dalle_run, decoded_tokens, tmp_pat
     assert main(["generate", str(dalle_run), "a red square", "--num", "2", "--out", str(out), "--device", "cpu"]) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     assert (record["top_k"], record["guidance"], record["temperature"]) == (64, 3.0, 1.0)
-    assert (record["top_p"], record["keep_unseen_words"]) == (None, False)  # every sampling setting is recorded
+    assert (record["top_p"], record["min_p"], record["keep_unseen_words"]) == (None, None, False)  # all recorded
 
     decoded_tokens.clear()
     plain = tmp_path / "plain.png"
@@ -144,3 +144,8 @@ def test_sampling_defaults_and_plain_sampling(dalle_run, decoded_tokens, tmp_pat
     plain_sampling = SamplingOptions(top_k=None, guidance=1.0)
     expected = sample_image_tokens(run.model, text[None].expand(2, -1), plain_sampling, row_uniforms([0, 1], 16))
     assert torch.equal(torch.cat(decoded_tokens).flatten(1), expected)
+    assert main(["generate", str(dalle_run), "a red square", "--num", "2", "--min-p", "0.2", "--out",
+                 str(tmp_path / "min-p.png"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "min-p.json").read_text())["min_p"] == 0.2
+    assert main(["generate", str(dalle_run), "a red square", "--min-p", "1.5", "--out", str(tmp_path / "x.png"),
+                 "--device", "cpu"]) == 2

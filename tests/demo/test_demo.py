@@ -29,6 +29,7 @@ def test_plan_marks_nothing_done_in_an_empty_folder(tmp_path):
     assert vae.argv[:2] == ("train", "vae") and "train.steps=2" in vae.argv and "--resume" not in vae.argv
     report = build_parser().parse_args(list(stages[-1].argv))  # samples as `duomodal generate` does by default
     assert (report.top_k, report.guidance) == (64, 3.0)
+    assert build_parser().parse_args([*stages[-1].argv, "--min-p", "0.1"]).min_p == 0.1  # eval takes every setting
 
 
 def test_kind_prefixed_overrides_go_to_that_trainer_only(tmp_path):

@@ -336,7 +336,7 @@ def test_sampling_settings_are_checked_and_recorded(tmp_path, data, fakes):
     sampling = SamplingOptions(temperature=0.7, top_k=3, guidance=1.0)
     m = run_evaluation(options(data, out, dalle=tmp_path / "dalle", sampling=sampling, prompts=1)).metrics
     assert (m["settings"]["temperature"], m["settings"]["top_k"], m["settings"]["top_p"]) == (0.7, 3, None)
-    assert ("Sampling: temperature 0.7, top-k 3, top-p off, guidance 1.0, seed 0, prompt words no training caption "
+    assert ("Sampling: temperature 0.7, top-k 3, top-p off, min-p off, guidance 1.0, seed 0, prompt words no training caption "
             "had left out.") in (out / "report.md").read_text()
 
 

@@ -283,6 +283,11 @@ def test_choose_tokens_filters():
     assert choose_tokens(logits, u, sampling(top_k=1)).item() == 1  # top-k 1 = greedy
     assert choose_tokens(logits, u, sampling(top_p=1e-6)).item() == 1  # tiny top-p = greedy
     assert choose_tokens(logits, u, sampling(top_k=2)).item() == 3  # the 2 likeliest are 1 and 3
+    # min-p: the tokens at least min_p times as likely as the likeliest (e^2 / e^3 = 0.37 keeps 3)
+    assert choose_tokens(logits, u, sampling(min_p=0.5)).item() == 1
+    assert choose_tokens(logits, u, sampling(min_p=0.3)).item() == 3
+    low = torch.tensor([0.0])
+    assert choose_tokens(logits, low, sampling(min_p=0.3)).item() == 1  # 1 and 3 are left, in token order
     # inverse CDF follows the softmax probabilities
     n = 20000
     uniforms = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

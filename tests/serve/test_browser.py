@@ -236,6 +236,10 @@ def test_studio_edit_undo_complete_preview_cancel(studio_url, page, shape_datase
     page.keyboard.press("ArrowLeft")
     assert page.inner_text("#studio-selection") == expected
 
+    # The sampling controls take their defaults from the server; min-p is off until given.
+    assert page.input_value("#studio-guidance") == "3" and page.input_value("#studio-min-p") == ""
+    page.fill("#studio-min-p", "0.05")
+
     # Edit: two candidates, reranked; keep the best; only the box changed.
     page.fill("#studio-prompt", "a red circle")
     page.fill("#studio-num", "2")
@@ -254,6 +258,7 @@ def test_studio_edit_undo_complete_preview_cancel(studio_url, page, shape_datase
     page.wait_for_function("() => document.querySelector('#gallery-count').textContent === '1'")
     link = page.get_attribute("#gallery .gallery-card a.again", "href")
     assert "#edit=1&prompt=a+red+circle" in link and "box=4%2C4%2C12%2C12" in link
+    assert "min_p=0.05" in link  # the page sent the studio's min-p, and the job echoes it
     assert link.endswith(f"&src={source_id}")
 
     # Undo: back to the original.

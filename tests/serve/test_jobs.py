@@ -44,7 +44,7 @@ def test_generate_runs_in_the_background_and_returns_reranked_images(client, fak
     assert [s["score"] for s in sorted(samples, key=lambda s: s["index"])][:3] == scores
     assert images == sorted(samples, key=lambda s: s["index"])[:3]
     assert done["settings"] == {"num": 6, "keep": 3, "guidance": 3.0, "temperature": 1.0, "top_k": 64, "seed": 7,
-                                "top_p": None, "box": None, "rows": None, "keep_unseen_words": False}
+                                "top_p": None, "min_p": None, "box": None, "rows": None, "keep_unseen_words": False}
     assert done["preview"] is None  # finished: the result replaces the previews
     missing = client.get(f"{job['url']}/images/6")
     assert missing.status_code == 404
@@ -76,6 +76,7 @@ def test_progress_is_visible_while_the_job_runs(client, fake_generator):
         ({"prompt": "red", "guidance": 21}, "guidance: Input should be less than or equal to 20"),
         ({"prompt": "red", "temperature": 5.5}, "temperature: Input should be less than or equal to 5"),
         ({"prompt": "red", "top_p": 0}, "top_p: Input should be greater than 0"),
+        ({"prompt": "red", "min_p": 1.5}, "min_p: Input should be less than or equal to 1"),
         ({"prompt": "red", "top_k": 0}, "top_k: Input should be greater than or equal to 1"),
         ({"prompt": "red", "seed": -1}, "seed: Input should be greater than or equal to 0"),
         ({"num": 2}, "prompt: Field required"),
@@ -204,6 +205,7 @@ def test_generate_request_defaults_to_top_k_64_and_guidance_3():
 
     assert sampling_options(request) == SamplingOptions()
     assert sampling_options(GenerateRequest(prompt="red", temperature=0)).temperature == 0  # greedy, as the CLI
+    assert sampling_options(GenerateRequest(prompt="red", min_p=0.1)).min_p == 0.1
 
 
 def test_without_num_a_server_whose_limit_is_below_the_default_samples_its_limit(client, fake_generator, job_waiter):

@@ -37,7 +37,7 @@ def test_generator_info(client):
     settings = {s["name"]: s for s in info.pop("settings")}
     assert info == {"image_size": 16, "grid_size": 4, "max_generate": 8, "guidance": 3.0, "top_k": 64}
     # every sampling setting a request may choose, with its default and bounds (what the page shows)
-    assert list(settings) == ["temperature", "top_k", "top_p", "guidance", "keep_unseen_words", "seed"]
+    assert list(settings) == ["temperature", "top_k", "top_p", "min_p", "guidance", "keep_unseen_words", "seed"]
     assert settings["guidance"] | {"description": ""} == {
         "name": "guidance", "type": "number", "default": 3.0, "minimum": 0, "maximum": 20,
         "exclusive_minimum": False, "description": ""}
@@ -46,13 +46,14 @@ def test_generator_info(client):
 
 def test_complete_keeps_the_top_rows(client, shape_dataset, fake_generator, job_waiter):
     data = (shape_dataset / "blue_square_0.png").read_bytes()
-    form = {"prompt": "a blue square", "rows": "2", "num": "3", "keep": "2", "seed": "5", "guidance": "2"}
+    form = {"prompt": "a blue square", "rows": "2", "num": "3", "keep": "2", "seed": "5", "guidance": "2",
+            "min_p": "0.25"}
     response = client.post("/api/complete", files={"file": ("sq.png", data, "image/png")}, data=form)
     assert response.status_code == 202, response.json()
     done = job_waiter(client, response.json()["url"])
     assert done["kind"] == "complete" and done["status"] == "done"
     assert done["settings"] == {"num": 3, "keep": 2, "guidance": 2.0, "temperature": 1.0, "top_k": 64, "seed": 5,
-                                "top_p": None, "box": None, "rows": 2, "keep_unseen_words": False}
+                                "top_p": None, "min_p": 0.25, "box": None, "rows": 2, "keep_unseen_words": False}
     assert len(done["result"]["images"]) == 2 and len(done["result"]["samples"]) == 3
     assert fake_generator.calls == [dict(prompt="a blue square", rows=2, num=3, keep=2, seed=5)]
 

@@ -112,6 +112,8 @@ class SamplingOptions:
                                  "= every token", minimum=1, maximum=65536, off=0)
     top_p: float | None = _setting(None, "nucleus sampling: sample among the likeliest tokens holding this much "
                                    "probability; none = off", minimum=0, maximum=1, above_minimum=True)
+    min_p: float | None = _setting(None, "min-p sampling: keep the tokens at least this fraction as likely as the "
+                                   "likeliest; none = off", minimum=0, maximum=1)
     guidance: float = _setting(3.0, "classifier-free guidance scale; 1 = off, higher follows the prompt more "
                                "closely until the images degrade", minimum=0, maximum=20)
     unseen_words: str = _setting("drop", "condition on prompt words no training caption had too (by default they "
@@ -187,7 +189,7 @@ def row_uniforms(seeds: list[int], count: int) -> torch.Tensor:
 
 def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
     """Pick one token per row of `logits` (B, V) with `uniforms` (B,) by inverse CDF, under the
-    temperature, top-k and top-p of `options`; temperature 0 = argmax.
+    temperature, top-k, top-p and min-p of `options`; temperature 0 = argmax.
 
     With top-k or top-p the candidates are ranked likeliest first and the CDF runs over that ranking
     (over the k kept tokens only, with top-k), so a step costs the same whatever the vocabulary size."""
@@ -204,6 +206,9 @@ def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, options: Samplin
     if top_p is not None and top_p < 1:
         before = probs.cumsum(dim=-1) - probs  # mass of the candidates ranked above
         probs = probs.masked_fill(before >= top_p, 0.0)  # the first candidate always stays
+    if options.min_p:
+        floor = options.min_p * probs.max(dim=-1, keepdim=True).values  # (B, 1); the likeliest always stays
+        probs = probs.masked_fill(probs < floor, 0.0)
     cdf = probs.double().cumsum(dim=-1)
     target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)  # (B, 1)
     picks = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
