@@ -28,7 +28,7 @@ import torch
 from dalle_pytorch_ref import import_dalle_pytorch, reference_dalle
 from duomodal.device import bf16_supported
 from duomodal.models.dalle import DALLE, DALLEConfig
-from duomodal.models.sampling import row_uniforms, sample_image_tokens
+from duomodal.models.sampling import SamplingOptions, row_uniforms, sample_image_tokens
 from this_machine import print_header
 
 DALLE_PYTORCH_SAMPLING = 78.0  # image tokens/s at batch 4, dim 256, depth 4, 256 image tokens (issue 4)
@@ -45,13 +45,14 @@ def tokens_per_second(model: DALLE, batch: int, precision: str, use_cache: bool,
     N = model.config.image_token_count
     text = torch.randint(4, 1024, (batch, model.config.text_seq_len))
     uniforms = row_uniforms(list(range(batch)), N)
-    sample_image_tokens(model, text, uniforms, top_k=64, precision=precision, use_cache=use_cache)  # warm-up
+    options = SamplingOptions(top_k=64, guidance=1.0, precision=precision)  # no empty caption: no guidance
+    sample_image_tokens(model, text, options, uniforms, use_cache=use_cache)  # warm-up
     best = float("inf")
     for _ in range(repeats):
         if model.image_head.weight.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        sample_image_tokens(model, text, uniforms, top_k=64, precision=precision, use_cache=use_cache)
+        sample_image_tokens(model, text, options, uniforms, use_cache=use_cache)
         if model.image_head.weight.is_cuda:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)

@@ -81,11 +81,23 @@ def test_prime_with_a_square_image_of_another_size_is_resized(dalle_run, decoded
     assert json.loads(grid.with_suffix(".json").read_text())["prime_rows"] == 3
 
 
+def test_prime_with_a_non_square_image_takes_its_centre_square(dalle_run, decoded_tokens, tmp_path, capsys):
+    # the command line fits images as the server and training do (generate.fit_to_model)
+    wide = tmp_path / "wide.png"
+    pixels = np.zeros((16, 32, 3), dtype=np.uint8)
+    pixels[:, 8:24] = np.asarray(load_image(noise_image(tmp_path / "centre.png", 16)))
+    Image.fromarray(pixels).save(wide)
+    grid = tmp_path / "wide-out.png"
+    assert main(["generate", str(dalle_run), "a blue circle", "--prime", str(wide), "--prime-rows", "2",
+                 "--num", "2", "--out", str(grid), "--device", "cpu"]) == 0
+    assert f"note: {wide} is 32x16; its centre square resized to 16x16 for the model" in capsys.readouterr().err
+    expected = prime_tokens(dalle_run, tmp_path / "centre.png")
+    assert torch.equal(torch.cat(decoded_tokens)[:, :2], expected[:2].expand(2, -1, -1))
+
+
 def test_prime_errors_are_one_clear_line(dalle_run, shape_dataset, tmp_path, capsys):
     source = shape_dataset / "red_square_0.png"
     grid = tmp_path / "g.png"
-    wide = tmp_path / "wide.png"
-    load_image(source).resize((32, 16)).save(wide)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     base = ["generate", str(dalle_run), "a red square", "--out", str(grid), "--device", "cpu"]
@@ -97,9 +109,6 @@ def test_prime_errors_are_one_clear_line(dalle_run, shape_dataset, tmp_path, cap
         (["--prime-rows", "2"], "duomodal: error: --prime-rows needs --prime IMAGE, the image to complete\n"),
         (["--prime", str(source)],
          "duomodal: error: --prime needs --prime-rows R, the number of the image's token rows to keep\n"),
-        (["--prime", str(wide), "--prime-rows", "1"],
-         f"duomodal: error: {wide} is 32x16 pixels; --prime needs a square image (the model works on 16x16): "
-         "crop it to a square first\n"),
         (["--prime", str(broken), "--prime-rows", "1"], f"duomodal: error: {broken}: "),
         (["--prime", str(tmp_path / "missing.png"), "--prime-rows", "1"],
          f"duomodal: error: {tmp_path / 'missing.png'}: cannot read file"),
@@ -115,13 +124,14 @@ def test_sampling_defaults_and_plain_sampling(dalle_run, decoded_tokens, tmp_pat
     """By default top-k 64 with guidance 3 (recorded in the JSON); `--top-k 0 --guidance 1` is plain sampling."""
     from duomodal.generate import encode_prompt
     from duomodal.models.dalle import load_dalle
-    from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K, row_uniforms, sample_image_tokens
+    from duomodal.models.sampling import SamplingOptions, row_uniforms, sample_image_tokens
 
-    assert (DEFAULT_TOP_K, DEFAULT_GUIDANCE) == (64, 3.0)
+    assert (SamplingOptions().top_k, SamplingOptions().guidance) == (64, 3.0)
     out = tmp_path / "default.png"
     assert main(["generate", str(dalle_run), "a red square", "--num", "2", "--out", str(out), "--device", "cpu"]) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     assert (record["top_k"], record["guidance"], record["temperature"]) == (64, 3.0, 1.0)
+    assert (record["top_p"], record["min_p"], record["keep_unseen_words"]) == (None, None, False)  # all recorded
 
     decoded_tokens.clear()
     plain = tmp_path / "plain.png"
@@ -131,5 +141,11 @@ def test_sampling_defaults_and_plain_sampling(dalle_run, decoded_tokens, tmp_pat
     assert record["top_k"] is None and record["guidance"] == 1.0
     run = load_dalle(dalle_run, "cpu")
     text = encode_prompt(run, "a red square")
-    expected = sample_image_tokens(run.model, text[None].expand(2, -1), row_uniforms([0, 1], 16))  # no top-k, no guidance
+    plain_sampling = SamplingOptions(top_k=None, guidance=1.0)
+    expected = sample_image_tokens(run.model, text[None].expand(2, -1), plain_sampling, row_uniforms([0, 1], 16))
     assert torch.equal(torch.cat(decoded_tokens).flatten(1), expected)
+    assert main(["generate", str(dalle_run), "a red square", "--num", "2", "--min-p", "0.2", "--out",
+                 str(tmp_path / "min-p.png"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "min-p.json").read_text())["min_p"] == 0.2
+    assert main(["generate", str(dalle_run), "a red square", "--min-p", "1.5", "--out", str(tmp_path / "x.png"),
+                 "--device", "cpu"]) == 2

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from duomodal.config import preset as trainer_preset
-from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
 from duomodal.train.checkpoints import list_checkpoints
 
 TRAINER_KINDS = ("vae", "dalle", "clip")
@@ -181,10 +180,10 @@ def plan(
         ("index", "build", str(data), "--clip", str(clip), "--out", str(index), "--quiet"),
         done=False,
     ))
-    # the report samples as `duomodal generate` does by default: it shows what a user of the demo gets
+    # the report samples as `duomodal generate` does by default (eval's defaults are the same
+    # SamplingOptions): it shows what a user of the demo gets
     eval_argv = ["eval", "--data", str(data), "--vae", str(vae), "--dalle", str(dalle), "--clip", str(clip),
-                 "--out", str(report), "--prompts", str(eval_prompts or setup.eval_prompts),
-                 "--top-k", str(DEFAULT_TOP_K), "--guidance", f"{DEFAULT_GUIDANCE:g}"]
+                 "--out", str(report), "--prompts", str(eval_prompts or setup.eval_prompts)]
     if device != "auto":
         eval_argv += ["--device", device]
     stages.append(Stage("eval", "evaluation report", tuple(eval_argv), (report / "metrics.json").is_file()))

@@ -117,6 +117,45 @@ def image_tokens(run: DalleRun, image: Image.Image) -> torch.Tensor:
     return run.vae.encode(pixels).flatten().cpu()
 
 
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels; x1, y1 exclusive
+
+
+def fit_to_model(image: Image.Image, size: int, box: Box | None = None) -> tuple[Image.Image, Box | None]:
+    """`image` as the model sees it, the way training saw images: its shorter side scaled to `size`
+    and the centre square cut out (`to_tensor`), any aspect ratio; and `box` (pixels of the
+    original) moved with it. The command line and the server both fit images with this.
+
+    Raises GenerationError when no part of the box is left inside the square.
+    """
+    width, height = image.size
+    scale = size / min(width, height)
+    fitted = None
+    if box is not None:
+        x0, y0, x1, y1 = box
+        try:
+            (left, right), (top, bottom) = (_fit_span(x0, x1, scale, (width * scale - size) / 2, size),
+                                            _fit_span(y0, y1, scale, (height * scale - size) / 2, size))
+        except ValueError:
+            raise GenerationError(
+                f"box {x0},{y0},{x1},{y1} lies outside the centre square of the {width}x{height} image "
+                "that the model sees: move the box towards the centre"
+            ) from None
+        fitted = (left, top, right, bottom)
+    if image.size == (size, size):
+        return image, fitted
+    return to_pil(to_tensor(image, size)), fitted
+
+
+def _fit_span(start: int, end: int, scale: float, offset: float, size: int) -> tuple[int, int]:
+    """The pixels [start, end) of the original as pixels of the fitted square, at least one wide;
+    ValueError when they miss the square."""
+    low, high = start * scale - offset, end * scale - offset
+    if high <= 0 or low >= size:
+        raise ValueError("outside")
+    first = max(0, int(low))
+    return first, min(size, max(first + 1, round(high)))
+
+
 def check_counts(num: int, keep: int | None) -> int:
     """The number of images to keep; clear errors for counts out of range."""
     if not 1 <= num <= MAX_NUM:
@@ -159,10 +198,9 @@ def sample_batches(
         count = end - start
         row_done = None if partial is None else functools.partial(_batch_rows, partial, start)
         batches.append(sample_image_tokens(
-            run.model, text[None, :].expand(count, -1), row_uniforms(seeds[start:end], N),
-            options.temperature, options.top_k, options.top_p, options.guidance, empty,
-            fixed=None if fixed is None else fixed[None, :].expand(count, -1), fixed_mask=fixed_mask,
-            precision=options.precision, row_done=row_done,
+            run.model, text[None, :].expand(count, -1), options, row_uniforms(seeds[start:end], N),
+            empty_text=empty, fixed=None if fixed is None else fixed[None, :].expand(count, -1),
+            fixed_mask=fixed_mask, row_done=row_done,
         ).cpu())
         if progress is not None:
             progress(end, num)

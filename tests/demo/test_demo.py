@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from duomodal.cli import main
+from duomodal.cli import build_parser, main
 from duomodal.demo import plan
 
 TINY = [
@@ -27,8 +27,9 @@ def test_plan_marks_nothing_done_in_an_empty_folder(tmp_path):
     assert not any(s.done for s in stages)
     vae = stages[1]
     assert vae.argv[:2] == ("train", "vae") and "train.steps=2" in vae.argv and "--resume" not in vae.argv
-    report = " ".join(stages[-1].argv)  # the report samples as `duomodal generate` does by default
-    assert "--top-k 64" in report and "--guidance 3" in report
+    report = build_parser().parse_args(list(stages[-1].argv))  # samples as `duomodal generate` does by default
+    assert (report.top_k, report.guidance) == (64, 3.0)
+    assert build_parser().parse_args([*stages[-1].argv, "--min-p", "0.1"]).min_p == 0.1  # eval takes every setting
 
 
 def test_kind_prefixed_overrides_go_to_that_trainer_only(tmp_path):

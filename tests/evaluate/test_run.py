@@ -330,12 +330,13 @@ def test_cli_eval_errors(tmp_path, capsys):
 
 def test_sampling_settings_are_checked_and_recorded(tmp_path, data, fakes):
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):
-        run_evaluation(options(data, tmp_path / "r", dalle=tmp_path / "dalle", top_p=1.5))
+        run_evaluation(options(data, tmp_path / "r", dalle=tmp_path / "dalle", sampling=SamplingOptions(top_p=1.5)))
     assert not (tmp_path / "r").exists()  # checked before any work
     out = tmp_path / "ok"
-    m = run_evaluation(options(data, out, dalle=tmp_path / "dalle", temperature=0.7, top_k=3, prompts=1)).metrics
+    sampling = SamplingOptions(temperature=0.7, top_k=3, guidance=1.0)
+    m = run_evaluation(options(data, out, dalle=tmp_path / "dalle", sampling=sampling, prompts=1)).metrics
     assert (m["settings"]["temperature"], m["settings"]["top_k"], m["settings"]["top_p"]) == (0.7, 3, None)
-    assert ("Sampling: temperature 0.7, top-k 3, top-p off, guidance 1.0, seed 0, prompt words no training caption "
+    assert ("Sampling: temperature 0.7, top-k 3, top-p off, min-p off, guidance 1.0, seed 0, prompt words no training caption "
             "had left out.") in (out / "report.md").read_text()
 
 

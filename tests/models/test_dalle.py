@@ -22,7 +22,7 @@ from duomodal.models.dalle import (
 from duomodal.models.dalle_attention import ATTENTION_TYPES, attend, attention_mask
 from duomodal.modelfile import ModelFileError, save_model
 from duomodal.models.dalle_step import StepDecoder, packed_linears_available
-from duomodal.models.sampling import choose_tokens, row_uniforms, sample_image_tokens
+from duomodal.models.sampling import SamplingOptions, choose_tokens, row_uniforms, sample_image_tokens
 
 T, G, VT, VI = 6, 4, 64, 32  # text positions, grid side, text vocab, image codebook
 
@@ -31,6 +31,11 @@ def tiny_config(**changes) -> DALLEConfig:
     base = DALLEConfig(text_seq_len=T, text_vocab_size=VT, image_vocab_size=VI, image_grid_size=G, image_size=16,
                        n_layer=2, n_head=2, n_embd=32, caption_dropout=0.0)
     return dataclasses.replace(base, **changes)
+
+
+def sampling(**settings) -> SamplingOptions:
+    """Plain sampling (every token, no guidance) unless `settings` say otherwise."""
+    return SamplingOptions(**{"top_k": None, "guidance": 1.0, **settings})
 
 
 def batch(B: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,9 +226,9 @@ def test_sampling_ignores_a_callers_autocast():
     model = DALLE(tiny_config()).eval()
     text, _ = batch(3)
     uniforms = row_uniforms([1, 2, 3], G * G)
-    plain = sample_image_tokens(model, text, uniforms, top_k=10, precision="fp32")
+    plain = sample_image_tokens(model, text, sampling(top_k=10, precision="fp32"), uniforms)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        inside = sample_image_tokens(model, text, uniforms, top_k=10, precision="fp32")
+        inside = sample_image_tokens(model, text, sampling(top_k=10, precision="fp32"), uniforms)
     assert torch.equal(plain, inside)
 
 
@@ -231,12 +236,12 @@ def test_sampling_ignores_a_callers_autocast():
 def test_greedy_and_seeded_sampling_cached_equals_uncached(types):
     model = DALLE(tiny_config(attention_types=types)).eval()
     text, _ = batch(3)
-    fast = sample_image_tokens(model, text, temperature=0, precision="fp32")
-    slow = sample_image_tokens(model, text, temperature=0, use_cache=False, precision="fp32")
+    fast = sample_image_tokens(model, text, sampling(temperature=0, precision="fp32"))
+    slow = sample_image_tokens(model, text, sampling(temperature=0, precision="fp32"), use_cache=False)
     assert torch.equal(fast, slow)
     uniforms = row_uniforms([5, 6, 7], G * G)
-    fast = sample_image_tokens(model, text, uniforms, top_k=10, precision="fp32")
-    slow = sample_image_tokens(model, text, uniforms, top_k=10, use_cache=False, precision="fp32")
+    fast = sample_image_tokens(model, text, sampling(top_k=10, precision="fp32"), uniforms)
+    slow = sample_image_tokens(model, text, sampling(top_k=10, precision="fp32"), uniforms, use_cache=False)
     assert torch.equal(fast, slow)
 
 
@@ -248,10 +253,10 @@ def test_guidance_scale_one_equals_conditional_sampling():
     text, _ = batch(2)
     empty = torch.tensor([2, 3, 0, 0, 0, 0])
     uniforms = row_uniforms([1, 2], G * G)
-    plain = sample_image_tokens(model, text, uniforms, precision="fp32")
-    guided = sample_image_tokens(model, text, uniforms, guidance=1.0, empty_text=empty, precision="fp32")
+    plain = sample_image_tokens(model, text, sampling(precision="fp32"), uniforms)
+    guided = sample_image_tokens(model, text, sampling(guidance=1.0, precision="fp32"), uniforms, empty_text=empty)
     assert torch.equal(plain, guided)
-    strong = sample_image_tokens(model, text, uniforms, guidance=4.0, empty_text=empty, precision="fp32")
+    strong = sample_image_tokens(model, text, sampling(guidance=4.0, precision="fp32"), uniforms, empty_text=empty)
     assert not torch.equal(plain, strong)
 
 
@@ -262,9 +267,8 @@ def test_fixed_tokens_are_kept_and_the_rest_sampled_in_order():
     box[1:3, 1:3] = True  # tokens 5, 6, 9, 10 are free
     fixed_mask = ~box.flatten()
     uniforms = row_uniforms([3, 4], G * G)
-    fast = sample_image_tokens(model, text, uniforms, fixed=image, fixed_mask=fixed_mask, precision="fp32")
-    slow = sample_image_tokens(model, text, uniforms, fixed=image, fixed_mask=fixed_mask, use_cache=False,
-                               precision="fp32")
+    fast = sample_image_tokens(model, text, sampling(precision="fp32"), uniforms, fixed=image, fixed_mask=fixed_mask)
+    slow = sample_image_tokens(model, text, sampling(precision="fp32"), uniforms, fixed=image, fixed_mask=fixed_mask, use_cache=False)
     assert torch.equal(fast, slow)
     assert torch.equal(fast[:, fixed_mask], image[:, fixed_mask])
     assert not torch.equal(fast[:, ~fixed_mask], image[:, ~fixed_mask])
@@ -273,14 +277,19 @@ def test_fixed_tokens_are_kept_and_the_rest_sampled_in_order():
 def test_choose_tokens_filters():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
     u = torch.tensor([0.999])
-    assert choose_tokens(logits, u, 0.0, None, None).item() == 1  # greedy
-    assert choose_tokens(logits, u, 1.0, 1, None).item() == 1  # top-k 1 = greedy
-    assert choose_tokens(logits, u, 1.0, None, 1e-6).item() == 1  # tiny top-p = greedy
-    assert choose_tokens(logits, u, 1.0, 2, None).item() == 3  # the 2 likeliest are 1 and 3
+    assert choose_tokens(logits, u, sampling(temperature=0.0)).item() == 1  # greedy
+    assert choose_tokens(logits, u, sampling(top_k=1)).item() == 1  # top-k 1 = greedy
+    assert choose_tokens(logits, u, sampling(top_p=1e-6)).item() == 1  # tiny top-p = greedy
+    assert choose_tokens(logits, u, sampling(top_k=2)).item() == 3  # the 2 likeliest are 1 and 3
+    # min-p: the tokens at least min_p times as likely as the likeliest (e^2 / e^3 = 0.37 keeps 3)
+    assert choose_tokens(logits, u, sampling(min_p=0.5)).item() == 1
+    assert choose_tokens(logits, u, sampling(min_p=0.3)).item() == 3
+    low = torch.tensor([0.0])
+    assert choose_tokens(logits, low, sampling(min_p=0.3)).item() == 1  # 1 and 3 are left, in token order
     # inverse CDF follows the softmax probabilities
     n = 20000
     uniforms = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    picks = choose_tokens(logits.expand(n, -1), uniforms, 1.0, None, None)
+    picks = choose_tokens(logits.expand(n, -1), uniforms, sampling())
     freq = torch.bincount(picks, minlength=4).double() / n
     assert torch.allclose(freq, torch.softmax(logits[0].double(), 0), atol=0.015)
 
@@ -366,10 +375,10 @@ def test_bf16_sampling_uses_a_cast_copy_and_agrees_with_fp32():
     with torch.no_grad():
         model.image_head.weight.mul_(20)  # peaked logits, so rounding rarely flips the argmax
     text, _ = batch(3)
-    fp32 = sample_image_tokens(model, text, temperature=0, precision="fp32")
+    fp32 = sample_image_tokens(model, text, sampling(temperature=0, precision="fp32"))
     emulated = not bf16_supported(torch.device("cpu"))
     with pytest.warns(SlowPrecisionWarning) if emulated else contextlib.nullcontext():
-        bf16 = sample_image_tokens(model, text, temperature=0, precision="bf16")
+        bf16 = sample_image_tokens(model, text, sampling(temperature=0, precision="bf16"))
     assert model.image_head.weight.dtype == torch.float32  # the model itself is left as it was
     assert float((fp32 == bf16).float().mean()) > 0.8
 
@@ -379,9 +388,9 @@ def test_row_done_sees_each_finished_row_and_changes_nothing():
     model = DALLE(tiny_config()).eval()
     text, image = batch(2)
     uniforms = row_uniforms([1, 2], G * G)
-    plain = sample_image_tokens(model, text, uniforms, top_k=10, precision="fp32")
+    plain = sample_image_tokens(model, text, sampling(top_k=10, precision="fp32"), uniforms)
     seen = []
-    watched = sample_image_tokens(model, text, uniforms, top_k=10, precision="fp32",
+    watched = sample_image_tokens(model, text, sampling(top_k=10, precision="fp32"), uniforms,
                                   row_done=lambda tokens, rows: seen.append((rows, tokens.clone())))
     assert torch.equal(plain, watched)
     assert [rows for rows, _ in seen] == [1, 2, 3]  # not after the last row: the caller has the tokens then
@@ -391,7 +400,7 @@ def test_row_done_sees_each_finished_row_and_changes_nothing():
     fixed_mask = torch.ones(G, G, dtype=torch.bool)
     fixed_mask[1:3, 1:3] = False
     seen.clear()
-    sample_image_tokens(model, text, uniforms, top_k=10, precision="fp32", fixed=image,
+    sample_image_tokens(model, text, sampling(top_k=10, precision="fp32"), uniforms, fixed=image,
                         fixed_mask=fixed_mask.flatten(), row_done=lambda tokens, rows: seen.append((rows, None)))
     assert [rows for rows, _ in seen] == [2]
     # An exception from it stops the sampling.
@@ -399,4 +408,4 @@ def test_row_done_sees_each_finished_row_and_changes_nothing():
         raise InterruptedError(f"stop after row {rows}")
 
     with pytest.raises(InterruptedError, match="stop after row 1"):
-        sample_image_tokens(model, text, uniforms, precision="fp32", row_done=stop)
+        sample_image_tokens(model, text, sampling(precision="fp32"), uniforms, row_done=stop)

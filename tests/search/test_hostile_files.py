@@ -25,6 +25,7 @@ from duomodal.data.records import load_records
 from duomodal.search.build import build_index
 from duomodal.search.index import ImageIndex
 from duomodal.serve.app import create_app
+from duomodal.serve.config import ServeConfig
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -144,7 +145,7 @@ def served(hostile_folder, tmp_path, fake_embedder):
     embedder = fake_embedder
     build_index(hostile_folder, tmp_path / "index", embedder, progress=False)
     index = ImageIndex.open(tmp_path / "index")
-    with TestClient(create_app(index, embedder, max_upload_bytes=4 * 2**20), base_url="http://localhost") as client:
+    with TestClient(create_app(index, embedder, ServeConfig(max_upload_bytes=4 * 2**20)), base_url="http://localhost") as client:
         yield client, index
     index.close()
 

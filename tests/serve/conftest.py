@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from duomodal.serve.app import create_app
+from duomodal.serve.config import ServeConfig
 from duomodal.serve.jobs import JobOutput
 
 COLOR_RGB = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
@@ -155,10 +156,11 @@ class FakeGenerator:
             control.preview([half], first=n, rows=2, grid_rows=4)
             control.progress(n + 1, len(images))
 
-    def generate(self, prompt, *, num, keep, guidance, temperature, top_k, seed, control, unseen_words="drop"):
-        self.calls.append(dict(prompt=prompt, num=num, keep=keep, guidance=guidance, seed=seed))
-        if unseen_words != "drop":
-            self.calls[-1]["unseen_words"] = unseen_words
+    def generate(self, prompt, *, num, keep, options, control):
+        seed = options.seed
+        self.calls.append(dict(prompt=prompt, num=num, keep=keep, guidance=options.guidance, seed=seed))
+        if options.unseen_words != "drop":
+            self.calls[-1]["unseen_words"] = options.unseen_words
         if "explode" in prompt:
             raise ValueError("prompt 'explode' has a word the tokenizer refuses")
         if "crash" in prompt:
@@ -173,8 +175,8 @@ class FakeGenerator:
     def prepare_image(self, image):
         return image
 
-    def edit(self, image, box, prompt, *, num, keep, seed, guidance, temperature, top_k, control,
-             unseen_words="drop"):
+    def edit(self, image, box, prompt, *, num, keep, options, control):
+        seed = options.seed
         self.calls.append(dict(prompt=prompt, box=box, num=num, keep=keep, seed=seed))
         words = prompt.split()
         color = next((COLOR_RGB[w] for w in words if w in COLOR_RGB), (0, 0, 0))
@@ -186,8 +188,8 @@ class FakeGenerator:
         self._sample(images, control)
         return self._rerank(images, prompt, keep, [seed + n for n in range(num)])
 
-    def complete(self, image, rows, prompt, *, num, keep, seed, guidance, temperature, top_k, control,
-                 unseen_words="drop"):
+    def complete(self, image, rows, prompt, *, num, keep, options, control):
+        seed = options.seed
         self.calls.append(dict(prompt=prompt, rows=rows, num=num, keep=keep, seed=seed))
         images = []
         for n in range(num):
@@ -220,7 +222,7 @@ def fake_generator(shape_dataset, fake_clip) -> FakeGenerator:
 
 @pytest.fixture
 def app(fake_index, fake_clip, fake_generator):
-    return create_app(fake_index, fake_clip, fake_generator, max_upload_bytes=64 * 1024)
+    return create_app(fake_index, fake_clip, fake_generator, ServeConfig(max_upload_bytes=64 * 1024))
 
 
 BASE_URL = "http://localhost"  # the server answers loopback Host names only (security.py)

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from duomodal.serve.app import create_app
+from duomodal.serve.config import ServeConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -274,9 +275,9 @@ def test_small_thumbnails_are_crisp_png_enlarged_and_cached(client, app, fake_in
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
     thumb = Image.open(io.BytesIO(response.content))
     assert thumb.size == (64, 64)  # 16 px icon, scaled 4x with nearest neighbour
-    assert len(app.state.duomodal.thumbnails) == 1
+    assert len(app.state.duomodal.files.thumbnails) == 1
     again = client.get(f"/api/thumb/{fake_index.ids[0]}")
-    assert again.content == response.content and len(app.state.duomodal.thumbnails) == 1
+    assert again.content == response.content and len(app.state.duomodal.files.thumbnails) == 1
 
 
 def test_large_images_get_jpeg_thumbnails_and_odd_names_are_converted(tmp_path, fake_clip, make_fake_index):
@@ -364,7 +365,7 @@ def test_an_index_changed_on_disk_is_reopened_in_the_background(shape_dataset, f
         opened.append(1)
         return new
 
-    app = create_app(old, fake_clip, reopen_index=reopen, reload_check_s=0.0)
+    app = create_app(old, fake_clip, config=ServeConfig(reload_check_s=0.0), reopen_index=reopen)
     with TestClient(app, base_url="http://localhost") as client:
         assert client.get("/health").json()["images"] == 24 and opened == []
         assert client.get("/api/thumb/101").status_code == 200
@@ -373,7 +374,7 @@ def test_an_index_changed_on_disk_is_reopened_in_the_background(shape_dataset, f
         while client.get("/health").json()["images"] != 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert client.get("/health").json()["images"] == 2 and opened == [1]
-        assert len(app.state.duomodal.thumbnails) == 0
+        assert len(app.state.duomodal.files.thumbnails) == 0
         body = client.get("/api/search", params={"q": "red circle", "k": 5}).json()
         assert ids_and_paths(body) == ["red_circle_0.png", "blue_square_0.png"]
         assert client.get("/api/image/105").status_code == 404  # not in the new index

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,10 @@ def test_search_click_upload_drop_and_generate(server_url, page, shape_dataset, 
     page.wait_for_function("() => document.querySelector('#gallery-count').textContent === '3'")
     page.click("#tab-gallery")
     links = page.eval_on_selector_all("#gallery a.again", "links => links.map(a => a.href)")
-    assert len(links) == 3 and all("#generate=1&prompt=a+green+square&num=1&keep=1&guidance=2" in a for a in links)
+    made = [dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(a).fragment)) for a in links]  # in any order
+    assert len(links) == 3 and all(list(m)[:2] == ["generate", "prompt"] and m["prompt"] == "a green square" and
+                                   (m["generate"], m["num"], m["keep"], m["guidance"]) == ("1", "1", "1", "2")
+                                   for m in made)
     seed = links[0].split("&seed=")[1].split("&")[0]
     page.goto(links[0])
     page.wait_for_function("() => document.querySelectorAll('#generated figure').length === 1")
@@ -232,6 +236,10 @@ def test_studio_edit_undo_complete_preview_cancel(studio_url, page, shape_datase
     page.keyboard.press("ArrowLeft")
     assert page.inner_text("#studio-selection") == expected
 
+    # The sampling controls take their defaults from the server; min-p is off until given.
+    assert page.input_value("#studio-guidance") == "3" and page.input_value("#studio-min-p") == ""
+    page.fill("#studio-min-p", "0.05")
+
     # Edit: two candidates, reranked; keep the best; only the box changed.
     page.fill("#studio-prompt", "a red circle")
     page.fill("#studio-num", "2")
@@ -250,6 +258,7 @@ def test_studio_edit_undo_complete_preview_cancel(studio_url, page, shape_datase
     page.wait_for_function("() => document.querySelector('#gallery-count').textContent === '1'")
     link = page.get_attribute("#gallery .gallery-card a.again", "href")
     assert "#edit=1&prompt=a+red+circle" in link and "box=4%2C4%2C12%2C12" in link
+    assert "min_p=0.05" in link  # the page sent the studio's min-p, and the job echoes it
     assert link.endswith(f"&src={source_id}")
 
     # Undo: back to the original.

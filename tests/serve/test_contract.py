@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from duomodal.serve.app import create_app
+from duomodal.serve.config import ServeConfig
 
 HERE = Path(__file__).parent
 pytestmark = [
@@ -33,7 +34,7 @@ pytestmark = [
 def live_url(fake_index, fake_clip, fake_generator, serving):
     fake_generator.seconds_per_image = 0.0
     fake_generator.max_num = 6  # below the default nums (16 and 8): a request without num is still valid
-    with serving(create_app(fake_index, fake_clip, fake_generator, max_upload_bytes=64 * 1024)) as url:
+    with serving(create_app(fake_index, fake_clip, fake_generator, ServeConfig(max_upload_bytes=64 * 1024))) as url:
         yield url
 
 

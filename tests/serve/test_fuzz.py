@@ -16,6 +16,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from duomodal.serve.app import create_app
+from duomodal.serve.config import ServeConfig
 from duomodal.serve.security import AccessPolicy
 
 pytestmark = pytest.mark.timeout(180)  # generous: a loaded 2-core machine runs these many times slower
@@ -45,8 +46,8 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 def api_schema(fake_index, fake_clip, fake_generator):
     fake_generator.seconds_per_image = 0.0
     # schemathesis calls the app with the Host "testserver".
-    app = create_app(fake_index, fake_clip, fake_generator, max_upload_bytes=64 * 1024,
-                     access=AccessPolicy.make(["testserver"]))
+    app = create_app(fake_index, fake_clip, fake_generator,
+                     ServeConfig(max_upload_bytes=64 * 1024, access=AccessPolicy.make(["testserver"])))
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from duomodal.serve.app import create_app
+from duomodal.serve.config import ServeConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,7 +44,7 @@ def test_generate_runs_in_the_background_and_returns_reranked_images(client, fak
     assert [s["score"] for s in sorted(samples, key=lambda s: s["index"])][:3] == scores
     assert images == sorted(samples, key=lambda s: s["index"])[:3]
     assert done["settings"] == {"num": 6, "keep": 3, "guidance": 3.0, "temperature": 1.0, "top_k": 64, "seed": 7,
-                                "box": None, "rows": None, "keep_unseen_words": False}
+                                "top_p": None, "min_p": None, "box": None, "rows": None, "keep_unseen_words": False}
     assert done["preview"] is None  # finished: the result replaces the previews
     missing = client.get(f"{job['url']}/images/6")
     assert missing.status_code == 404
@@ -73,7 +74,9 @@ def test_progress_is_visible_while_the_job_runs(client, fake_generator):
         ({"prompt": "red", "num": 0}, "num: Input should be greater than or equal to 1"),
         ({"prompt": " "}, "prompt: should contain words, not only spaces: type what the image shows"),
         ({"prompt": "red", "guidance": 21}, "guidance: Input should be less than or equal to 20"),
-        ({"prompt": "red", "temperature": 0}, "temperature: Input should be greater than 0"),
+        ({"prompt": "red", "temperature": 5.5}, "temperature: Input should be less than or equal to 5"),
+        ({"prompt": "red", "top_p": 0}, "top_p: Input should be greater than 0"),
+        ({"prompt": "red", "min_p": 1.5}, "min_p: Input should be less than or equal to 1"),
         ({"prompt": "red", "top_k": 0}, "top_k: Input should be greater than or equal to 1"),
         ({"prompt": "red", "seed": -1}, "seed: Input should be greater than or equal to 0"),
         ({"num": 2}, "prompt: Field required"),
@@ -98,7 +101,7 @@ def test_a_prompt_the_library_refuses_fails_the_job_with_its_message(client, job
 
 def test_too_many_waiting_jobs_is_429(fake_index, fake_clip, fake_generator):
     fake_generator.seconds_per_image = 0.2
-    app = create_app(fake_index, fake_clip, fake_generator, max_pending_jobs=1)
+    app = create_app(fake_index, fake_clip, fake_generator, ServeConfig(max_pending_jobs=1, max_jobs_per_client=1))
     with TestClient(app, base_url="http://localhost") as client:
         assert client.post("/api/generate", json={"prompt": "red", "num": 8}).status_code == 202
         response = client.post("/api/generate", json={"prompt": "red", "num": 1})
@@ -196,6 +199,13 @@ def test_generate_request_defaults_to_top_k_64_and_guidance_3():
     request = GenerateRequest(prompt="a red heart icon")
     assert (request.top_k, request.guidance, request.temperature) == (64, 3.0, 1.0)
     assert GenerateRequest(prompt="red", top_k=None, guidance=1.0).top_k is None  # plain sampling on request
+    # the defaults are SamplingOptions', as for `duomodal generate` and `duomodal eval`
+    from duomodal.models.sampling import SamplingOptions
+    from duomodal.serve.schemas import sampling_options
+
+    assert sampling_options(request) == SamplingOptions()
+    assert sampling_options(GenerateRequest(prompt="red", temperature=0)).temperature == 0  # greedy, as the CLI
+    assert sampling_options(GenerateRequest(prompt="red", min_p=0.1)).min_p == 0.1
 
 
 def test_without_num_a_server_whose_limit_is_below_the_default_samples_its_limit(client, fake_generator, job_waiter):

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from duomodal import cli
-from duomodal.cli import search as cli_search
+from duomodal.cli import serve as cli_serve
 from duomodal.config import to_dict
 from duomodal.modelfile import save_model
 from duomodal.models.clip import ContrastiveClip, load_clip
@@ -54,7 +54,7 @@ def served(monkeypatch):
     """Run `duomodal serve ...` up to the point of serving; returns the app it would serve."""
     started = {}
     monkeypatch.setattr(
-        cli_search, "_serve_run",
+        cli_serve, "_serve_run",
         lambda app, host, port: started.update(app=app, host=host, port=port, threads=torch.get_num_threads()),
     )
     threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
@@ -185,15 +185,15 @@ def test_serve_generates_and_edits_with_a_real_dalle_reranked_by_the_clip(served
 
 
 def test_fit_to_model_crops_the_centre_square_and_moves_the_box():
-    from duomodal.serve.generator import fit_to_model
+    from duomodal.generate import fit_to_model  # the command line's and the server's fitting
 
     image = Image.new("RGB", (32, 24), (30, 60, 220))
     image.paste((220, 30, 30), (12, 0, 20, 24))  # a red stripe in the middle
-    fitted, box = fit_to_model(image, (8, 4, 24, 12), 16)
+    fitted, box = fit_to_model(image, 16, (8, 4, 24, 12))
     assert fitted.size == (16, 16)
     assert box == (2, 2, 13, 8)
     assert fitted.getpixel((8, 8))[0] > 150 and fitted.getpixel((1, 8))[2] > 150  # stripe still central
-    same, same_box = fit_to_model(Image.new("RGB", (16, 16)), (0, 0, 16, 16), 16)
+    same, same_box = fit_to_model(Image.new("RGB", (16, 16)), 16, (0, 0, 16, 16))
     assert same.size == (16, 16) and same_box == (0, 0, 16, 16)
 
 
@@ -210,7 +210,7 @@ def test_a_running_server_picks_up_duomodal_index_update(served, clip_dir, shape
                 progress=False)
     status, started = served("--index", str(index_dir), "--device", "cpu")
     assert status == 0
-    started["app"].state.duomodal.reload_check_s = 0.0  # the CLI checks every 5 s
+    started["app"].state.duomodal.indexes.reload_check_s = 0.0  # the CLI checks every 5 s
     with TestClient(started["app"], base_url="http://localhost") as client:
         assert client.get("/health").json()["images"] == 24
         Image.new("RGB", (16, 16), (250, 120, 0)).save(photos / "orange_square.png")

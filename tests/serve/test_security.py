@@ -8,13 +8,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from duomodal.serve.app import create_app
+from duomodal.serve.config import ServeConfig
 from duomodal.serve.security import AccessPolicy, host_name, is_loopback
 
 TOKEN = "s3cret-token-for-tests"
 
 
 def make_client(fake_index, fake_clip, base_url="http://localhost", **policy) -> TestClient:
-    app = create_app(fake_index, fake_clip, access=AccessPolicy.make(**policy))
+    app = create_app(fake_index, fake_clip, config=ServeConfig(access=AccessPolicy.make(**policy)))
     return TestClient(app, base_url=base_url, follow_redirects=False)
 
 

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from duomodal.serve.app import create_app
+from duomodal.serve.config import ServeConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,20 +33,27 @@ def fetch_image(client: TestClient, url: str) -> np.ndarray:
 
 
 def test_generator_info(client):
-    assert client.get("/api/generator").json() == {
-        "image_size": 16, "grid_size": 4, "max_generate": 8, "guidance": 3.0, "top_k": 64,
-    }
+    info = client.get("/api/generator").json()
+    settings = {s["name"]: s for s in info.pop("settings")}
+    assert info == {"image_size": 16, "grid_size": 4, "max_generate": 8, "guidance": 3.0, "top_k": 64}
+    # every sampling setting a request may choose, with its default and bounds (what the page shows)
+    assert list(settings) == ["temperature", "top_k", "top_p", "min_p", "guidance", "keep_unseen_words", "seed"]
+    assert settings["guidance"] | {"description": ""} == {
+        "name": "guidance", "type": "number", "default": 3.0, "minimum": 0, "maximum": 20,
+        "exclusive_minimum": False, "description": ""}
+    assert settings["top_p"]["default"] is None and settings["top_p"]["exclusive_minimum"] is True
 
 
 def test_complete_keeps_the_top_rows(client, shape_dataset, fake_generator, job_waiter):
     data = (shape_dataset / "blue_square_0.png").read_bytes()
-    form = {"prompt": "a blue square", "rows": "2", "num": "3", "keep": "2", "seed": "5", "guidance": "2"}
+    form = {"prompt": "a blue square", "rows": "2", "num": "3", "keep": "2", "seed": "5", "guidance": "2",
+            "min_p": "0.25"}
     response = client.post("/api/complete", files={"file": ("sq.png", data, "image/png")}, data=form)
     assert response.status_code == 202, response.json()
     done = job_waiter(client, response.json()["url"])
     assert done["kind"] == "complete" and done["status"] == "done"
     assert done["settings"] == {"num": 3, "keep": 2, "guidance": 2.0, "temperature": 1.0, "top_k": 64, "seed": 5,
-                                "box": None, "rows": 2, "keep_unseen_words": False}
+                                "top_p": None, "min_p": 0.25, "box": None, "rows": 2, "keep_unseen_words": False}
     assert len(done["result"]["images"]) == 2 and len(done["result"]["samples"]) == 3
     assert fake_generator.calls == [dict(prompt="a blue square", rows=2, num=3, keep=2, seed=5)]
 
@@ -136,7 +144,7 @@ def test_a_crashing_generator_fails_the_job_and_the_next_one_runs(client, job_wa
 
 def test_each_client_has_its_own_cap(fake_index, fake_clip, fake_generator):
     fake_generator.seconds_per_image = 0.2
-    app = create_app(fake_index, fake_clip, fake_generator, max_pending_jobs=4, max_jobs_per_client=1)
+    app = create_app(fake_index, fake_clip, fake_generator, ServeConfig(max_pending_jobs=4, max_jobs_per_client=1))
     one_client = TestClient(app, client=("10.0.0.1", 1000), base_url="http://localhost")
     two_client = TestClient(app, client=("10.0.0.2", 1000), base_url="http://localhost")
     with one_client as one, two_client as two:

@@ -191,8 +191,9 @@ def test_cli_train_generate_edit_and_resume(tmp_path, shape_dataset, capsys):
     ]
     wide = tmp_path / "wide.png"
     Image.open(source).resize((32, 16)).save(wide)
+    # a wide image is fitted as training saw it (its centre square): a box left of that square is refused
     cases.append((["edit", str(run), str(wide), "a red square", "--box", "0,0,4,4", "--out", str(edited)],
-                  "is 32x16 pixels; edit needs a square image"))
+                  "box 0,0,4,4 lies outside the centre square of the 32x16 image that the model sees"))
     for argv, message in cases:
         assert main([*argv, "--device", "cpu"]) == 2, argv
         err = capsys.readouterr().err

@@ -1,7 +1,7 @@
 """The `duomodal` command line. The only place that prints for the user and exits.
 
 Each area registers its subcommands in its own module of this package (``_add_*_commands`` in
-data, train, vae, dalle, clip, search, demo); a command handler takes the parsed args and returns
+data, train, vae, dalle, clip, search, serve, demo); a command handler takes the parsed args and returns
 an exit status. Library code raises; `main` turns a ValueError/OSError into one stderr line (set
 DUOMODAL_DEBUG=1 for the traceback), and a warning from duomodal's own code (e.g. a precision the
 hardware only emulates) into one "duomodal: warning:" line, shown once per process.
@@ -22,7 +22,8 @@ from duomodal.cli.common import _error
 from duomodal.cli.dalle import _add_dalle_commands
 from duomodal.cli.data import _add_data_commands
 from duomodal.cli.demo import _add_demo_commands, _add_eval_commands
-from duomodal.cli.search import _add_search_commands, _add_serve_commands
+from duomodal.cli.search import _add_search_commands
+from duomodal.cli.serve import _add_serve_commands
 from duomodal.cli.train import _add_train_commands
 from duomodal.cli.vae import _add_vae_commands
 

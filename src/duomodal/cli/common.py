@@ -45,3 +45,21 @@ def _progress_bar(total: int, desc: str):
         bar.update(done - bar.n)
 
     return bar, update
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, settings) -> None:
+    """A flag for each sampling setting (duomodal.models.sampling.Setting), with its default and help."""
+    for setting in settings:
+        flag = "--" + setting.public_name.replace("_", "-")
+        if setting.switch:
+            parser.add_argument(flag, action="store_true", help=setting.help)
+            continue
+        default = setting.public(setting.default)
+        shown = setting.off if default is None and setting.off is not None else default
+        parser.add_argument(flag, type=setting.kind, default=default, choices=setting.choices or None,
+                            help=f"{setting.help} (default {'none' if shown is None else shown})")
+
+
+def _sampling_values(args: argparse.Namespace, settings) -> dict:
+    """The SamplingOptions arguments of the flags `_add_sampling_arguments` added."""
+    return {setting.name: setting.from_public(getattr(args, setting.public_name)) for setting in settings}

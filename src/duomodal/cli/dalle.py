@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
 
-from duomodal.cli.common import _add_precision_option, _progress_bar
-from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
+from duomodal.cli.common import _add_precision_option, _add_sampling_arguments, _progress_bar, _sampling_values
+from duomodal.models.sampling import SAMPLING, SEED, SETTING, sampling_settings
+
+# what `generate` and `edit` let the user choose (precision aside: its flag also covers CLIP)
+SETTINGS = (*sampling_settings(SAMPLING, SEED), SETTING["batch_size"])
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, num: int, keep: int) -> None:
@@ -19,20 +25,9 @@ def _add_sampling_options(parser: argparse.ArgumentParser, num: int, keep: int) 
     parser.set_defaults(default_keep=keep)
     parser.add_argument("--clip", default=None, metavar="CLIP_DIR",
                         help="rerank with this CLIP model (duomodal or Hugging Face CLIP directory)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
-    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
-                        help=f"sample among the k likeliest image tokens (default {DEFAULT_TOP_K}; 0 = all)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                        help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE:g}; 1 = off; higher follows "
-                        "the prompt more closely, until the images degrade)")
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images sampled at once (default 16)")
+    _add_sampling_arguments(parser, SETTINGS)
     _add_precision_option(parser, "sampling and CLIP reranking")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
-    parser.add_argument("--keep-unseen-words", action="store_true",
-                        help="condition on prompt words no training caption had too (by default they are left out: "
-                        "the model never learnt them)")
 
 
 def _add_dalle_commands(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +44,7 @@ def _add_dalle_commands(sub: argparse._SubParsersAction) -> None:
     _add_sampling_options(generate, num=16, keep=8)
     generate.add_argument("--prime", default=None, metavar="IMAGE",
                           help="complete this image: keep its top --prime-rows token rows, sample the rest "
-                          "(square; another size is resized to the model's)")
+                          "(fitted to the model as training saw images: the centre square, resized)")
     generate.add_argument("--prime-rows", type=int, default=None, metavar="R",
                           help="token rows of --prime to keep, from 1 to the token grid's rows - 1")
     generate.set_defaults(func=_cmd_generate)
@@ -59,8 +54,8 @@ def _add_dalle_commands(sub: argparse._SubParsersAction) -> None:
         description="The tokens of the VAE cells that the box touches are sampled again (in raster order, "
         "each conditioned on the prompt and all tokens before it); everything outside keeps the original "
         "pixels. Without --clip the candidates are ranked by how well they fit the unchanged tokens after "
-        "the box. A square image of another size is resized to the model's size (with a note; the box is "
-        "in the original image's pixels); a non-square image is an error.",
+        "the box. An image of another size is fitted to the model as training saw images: its centre square, "
+        "resized (with a note; the box is in the original image's pixels and moves with it).",
     )
     edit.add_argument("run_dir", metavar="RUN_DIR", help="a DALL-E run or model directory")
     edit.add_argument("image", metavar="IMAGE", help="image file to edit")
@@ -82,25 +77,30 @@ def _parse_box(text: str) -> tuple[int, int, int, int]:
     return values
 
 
-def _model_image(path: str, size: int, needs: str, note: str = ""):
-    """The image at `path` at the model's `size` (a square of another size is resized, with a note), and
-    its original width."""
+def _model_image(path: str, size: int, box=None, note: str = ""):
+    """The image at `path` fitted to the model's `size` (duomodal.generate.fit_to_model, with a note
+    when that changes it), and `box` moved with it (checked against the image first)."""
+    # Imported here: the CLI starts without loading torch, faiss or FastAPI (lazy by design)
     from duomodal.data.images import load_image
+    from duomodal.generate import fit_to_model
 
     image = load_image(path)
-    if image.size == (size, size):
-        return image, size
     width, height = image.size
-    if width != height:
-        raise ValueError(f"{path} is {width}x{height} pixels; {needs} needs a square image (the model "
-                         f"works on {size}x{size}): crop it to a square first")
-    print(f"note: {path} is {width}x{height}; resized to {size}x{size} for the model{note}", file=sys.stderr)
-    return image.resize((size, size), resample=3), width  # bicubic
+    if box is not None:
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise ValueError(f"box {x0},{y0},{x1},{y1} must satisfy 0 <= x0 < x1 <= {width} and "
+                             f"0 <= y0 < y1 <= {height} (pixels of {path})")
+    if (width, height) != (size, size):
+        what = "resized" if width == height else "its centre square resized"
+        print(f"note: {path} is {width}x{height}; {what} to {size}x{size} for the model{note}", file=sys.stderr)
+    return fit_to_model(image, size, box)
 
 
 def _load_dalle_for_cli(args: argparse.Namespace):
     """The DALL-E run, the scorer and the sampling options, after checking the counts, sampling options and
     prompt (errors come before the slow loading)."""
+    # Imported here: the CLI starts without loading torch, faiss or FastAPI (lazy by design)
     from duomodal.device import resolve_device
     from duomodal.generate import check_counts, encode_prompt
     from duomodal.models.dalle import load_dalle
@@ -109,16 +109,14 @@ def _load_dalle_for_cli(args: argparse.Namespace):
     if args.keep is None:
         args.keep = min(args.default_keep, args.num) if args.num >= 1 else args.default_keep
     check_counts(args.num, args.keep)
-    args.top_k = args.top_k or None  # 0 = every image token
-    options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                              precision=args.precision, unseen_words="keep" if args.keep_unseen_words else "drop")
+    options = SamplingOptions(**_sampling_values(args, SETTINGS), precision=args.precision)
     device = resolve_device(args.device)
     run = load_dalle(args.run_dir, device)
     encode_prompt(run, args.prompt, options.unseen_words)
     _note_prompt(run, args.prompt, options.unseen_words)
     scorer = None
     if args.clip:
+        # lazy: only a reranked run loads CLIP
         from duomodal.models.clip import load_clip
 
         scorer = load_clip(args.clip, device, args.precision)
@@ -126,6 +124,7 @@ def _load_dalle_for_cli(args: argparse.Namespace):
 
 
 def _note_prompt(run, prompt: str, unseen_mode: str) -> None:
+    # Imported here: the CLI starts without loading torch, faiss or FastAPI (lazy by design)
     from duomodal.generate import conditioning_text, unseen_words
 
     unseen = unseen_words(run, prompt)
@@ -138,11 +137,9 @@ def _note_prompt(run, prompt: str, unseen_mode: str) -> None:
     print(note, file=sys.stderr)
 
 
-def _write_generation(result, args: argparse.Namespace, extra: dict, first=None) -> None:
-    import json
-    import time
-    from pathlib import Path
+def _write_generation(result, args: argparse.Namespace, options, extra: dict, first=None) -> None:
 
+    # Imported here: the CLI starts without loading torch, faiss or FastAPI (lazy by design)
     import torch
 
     from duomodal.data.images import save_grid, to_tensor
@@ -161,16 +158,15 @@ def _write_generation(result, args: argparse.Namespace, extra: dict, first=None)
                         "score": result.scores[rank - 1] if result.scores is not None else None})
     record = {
         "prompt": result.prompt, "run_dir": str(args.run_dir), "num": args.num, "keep": args.keep,
-        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "guidance": args.guidance,
-        "seed": args.seed, "clip": args.clip, "score_kind": result.score_kind, "images": entries,
+        **options.public(), "seed": options.seed, "clip": args.clip, "score_kind": result.score_kind, "images": entries,
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
     }
     atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import time
 
+    # Imported here: the CLI starts without loading torch, faiss or FastAPI (lazy by design)
     from duomodal.generate import complete_image, generate_images
 
     if args.prime_rows is not None and args.prime is None:
@@ -184,7 +180,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if not 1 <= args.prime_rows < G:
             raise ValueError(f"--prime-rows must be from 1 to {G - 1} (this model's token grid has {G} rows), "
                              f"got {args.prime_rows}")
-        prime, _ = _model_image(args.prime, run.config.image_size, "--prime")
+        prime, _ = _model_image(args.prime, run.config.image_size)
     started = time.perf_counter()
     bar, update = _progress_bar(args.num, "generate")
     counts = dict(num=args.num, keep=args.keep, scorer=scorer, options=options, progress=update)
@@ -197,7 +193,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         bar.close()
     seconds = time.perf_counter() - started
     extra = {"prime": str(args.prime), "prime_rows": args.prime_rows} if prime is not None else {}
-    _write_generation(result, args, {**extra, "seconds": round(seconds, 3)}, first=prime)
+    _write_generation(result, args, options, {**extra, "seconds": round(seconds, 3)}, first=prime)
     scores = ""
     if result.scores is not None:
         scores = f"; CLIP scores {result.scores[0]:.3f} (best) to {result.scores[-1]:.3f}"
@@ -211,21 +207,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
-    import time
 
+    # Imported here: the CLI starts without loading torch, faiss or FastAPI (lazy by design)
     from duomodal.generate import edit_image
 
     box = _parse_box(args.box)
     run, scorer, options = _load_dalle_for_cli(args)
-    S = run.config.image_size
-    image, width = _model_image(args.image, S, "edit", " (the box is scaled with it)")
-    if width != S:  # resized from a width x width square: check the box in its pixels, then scale it
-        x0, y0, x1, y1 = box
-        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= width):
-            raise ValueError(f"--box {args.box} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {width}")
-        scale = S / width
-        box = (int(x0 * scale), int(y0 * scale), max(int(x0 * scale) + 1, round(x1 * scale)),
-               max(int(y0 * scale) + 1, round(y1 * scale)))
+    image, box = _model_image(args.image, run.config.image_size, box, " (the box moves with it)")
     started = time.perf_counter()
     bar, update = _progress_bar(args.num, "edit")
     try:
@@ -234,8 +222,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     seconds = time.perf_counter() - started
-    _write_generation(result, args, {"image": str(args.image), "box": list(box), "seconds": round(seconds, 3)},
-                      first=image)
+    _write_generation(result, args, options, {"image": str(args.image), "box": list(box),
+                                              "seconds": round(seconds, 3)}, first=image)
     print(f"wrote {args.out}: the image (first) and {len(result.images)} edit(s) of {args.num}, ranked by "
           f"{'CLIP score' if result.score_kind == 'scorer' else 'fit to the unchanged tokens'}, in {seconds:.1f} s")
     return 0

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from duomodal.cli.common import _add_precision_option, _error, _positive_int
+from duomodal.cli.common import _add_precision_option, _add_sampling_arguments, _error, _positive_int, _sampling_values
 from duomodal.files import save_json
 
 
@@ -86,6 +86,9 @@ def _cmd_demo(args: argparse.Namespace, run_command: Callable[[list[str]], int])
 
 
 def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
+    # Imported here: the CLI builds its parser without torch (duomodal.models.sampling loads it)
+    from duomodal.models.sampling import sampling_settings
+
     ev = sub.add_parser(
         "eval",
         help="measure the trained models on a dataset and write a report (Markdown, HTML, JSON, figures)",
@@ -107,13 +110,7 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
                     help="at most N images per split for the VAE, likelihood and CLIP figures; default 256")
     ev.add_argument("--batch-size", type=_positive_int, default=32)
     ev.add_argument("--seed", type=int, default=0, help="seed of the prompt choice and the sampling; default 0")
-    ev.add_argument("--temperature", type=float, default=1.0, help="DALL-E sampling temperature; default 1")
-    ev.add_argument("--top-k", type=_positive_int, default=None, help="sample among the K likeliest image tokens")
-    ev.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
-    ev.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale; default 1 (off)")
-    ev.add_argument("--keep-unseen-words", action="store_true",
-                    help="condition DALL-E on prompt words no training caption had too (default: left out, as in "
-                    "duomodal generate)")
+    _add_sampling_arguments(ev, sampling_settings())  # DALL-E's, as `duomodal generate` samples by default
     ev.add_argument("--device", help="cpu, cuda, cuda:1... (default: CUDA when available)")
     _add_precision_option(ev, "DALL-E sampling and CLIP")
     ev.set_defaults(func=_cmd_eval)
@@ -122,13 +119,13 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     # Imported here: the CLI builds its parser, and runs other commands, without loading torch
     from duomodal.evaluate import EvalOptions, headline, run_evaluation
+    from duomodal.models.sampling import SamplingOptions, sampling_settings
 
     options = EvalOptions(
         data=args.data, out=args.out, vae=args.vae, dalle=args.dalle, clip=args.clip, judge_clip=args.judge_clip,
         prompts=args.prompts, samples_per_prompt=args.samples_per_prompt, rerank_from=args.rerank_from,
         seed=args.seed, max_images=args.max_images, batch_size=args.batch_size, device=args.device,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance=args.guidance,
-        unseen_words="keep" if args.keep_unseen_words else "drop", precision=args.precision,
+        sampling=SamplingOptions(**_sampling_values(args, sampling_settings())), precision=args.precision,
     )
     result = run_evaluation(options, log=lambda message: print(message, file=sys.stderr))
     for what, value in headline(result.metrics):

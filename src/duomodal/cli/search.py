@@ -1,11 +1,13 @@
-"""`duomodal index build|update`, `duomodal search` and `duomodal serve`.
+"""`duomodal index build|update` and `duomodal search` (`duomodal serve` is in cli/serve.py).
 
-Tests replace `_search_load_clip` and `_serve_run` in this module."""
+Tests replace `_search_load_clip` in this module (`duomodal serve` loads its CLIP through it too)."""
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
+import json
+import re
 import sys
 
 from duomodal.cli.common import _add_precision_option
@@ -78,15 +80,15 @@ def _add_index_options(parser: argparse.ArgumentParser, keep_recorded: bool = Fa
 
 def _search_load_clip(path: str, device, precision: str = "auto"):
     """The CLIP embedder at `path` (tests replace this to inject a small embedder)."""
+    # Imported here: the CLI starts without loading torch, faiss or FastAPI (lazy by design)
     from duomodal.models.clip import load_clip
 
     return load_clip(path, device=device, precision=precision)
 
 
 def _index_options(args: argparse.Namespace, recorded: dict[str, str] | None):
-    import dataclasses
-    import json
 
+    # Imported here: the CLI starts without loading torch, faiss or FastAPI (lazy by design)
     from duomodal.search.build import BuildOptions
     from duomodal.search.vectors import FaissParams
 
@@ -106,6 +108,7 @@ def _index_options(args: argparse.Namespace, recorded: dict[str, str] | None):
 
 
 def _print_skip(path: str, reason: str) -> None:
+    # Imported here: the CLI starts without loading torch, faiss or FastAPI (lazy by design)
     from tqdm import tqdm
 
     tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
@@ -123,6 +126,7 @@ def _print_build_report(report) -> None:
 
 
 def _cmd_index_build(args: argparse.Namespace) -> int:
+    # Imported here: the CLI starts without loading torch, faiss or FastAPI (lazy by design)
     from duomodal.device import resolve_device
     from duomodal.search.build import build_index
 
@@ -135,6 +139,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_index_update(args: argparse.Namespace) -> int:
+    # Imported here: the CLI starts without loading torch, faiss or FastAPI (lazy by design)
     from duomodal.device import resolve_device
     from duomodal.search.build import update_index
     from duomodal.search.store import MetadataStore
@@ -153,7 +158,6 @@ def _cmd_index_update(args: argparse.Namespace) -> int:
 
 
 def _parse_image_terms(values: list[str]) -> list[tuple[float, str]]:
-    import re
 
     terms = []
     for value in values:
@@ -166,8 +170,8 @@ def _parse_image_terms(values: list[str]) -> list[tuple[float, str]]:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    import json
 
+    # Imported here: the CLI starts without loading torch, faiss or FastAPI (lazy by design)
     from duomodal.data.images import load_image
     from duomodal.search.dedup import check_threshold, search_grouped
     from duomodal.search.index import MAX_K, ImageIndex
@@ -217,123 +221,3 @@ def _cmd_search(args: argparse.Namespace) -> int:
         extra = f"  (+{len(duplicates)} near-duplicate{'s' if len(duplicates) != 1 else ''})" if duplicates else ""
         print(f"{rank:>4}  {hit.score:>7.4f}  {source.display(hit.path)}{extra}")
     return 0
-
-
-def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
-    serve = sub.add_parser(
-        "serve",
-        help="web page and REST API: search an index; generate images with a DALL-E run",
-        description="Serve a web page (at /) and a REST API (OpenAPI schema at /openapi.json) that search "
-        "INDEX_DIR by text, by an uploaded image or by an indexed image, and, with --dalle, generate "
-        "images reranked by the CLIP and edit image regions.",
-    )
-    serve.add_argument("--index", required=True, metavar="INDEX_DIR", help="index made by `duomodal index build`")
-    serve.add_argument("--clip", metavar="CLIP_DIR", help="CLIP directory (default: the one recorded in the index)")
-    serve.add_argument("--dalle", metavar="RUN_DIR", help="DALL-E run directory: turns on /api/generate and /api/edit")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default 127.0.0.1, this machine only; any other address turns "
-                       "on the access token)")
-    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                       help="a Host name the server answers to besides localhost/127.0.0.1/::1 (repeatable), "
-                       "e.g. the machine's LAN name or address when serving with --host 0.0.0.0")
-    serve.add_argument("--token", default=None,
-                       help="access token to require (default: a random one when --host is not loopback, "
-                       "none on loopback); the environment variable DUOMODAL_TOKEN works too")
-    serve.add_argument("--max-decodes", type=int, default=2, metavar="N",
-                       help="images decoded at once (uploads, thumbnails); bounds the decode memory (default 2)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--device", default=None, help="device for the models: cpu, cuda... (default: CUDA when available)")
-    _add_precision_option(serve, "the models (search and generation)")
-    serve.add_argument("--max-generate", type=int, default=64, metavar="N",
-                       help="most images one generation request may ask for (default 64)")
-    serve.add_argument("--max-jobs", type=int, default=8, metavar="N",
-                       help="generation jobs queued or running at once, all clients together (default 8)")
-    serve.add_argument("--max-jobs-per-client", type=int, default=4, metavar="N",
-                       help="generation jobs one client (peer address) may have queued or running (default 4)")
-    serve.add_argument("--job-max-age", type=float, default=3600.0, metavar="SECONDS",
-                       help="how long a finished job's results are kept (default 3600)")
-    serve.add_argument("--torch-threads", type=int, default=None, metavar="N",
-                       help="CPU threads per torch (and faiss) operation (default: 1 without --dalle, since a query's "
-                       "tensors are tiny and concurrent requests use the cores; torch's default with --dalle)")
-    serve.set_defaults(func=_cmd_serve)
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    import functools
-
-    from duomodal.search.index import ImageIndex
-    from duomodal.serve.app import create_app
-    from duomodal.serve.security import is_loopback
-
-    if not 1 <= args.port <= 65535:
-        raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
-    if args.max_generate < 1:
-        raise ValueError(f"--max-generate must be at least 1, got {args.max_generate}")
-    if args.max_decodes < 1:
-        raise ValueError(f"--max-decodes must be at least 1, got {args.max_decodes}")
-    from duomodal.serve.jobs import MAX_KEPT_JOBS
-
-    if not 1 <= args.max_jobs <= MAX_KEPT_JOBS:
-        raise ValueError(f"--max-jobs must be from 1 to {MAX_KEPT_JOBS}, got {args.max_jobs}")
-    if not 1 <= args.max_jobs_per_client <= args.max_jobs:
-        raise ValueError(f"--max-jobs-per-client must be from 1 to --max-jobs ({args.max_jobs}), "
-                         f"got {args.max_jobs_per_client}")
-    if not args.job_max_age > 0:
-        raise ValueError(f"--job-max-age must be above 0 seconds, got {args.job_max_age}")
-    threads = args.torch_threads if args.torch_threads is not None else (None if args.dalle else 1)
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--torch-threads must be at least 1, got {threads}")
-        import faiss
-        import torch
-
-        torch.set_num_threads(threads)
-        # The same for faiss's OpenMP threads: a batch of queries is small, and idle OpenMP threads
-        # spin on the core that the HTTP side needs.
-        faiss.omp_set_num_threads(threads)
-    index = ImageIndex.open(args.index)
-    clip = args.clip or index.clip_path
-    if not clip:
-        raise ValueError(f"{args.index} records no CLIP directory; pass --clip CLIP_DIR")
-    embedder = _search_load_clip(clip, args.device, args.precision)
-    index.check_model(embedder.model_id)
-    generator = None
-    if args.dalle:
-        from duomodal.models.dalle import load_dalle
-        from duomodal.serve.generator import DalleGenerator
-
-        dalle = load_dalle(args.dalle, device=args.device)
-        generator = DalleGenerator(dalle, scorer=embedder, max_num=args.max_generate, precision=args.precision)
-    access = _access_policy(args)
-    app = create_app(index, embedder, generator, reopen_index=functools.partial(ImageIndex.open, args.index),
-                     access=access, max_decodes=args.max_decodes, max_pending_jobs=args.max_jobs,
-                     max_jobs_per_client=args.max_jobs_per_client, job_max_age_s=args.job_max_age)
-    what = f"{index.count} images" + (" and generation" if generator else "")
-    shown_host = f"[{args.host}]" if ":" in args.host else args.host
-    url = f"http://{shown_host}:{args.port}/" + (f"?token={access.token}" if access.token else "")
-    print(f"duomodal: serving {what} at {url} (Ctrl+C stops)", file=sys.stderr)
-    if not is_loopback(args.host):
-        names = ", ".join(sorted(access.allowed_hosts))
-        print(f"duomodal: listening beyond this machine; answering Host names {names} (add more with "
-              "--allow-host) and only with the token above", file=sys.stderr)
-    _serve_run(app, args.host, args.port)
-    return 0
-
-
-def _access_policy(args: argparse.Namespace):
-    from duomodal.serve.security import AccessPolicy, is_loopback, new_token
-
-    token = args.token or os.environ.get("DUOMODAL_TOKEN") or None
-    if token is None and not is_loopback(args.host):
-        token = new_token()
-    hosts = list(args.allow_host)
-    if not is_loopback(args.host) and args.host not in ("0.0.0.0", "::"):
-        hosts.append(args.host)  # a specific address: the browser will send it as the Host
-    return AccessPolicy.make(hosts, token)
-
-
-def _serve_run(app, host: str, port: int) -> None:
-    """Run the app until interrupted (tests replace this to get the app)."""
-    import uvicorn
-
-    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from duomodal.data.dataset import load_record_image
 from duomodal.data.images import ImageError
 from duomodal.data.records import Record
 from duomodal.models.clip import ClipEmbedder, load_clip
-from duomodal.models.sampling import SamplingOptions, check_sampling
+from duomodal.models.sampling import SamplingOptions
 
 Log = Callable[[str], None]
 
@@ -40,11 +40,9 @@ class EvalOptions:
     samples_per_prompt: int = 4  # images kept per prompt (k)
     rerank_from: int = 16  # images generated per prompt when reranking (R >= k)
     seed: int = 0  # prompt choice and sampling seed
-    temperature: float = 1.0  # DALL-E sampling, as in `duomodal generate`
-    top_k: int | None = None
-    top_p: float | None = None
-    guidance: float = 1.0  # classifier-free guidance scale (1 = off)
-    unseen_words: str = "drop"  # prompt words no training caption had: "drop" or "keep" (as `duomodal generate`)
+    # DALL-E sampling, by default as `duomodal generate` and the server sample; its seed, batch size and
+    # precision are set per prompt from the fields here
+    sampling: SamplingOptions = SamplingOptions()
     max_images: int = 256  # at most this many images per split for the VAE/CLIP/likelihood figures
     batch_size: int = 32
     val_fraction: float = 0.05  # for datasets whose manifest does not give splits
@@ -62,14 +60,10 @@ class EvalOptions:
             )
         if self.vae is None and self.dalle is None and self.clip is None:
             raise EvalError("nothing to evaluate: give at least one of --vae, --dalle, --clip")
-        if self.dalle is not None:
-            check_sampling(self.temperature, self.top_k, self.top_p, self.guidance)
 
-    def sampling(self, seed: int, batch_size: int) -> SamplingOptions:
+    def sampling_for(self, seed: int, batch_size: int) -> SamplingOptions:
         """The DALL-E sampling options of these settings, for one prompt's seed and batch."""
-        return SamplingOptions(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                               guidance=self.guidance, seed=seed, batch_size=batch_size,
-                               unseen_words=self.unseen_words, precision=self.precision)
+        return replace(self.sampling, seed=seed, batch_size=batch_size, precision=self.precision)
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ class PromptSamples:
 def sample_prompt(run: DalleRun, prompt: Prompt, index: int, options: EvalOptions, palette: dict[str, str],
                   scorers: Scorers, generated: int) -> PromptSamples:
     """`generated` images for the prompt (index `index` of its split), with every assessment of them."""
-    sampling = options.sampling(options.seed + index * SEED_STRIDE, min(generated, options.batch_size))
+    sampling = options.sampling_for(options.seed + index * SEED_STRIDE, min(generated, options.batch_size))
     result = generate_images(run, prompt.text, num=generated, options=sampling)
     reranker, judge, matcher = scorers.reranker, scorers.judge, scorers.matcher
     images = result.images

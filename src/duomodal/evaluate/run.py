@@ -358,8 +358,7 @@ def _data_and_settings(ctx: EvalContext, records: Sequence[Record]) -> dict[str,
         "settings": {
             "prompts_per_split": options.prompts, "samples_per_prompt": options.samples_per_prompt,
             "rerank_from": options.rerank_from, "seed": options.seed, "max_images": options.max_images,
-            "device": str(ctx.device), "temperature": options.temperature, "top_k": options.top_k,
-            "top_p": options.top_p, "guidance": options.guidance,
+            "device": str(ctx.device), **options.sampling.public(),
             "precision": resolve_precision(options.precision, ctx.device),
         },
     }

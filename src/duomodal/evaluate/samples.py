@@ -250,9 +250,10 @@ def _samples_header(ctx: EvalContext, scorers: Scorers, rows: _Rows,
                     calibration: dict[str, M.Accuracy]) -> list[Any]:
     """The blocks above the sample grids: settings, the table, and how each figure is measured."""
     options, judge, matcher = ctx.options, scorers.judge, scorers.matcher
-    sampling = (f"temperature {options.temperature}, top-k {options.top_k or 'off'}, "
-                f"top-p {options.top_p or 'off'}, guidance {options.guidance}, seed {options.seed}, "
-                f"prompt words no training caption had {'kept' if options.unseen_words == 'keep' else 'left out'}")
+    settings = [f"{name.replace('_', '-')} {'off' if value is None else value}"
+                for name, value in options.sampling.public().items() if not isinstance(value, bool)]
+    sampling = (f"{', '.join(settings)}, seed {options.seed}, prompt words no training caption had "
+                f"{'kept' if options.sampling.unseen_words == 'keep' else 'left out'}")
     header: list[Any] = [
         f"Sampling: {sampling}.",
         _samples_table(rows.samples, options.samples_per_prompt),

@@ -1,4 +1,4 @@
-"""The FastAPI application: `create_app(index, embedder, generator=None)`.
+"""The FastAPI application: `create_app(index, embedder, generator=None, config=ServeConfig())`.
 
 Routes live in `routes_search.py` and `routes_generate.py`; this file wires them together with the
 error handling every route shares (bad input is a 4xx with a one-line `detail`, never a 500), the
@@ -12,10 +12,10 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -27,13 +27,15 @@ from duomodal import __version__
 from duomodal.models.sampling import GenerationError
 from duomodal.search.query import QueryError
 from duomodal.search.store import VectorStoreUnavailable
-from duomodal.serve.jobs import JobQueue, QueueFullError
-from duomodal.serve.media import MAX_UPLOAD_BYTES, ThumbnailCache, UploadError, human_bytes
-from duomodal.serve.routes_generate import make_generate_router
-from duomodal.serve.routes_search import make_search_router
+from duomodal.serve.config import ServeConfig
+from duomodal.serve.jobs import QueueFullError
+from duomodal.serve.media import UploadError, human_bytes
+from duomodal.serve.protocols import Embedder, Generator, Index
+from duomodal.serve.routes_generate import router as generate_router
+from duomodal.serve.routes_search import router as search_router
 from duomodal.serve.schemas import MAX_K, HealthResponse
-from duomodal.serve.security import AccessGuard, AccessPolicy
-from duomodal.serve.state import Generator, ServerState, VectorCache
+from duomodal.serve.security import AccessGuard
+from duomodal.serve.state import ServerState, server_state
 
 logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
@@ -170,20 +172,24 @@ UPLOAD_TYPES = "image/png, image/jpeg, image/gif, image/webp, image/bmp"
 
 
 def _state_the_server_options(app: FastAPI, generator: Generator | None) -> None:
-    """Finish the OpenAPI schema with what depends on this server's options or can't be said in the
-    route signatures: `num` and `keep` bounded by --max-generate, and the media types an upload's
-    `file` part may have (a client generated from the schema then sends what the server takes)."""
+    """Finish the OpenAPI schema with what depends on this server's options or model, or can't be
+    said in the route signatures: `num` and `keep` bounded by --max-generate, a completion's `rows`
+    by the model's grid, and the media types an upload's `file` part may have (a client generated
+    from the schema then sends what the server takes)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = FastAPI.openapi(app)
         components = schema.get("components", {}).get("schemas", {})
+        _flatten_forms(components)
         if generator is not None:
             for name, body in components.items():  # the generation bodies: JSON and multipart forms
                 if name == "GenerateRequest" or name.startswith("Body_"):
                     _set_maximum(body.get("properties", {}).get("num"), int(generator.max_num))
                     _set_maximum(body.get("properties", {}).get("keep"), int(generator.max_num))
+            rows = components.get("Body_complete_api_complete_post", {}).get("properties", {}).get("rows")
+            _set_maximum(rows, max(0, int(generator.grid_size) - 1))
         for path in schema.get("paths", {}).values():
             for operation in path.values():
                 form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
@@ -193,6 +199,25 @@ def _state_the_server_options(app: FastAPI, generator: Generator | None) -> None
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _flatten_forms(components: dict[str, Any]) -> None:
+    """One flat object per multipart body: FastAPI states a form model beside a file part as
+    `allOf` the model's schema plus the file; clients and fuzzers handle a flat object best."""
+    merged = set()
+    for name, body in components.items():
+        if not name.startswith("Body_") or "allOf" not in body:
+            continue
+        properties, required = {}, []
+        for part in body.pop("allOf"):
+            model = part["$ref"].rsplit("/", 1)[-1]
+            merged.add(model)
+            properties.update(components[model].get("properties", {}))
+            required += components[model].get("required", [])
+        body["properties"] = {**properties, **body.get("properties", {})}
+        body["required"] = [*required, *body.get("required", [])]
+    for model in merged:
+        del components[model]
 
 
 def _set_maximum(field: dict[str, Any] | None, maximum: int) -> None:
@@ -224,28 +249,18 @@ def _allow_lists_every_method(app: FastAPI) -> None:
 
 
 def create_app(
-    index: Any,
-    embedder: Any,
+    index: Index,
+    embedder: Embedder,
     generator: Generator | None = None,
+    config: ServeConfig | None = None,
     *,
-    max_upload_bytes: int = MAX_UPLOAD_BYTES,
-    thumb_size: int = 256,
-    thumb_cache_bytes: int = 64 * 1024 * 1024,
-    query_cache_size: int = 256,
-    max_pending_jobs: int = 8,
-    max_jobs_per_client: int = 4,
-    job_max_age_s: float = 3600.0,
-    reopen_index: Callable[[], Any] | None = None,
-    reload_check_s: float = 5.0,
-    access: AccessPolicy | None = None,
-    max_decodes: int = 2,
+    reopen_index: Callable[[], Index] | None = None,
 ) -> FastAPI:
-    """The web app over an opened index and a CLIP embedder (and a generator, for /api/generate).
+    """The web app over an opened index and a CLIP embedder (and a generator, for /api/generate),
+    within the limits of `config` (default: `ServeConfig()`).
 
     With `reopen_index` (e.g. `functools.partial(ImageIndex.open, index_dir)`), an index that
     changed on disk (its `is_stale()` says so) is reopened in the background and served from then on.
-    `access` says which Host names are answered and whether a token is needed (default: loopback
-    names, no token; see security.py); `max_decodes` bounds the images decoded at once.
     Raises ValueError when the embedder is not the CLIP model the index was built with.
     """
     if embedder.model_id != index.clip_model_id:
@@ -256,30 +271,13 @@ def create_app(
         )
     if embedder.dim != index.dim:
         raise ValueError(f"the CLIP embeds {embedder.dim}-d vectors but the index holds {index.dim}-d")
-    if max_upload_bytes < 1 or thumb_size < 16:
-        raise ValueError(
-            f"max_upload_bytes={max_upload_bytes}, thumb_size={thumb_size}: need >= 1 and >= 16"
-        )
-    state = ServerState(
-        index=index,
-        embedder=embedder,
-        generator=generator,
-        max_upload_bytes=max_upload_bytes,
-        thumb_size=thumb_size,
-        thumbnails=ThumbnailCache(thumb_cache_bytes),
-        query_vectors=VectorCache(query_cache_size),
-        jobs=JobQueue(max_pending=max_pending_jobs, max_per_client=max_jobs_per_client,
-                      max_kept=max(32, max_pending_jobs), max_age_s=job_max_age_s),
-        reopen_index=reopen_index,
-        reload_check_s=reload_check_s,
-        max_decodes=max_decodes,
-    )
+    config = config or ServeConfig()
+    state = ServerState(index, embedder, generator, config, reopen_index=reopen_index)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        state.text_batcher.close()
-        state.jobs.shutdown()
+        state.close()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -292,34 +290,38 @@ def create_app(
     )
     app.state.duomodal = state
     _add_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes + FORM_OVERHEAD_BYTES)
-    app.add_middleware(AccessGuard, policy=access or AccessPolicy())
+    app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes + FORM_OVERHEAD_BYTES)
+    app.add_middleware(AccessGuard, policy=config.access)
     app.add_middleware(SecurityHeaders)  # outermost: refusals carry the headers too
-    app.include_router(make_search_router(state))
+    app.include_router(search_router)
     if generator is not None:
-        app.include_router(make_generate_router(state))
-
-    @app.get("/health", response_model=HealthResponse, tags=["meta"])
-    def health() -> HealthResponse:
-        """Whether the server is up, what it serves, and its limits."""
-        current = state.current_index()
-        return HealthResponse(
-            status="ok",
-            images=int(current.count),
-            dim=int(current.dim),
-            clip_model_id=str(current.clip_model_id),
-            generation=generator is not None,
-            max_k=MAX_K,
-            max_upload_bytes=max_upload_bytes,
-            max_generate=0 if generator is None else int(generator.max_num),
-        )
-
+        app.include_router(generate_router)
+    app.include_router(meta_router)
     _state_the_server_options(app, generator)
     _allow_lists_every_method(app)
-
-    @app.get("/", include_in_schema=False)
-    def page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
-
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+meta_router = APIRouter()
+
+
+@meta_router.get("/health", response_model=HealthResponse, tags=["meta"])
+def health(state: Annotated[ServerState, Depends(server_state)]) -> HealthResponse:
+    """Whether the server is up, what it serves, and its limits."""
+    current = state.current_index()
+    return HealthResponse(
+        status="ok",
+        images=int(current.count),
+        dim=int(current.dim),
+        clip_model_id=str(current.clip_model_id),
+        generation=state.generator is not None,
+        max_k=MAX_K,
+        max_upload_bytes=state.config.max_upload_bytes,
+        max_generate=0 if state.generator is None else int(state.generator.max_num),
+    )
+
+
+@meta_router.get("/", include_in_schema=False)
+def page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")

@@ -1,64 +1,36 @@
 """The server's generator: a trained DALL-E behind the `Generator` interface the routes use, with
 a CLIP as the reranker. Uploaded images for edits and completions are fitted to the model's image
-size. While a batch samples, its partial token grids are decoded into previews every few token
-rows (never per token: a decode costs about as much as several sampling steps)."""
+size (generate.fit_to_model, as the command line fits them). While a batch samples, its partial
+token grids are decoded into previews every few token rows (never per token: a decode costs about
+as much as several sampling steps)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 from PIL import Image, ImageDraw
 
-from duomodal.data.images import to_pil, to_tensor
 from duomodal.generate import (
-    GenerationError,
     GenerationResult,
     Scorer,
     box_to_token_mask,
     complete_image,
     decode_tokens,
     edit_image,
+    fit_to_model,
     generate_images,
     paste_region,
     token_region,
 )
 from duomodal.models.dalle import DalleRun
-from duomodal.models.sampling import SamplingOptions
+from duomodal.models.sampling import SETTING, SamplingOptions
+from duomodal.serve.config import ServeConfig
 from duomodal.serve.jobs import JobControl, JobOutput
-
-DEFAULT_MAX_NUM = 64  # images one request may ask for; generation on CPU is slow
+from duomodal.serve.protocols import Box
 UNDRAWN = (228, 231, 236)  # what a preview shows where no token has been sampled yet
 PREVIEW_SHARE = 0.1  # decoding previews may take at most about this share of a job's time
-
-
-def fit_to_model(
-    image: Image.Image, box: tuple[int, int, int, int], size: int
-) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """Scale the shorter side of `image` to `size` and crop the centre square (as training did);
-    move `box` (pixels x0, y0, x1, y1 of the original, x1/y1 exclusive) with it.
-
-    Raises GenerationError when no part of the box is left inside the square.
-    """
-    width, height = image.size
-    scale = size / min(width, height)
-    off_x = (width * scale - size) / 2
-    off_y = (height * scale - size) / 2
-    x0, y0, x1, y1 = box
-    fitted = (
-        max(0, int(x0 * scale - off_x)),
-        max(0, int(y0 * scale - off_y)),
-        min(size, int(round(x1 * scale - off_x))),
-        min(size, int(round(y1 * scale - off_y))),
-    )
-    if not (fitted[0] < fitted[2] and fitted[1] < fitted[3]):
-        raise GenerationError(
-            f"box {x0},{y0},{x1},{y1} lies outside the centre square of the {width}x{height} image "
-            "that the model sees: move the box towards the centre"
-        )
-    if image.size == (size, size):
-        return image, fitted
-    return to_pil(to_tensor(image, size)), fitted
 
 
 class _Previews:
@@ -117,8 +89,8 @@ class DalleGenerator:
     the job's `keep` marks how many of them are its result.
     """
 
-    def __init__(self, run: DalleRun, scorer: Scorer | None = None, max_num: int = DEFAULT_MAX_NUM,
-                 batch_size: int = 16, precision: str = "auto"):
+    def __init__(self, run: DalleRun, scorer: Scorer | None = None, max_num: int = ServeConfig.max_generate,
+                 batch_size: int = SETTING["batch_size"].default, precision: str = "auto"):
         if not 1 <= max_num:
             raise ValueError(f"max_num must be at least 1, got {max_num}")
         self.run = run
@@ -135,47 +107,42 @@ class DalleGenerator:
     def grid_size(self) -> int:
         return int(self.run.config.image_grid_size)
 
-    def _options(self, num: int, seed: int, guidance: float, temperature: float, top_k: int | None,
-                 unseen_words: str = "drop"):
-        return SamplingOptions(temperature=temperature, top_k=top_k, guidance=guidance, seed=seed,
-                               batch_size=min(self.batch_size, num), unseen_words=unseen_words,
-                               precision=self.precision)
+    def _options(self, options: SamplingOptions, num: int) -> SamplingOptions:
+        """A request's options with this generator's batch size and precision."""
+        return replace(options, batch_size=min(self.batch_size, num), precision=self.precision)
 
-    def generate(self, prompt, *, num, keep, guidance, temperature, top_k, seed, control: JobControl,
-                 unseen_words: str = "drop") -> JobOutput:
+    def generate(self, prompt: str, *, num: int, keep: int | None, options: SamplingOptions,
+                 control: JobControl) -> JobOutput:
         result = generate_images(self.run, prompt, num=num, keep=num, scorer=self.scorer,
-                                 options=self._options(num, seed, guidance, temperature, top_k, unseen_words),
-                                 progress=control.progress, partial=_Previews(self.run, control))
+                                 options=self._options(options, num), progress=control.progress,
+                                 partial=_Previews(self.run, control))
         return _output(result, keep or num)
 
-    def prepare_edit(self, image, box):
-        return fit_to_model(image, box, self.image_size)
+    def prepare_edit(self, image: Image.Image, box: Box) -> tuple[Image.Image, Box]:
+        """The upload fitted to the model (generate.fit_to_model) and the box moved with it."""
+        fitted, fitted_box = fit_to_model(image, self.image_size, box)
+        return fitted, fitted_box
 
     def prepare_image(self, image: Image.Image) -> Image.Image:
-        """The image as the model sees it (shorter side scaled to its size, centre square)."""
-        return fit_to_model(image, (0, 0, image.width, image.height), self.image_size)[0]
+        """The image as the model sees it (generate.fit_to_model)."""
+        return fit_to_model(image, self.image_size)[0]
 
-    def edit(self, image, box, prompt, *, num, keep, seed, control: JobControl, guidance=None,
-             temperature=1.0, top_k=None, unseen_words: str = "drop") -> JobOutput:
+    def edit(self, image: Image.Image, box: Box, prompt: str, *, num: int, keep: int | None,
+             options: SamplingOptions, control: JobControl) -> JobOutput:
         """Edit `box` of `image`, both as `prepare_edit` returned them."""
-        defaults = SamplingOptions()
-        options = self._options(num, seed, defaults.guidance if guidance is None else guidance, temperature,
-                                defaults.top_k if top_k is None else top_k, unseen_words)
         region = token_region(box_to_token_mask(box, self.image_size, self.grid_size), self.image_size)
-        result = edit_image(self.run, image, box, prompt, num=num, keep=num, scorer=self.scorer, options=options,
-                            progress=control.progress, partial=_Previews(self.run, control, image, region))
+        result = edit_image(self.run, image, box, prompt, num=num, keep=num, scorer=self.scorer,
+                            options=self._options(options, num), progress=control.progress,
+                            partial=_Previews(self.run, control, image, region))
         return _output(result, keep or num)
 
-    def complete(self, image, rows, prompt, *, num, keep, seed, control: JobControl, guidance=None,
-                 temperature=1.0, top_k=None, unseen_words: str = "drop") -> JobOutput:
+    def complete(self, image: Image.Image, rows: int, prompt: str, *, num: int, keep: int | None,
+                 options: SamplingOptions, control: JobControl) -> JobOutput:
         """Keep the top `rows` token rows of `image` (as `prepare_image` returned it, its pixels
         unchanged above the line); draw the rest."""
-        defaults = SamplingOptions()
-        options = self._options(num, seed, defaults.guidance if guidance is None else guidance, temperature,
-                                defaults.top_k if top_k is None else top_k, unseen_words)
         below = (0, rows * (self.image_size // self.grid_size), self.image_size, self.image_size)
         result = complete_image(self.run, image, prompt, rows, num=num, keep=num, scorer=self.scorer,
-                                options=options, progress=control.progress, keep_pixels=True,
+                                options=self._options(options, num), progress=control.progress, keep_pixels=True,
                                 partial=_Previews(self.run, control, image, below))
         return _output(result, keep or num)
 

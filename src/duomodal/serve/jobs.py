@@ -28,6 +28,8 @@ from typing import Any
 
 from PIL import Image
 
+from duomodal.serve.config import MAX_KEPT_JOBS, ServeConfig
+
 logger = logging.getLogger(__name__)
 
 UNFINISHED = ("queued", "running", "cancelling")
@@ -133,12 +135,10 @@ class JobControl:
 Work = Callable[[JobControl], JobOutput]
 
 
-MAX_KEPT_JOBS = 32  # jobs remembered (queued, running and finished) by default
-
-
 class JobQueue:
-    def __init__(self, max_pending: int = 8, max_per_client: int = 4, max_kept: int = MAX_KEPT_JOBS,
-                 max_age_s: float = 3600.0, max_kept_bytes: int = 256 * 1024 * 1024,
+    def __init__(self, max_pending: int = ServeConfig.max_pending_jobs,
+                 max_per_client: int = ServeConfig.max_jobs_per_client, max_kept: int = MAX_KEPT_JOBS,
+                 max_age_s: float = ServeConfig.job_max_age_s, max_kept_bytes: int = 256 * 1024 * 1024,
                  clock: Callable[[], float] = time.monotonic):
         if not 1 <= max_pending <= max_kept:
             raise ValueError(

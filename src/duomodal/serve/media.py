@@ -26,8 +26,8 @@ from duomodal.data.images import (
     load_image_bytes,
 )
 from duomodal.files import UnsafeFileError, open_regular
+from duomodal.serve.config import ServeConfig
 
-MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 40_000_000  # 40 megapixels: more is a decompression bomb or a scan we can't use
 BROWSER_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp"}
 
@@ -46,7 +46,7 @@ def human_bytes(n: int) -> str:
     return f"{n / 1024:.1f} KB"
 
 
-def decode_upload(data: bytes, name: str, max_bytes: int = MAX_UPLOAD_BYTES) -> Image.Image:
+def decode_upload(data: bytes, name: str, max_bytes: int = ServeConfig.max_upload_bytes) -> Image.Image:
     """The uploaded bytes as an RGB image, through the same checks as every image duomodal reads
     (data/images.py), or UploadError: 413 too big (bytes or pixels), 422 degenerate (extreme
     aspect ratio), 415 not an image, 400 empty."""
@@ -140,7 +140,7 @@ def make_thumbnail(image: Image.Image, size: int) -> tuple[bytes, str]:
 class ThumbnailCache:
     """An LRU of encoded thumbnails, bounded by total bytes; safe to use from many threads."""
 
-    def __init__(self, max_bytes: int = 64 * 1024 * 1024):
+    def __init__(self, max_bytes: int = ServeConfig.thumb_cache_bytes):
         self.max_bytes = max_bytes
         self._items: OrderedDict[int, tuple[bytes, str]] = OrderedDict()
         self._bytes = 0

@@ -9,17 +9,16 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Path, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 
-from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
 from duomodal.serve.jobs import Job, JobFinishedError, JobOutput
 from duomodal.serve.media import encode_png
 from duomodal.serve.schemas import (
     JOB_ID_PATTERN,
-    MAX_QUERY_CHARS,
-    MAX_SEED,
+    CompleteForm,
+    EditForm,
     ErrorResponse,
     GeneratedImage,
     GenerateRequest,
@@ -28,31 +27,34 @@ from duomodal.serve.schemas import (
     JobResponse,
     JobResult,
     JobSettings,
-    Words,
+    sampling_options,
+    setting_infos,
+    settings_of,
 )
-from duomodal.serve.state import ServerState
+from duomodal.models.sampling import SamplingOptions
+from duomodal.serve.protocols import Generator
+from duomodal.serve.state import ServerState, server_state
 
 SUBMIT_ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 429)}
 LOOKUP_ERRORS = {status: {"model": ErrorResponse} for status in (404, 422)}
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the id /api/generate answered")]
 ImageNumber = Annotated[int, Path(ge=0, le=10_000)]
-MAX_BOX_COORD = 1_000_000
 EVENT_POLL_S = 0.1  # how often an event stream looks at its job
 MAX_EVENT_STREAM_S = 3600.0  # an event stream ends after this; the client reconnects or polls
-
-# The sampling settings an edit or completion form takes, beside the prompt and the image.
-Num = Annotated[int | None, Form(ge=1, description="images to sample (default 8, or /api/generator max_generate "
-                                                   "when that is lower; at most max_generate)")]
 EDIT_NUM = 8  # the default `num` of an edit or a completion
 GENERATE_NUM = 16  # the default `num` of /api/generate
-Keep = Annotated[int | None, Form(ge=1, description="keep the best `keep` (default: all)")]
-Seed = Annotated[int, Form(ge=0, le=MAX_SEED)]
-Guidance = Annotated[float, Form(ge=0.0, le=20.0, description="classifier-free guidance scale; 1 = off")]
-KeepUnseenWords = Annotated[bool, Form(description="condition on prompt words no training caption had too "
-                                                   "(by default they are left out)")]
-Temperature = Annotated[float, Form(gt=0.0, le=5.0)]
-TopK = Annotated[int, Form(ge=1, le=65536, description="sample among the top k tokens")]
-Prompt = Annotated[str, Form(min_length=1, max_length=MAX_QUERY_CHARS), Words]
+
+State = Annotated[ServerState, Depends(server_state)]
+router = APIRouter(prefix="/api", tags=["generate"])
+
+
+def the_generator(state: State) -> Generator:
+    if state.generator is None:  # the routes are only mounted with a generator
+        raise HTTPException(status_code=404, detail="this server has no DALL-E run: generation is off")
+    return state.generator
+
+
+TheGenerator = Annotated[Generator, Depends(the_generator)]
 
 
 def _images(job_id: str, output: JobOutput, numbers: list[int]) -> list[GeneratedImage]:
@@ -113,215 +115,178 @@ def _client(request: Request) -> str:
     return request.client.host if request.client is not None else ""
 
 
-def make_generate_router(state: ServerState) -> APIRouter:
-    generator = state.generator
-    if generator is None:
-        raise ValueError("make_generate_router needs a generator: the server has no DALL-E run")
-    router = APIRouter(prefix="/api", tags=["generate"])
+def check_num(generator: Generator, num: int | None, keep: int | None, default: int = EDIT_NUM) -> int:
+    """The `num` to sample (`default`, or max_num when lower, when not given); 422 when out of bounds."""
+    num = min(default, generator.max_num) if num is None else num
+    if num > generator.max_num:
+        raise HTTPException(status_code=422,
+                            detail=f"num: {num} is more than this server generates at once ({generator.max_num})")
+    if keep is not None and keep > num:
+        raise HTTPException(status_code=422, detail=f"keep ({keep}) is larger than num ({num}): keep at most num")
+    return num
 
-    def check_num(num: int | None, keep: int | None, default: int = EDIT_NUM) -> int:
-        """The `num` to sample (`default`, or max_num when lower, when not given); 422 when out of bounds."""
-        num = min(default, generator.max_num) if num is None else num
-        if num > generator.max_num:
-            raise HTTPException(
-                status_code=422,
-                detail=f"num: {num} is more than this server generates at once ({generator.max_num})",
-            )
-        if keep is not None and keep > num:
-            raise HTTPException(
-                status_code=422, detail=f"keep ({keep}) is larger than num ({num}): keep at most num"
-            )
-        return num
 
-    def read_image(file: UploadFile) -> Image.Image:
-        name = file.filename or "the upload"
-        return state.decode_upload(file.file.read(state.max_upload_bytes + 1), name)
+def read_image(state: ServerState, file: UploadFile) -> Image.Image:
+    name = file.filename or "the upload"
+    return state.files.decode_upload(file.file.read(state.files.max_upload_bytes + 1), name)
 
-    def found(job_id: str) -> Job:
+
+def found(state: ServerState, job_id: str) -> Job:
+    job = state.jobs.get(job_id)
+    if job is None:
+        raise HTTPException(status_code=404, detail=f"no job {job_id} (finished jobs are kept a while)")
+    return job
+
+
+@router.get("/generator", response_model=GeneratorInfo)
+def generator_info(generator: TheGenerator) -> GeneratorInfo:
+    """The model's image size and token grid (a box snaps to its cells), and the sampling settings."""
+    defaults = SamplingOptions()
+    return GeneratorInfo(image_size=int(generator.image_size), grid_size=int(generator.grid_size),
+                         max_generate=int(generator.max_num), guidance=defaults.guidance, top_k=defaults.top_k,
+                         settings=setting_infos())
+
+
+@router.post("/generate", status_code=202, response_model=JobResponse, responses=SUBMIT_ERRORS)
+def generate(request: GenerateRequest, http: Request, state: State, generator: TheGenerator) -> JSONResponse:
+    """Start generating images for a prompt; poll the returned job for progress and results.
+
+    With `keep`, the `num` samples are reranked by CLIP and the best `keep` are returned.
+    """
+    num = check_num(generator, request.num, request.keep, GENERATE_NUM)
+    options = sampling_options(request)
+
+    def work(control):
+        return generator.generate(request.prompt, num=num, keep=request.keep, options=options, control=control)
+
+    settings = {**settings_of(request), "num": num, "keep": request.keep}
+    return _accepted(state.jobs.submit("generate", request.prompt, work, client=_client(http), settings=settings))
+
+
+@router.post("/edit", status_code=202, response_model=JobResponse, responses=SUBMIT_ERRORS)
+def edit(http: Request, state: State, generator: TheGenerator, form: Annotated[EditForm, Form()],
+         file: Annotated[UploadFile, File(description="the image to edit")]) -> JSONResponse:
+    """Start regenerating the box (left, top, right, bottom) of an uploaded image from a prompt.
+
+    The image is fitted to the model (shorter side scaled, centre square) and the box moved with
+    it; the tokens the box touches are sampled again, every other pixel is kept.
+    """
+    num = check_num(generator, form.num, form.keep)
+    image = read_image(state, file)
+    left, top, right, bottom = form.left, form.top, form.right, form.bottom
+    if not (left < right <= image.width and top < bottom <= image.height):
+        raise HTTPException(
+            status_code=422,
+            detail=f"box ({left}, {top}, {right}, {bottom}) must lie inside the "
+            f"{image.width}x{image.height} image with left < right and top < bottom",
+        )
+    image, box = generator.prepare_edit(image, (left, top, right, bottom))
+    options = sampling_options(form)
+
+    def work(control):
+        return generator.edit(image, box, form.prompt, num=num, keep=form.keep, options=options, control=control)
+
+    settings = {**settings_of(form), "num": num, "keep": form.keep, "box": list(box)}
+    return _accepted(state.jobs.submit("edit", form.prompt, work, client=_client(http), settings=settings))
+
+
+@router.post("/complete", status_code=202, response_model=JobResponse, responses=SUBMIT_ERRORS)
+def complete(http: Request, state: State, generator: TheGenerator, form: Annotated[CompleteForm, Form()],
+             file: Annotated[UploadFile, File(description="the image whose top rows to keep")]) -> JSONResponse:
+    """Start completing an image: keep its top `rows` token rows and let the model draw the rest
+    (the paper's priming). The image is fitted to the model first; see /api/generator for its grid."""
+    most = max(0, int(generator.grid_size) - 1)  # the model's bound, stated in the served schema too
+    if form.rows > most:
+        raise HTTPException(status_code=422, detail=f"rows: Input should be less than or equal to {most}")
+    num = check_num(generator, form.num, form.keep)
+    image = generator.prepare_image(read_image(state, file))
+    options = sampling_options(form)
+
+    def work(control):
+        return generator.complete(image, form.rows, form.prompt, num=num, keep=form.keep, options=options,
+                                  control=control)
+
+    settings = {**settings_of(form), "num": num, "keep": form.keep, "rows": form.rows}
+    return _accepted(state.jobs.submit("complete", form.prompt, work, client=_client(http), settings=settings))
+
+
+@router.get("/jobs/{job_id}", response_model=JobResponse, responses=LOOKUP_ERRORS)
+def job(job_id: JobId, state: State) -> JobResponse:
+    """Progress of a generation job, its partial previews while it samples and, once done, its
+    images (best first) with their scores and seeds."""
+    return job_response(found(state, job_id))
+
+
+@router.delete("/jobs/{job_id}", response_model=JobResponse, responses={**LOOKUP_ERRORS, 409: {"model": ErrorResponse}})
+def cancel(job_id: JobId, state: State) -> JobResponse:
+    """Cancel a job: a queued one never starts ("cancelled"); a running one stops at its next
+    token row ("cancelling", then "cancelled"). 409 when it has already finished."""
+    try:
+        job = state.jobs.cancel(job_id)
+    except JobFinishedError as e:
+        raise HTTPException(status_code=409, detail=str(e)) from None
+    if job is None:
+        raise HTTPException(status_code=404, detail=f"no job {job_id} (finished jobs are kept a while)")
+    return job_response(job)
+
+
+async def _job_events(state: ServerState, job_id: str, request: Request) -> AsyncIterator[str]:
+    last: Any = None
+    waited = 0.0
+    while waited < MAX_EVENT_STREAM_S:
         job = state.jobs.get(job_id)
         if job is None:
-            raise HTTPException(status_code=404, detail=f"no job {job_id} (finished jobs are kept a while)")
-        return job
+            return
+        now = (job.status, job.done, job.total, None if job.preview is None else job.preview.version)
+        if now != last:
+            last = now
+            yield f"data: {json.dumps(job_response(job).model_dump(mode='json'))}\n\n"
+        if job.finished or await request.is_disconnected():
+            return
+        await asyncio.sleep(EVENT_POLL_S)
+        waited += EVENT_POLL_S
 
-    @router.get("/generator", response_model=GeneratorInfo)
-    def generator_info() -> GeneratorInfo:
-        """The model's image size and token grid (a box snaps to its cells), and the defaults."""
-        return GeneratorInfo(image_size=int(generator.image_size), grid_size=int(generator.grid_size),
-                             max_generate=int(generator.max_num), guidance=DEFAULT_GUIDANCE, top_k=DEFAULT_TOP_K)
 
-    @router.post("/generate", status_code=202, response_model=JobResponse, responses=SUBMIT_ERRORS)
-    def generate(request: GenerateRequest, http: Request) -> JSONResponse:
-        """Start generating images for a prompt; poll the returned job for progress and results.
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}},
+                     "description": "one `data:` line of the job (as GET /api/jobs/{job_id}) per change, "
+                                    "until it finishes"},
+               **LOOKUP_ERRORS},
+)
+async def events(job_id: JobId, request: Request, state: State) -> StreamingResponse:
+    """The job as server-sent events: its state whenever progress, status or preview changes."""
+    found(state, job_id)
+    return StreamingResponse(_job_events(state, job_id, request), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store"})
 
-        With `keep`, the `num` samples are reranked by CLIP and the best `keep` are returned.
-        """
-        num = check_num(request.num, request.keep, GENERATE_NUM)
 
-        def work(control):
-            return generator.generate(
-                request.prompt,
-                num=num,
-                keep=request.keep,
-                guidance=request.guidance,
-                temperature=request.temperature,
-                top_k=request.top_k,
-                seed=request.seed,
-                unseen_words="keep" if request.keep_unseen_words else "drop",
-                control=control,
-            )
+@router.get(
+    "/jobs/{job_id}/images/{n}",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, **LOOKUP_ERRORS},
+)
+def job_image(job_id: JobId, n: ImageNumber, state: State) -> Response:
+    """The n-th image of a finished job (by rank), as PNG."""
+    job = state.jobs.get(job_id)
+    if job is None or job.status != "done" or job.output is None:
+        raise HTTPException(status_code=404, detail=f"job {job_id} has no images (yet)")
+    if n >= len(job.output.images):
+        raise HTTPException(status_code=404, detail=f"job {job_id} has {len(job.output.images)} images, not {n + 1}")
+    return Response(encode_png(job.output.images[n]), media_type="image/png")
 
-        settings = {**request.model_dump(exclude={"prompt"}), "num": num}
-        return _accepted(state.jobs.submit("generate", request.prompt, work, client=_client(http), settings=settings))
 
-    @router.post("/edit", status_code=202, response_model=JobResponse, responses=SUBMIT_ERRORS)
-    def edit(
-        http: Request,
-        file: Annotated[UploadFile, File(description="the image to edit")],
-        prompt: Prompt,
-        left: Annotated[int, Form(ge=0, le=MAX_BOX_COORD, description="box, in image pixels")],
-        top: Annotated[int, Form(ge=0, le=MAX_BOX_COORD)],
-        right: Annotated[int, Form(ge=1, le=MAX_BOX_COORD)],
-        bottom: Annotated[int, Form(ge=1, le=MAX_BOX_COORD)],
-        num: Num = None,
-        keep: Keep = None,
-        seed: Seed = 0,
-        guidance: Guidance = DEFAULT_GUIDANCE,
-        temperature: Temperature = 1.0,
-        top_k: TopK = DEFAULT_TOP_K,
-        keep_unseen_words: KeepUnseenWords = False,
-    ) -> JSONResponse:
-        """Start regenerating the box (left, top, right, bottom) of an uploaded image from a prompt.
-
-        The image is fitted to the model (shorter side scaled, centre square) and the box moved with
-        it; the tokens the box touches are sampled again, every other pixel is kept.
-        """
-        num = check_num(num, keep)
-        image = read_image(file)
-        if not (left < right <= image.width and top < bottom <= image.height):
-            raise HTTPException(
-                status_code=422,
-                detail=f"box ({left}, {top}, {right}, {bottom}) must lie inside the "
-                f"{image.width}x{image.height} image with left < right and top < bottom",
-            )
-        image, box = generator.prepare_edit(image, (left, top, right, bottom))
-
-        def work(control):
-            return generator.edit(image, box, prompt, num=num, keep=keep, seed=seed, guidance=guidance,
-                                  temperature=temperature, top_k=top_k, control=control,
-                                  unseen_words="keep" if keep_unseen_words else "drop")
-
-        settings = dict(num=num, keep=keep, seed=seed, guidance=guidance, temperature=temperature, top_k=top_k,
-                        box=list(box), keep_unseen_words=keep_unseen_words)
-        return _accepted(state.jobs.submit("edit", prompt, work, client=_client(http), settings=settings))
-
-    @router.post("/complete", status_code=202, response_model=JobResponse, responses=SUBMIT_ERRORS)
-    def complete(
-        http: Request,
-        file: Annotated[UploadFile, File(description="the image whose top rows to keep")],
-        prompt: Prompt,
-        # The bound depends on the model, so it sits in the default (evaluated here), not the annotation.
-        rows: int = Form(ge=0, le=max(0, int(generator.grid_size) - 1),
-                         description="token rows to keep, from the top (less than the model's grid)"),
-        num: Num = None,
-        keep: Keep = None,
-        seed: Seed = 0,
-        guidance: Guidance = DEFAULT_GUIDANCE,
-        temperature: Temperature = 1.0,
-        top_k: TopK = DEFAULT_TOP_K,
-        keep_unseen_words: KeepUnseenWords = False,
-    ) -> JSONResponse:
-        """Start completing an image: keep its top `rows` token rows and let the model draw the rest
-        (the paper's priming). The image is fitted to the model first; see /api/generator for its grid."""
-        num = check_num(num, keep)
-        image = generator.prepare_image(read_image(file))
-
-        def work(control):
-            return generator.complete(image, rows, prompt, num=num, keep=keep, seed=seed, guidance=guidance,
-                                      temperature=temperature, top_k=top_k, control=control,
-                                      unseen_words="keep" if keep_unseen_words else "drop")
-
-        settings = dict(num=num, keep=keep, seed=seed, guidance=guidance, temperature=temperature, top_k=top_k,
-                        rows=rows, keep_unseen_words=keep_unseen_words)
-        return _accepted(state.jobs.submit("complete", prompt, work, client=_client(http), settings=settings))
-
-    @router.get("/jobs/{job_id}", response_model=JobResponse, responses=LOOKUP_ERRORS)
-    def job(job_id: JobId) -> JobResponse:
-        """Progress of a generation job, its partial previews while it samples and, once done, its
-        images (best first) with their scores and seeds."""
-        return job_response(found(job_id))
-
-    @router.delete("/jobs/{job_id}", response_model=JobResponse,
-                   responses={**LOOKUP_ERRORS, 409: {"model": ErrorResponse}})
-    def cancel(job_id: JobId) -> JobResponse:
-        """Cancel a job: a queued one never starts ("cancelled"); a running one stops at its next
-        token row ("cancelling", then "cancelled"). 409 when it has already finished."""
-        try:
-            job = state.jobs.cancel(job_id)
-        except JobFinishedError as e:
-            raise HTTPException(status_code=409, detail=str(e)) from None
-        if job is None:
-            raise HTTPException(status_code=404, detail=f"no job {job_id} (finished jobs are kept a while)")
-        return job_response(job)
-
-    @router.get(
-        "/jobs/{job_id}/events",
-        response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}},
-                         "description": "one `data:` line of the job (as GET /api/jobs/{job_id}) per change, "
-                                        "until it finishes"},
-                   **LOOKUP_ERRORS},
-    )
-    async def events(job_id: JobId, request: Request) -> StreamingResponse:
-        """The job as server-sent events: its state whenever progress, status or preview changes."""
-        found(job_id)
-
-        async def stream() -> AsyncIterator[str]:
-            last: Any = None
-            waited = 0.0
-            while waited < MAX_EVENT_STREAM_S:
-                job = state.jobs.get(job_id)
-                if job is None:
-                    return
-                now = (job.status, job.done, job.total, None if job.preview is None else job.preview.version)
-                if now != last:
-                    last = now
-                    yield f"data: {json.dumps(job_response(job).model_dump(mode='json'))}\n\n"
-                if job.finished or await request.is_disconnected():
-                    return
-                await asyncio.sleep(EVENT_POLL_S)
-                waited += EVENT_POLL_S
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-
-    @router.get(
-        "/jobs/{job_id}/images/{n}",
-        response_class=Response,
-        responses={200: {"content": {"image/png": {}}}, **LOOKUP_ERRORS},
-    )
-    def job_image(job_id: JobId, n: ImageNumber) -> Response:
-        """The n-th image of a finished job (by rank), as PNG."""
-        job = state.jobs.get(job_id)
-        if job is None or job.status != "done" or job.output is None:
-            raise HTTPException(status_code=404, detail=f"job {job_id} has no images (yet)")
-        if n >= len(job.output.images):
-            raise HTTPException(
-                status_code=404, detail=f"job {job_id} has {len(job.output.images)} images, not {n + 1}"
-            )
-        return Response(encode_png(job.output.images[n]), media_type="image/png")
-
-    @router.get(
-        "/jobs/{job_id}/preview/{n}",
-        response_class=Response,
-        responses={200: {"content": {"image/png": {}}}, **LOOKUP_ERRORS},
-    )
-    def job_preview(job_id: JobId, n: ImageNumber) -> Response:
-        """The n-th partial image of the batch a running job is sampling, as PNG (the last preview
-        stays readable until the job is forgotten)."""
-        job = state.jobs.get(job_id)
-        preview = None if job is None else job.preview
-        if preview is None or n >= len(preview.images):
-            raise HTTPException(status_code=404, detail=f"job {job_id} has no preview {n} (now)")
-        return Response(encode_png(preview.images[n]), media_type="image/png",
-                        headers={"Cache-Control": "no-store"})
-
-    return router
+@router.get(
+    "/jobs/{job_id}/preview/{n}",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, **LOOKUP_ERRORS},
+)
+def job_preview(job_id: JobId, n: ImageNumber, state: State) -> Response:
+    """The n-th partial image of the batch a running job is sampling, as PNG (the last preview
+    stays readable until the job is forgotten)."""
+    job = state.jobs.get(job_id)
+    preview = None if job is None else job.preview
+    if preview is None or n >= len(preview.images):
+        raise HTTPException(status_code=404, detail=f"job {job_id} has no preview {n} (now)")
+    return Response(encode_png(preview.images[n]), media_type="image/png", headers={"Cache-Control": "no-store"})

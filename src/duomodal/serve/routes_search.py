@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import Annotated, BinaryIO
 
-from fastapi import APIRouter, File, Form, HTTPException, Path, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Query, UploadFile
 from fastapi.responses import Response, StreamingResponse
 
 from duomodal.search.query import CancelledQueryError
@@ -24,7 +24,8 @@ from duomodal.serve.schemas import (
     SearchResponse,
     TextSearchRequest,
 )
-from duomodal.serve.state import ServerState
+from duomodal.serve.protocols import Hit
+from duomodal.serve.state import ServerState, server_state
 
 # 503: the index's vector store (a Milvus server) did not answer
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 422, 503)}
@@ -37,7 +38,7 @@ ImageId = Annotated[int, Path(ge=0, le=MAX_ID, description="an image id from a s
 K = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
 
 
-def _hits(state: ServerState, hits, skip_id: int | None = None, k: int | None = None) -> list[SearchHit]:
+def _hits(hits: list[Hit], skip_id: int | None = None, k: int | None = None) -> list[SearchHit]:
     results = [
         SearchHit(
             id=hit.id,
@@ -72,101 +73,103 @@ def _chunks(file: BinaryIO, size: int = 256 * 1024) -> Iterator[bytes]:
             yield chunk
 
 
-def make_search_router(state: ServerState) -> APIRouter:
-    router = APIRouter(prefix="/api", tags=["search"])
+State = Annotated[ServerState, Depends(server_state)]
+router = APIRouter(prefix="/api", tags=["search"])
+QueryString = Annotated[
+    str,
+    Query(min_length=1, max_length=MAX_QUERY_CHARS,
+          description='words describing the image; "-word" subtracts, "2*word" weights'),
+    QueryText,
+]
 
-    # The text routes are `async`: they only parse and wait for the batcher (batching.py), so
-    # they need no worker thread of their own.
-    async def text_search(query: str, k: int) -> SearchResponse:
-        start = time.perf_counter()
-        try:
-            hits = await state.search_text(state.current_index(), query, k)
-        except CancelledQueryError as e:  # valid syntax, only the embedding shows it: an answer, not an error
-            took_ms = (time.perf_counter() - start) * 1000
-            return SearchResponse(kind="text", query=query, took_ms=took_ms, results=[], note=str(e))
+
+# The text routes are `async`: they only parse and wait for the batcher (batching.py), so they
+# need no worker thread of their own.
+async def text_search(state: ServerState, query: str, k: int) -> SearchResponse:
+    start = time.perf_counter()
+    try:
+        hits = await state.search_text(state.current_index(), query, k)
+    except CancelledQueryError as e:  # valid syntax, only the embedding shows it: an answer, not an error
         took_ms = (time.perf_counter() - start) * 1000
-        return SearchResponse(kind="text", query=query, took_ms=took_ms, results=_hits(state, hits))
+        return SearchResponse(kind="text", query=query, took_ms=took_ms, results=[], note=str(e))
+    took_ms = (time.perf_counter() - start) * 1000
+    return SearchResponse(kind="text", query=query, took_ms=took_ms, results=_hits(hits))
 
-    @router.get("/search", response_model=SearchResponse, responses=ERRORS)
-    async def search_get(
-        q: Annotated[
-            str,
-            Query(
-                min_length=1,
-                max_length=MAX_QUERY_CHARS,
-                description='words describing the image; "-word" subtracts, "2*word" weights',
-            ),
-            QueryText,
-        ],
-        k: K = 24,
-    ) -> SearchResponse:
-        """Search by text (query string form, for links and quick tests)."""
-        return await text_search(q, k)
 
-    @router.post("/search", response_model=SearchResponse, responses=ERRORS)
-    async def search_post(request: TextSearchRequest) -> SearchResponse:
-        """Search by text."""
-        return await text_search(request.query, request.k)
+@router.get("/search", response_model=SearchResponse, responses=ERRORS)
+async def search_get(q: QueryString, state: State, k: K = 24) -> SearchResponse:
+    """Search by text (query string form, for links and quick tests)."""
+    return await text_search(state, q, k)
 
-    @router.post("/search/image", response_model=SearchResponse, responses=ERRORS)
-    def search_image(
-        file: Annotated[UploadFile, File(description="the query image (PNG, JPEG, GIF, WebP, BMP)")],
-        k: Annotated[int, Form(ge=1, le=MAX_K)] = 24,
-    ) -> SearchResponse:
-        """Search by an uploaded image."""
-        name = file.filename or "the upload"
-        data = file.file.read(state.max_upload_bytes + 1)
-        start = time.perf_counter()
-        hits = state.current_index().search(state.upload_vector(data, name), k)
-        took_ms = (time.perf_counter() - start) * 1000
-        return SearchResponse(kind="image", query=name, took_ms=took_ms, results=_hits(state, hits))
 
-    @router.get("/similar/{image_id}", response_model=SearchResponse, responses=ERRORS)
-    def similar(image_id: ImageId, k: K = 24) -> SearchResponse:
-        """More like this: the images nearest to an indexed image (itself left out)."""
-        index = state.current_index()
-        if index.get(image_id) is None:
-            raise _unknown_id(image_id)
-        start = time.perf_counter()
-        hits = index.search(index.vector(image_id), min(k + 1, index.count))
-        took_ms = (time.perf_counter() - start) * 1000
-        results = _hits(state, hits, skip_id=image_id, k=k)
-        return SearchResponse(kind="similar", query=str(image_id), took_ms=took_ms, results=results)
+@router.post("/search", response_model=SearchResponse, responses=ERRORS)
+async def search_post(request: TextSearchRequest, state: State) -> SearchResponse:
+    """Search by text."""
+    return await text_search(state, request.query, request.k)
 
-    @router.get("/image/{image_id}", response_class=Response, responses=IMAGE_RESPONSES)
-    def image(image_id: ImageId) -> Response:
-        """The original file of an indexed image (converted to PNG if a browser can't show it)."""
+
+@router.post("/search/image", response_model=SearchResponse, responses=ERRORS)
+def search_image(
+    file: Annotated[UploadFile, File(description="the query image (PNG, JPEG, GIF, WebP, BMP)")],
+    state: State,
+    k: Annotated[int, Form(ge=1, le=MAX_K)] = 24,
+) -> SearchResponse:
+    """Search by an uploaded image."""
+    name = file.filename or "the upload"
+    data = file.file.read(state.files.max_upload_bytes + 1)
+    start = time.perf_counter()
+    hits = state.current_index().search(state.upload_vector(data, name), k)
+    took_ms = (time.perf_counter() - start) * 1000
+    return SearchResponse(kind="image", query=name, took_ms=took_ms, results=_hits(hits))
+
+
+@router.get("/similar/{image_id}", response_model=SearchResponse, responses=ERRORS)
+def similar(image_id: ImageId, state: State, k: K = 24) -> SearchResponse:
+    """More like this: the images nearest to an indexed image (itself left out)."""
+    index = state.current_index()
+    if index.get(image_id) is None:
+        raise _unknown_id(image_id)
+    start = time.perf_counter()
+    hits = index.search(index.vector(image_id), min(k + 1, index.count))
+    took_ms = (time.perf_counter() - start) * 1000
+    results = _hits(hits, skip_id=image_id, k=k)
+    return SearchResponse(kind="similar", query=str(image_id), took_ms=took_ms, results=results)
+
+
+@router.get("/image/{image_id}", response_class=Response, responses=IMAGE_RESPONSES)
+def image(image_id: ImageId, state: State) -> Response:
+    """The original file of an indexed image (converted to PNG if a browser can't show it)."""
+    index, files = state.current_index(), state.files
+    hit = index.get(image_id)
+    if hit is None:
+        raise _unknown_id(image_id)
+    media_type = browser_media_type(PurePosixPath(hit.path))
+    try:
+        if media_type is None:
+            return Response(encode_png(files.read_image(index, hit)), media_type="image/png")
+        if files.is_member(index, hit):  # a shard member: its bytes as they are in the shard
+            return Response(files.read_member(index, hit), media_type=media_type)
+        file = files.open_file(index, hit)
+    except FileChangedError as e:
+        raise _unservable(image_id, e) from None
+    size = os.fstat(file.fileno()).st_size
+    return StreamingResponse(_chunks(file), media_type=media_type, headers={"Content-Length": str(size)})
+
+
+@router.get("/thumb/{image_id}", response_class=Response, responses=IMAGE_RESPONSES)
+def thumbnail(image_id: ImageId, state: State) -> Response:
+    """A small version of an indexed image, at most `thumb_size` pixels on its longer side."""
+    files = state.files
+    cached = files.thumbnails.get(image_id)
+    if cached is None:
         index = state.current_index()
         hit = index.get(image_id)
         if hit is None:
             raise _unknown_id(image_id)
-        media_type = browser_media_type(PurePosixPath(hit.path))
         try:
-            if media_type is None:
-                return Response(encode_png(state.read_image(index, hit)), media_type="image/png")
-            if state.is_member(index, hit):  # a shard member: its bytes as they are in the shard
-                return Response(state.read_member(index, hit), media_type=media_type)
-            file = state.open_file(index, hit)
+            cached = files.thumbnail(index, hit)
         except FileChangedError as e:
             raise _unservable(image_id, e) from None
-        size = os.fstat(file.fileno()).st_size
-        return StreamingResponse(_chunks(file), media_type=media_type, headers={"Content-Length": str(size)})
-
-    @router.get("/thumb/{image_id}", response_class=Response, responses=IMAGE_RESPONSES)
-    def thumbnail(image_id: ImageId) -> Response:
-        """A small version of an indexed image, at most `thumb_size` pixels on its longer side."""
-        cached = state.thumbnails.get(image_id)
-        if cached is None:
-            index = state.current_index()
-            hit = index.get(image_id)
-            if hit is None:
-                raise _unknown_id(image_id)
-            try:
-                cached = state.thumbnail(index, hit)
-            except FileChangedError as e:
-                raise _unservable(image_id, e) from None
-            state.thumbnails.put(image_id, cached)
-        data, media_type = cached
-        return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=300"})
-
-    return router
+        files.thumbnails.put(image_id, cached)
+    data, media_type = cached
+    return Response(data, media_type=media_type, headers={"Cache-Control": "max-age=300"})

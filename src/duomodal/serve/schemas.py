@@ -15,18 +15,18 @@ from pydantic import (
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     StrictBool,
+    create_model,
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
-from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
+from duomodal.models.sampling import SAMPLING, SEED, SamplingOptions, Setting, sampling_settings
 from duomodal.search.query import QUERY_PATTERN, SPACE_CHARS, QueryError, parse_query
 
 MAX_K = 200  # most results one search may ask for
 MAX_QUERY_CHARS = 500  # longest text query / prompt accepted (search/query.py's limit too)
 MAX_ID = 2**63 - 1  # ids are int64 in the vector index
-MAX_SEED = 2**31 - 1
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
@@ -91,10 +91,13 @@ def _a_json_number(value: Any) -> Any:
     return value
 
 
-# Numbers of a JSON body, read as JSON Schema reads them: 6.0 is the integer 6, but true and "6"
-# are not numbers (pydantic's lax mode would take both).
-JsonInt = Annotated[int, BeforeValidator(_a_json_number)]
-JsonFloat = Annotated[float, BeforeValidator(_a_json_number)]
+def json_number(kind: type, **bounds: float) -> Any:
+    """A number of a JSON body, read as JSON Schema reads it: 6.0 is the integer 6, but true and "6"
+    are not numbers (pydantic's lax mode would take both). The bounds (ge, gt, le) sit on the number
+    itself, so the schema states them as `minimum`, `exclusiveMinimum`, `maximum`."""
+    return Annotated[kind, Field(**bounds), BeforeValidator(_a_json_number)]
+
+
 
 
 class ErrorResponse(BaseModel):
@@ -112,7 +115,7 @@ class TextSearchRequest(BaseModel):
         description='words describing the image; "-word" subtracts, "2*word" weights',
         examples=["a red heart icon"],
     )
-    k: JsonInt = Field(default=24, ge=1, le=MAX_K, description="number of results")
+    k: json_number(int, ge=1, le=MAX_K) = Field(default=24, description="number of results")  # type: ignore[valid-type]
 
 
 class SearchHit(BaseModel):
@@ -149,32 +152,102 @@ class HealthResponse(BaseModel):
     max_generate: int = Field(description="largest `num` /api/generate accepts (0 when off)")
 
 
-class GenerateRequest(BaseModel):
+# --- generation: the sampling settings, derived from duomodal.models.sampling.SamplingOptions ---------
+
+# what a generation request may choose: every per-call sampling setting and the seed
+REQUEST_SETTINGS = sampling_settings(SAMPLING, SEED)
+
+
+def _bounds(setting: Setting) -> dict[str, Any]:
+    """The setting's bounds as pydantic names them."""
+    low = {"gt": setting.minimum} if setting.above_minimum else {"ge": setting.minimum}
+    return {**low, "le": setting.maximum}
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+def _setting_field(setting: Setting, form: bool) -> tuple[Any, Any]:
+    """A sampling setting as a field of a JSON body or (`form`) of a multipart form. A form field has
+    no null (a form part cannot carry one): a setting that is off by default is simply left out."""
+    if setting.switch:
+        return (bool if form else StrictBool), Field(default=setting.public(setting.default), description=setting.help)
+    kind: Any = Annotated[setting.kind, Field(**_bounds(setting))] if form else json_number(setting.kind,
+                                                                                               **_bounds(setting))
+    if setting.default is None and form:
+        return kind, Field(default=None, description=setting.help, json_schema_extra=_no_default)
+    if setting.optional and not form:
+        kind = kind | None
+    return kind, Field(default=setting.default, description=setting.help)
+
+
+def _setting_fields(form: bool) -> dict[str, Any]:
+    return {setting.public_name: _setting_field(setting, form) for setting in REQUEST_SETTINGS}
+
+
+def sampling_options(request: BaseModel) -> SamplingOptions:
+    """The SamplingOptions of a generation request or form (batch size and precision: the defaults)."""
+    return SamplingOptions(**{s.name: s.from_public(getattr(request, s.public_name)) for s in REQUEST_SETTINGS})
+
+
+def settings_of(request: BaseModel) -> dict[str, Any]:
+    """The sampling settings and the seed of a request, as the job echoes them (`JobSettings`)."""
+    return {s.public_name: getattr(request, s.public_name) for s in REQUEST_SETTINGS}
+
+
+def _keep_at_most_num(num: int | None, keep: int | None) -> None:
+    if keep is not None and num is not None and keep > num:
+        raise ValueError(f"keep ({keep}) is larger than num ({num}): keep at most num")
+
+
+class _GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: Annotated[str, Words] = Field(min_length=1, max_length=MAX_QUERY_CHARS, examples=["a red heart icon"])
-    num: JsonInt | None = Field(default=None, ge=1, description="images to sample (default 16, or /health "
-                                "max_generate when that is lower; at most max_generate)")
-    keep: JsonInt | None = Field(
-        default=None, ge=1, description="keep the best `keep` by CLIP score (default: all)"
-    )
-    guidance: JsonFloat = Field(
-        default=DEFAULT_GUIDANCE, ge=0.0, le=20.0, description="classifier-free guidance scale; 1 = off"
-    )
-    temperature: JsonFloat = Field(default=1.0, gt=0.0, le=5.0)
-    top_k: JsonInt | None = Field(default=DEFAULT_TOP_K, ge=1, le=65536,
-                              description="sample among the top k tokens; null = all")
-    seed: JsonInt = Field(default=0, ge=0, le=MAX_SEED)
-    keep_unseen_words: StrictBool = Field(
-        default=False, description="condition on prompt words no training caption had too (by default they "
-        "are left out: the model never learnt them)"
-    )
+    num: json_number(int, ge=1) | None = Field(  # type: ignore[valid-type]
+        default=None, description="images to sample (default 16, or /health max_generate when that is lower; at "
+        "most max_generate)")
+    keep: json_number(int, ge=1) | None = Field(  # type: ignore[valid-type]
+        default=None, description="keep the best `keep` by CLIP score (default: all)")
 
     @model_validator(mode="after")
-    def _keep_at_most_num(self) -> GenerateRequest:
-        if self.keep is not None and self.num is not None and self.keep > self.num:
-            raise ValueError(f"keep ({self.keep}) is larger than num ({self.num}): keep at most num")
+    def _keep_at_most_num(self) -> _GenerateBody:
+        _keep_at_most_num(self.num, self.keep)
         return self
+
+
+GenerateRequest = create_model("GenerateRequest", __base__=_GenerateBody, **_setting_fields(form=False))
+
+
+def _optional_count(description: str) -> Any:
+    """A form's optional count: an integer when given (a form part cannot carry null)."""
+    return Field(default=None, ge=1, description=description, json_schema_extra=_no_default)
+
+
+class _ImageForm(BaseModel):
+    """The fields of an edit or completion form beside the image file."""
+
+    prompt: Annotated[str, Words] = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    num: int = _optional_count("images to sample (default 8, or /api/generator max_generate when that is lower; "
+                               "at most max_generate)")
+    keep: int = _optional_count("keep the best `keep` (default: all)")
+
+
+_SamplingForm = create_model("_SamplingForm", __base__=_ImageForm, **_setting_fields(form=True))
+MAX_BOX_COORD = 1_000_000
+
+
+class EditForm(_SamplingForm):  # type: ignore[misc, valid-type]
+    left: int = Field(ge=0, le=MAX_BOX_COORD, description="box, in image pixels")
+    top: int = Field(ge=0, le=MAX_BOX_COORD)
+    right: int = Field(ge=1, le=MAX_BOX_COORD)
+    bottom: int = Field(ge=1, le=MAX_BOX_COORD)
+
+
+class CompleteForm(_SamplingForm):  # type: ignore[misc, valid-type]
+    # at most the model's grid rows - 1: stated in the served schema, checked by the route
+    rows: int = Field(ge=0, description="token rows to keep, from the top (less than the model's grid)")
 
 
 class GeneratedImage(BaseModel):
@@ -207,19 +280,20 @@ class JobPreviewBody(BaseModel):
     images: list[str] = Field(description="PNG URLs of the partial images")
 
 
-class JobSettings(BaseModel):
+class _JobCounts(BaseModel):
     """What the job was asked for: with the prompt (and the source image) it reproduces the result."""
 
     num: int
     keep: int | None = None
-    guidance: float | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    seed: int
     box: list[int] | None = Field(default=None, description="edit: left, top, right, bottom in model pixels")
     rows: int | None = Field(default=None, description="complete: token rows kept from the image")
-    keep_unseen_words: bool | None = Field(default=None, description="prompt words no training caption had "
-                                           "were kept in the conditioning")
+
+
+JobSettings = create_model("JobSettings", __base__=_JobCounts, **{
+    s.public_name: (s.kind if s.role == SEED else (bool if s.switch else s.kind) | None,
+                    Field(... if s.role == SEED else None, description=s.help))
+    for s in REQUEST_SETTINGS
+})
 
 
 class JobResponse(BaseModel):
@@ -240,9 +314,31 @@ class JobResponse(BaseModel):
     url: str = Field(description="poll this for progress and the result")
 
 
+class SettingInfo(BaseModel):
+    """A sampling setting a generation request may choose, with its default and bounds."""
+
+    name: str
+    type: Literal["integer", "number", "boolean"]
+    default: float | bool | None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = Field(default=False, description="the minimum itself is refused")
+    description: str
+
+
+def setting_infos() -> list[SettingInfo]:
+    infos = []
+    for s in REQUEST_SETTINGS:
+        kind = "boolean" if s.switch else {int: "integer", float: "number"}[s.kind]
+        infos.append(SettingInfo(name=s.public_name, type=kind, default=s.public(s.default), minimum=s.minimum,
+                                 maximum=s.maximum, exclusive_minimum=s.above_minimum, description=s.help))
+    return infos
+
+
 class GeneratorInfo(BaseModel):
     image_size: int = Field(description="the model's image side in pixels; uploads are fitted to it")
     grid_size: int = Field(description="token grid side: a box snaps to cells of image_size / grid_size pixels")
     max_generate: int = Field(description="largest `num` a job may ask for")
     guidance: float = Field(description="default classifier-free guidance scale")
     top_k: int | None = Field(description="default top-k")
+    settings: list[SettingInfo] = Field(description="every sampling setting a request may choose")

@@ -34,18 +34,9 @@ from duomodal.data.images import ImageError, save_grid, to_tensor
 from duomodal.data.records import Record, load_records
 from duomodal.files import atomic_write_bytes, save_json
 from duomodal.modelfile import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
-from duomodal.models.dalle import (
-    CAPTION_WORDS_FILE,
-    DALLE,
-    VAE_SUBDIR,
-    DALLEConfig,
-    drop_captions,
-    text_ids_with_padding,
-    vae_identity,
-    weighted_loss,
-    words_of,
-)
-from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K, row_uniforms, sample_image_tokens
+from duomodal.models.dalle import (CAPTION_WORDS_FILE, DALLE, VAE_SUBDIR, DALLEConfig, drop_captions,
+                                   text_ids_with_padding, vae_identity, weighted_loss, words_of)
+from duomodal.models.sampling import SamplingOptions, row_uniforms, sample_image_tokens
 from duomodal.models.vae import load_vae
 from duomodal.text.tokenizer import SPECIAL_TOKENS, Tokenizer
 from duomodal.train.distributed import train_tokenizer
@@ -63,9 +54,10 @@ class SampleConfig:
     prompts: tuple[str, ...] = ()  # fixed prompts for the sample grids; empty: taken from val and heldout
     prompt_count: int = 8  # prompts taken from the data when `prompts` is empty (half val, half heldout)
     per_prompt: int = 6  # samples per prompt (one row each, after the real image when there is one)
-    temperature: float = 1.0
-    top_k: int = DEFAULT_TOP_K  # 0 = off
-    guidance: float = DEFAULT_GUIDANCE
+    # sampled as every entry point samples by default (SamplingOptions)
+    temperature: float = SamplingOptions.temperature
+    top_k: int = SamplingOptions.top_k  # 0 = off
+    guidance: float = SamplingOptions.guidance
 
     def __post_init__(self) -> None:
         if self.prompt_count < 1 or self.per_prompt < 1:
@@ -73,6 +65,10 @@ class SampleConfig:
                              f"{self.prompt_count} and {self.per_prompt}")
         if self.top_k < 0:
             raise ValueError(f"samples.top_k must be >= 0 (0 = off), got {self.top_k}")
+        self.options()  # the sampling settings' own bounds
+
+    def options(self) -> SamplingOptions:
+        return SamplingOptions(temperature=self.temperature, top_k=self.top_k or None, guidance=self.guidance)
 
 
 @dataclass(frozen=True)
@@ -413,9 +409,8 @@ class DALLETask:
         for k, (prompt, record_row) in enumerate(self._sample_plan):
             text = torch.tensor(self.tokenizer.encode(prompt, self.model_cfg.text_seq_len))
             tokens = sample_image_tokens(
-                dalle, text[None].expand(s.per_prompt, -1),
+                dalle, text[None].expand(s.per_prompt, -1), s.options(),
                 row_uniforms([1000 * k + i for i in range(s.per_prompt)], G * G),
-                temperature=s.temperature, top_k=s.top_k or None, guidance=s.guidance,
                 empty_text=self.empty_text if s.guidance != 1.0 else None,
             )
             images = self.vae.decode(tokens.view(-1, G, G)).float().cpu()  # (P, 3, S, S)

@@ -344,17 +344,53 @@ function generatedCard(image, prompt, kind, order) {
   return figure;
 }
 
-const GENERATE_FIELDS = ["num", "keep", "guidance", "seed"];
+// --- sampling settings: the controls marked data-setting="<the API's name>" ----------------------
+
+function settingInputs(formId) {
+  return document.querySelectorAll(`#${formId} [data-setting]`);
+}
+
+// Each sampling control takes its default and bounds from the server (GET /api/generator
+// `settings`, derived from the sampling contract), so the page never repeats them.
+function applySettings(settings) {
+  const byName = Object.fromEntries(settings.map((s) => [s.name, s]));
+  for (const input of document.querySelectorAll("[data-setting]")) {
+    const setting = byName[input.dataset.setting];
+    if (!setting) continue;
+    input.title = setting.description;
+    if (setting.type === "boolean") {
+      input.checked = Boolean(setting.default);
+      continue;
+    }
+    if (setting.minimum !== null) input.min = String(setting.minimum);
+    if (setting.maximum !== null) input.max = String(setting.maximum);
+    input.value = setting.default === null ? "" : String(setting.default);
+  }
+}
+
+// The settings of a form's controls by name; an empty field is left out (the server's default).
+function settingValues(formId) {
+  const values = {};
+  for (const input of settingInputs(formId)) {
+    if (input.type === "checkbox") values[input.dataset.setting] = input.checked;
+    else if (input.value !== "") values[input.dataset.setting] = Number(input.value);
+  }
+  return values;
+}
+
+// The settings a link gives, into a form's controls.
+function setSettings(formId, hash) {
+  for (const input of settingInputs(formId)) {
+    const value = hash.get(input.dataset.setting);
+    if (value === null) continue;
+    if (input.type === "checkbox") input.checked = value === "true";
+    else input.value = value;
+  }
+}
 
 function generateRequest() {
   const keep = $("keep").value === "" ? null : Number($("keep").value);
-  return {
-    prompt: $("prompt").value,
-    num: Number($("num").value),
-    keep,
-    guidance: Number($("guidance").value),
-    seed: Number($("seed").value),
-  };
+  return { prompt: $("prompt").value, num: Number($("num").value), keep, ...settingValues("generate-form") };
 }
 
 function showCompare() {
@@ -414,7 +450,8 @@ function reproduceLink(entry) {
 function openLink(hash) {
   if (hash.get("generate") && health && health.generation) {
     $("prompt").value = hash.get("prompt") || "";
-    for (const id of GENERATE_FIELDS) if (hash.get(id) !== null) $(id).value = hash.get(id);
+    for (const id of ["num", "keep"]) if (hash.get(id) !== null) $(id).value = hash.get(id);
+    setSettings("generate-form", hash);
     selectTab("generate");
     if ($("prompt").value) generate();
     return true;

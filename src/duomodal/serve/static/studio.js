@@ -301,8 +301,8 @@ function studioForm() {
   form.append("prompt", $("studio-prompt").value);
   form.append("num", $("studio-num").value);
   if ($("studio-keep").value !== "") form.append("keep", $("studio-keep").value);
-  form.append("seed", $("studio-seed").value);
-  form.append("guidance", $("studio-guidance").value);
+  // the sampling settings: every [data-setting] control, named as the API names the setting
+  for (const [name, value] of Object.entries(settingValues("studio-form"))) form.append(name, String(value));
   if (studio.mode === "edit") {
     const px = modelCell();
     const { c0, r0, c1, r1 } = studio.box;
@@ -398,9 +398,10 @@ async function openStudioLink(hash) {
   await openInStudio(`/api/image/${id}`, { kind: "index", id: Number(id) });
   if (!current()) return;
   $("studio-prompt").value = hash.get("prompt") || "";
-  for (const name of ["num", "keep", "seed", "guidance"]) {
+  for (const name of ["num", "keep"]) {
     if (hash.get(name) !== null) $(`studio-${name}`).value = hash.get(name);
   }
+  setSettings("studio-form", hash);
   const px = modelCell();
   const box = (hash.get("box") || "").split(",").map(Number);
   if (studio.mode === "edit" && box.length === 4 && box.every(Number.isFinite)) {
@@ -414,6 +415,7 @@ async function openStudioLink(hash) {
 
 async function startStudio() {
   studio.info = await fetchJSON("/api/generator");
+  applySettings(studio.info.settings || []);  // the generate tab's controls too
   studio.line = Math.max(1, Math.floor(studio.info.grid_size / 2));
   studio.view = new JobView("studio");
   const canvas = $("studio-canvas");
