@@ -82,3 +82,59 @@ def test_search_errors(shape_dataset, tmp_path, fake_clip, capsys):
     for argv, message in cases:
         assert cli.main(argv) == 2, argv
         assert capsys.readouterr().err == f"duomodal: error: {message}\n"
+
+
+# --- words in images (--ocr) ---------------------------------------------------------------------
+
+
+def test_ocr_without_the_engine_fails_at_once_saying_how_to_install(shape_dataset, tmp_path, fake_clip, capsys,
+                                                                    monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # an import that fails
+    monkeypatch.setenv("PATH", str(tmp_path))  # no tesseract program
+    for engine, install in (("rapidocr", "pip install 'duomodal[ocr]'"),
+                            ("tesseract", "apt-get install tesseract-ocr tesseract-ocr-eng")):
+        argv = ["index", "build", str(shape_dataset), "--clip", str(tmp_path), "--out", str(tmp_path / "idx"),
+                "--quiet", "--ocr", engine]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"duomodal: error: the {engine} OCR engine is not installed")
+        assert err.endswith(f"install it with: {install}" + (" (Debian/Ubuntu)" if engine == "tesseract" else
+                                                            " (rapidocr-onnxruntime, which ships its models)"))
+    assert fake_clip == [] and not (tmp_path / "idx").exists()  # before the CLIP loads or anything is written
+
+
+def test_ocr_build_update_and_hybrid_search(tmp_path, fake_clip, capsys, monkeypatch):
+    from duomodal.data.images import load_image
+    from duomodal.data.memes import write_corpus
+    from duomodal.search import ocr as ocr_module
+
+    from .test_text_index import FakeOcr
+
+    memes = write_corpus(tmp_path / "memes", 6, seed=9, textless=1)
+    texts = {FakeOcr.key(load_image(tmp_path / "memes" / m.file)): m.text for m in memes}
+    opened = []
+    monkeypatch.setattr(ocr_module, "open_engine", lambda kind: opened.append(kind) or FakeOcr(texts))
+    index_dir = tmp_path / "idx"
+    assert cli.main(["index", "build", str(tmp_path / "memes"), "--clip", str(tmp_path), "--out", str(index_dir),
+                     "--quiet", "--ocr"]) == 0
+    out = capsys.readouterr().out
+    assert opened == ["rapidocr"] and "; words read in 7 images (" in out and "0 copied, 0 unreadable" in out
+    target = next(m for m in memes if m.phrase)
+    assert cli.main(["search", str(index_dir), target.phrase, "-k", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    best = result["results"][0]
+    assert best["path"] == target.file and best["words"] == target.text and best["text_rank"] == 1
+    assert set(best["matched_words"]) == set(target.phrase.split()) and best["why"].startswith("words ")
+    assert result["text_weight"] == 1.0 and {"fused", "clip_rank", "score"} <= set(best)
+    assert cli.main(["search", str(index_dir), f'"{target.phrase}"']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["rank", "score", "path", "[why]"] and len(lines) == 2
+    assert target.file in lines[1] and f'words: "{target.text[:40]}' in lines[1]  # long words are cut at 80
+    assert cli.main(["search", str(index_dir), '"nowhere at all"']) == 0
+    assert capsys.readouterr().out.strip() == "no results (no image's words hold the quoted phrase)"
+    assert cli.main(["search", str(index_dir), "x", "--text-weight", "101"]) == 2
+    assert "text weight must be from 0 to 100, got 101.0" in capsys.readouterr().err
+    assert cli.main(["index", "update", str(index_dir), "--quiet"]) == 0  # the recorded engine, nothing to read
+    assert opened == ["rapidocr", "rapidocr"] and "words read in 0 images" in capsys.readouterr().out

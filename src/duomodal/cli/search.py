@@ -9,6 +9,14 @@ import os
 import sys
 
 from duomodal.cli.common import _add_precision_option
+from duomodal.cli.words import (
+    add_ocr_option,
+    add_text_weight_option,
+    hybrid_groups,
+    ocr_engine_for,
+    ocr_report_line,
+    print_hybrid,
+)
 
 
 def _add_search_commands(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +56,7 @@ def _add_search_commands(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--clip", metavar="CLIP_DIR", help="CLIP directory (default: the one recorded in the index)")
     search.add_argument("--device", default="cpu", help="device for the CLIP model (default cpu)")
     _add_precision_option(search, "the CLIP model")
+    add_text_weight_option(search)
     search.set_defaults(func=_cmd_search)
 
 
@@ -73,6 +82,7 @@ def _add_index_options(parser: argparse.ArgumentParser, keep_recorded: bool = Fa
     parser.add_argument("--device", default=None, help="device for CLIP (default: this rank's GPU if any, else cpu)")
     _add_precision_option(parser, "CLIP")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_ocr_option(parser, keep_recorded)
 
 
 def _search_load_clip(path: str, device, precision: str = "auto"):
@@ -118,6 +128,7 @@ def _print_build_report(report) -> None:
         f"{'' if report.vector_store == 'faiss' else ' in ' + report.vector_store}) in {report.seconds:.1f} s; "
         f"{report.embedded} embedded, {report.reused} reused, {report.moved} moved, {report.refreshed} refreshed, "
         f"{report.removed} removed, {report.unchanged} unchanged, {len(report.skipped)} skipped"
+        + ocr_report_line(report.ocr)
     )
 
 
@@ -126,9 +137,10 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     from duomodal.search.build import build_index
 
     options = _index_options(args, None)
+    ocr = ocr_engine_for(args.ocr, None)  # fails now, before the CLIP loads, when the engine is missing
     embedder = _search_load_clip(args.clip, resolve_device(args.device), args.precision)
     report = build_index(args.dir, args.out, embedder, clip_path=args.clip, options=options,
-                         on_skip=_print_skip, progress=not args.quiet)
+                         on_skip=_print_skip, progress=not args.quiet, ocr=ocr)
     _print_build_report(report)
     return 0
 
@@ -145,8 +157,10 @@ def _cmd_index_update(args: argparse.Namespace) -> int:
     if not clip:
         raise ValueError(f"{args.index_dir} records no CLIP directory; pass --clip CLIP_DIR")
     options = _index_options(args, recorded)
+    ocr = ocr_engine_for(args.ocr, recorded)
     embedder = _search_load_clip(clip, resolve_device(args.device), args.precision)
-    report = update_index(args.index_dir, embedder, options=options, on_skip=_print_skip, progress=not args.quiet)
+    report = update_index(args.index_dir, embedder, options=options, on_skip=_print_skip, progress=not args.quiet,
+                          ocr=ocr)
     _print_build_report(report)
     return 0
 
@@ -187,6 +201,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.index_dir} records no CLIP directory; pass --clip CLIP_DIR")
         embedder = _search_load_clip(clip, args.device, args.precision)
         index.check_model(embedder.model_id)
+        hybrid = hybrid_groups(args, index, embedder, images)  # None: no words in the index, or none asked
+        if hybrid is not None:
+            return print_hybrid(args, hybrid, index.source, [p for _, p in image_terms])
         vector = query_vector(embedder, texts, images)
         if args.dedup is not None:
             groups = [(g.hit, g.duplicates) for g in search_grouped(index, vector, args.k, args.dedup)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ class BuildReport:
     index_type: str = ""
     vector_store: str = "faiss"  # "faiss" or the Milvus store spec
     seconds: float = 0.0
+    ocr: Any = None  # the OCR pass's OcrReport (text_index.py) when the run read words
 
 
 def skip_file(report: BuildReport, on_skip: SkipCallback | None, path: str, reason: str) -> None:

@@ -21,6 +21,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
 from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
+from duomodal.search.hybrid import DEFAULT_TEXT_WEIGHT, MAX_TEXT_WEIGHT
 from duomodal.search.query import QUERY_PATTERN, SPACE_CHARS, QueryError, parse_query
 
 MAX_K = 200  # most results one search may ask for
@@ -103,6 +104,11 @@ class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong with the request and what to do instead")
 
 
+TEXT_WEIGHT_HELP = (
+    "in an index with words (--ocr): the weight of the words' ranking against CLIP's (0: pictures only)"
+)
+
+
 class TextSearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -113,6 +119,17 @@ class TextSearchRequest(BaseModel):
         examples=["a red heart icon"],
     )
     k: JsonInt = Field(default=24, ge=1, le=MAX_K, description="number of results")
+    text_weight: float = Field(default=DEFAULT_TEXT_WEIGHT, ge=0, le=MAX_TEXT_WEIGHT, description=TEXT_WEIGHT_HELP)
+
+
+class SearchMatch(BaseModel):
+    """Why an image matched a text query in an index with words (built with --ocr)."""
+
+    fused: float = Field(description="the reciprocal-rank-fusion score the results are ordered by")
+    clip_rank: int = Field(description="the image's rank by CLIP similarity among the candidates")
+    text_rank: int | None = Field(description="its rank by the words (BM25), null when its words do not match")
+    matched_words: list[str] = Field(description="the query's words found in the image")
+    why: str = Field(description="the same in words")
 
 
 class SearchHit(BaseModel):
@@ -124,6 +141,8 @@ class SearchHit(BaseModel):
     caption: str | None = None
     image_url: str
     thumb_url: str
+    words: str | None = Field(default=None, description="the words read in the image (an index built with --ocr)")
+    match: SearchMatch | None = Field(default=None, description="why it matched a text query (with --ocr)")
 
 
 class SearchResponse(BaseModel):
