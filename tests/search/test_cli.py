@@ -138,3 +138,48 @@ def test_ocr_build_update_and_hybrid_search(tmp_path, fake_clip, capsys, monkeyp
     assert "text weight must be from 0 to 100, got 101.0" in capsys.readouterr().err
     assert cli.main(["index", "update", str(index_dir), "--quiet"]) == 0  # the recorded engine, nothing to read
     assert opened == ["rapidocr", "rapidocr"] and "words read in 0 images" in capsys.readouterr().out
+
+
+def test_filters_and_cut_off(shape_dataset, tmp_path, fake_clip, capsys):
+    import os
+
+    photos = tmp_path / "photos"
+    shutil.copytree(shape_dataset, photos)
+    (photos / "old").mkdir()
+    for name in ("red_circle_0.png", "red_square_0.png"):
+        (photos / name).rename(photos / "old" / name)
+        os.utime(photos / "old" / name, (1_600_000_000, 1_600_000_000))  # 2020-09-13
+    (photos / "red_big.png").write_bytes((photos / "old" / "red_circle_0.png").read_bytes() + b"\0" * 5000)
+    index_dir = tmp_path / "idx"
+    assert cli.main(["index", "build", str(photos), "--clip", str(tmp_path), "--out", str(index_dir), "--quiet"]) == 0
+    capsys.readouterr()
+
+    def paths(*options: str) -> list[str]:
+        assert cli.main(["search", str(index_dir), "red", "-k", "30", "--json", *options]) == 0
+        return [r["path"] for r in json.loads(capsys.readouterr().out)["results"]]
+
+    everything = paths()
+    assert sorted(paths("--folder", "old")) == ["old/red_circle_0.png", "old/red_square_0.png"]
+    assert sorted(paths("--before", "2021-01-01")) == ["old/red_circle_0.png", "old/red_square_0.png"]
+    assert not set(paths("--after", "2021-01-01")) & {"old/red_circle_0.png", "old/red_square_0.png"}
+    assert paths("--min-size", "5k") == ["red_big.png"]
+    assert "red_big.png" not in paths("--max-size", "4k")
+    assert paths("--format", "jpeg") == [] and len(paths("--format", "png,gif")) == len(everything)
+    cut = paths("--min-score", "0.5")
+    assert 0 < len(cut) < len(everything) and cut == everything[: len(cut)]  # a cut-off, best first
+    by_date = paths("--sort", "date")  # newest first: the two files of 2020 last
+    assert sorted(by_date) == sorted(everything) and set(by_date[-2:]) == {"old/red_circle_0.png", "old/red_square_0.png"}
+
+    assert cli.main(["search", str(index_dir), "red", "--format", "jpeg"]) == 0
+    assert capsys.readouterr().out.strip() == "no results (no image passes the filters)"
+    for options, message in (
+        (["--after", "yesterday"], "after 'yesterday' is not a date; write it like 2024-05-01 or 2024-05-01T13:30"),
+        (["--min-size", "big"], "min size 'big' is not a size; write bytes or a number with k, M or G, like 250k"),
+        (["--format", "svg"], "unknown format(s) svg; choose from jpeg, png, gif, webp, bmp, tiff"),
+        (["--folder", "../etc"], "folder must be a path inside the indexed folder, like 2024/cats; got '../etc'"),
+        (["--min-score", "2"], "min_score must be from -1 to 1 (a cosine similarity), got 2.0"),
+        (["--after", "2024-01-02", "--before", "2024-01-01"], "the date range is empty"),
+        (["--dedup", "0.9", "--folder", "old"], "--dedup does not combine with filters"),
+    ):
+        assert cli.main(["search", str(index_dir), "red", *options]) == 2
+        assert message in capsys.readouterr().err

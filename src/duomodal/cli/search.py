@@ -10,8 +10,10 @@ import sys
 
 from duomodal.cli.common import _add_precision_option
 from duomodal.cli.words import (
+    add_filter_options,
     add_ocr_option,
     add_text_weight_option,
+    filters_from_args,
     hybrid_groups,
     ocr_engine_for,
     ocr_report_line,
@@ -57,6 +59,7 @@ def _add_search_commands(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--device", default="cpu", help="device for the CLIP model (default cpu)")
     _add_precision_option(search, "the CLIP model")
     add_text_weight_option(search)
+    add_filter_options(search)
     search.set_defaults(func=_cmd_search)
 
 
@@ -183,6 +186,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     from duomodal.data.images import load_image
     from duomodal.search.dedup import check_threshold, search_grouped
+    from duomodal.search.filters import filtered_search
     from duomodal.search.index import MAX_K, ImageIndex
     from duomodal.search.query import parse_query, query_vector
 
@@ -190,6 +194,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise ValueError(f"-k must be from 1 to {MAX_K}, got {args.k}")
     if args.dedup is not None:
         check_threshold(args.dedup)
+    filters = filters_from_args(args)  # a bad filter fails before the CLIP loads
     if args.query is None and not args.image:
         raise ValueError("give a text query, --image PATH, or both")
     texts = parse_query(args.query) if args.query is not None else []
@@ -206,9 +211,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
             return print_hybrid(args, hybrid, index.source, [p for _, p in image_terms])
         vector = query_vector(embedder, texts, images)
         if args.dedup is not None:
+            if filters.active:
+                raise ValueError("--dedup does not combine with filters, --min-score or --sort yet; drop one")
             groups = [(g.hit, g.duplicates) for g in search_grouped(index, vector, args.k, args.dedup)]
         else:
-            groups = [(hit, []) for hit in index.search(vector, args.k)]
+            groups = [(hit, []) for hit in filtered_search(index, vector, args.k, filters)]
         source = index.source
 
     def as_dict(hit) -> dict:
@@ -226,7 +233,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                           "results": results}, indent=2))
         return 0
     if not groups:
-        print("no results (the index is empty)")
+        print("no results (no image passes the filters)" if filters.active else "no results (the index is empty)")
         return 0
     print(f"{'rank':>4}  {'score':>7}  path")
     for rank, (hit, duplicates) in enumerate(groups, start=1):

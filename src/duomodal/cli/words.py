@@ -61,7 +61,7 @@ def hybrid_groups(args: argparse.Namespace, index, embedder, images):
             return None
         query = split_query(args.query)
         vector = query_vector(embedder, parse_query(query.clip_text), images)
-        return hybrid_search(index, text_index, vector, query, args.k, args.text_weight)
+        return hybrid_search(index, text_index, vector, query, args.k, args.text_weight, filters_from_args(args))
 
 
 def match_dict(hit) -> dict:
@@ -83,6 +83,7 @@ def print_hybrid(args: argparse.Namespace, hits, source, image_paths: list[str])
         return 0
     if not hits:
         print("no results (no image's words hold the quoted phrase)" if '"' in args.query
+              else "no results (no image passes the filters)" if filters_from_args(args).active
               else "no results (the index is empty)")
         return 0
     print(f"{'rank':>4}  {'score':>7}  path  [why]")
@@ -94,3 +95,26 @@ def print_hybrid(args: argparse.Namespace, hits, source, image_paths: list[str])
 
 def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def add_filter_options(parser: argparse.ArgumentParser) -> None:
+    from duomodal.search.filters import FORMATS, SORTS
+
+    group = parser.add_argument_group("filters and cut-off (applied before the top k is taken)")
+    group.add_argument("--folder", metavar="DIR", help="only images under DIR, relative to the indexed folder")
+    group.add_argument("--after", metavar="DATE", help="only files modified at or after DATE (2024-05-01[T13:30])")
+    group.add_argument("--before", metavar="DATE", help="only files modified before DATE")
+    group.add_argument("--min-size", metavar="SIZE", help="only files of at least SIZE (bytes, or 250k, 2M)")
+    group.add_argument("--max-size", metavar="SIZE", help="only files of at most SIZE")
+    group.add_argument("--format", action="append", default=[], metavar="FMT",
+                       help=f"only these formats ({', '.join(FORMATS)}; repeat or comma-separate)")
+    group.add_argument("--min-score", type=float, default=None, metavar="S",
+                       help="only results whose CLIP score (cosine similarity) is at least S: fewer than k when few are")
+    group.add_argument("--sort", choices=SORTS, default="score", help="order of the results: score, or date (newest first)")
+
+
+def filters_from_args(args: argparse.Namespace):
+    from duomodal.search.filters import filters_from_text
+
+    return filters_from_text(args.folder, args.after, args.before, args.min_size, args.max_size, args.format,
+                             args.min_score, args.sort)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from duomodal.search.filters import SearchFilters, admitted_among, cut_and_sort, filtered_search
 from duomodal.search.index import Hit, ImageIndex
 from duomodal.search.query import QueryError, parse_query
 from duomodal.search.text_index import TextIndex, letters, tokens
@@ -88,16 +89,23 @@ def hybrid_search(
     query: TextQuery,
     k: int,
     text_weight: float = DEFAULT_TEXT_WEIGHT,
+    filters: SearchFilters | None = None,
 ) -> list[HybridHit]:
     """The `k` best images for `query` by fused rank (see the module's docstring); `vector` is the
-    query's CLIP vector (D,)."""
+    query's CLIP vector (D,). `filters` select the candidates on both sides before fusing; their
+    minimum score (on the CLIP score) and order apply to the fused top k."""
     text_weight = check_text_weight(text_weight)
+    filters = filters or SearchFilters()
     depth = max(k, CANDIDATES)
-    matches = {m.image_id: m for m in text_index.search(query.words, query.phrases, depth)}
+    matches = {m.image_id: m for m in text_index.search(query.words, query.phrases, depth * 4 if filters.selects else depth)}
+    if filters.selects:
+        admitted = admitted_among(index.index_dir, filters, list(matches))
+        matches = {i: m for i, m in matches.items() if i in admitted}
     if query.phrases:
-        ids = list(matches)  # a phrase is required: only images whose words hold it
+        ids = list(matches)[:depth]  # a phrase is required: only images whose words hold it
     else:
-        ids = list(dict.fromkeys([h.id for h in index.search(vector, depth)] + list(matches)))
+        near = filtered_search(index, vector, depth, SearchFilters(**{**filters.__dict__, "min_score": None, "sort": "score"}))
+        ids = list(dict.fromkeys([h.id for h in near] + list(matches)[:depth]))
     if not ids:
         return []
     scores = index.vectors(ids) @ np.asarray(vector, dtype=np.float32)
@@ -121,6 +129,10 @@ def hybrid_search(
         results.append(HybridHit(hit, fused[i], clip_rank[i], matches[i].rank if i in matches else None, text,
                                  tuple(t for t in query_tokens if letters(t) in found)))
     texts = text_index.text_of([r.hit.id for r in results if not r.text])
-    return [HybridHit(r.hit, r.fused, r.clip_rank, r.text_rank, texts.get(r.hit.id, ""), r.matched)
-            if not r.text else r for r in results]
+    results = [HybridHit(r.hit, r.fused, r.clip_rank, r.text_rank, texts.get(r.hit.id, ""), r.matched)
+               if not r.text else r for r in results]
+    kept = {id(h) for h in cut_and_sort([r.hit for r in results], filters)}
+    if filters.sort == "date":
+        results = sorted(results, key=lambda r: (-(r.hit.mtime_ns or 0), -r.fused))
+    return [r for r in results if id(r.hit) in kept]
 
