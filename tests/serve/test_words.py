@@ -57,3 +57,29 @@ def test_rest_search_shows_words_and_why_and_agrees_with_the_cli(word_index, tmp
     from_cli = json.loads(capsys.readouterr().out)["results"]
     assert [r["path"] for r in from_cli] == [r["path"] for r in body["results"]]
     assert [r["why"] for r in from_cli] == [r["match"]["why"] for r in body["results"]]
+
+
+def test_rest_filters_agree_with_the_cli(word_index, tmp_path, monkeypatch, capsys):
+    index_dir, memes = word_index
+    folder = memes[0].file.rsplit("/", 1)[0]
+    with ImageIndex.open(index_dir) as index:
+        client = TestClient(create_app(index, FakeEmbedder()), base_url="http://localhost")
+        got = client.get("/api/search", params={"q": "monday", "k": 10, "format": ["png"], "folder": folder,
+                                                "sort": "date", "text_weight": 0})
+        assert got.status_code == 200, got.text
+        posted = client.post("/api/search", json={"query": "monday", "k": 10, "format": ["png"], "folder": folder,
+                                                  "sort": "date", "text_weight": 0}).json()
+        assert [r["path"] for r in got.json()["results"]] == [r["path"] for r in posted["results"]]
+        assert posted["results"] and all(r["path"].endswith(".png") for r in posted["results"])
+        hybrid = client.post("/api/search", json={"query": "monday", "k": 10, "format": ["jpeg"]}).json()
+        assert all(r["path"].endswith(".jpg") for r in hybrid["results"])
+        bad = client.get("/api/search", params={"q": "x", "after": "yesterday"})
+        assert bad.status_code == 400 and "is not a date" in bad.json()["detail"]
+        far = client.get("/api/search", params={"q": "x", "after": "9999-12-31", "text_weight": 0})
+        assert far.status_code == 200 and far.json()["results"] == []
+    monkeypatch.setattr(cli_search, "_search_load_clip", lambda path, device, precision: FakeEmbedder())
+    for weight, body in (("0", posted), ("1", hybrid)):
+        options = ["--format", "png", "--folder", folder, "--sort", "date"] if weight == "0" else ["--format", "jpeg"]
+        assert cli.main(["search", str(index_dir), "monday", "-k", "10", "--json", "--clip", str(tmp_path),
+                         "--text-weight", weight, *options]) == 0
+        assert [r["path"] for r in json.loads(capsys.readouterr().out)["results"]] == [r["path"] for r in body["results"]]

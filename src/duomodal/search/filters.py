@@ -83,21 +83,26 @@ class SearchFilters:
             params.append(_like_escape(self.folder) + "/%")
         if self.after is not None:
             clauses.append("mtime_ns >= ?")
-            params.append(int(self.after * 1e9))
+            params.append(_int64(self.after * 1e9))
         if self.before is not None:
             clauses.append("mtime_ns < ?")
-            params.append(int(self.before * 1e9))
+            params.append(_int64(self.before * 1e9))
         if self.min_bytes is not None:
             clauses.append("size >= ?")
-            params.append(self.min_bytes)
+            params.append(_int64(self.min_bytes))
         if self.max_bytes is not None:
             clauses.append("size <= ?")
-            params.append(self.max_bytes)
+            params.append(_int64(self.max_bytes))
         if self.formats:
             endings = [e for f in self.formats for e in FORMATS[f]]
             clauses.append("(" + " OR ".join("lower(path) LIKE ?" for _ in endings) + ")")
             params.extend(f"%.{e}" for e in endings)
         return (" AND ".join(clauses) or "1"), params
+
+
+def _int64(value: float) -> int:
+    """`value` within SQLite's integer range (a date in the year 9999 in nanoseconds is beyond it)."""
+    return int(min(max(value, -(2**63)), 2**63 - 1))
 
 
 def _like_escape(text: str) -> str:
@@ -131,9 +136,18 @@ def admitted_among(index_dir: str | os.PathLike, filters: SearchFilters, ids: Se
     return found
 
 
+def can_select(index: ImageIndex) -> bool:
+    """Whether `index` has the metadata store that selecting filters query."""
+    index_dir = getattr(index, "index_dir", None)
+    return index_dir is not None and (Path(index_dir) / STORE_FILE).is_file()
+
+
 def filtered_search(index: ImageIndex, vector: np.ndarray, k: int, filters: SearchFilters) -> list[Hit]:
     """The `k` best images for `vector` among those `filters` selects, above its minimum score, in
     its order (see the module's docstring)."""
+    if filters.selects and not can_select(index):
+        raise FilterError("this index has no metadata store to filter on; search it without folder, date, "
+                          "size or format filters")
     if not filters.selects:
         hits = index.search(vector, k)
     else:

@@ -21,13 +21,14 @@ from duomodal.serve.schemas import (
     MAX_QUERY_CHARS,
     TEXT_WEIGHT_HELP,
     ErrorResponse,
+    SearchFilterFields,
     QueryText,
     SearchHit,
     SearchResponse,
     TextSearchRequest,
 )
 from duomodal.serve.state import ServerState
-from duomodal.serve.words import has_words, hybrid_text_search, match_of
+from duomodal.serve.words import filtered_text_search, has_words, hybrid_text_search, match_of, search_filters
 
 # 503: the index's vector store (a Milvus server) did not answer
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 422, 503)}
@@ -80,17 +81,22 @@ def make_search_router(state: ServerState) -> APIRouter:
 
     # The text routes are `async`: they only parse and wait for the batcher (batching.py), so
     # they need no worker thread of their own.
-    async def text_search(query: str, k: int, text_weight: float = DEFAULT_TEXT_WEIGHT) -> SearchResponse:
+    async def text_search(query: str, k: int, text_weight: float = DEFAULT_TEXT_WEIGHT,
+                          fields: SearchFilterFields | None = None) -> SearchResponse:
         start = time.perf_counter()
         index = state.current_index()
+        filters = search_filters(fields)
         try:
             if text_weight > 0 and has_words(index):
-                found = await hybrid_text_search(state, index, query, k, text_weight)
+                found = await hybrid_text_search(state, index, query, k, text_weight, filters)
                 results = [h.model_copy(update={"words": f.text, "match": match_of(f)})
                            for h, f in zip(_hits(state, [f.hit for f in found]), found)]
                 took_ms = (time.perf_counter() - start) * 1000
                 return SearchResponse(kind="text", query=query, took_ms=took_ms, results=results)
-            hits = await state.search_text(index, query, k)
+            if filters.active:
+                hits = await filtered_text_search(state, index, query, k, filters)
+            else:
+                hits = await state.search_text(index, query, k)
         except CancelledQueryError as e:  # valid syntax, only the embedding shows it: an answer, not an error
             took_ms = (time.perf_counter() - start) * 1000
             return SearchResponse(kind="text", query=query, took_ms=took_ms, results=[], note=str(e))
@@ -110,14 +116,15 @@ def make_search_router(state: ServerState) -> APIRouter:
         ],
         k: K = 24,
         text_weight: Annotated[float, Query(ge=0, le=MAX_TEXT_WEIGHT, description=TEXT_WEIGHT_HELP)] = DEFAULT_TEXT_WEIGHT,
+        filters: Annotated[SearchFilterFields, Query()] = None,
     ) -> SearchResponse:
         """Search by text (query string form, for links and quick tests)."""
-        return await text_search(q, k, text_weight)
+        return await text_search(q, k, text_weight, filters)
 
     @router.post("/search", response_model=SearchResponse, responses=ERRORS)
     async def search_post(request: TextSearchRequest) -> SearchResponse:
         """Search by text."""
-        return await text_search(request.query, request.k, request.text_weight)
+        return await text_search(request.query, request.k, request.text_weight, request)
 
     @router.post("/search/image", response_model=SearchResponse, responses=ERRORS)
     def search_image(

@@ -21,6 +21,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
 from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
+from duomodal.search.filters import FORMATS, SORTS
 from duomodal.search.hybrid import DEFAULT_TEXT_WEIGHT, MAX_TEXT_WEIGHT
 from duomodal.search.query import QUERY_PATTERN, SPACE_CHARS, QueryError, parse_query
 
@@ -109,7 +110,21 @@ TEXT_WEIGHT_HELP = (
 )
 
 
-class TextSearchRequest(BaseModel):
+class SearchFilterFields(BaseModel):
+    """Filters and a cut-off on text search (duomodal.search.filters; the CLI's options of the same names).
+    Extra fields are allowed here: GET /api/search reads these beside q, k and text_weight."""
+
+    folder: str | None = Field(default=None, max_length=1000, description="only images under this folder of the index")
+    after: str | None = Field(default=None, max_length=40, description="only files modified at or after this ISO date")
+    before: str | None = Field(default=None, max_length=40, description="only files modified before this ISO date")
+    min_size: str | None = Field(default=None, max_length=40, description="only files of at least this size (250k, 2M)")
+    max_size: str | None = Field(default=None, max_length=40, description="only files of at most this size")
+    format: list[str] = Field(default_factory=list, max_length=16, description="only these formats: " + ", ".join(FORMATS))
+    min_score: float | None = Field(default=None, ge=-1, le=1, description="only results whose CLIP score is at least this")
+    sort: Literal[SORTS] = Field(default="score", description="score (best first) or date (newest first)")
+
+
+class TextSearchRequest(SearchFilterFields):
     model_config = ConfigDict(extra="forbid")
 
     query: Annotated[str, QueryText] = Field(
