@@ -19,6 +19,7 @@ from duomodal.serve.app import create_app
 
 from ..search.conftest import FakeEmbedder
 from ..search.test_text_index import FakeOcr
+from .test_browser import CHROMIUM, page  # noqa: F401 (the page fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -83,3 +84,27 @@ def test_rest_filters_agree_with_the_cli(word_index, tmp_path, monkeypatch, caps
         assert cli.main(["search", str(index_dir), "monday", "-k", "10", "--json", "--clip", str(tmp_path),
                          "--text-weight", weight, *options]) == 0
         assert [r["path"] for r in json.loads(capsys.readouterr().out)["results"]] == [r["path"] for r in body["results"]]
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium")
+def test_page_shows_the_words_found_and_filters(word_index, serving, page):
+    index_dir, memes = word_index
+    target = next(m for m in memes if m.phrase)
+    with ImageIndex.open(index_dir) as index, serving(create_app(index, FakeEmbedder())) as url:
+        page.goto(url)
+        page.fill("#query", target.phrase)
+        page.press("#query", "Enter")
+        page.wait_for_selector("#results figure .match")
+        first = page.locator("#results figure >> nth=0")
+        assert first.locator(".match").inner_text().split() == target.text.split()
+        bold = first.locator(".match strong").all_inner_texts()
+        assert {w.strip().lower() for w in bold} >= set(target.phrase.split())
+        assert first.locator(".match").get_attribute("title").startswith("words ")
+
+        page.click("#search-filters summary")
+        page.select_option("#filter-format", "jpeg")
+        page.press("#query", "Enter")
+        page.wait_for_function("() => [...document.querySelectorAll('#results figure')].every("
+                               "f => f.title.includes('.jpg'))")
+        assert page.problems == []

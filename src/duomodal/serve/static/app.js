@@ -136,6 +136,18 @@ async function runSearch(describe, request) {
   }
 }
 
+// The filter fields of the search form, as /api/search reads them (empty ones left out).
+function searchFilters() {
+  const filters = {};
+  const text = { folder: "filter-folder", after: "filter-after", before: "filter-before",
+                 min_size: "filter-min-size", max_size: "filter-max-size" };
+  for (const [name, id] of Object.entries(text)) if ($(id).value.trim()) filters[name] = $(id).value.trim();
+  if ($("filter-format").value) filters.format = [$("filter-format").value];
+  if ($("filter-min-score").value !== "") filters.min_score = Number($("filter-min-score").value);
+  if ($("filter-sort").value !== "score") filters.sort = $("filter-sort").value;
+  return filters;
+}
+
 function searchText(query) {
   const k = Number($("k").value);
   showQueryCard(null);
@@ -143,7 +155,7 @@ function searchText(query) {
   return runSearch(`“${query}”`, () => fetchJSON("/api/search", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ query, k }),
+    body: JSON.stringify({ query, k, ...searchFilters() }),
   }));
 }
 
