@@ -9,6 +9,7 @@ import os
 import sys
 
 from duomodal.cli.common import _add_precision_option
+from duomodal.cli.watch import add_watch_command, add_watch_options, start_serve_watch, watch_until_stopped
 from duomodal.cli.words import (
     add_filter_options,
     add_ocr_option,
@@ -40,6 +41,7 @@ def _add_search_commands(sub: argparse._SubParsersAction) -> None:
     update.add_argument("--clip", metavar="CLIP_DIR", help="CLIP directory (default: the one recorded in the index)")
     _add_index_options(update, keep_recorded=True)
     update.set_defaults(func=_cmd_index_update)
+    add_watch_command(index_sub, _cmd_index_watch)
 
     search = sub.add_parser("search", help="search an index by text, by image, or both")
     search.add_argument("index_dir", metavar="INDEX_DIR")
@@ -168,6 +170,22 @@ def _cmd_index_update(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_index_watch(args: argparse.Namespace) -> int:
+    import threading
+
+    from duomodal.search.store import MetadataStore
+
+    store = MetadataStore.open(args.index_dir)
+    clip = args.clip or store.get_meta("clip_path")
+    store.close()
+    if not clip:
+        raise ValueError(f"{args.index_dir} records no CLIP directory; pass --clip CLIP_DIR")
+    embedder = _search_load_clip(clip, args.device, "auto")
+    print(f"duomodal: watching the folder of {args.index_dir} (Ctrl+C stops)", file=sys.stderr, flush=True)
+    watch_until_stopped(args, embedder, threading.Event())
+    return 0
+
+
 def _parse_image_terms(values: list[str]) -> list[tuple[float, str]]:
     import re
 
@@ -278,6 +296,10 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--torch-threads", type=int, default=None, metavar="N",
                        help="CPU threads per torch (and faiss) operation (default: 1 without --dalle, since a query's "
                        "tensors are tiny and concurrent requests use the cores; torch's default with --dalle)")
+    serve.add_argument("--watch", action="store_true",
+                       help="follow the indexed folder: new, changed, renamed and deleted images are indexed as "
+                       "they come (with the recorded OCR engine) while the server answers")
+    add_watch_options(serve)
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -330,7 +352,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     access = _access_policy(args)
     app = create_app(index, embedder, generator, reopen_index=functools.partial(ImageIndex.open, args.index),
                      access=access, max_decodes=args.max_decodes, max_pending_jobs=args.max_jobs,
-                     max_jobs_per_client=args.max_jobs_per_client, job_max_age_s=args.job_max_age)
+                     max_jobs_per_client=args.max_jobs_per_client, job_max_age_s=args.job_max_age,
+                     **({"reload_check_s": min(args.interval, 1.0)} if args.watch else {}))
+    # with --watch: a thread that updates the index as the folder changes (a daemon: it ends with the server)
+    app.state.watch_stop = start_serve_watch(args, embedder)
     what = f"{index.count} images" + (" and generation" if generator else "")
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{shown_host}:{args.port}/" + (f"?token={access.token}" if access.token else "")
