@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from pathlib import Path
 
 from serve_load import Results, free_port, percentile, request_paths, stop_server

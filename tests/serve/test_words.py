@@ -4,7 +4,6 @@ agreeing with `duomodal search --json` on the same query."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,7 +18,7 @@ from duomodal.serve.app import create_app
 
 from ..search.conftest import FakeEmbedder
 from ..search.test_text_index import FakeOcr
-from .test_browser import CHROMIUM, page  # noqa: F401 (the page fixture)
+from .conftest import CHROMIUM
 
 pytestmark = pytest.mark.timeout(60)
 
