@@ -109,8 +109,10 @@ def add_filter_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--format", action="append", default=[], metavar="FMT",
                        help=f"only these formats ({', '.join(FORMATS)}; repeat or comma-separate)")
     group.add_argument("--min-score", type=float, default=None, metavar="S",
-                       help="only results whose CLIP score (cosine similarity) is at least S: fewer than k when few are")
-    group.add_argument("--sort", choices=SORTS, default="score", help="order of the results: score, or date (newest first)")
+                       help="only results whose CLIP score (cosine similarity) is at least S "
+                       "(fewer than k when few are)")
+    group.add_argument("--sort", choices=SORTS, default="score",
+                       help="order of the results: score, or date (newest first)")
 
 
 def filters_from_args(args: argparse.Namespace):

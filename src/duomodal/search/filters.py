@@ -45,7 +45,9 @@ class SearchFilters:
         if self.folder is not None:
             folder = self.folder.strip("/")
             if not folder or ".." in folder.split("/") or "\\" in folder:
-                raise ValueError(f"folder must be a path inside the indexed folder, like 2024/cats; got {self.folder!r}")
+                raise ValueError(
+                    f"folder must be a path inside the indexed folder, like 2024/cats; got {self.folder!r}"
+                )
             object.__setattr__(self, "folder", folder)
         if self.after is not None and self.before is not None and self.after >= self.before:
             raise ValueError(f"the date range is empty: after {self.after} is not before {self.before}")

@@ -12,13 +12,14 @@ similarity of a text-only candidate is computed exactly from its stored vector, 
 over the same candidate set. Ties go to the higher CLIP score.
 
 Quoted phrases (``"code works first"``) are a requirement: only images whose words hold every phrase
-(its letters consecutively: spaces, case and punctuation ignored, as OCR drops spaces) are returned, ranked as above. The phrase
-text still takes part in the CLIP query (quotes removed). The words side uses the words of the
+(its letters consecutively: spaces, case and punctuation ignored, as OCR drops spaces) are returned,
+ranked as above. The phrase text still takes part in the CLIP query (quotes removed). The words side uses the words of the
 query's positive terms (``cat -dog``: "cat"); negative terms only move the CLIP vector.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +60,8 @@ class HybridHit:
         """One line: which sides matched, and their ranks."""
         if self.text_rank is None:
             return f"picture (CLIP rank {self.clip_rank})"
-        return f"words {', '.join(self.matched) or '(phrase)'} (words rank {self.text_rank}) + picture (CLIP rank {self.clip_rank})"
+        words = ", ".join(self.matched) or "(phrase)"
+        return f"words {words} (words rank {self.text_rank}) + picture (CLIP rank {self.clip_rank})"
 
 
 def check_text_weight(weight: float) -> float:
@@ -97,14 +99,16 @@ def hybrid_search(
     text_weight = check_text_weight(text_weight)
     filters = filters or SearchFilters()
     depth = max(k, CANDIDATES)
-    matches = {m.image_id: m for m in text_index.search(query.words, query.phrases, depth * 4 if filters.selects else depth)}
+    text_depth = depth * 4 if filters.selects else depth  # room for the ones the filter leaves out
+    matches = {m.image_id: m for m in text_index.search(query.words, query.phrases, text_depth)}
     if filters.selects:
         admitted = admitted_among(index.index_dir, filters, list(matches))
         matches = {i: m for i, m in matches.items() if i in admitted}
     if query.phrases:
         ids = list(matches)[:depth]  # a phrase is required: only images whose words hold it
     else:
-        near = filtered_search(index, vector, depth, SearchFilters(**{**filters.__dict__, "min_score": None, "sort": "score"}))
+        selection = dataclasses.replace(filters, min_score=None, sort="score")  # the cut and order come after
+        near = filtered_search(index, vector, depth, selection)
         ids = list(dict.fromkeys([h.id for h in near] + list(matches)[:depth]))
     if not ids:
         return []

@@ -115,7 +115,9 @@ def make_search_router(state: ServerState) -> APIRouter:
             QueryText,
         ],
         k: K = 24,
-        text_weight: Annotated[float, Query(ge=0, le=MAX_TEXT_WEIGHT, description=TEXT_WEIGHT_HELP)] = DEFAULT_TEXT_WEIGHT,
+        text_weight: Annotated[
+            float, Query(ge=0, le=MAX_TEXT_WEIGHT, description=TEXT_WEIGHT_HELP)
+        ] = DEFAULT_TEXT_WEIGHT,
         filters: Annotated[SearchFilterFields, Query()] = None,
     ) -> SearchResponse:
         """Search by text (query string form, for links and quick tests)."""

@@ -119,8 +119,10 @@ class SearchFilterFields(BaseModel):
     before: str | None = Field(default=None, max_length=40, description="only files modified before this ISO date")
     min_size: str | None = Field(default=None, max_length=40, description="only files of at least this size (250k, 2M)")
     max_size: str | None = Field(default=None, max_length=40, description="only files of at most this size")
-    format: list[str] = Field(default_factory=list, max_length=16, description="only these formats: " + ", ".join(FORMATS))
-    min_score: float | None = Field(default=None, ge=-1, le=1, description="only results whose CLIP score is at least this")
+    format: list[str] = Field(default_factory=list, max_length=16,
+                              description="only these formats: " + ", ".join(FORMATS))
+    min_score: float | None = Field(default=None, ge=-1, le=1,
+                                    description="only results whose CLIP score is at least this")
     sort: Literal[SORTS] = Field(default="score", description="score (best first) or date (newest first)")
 
 
