@@ -14,12 +14,16 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from duomodal.search.index import MAX_K, Hit, ImageIndex
+if TYPE_CHECKING:  # the index module loads faiss, which the CLI's option parsing does not need
+    from duomodal.search.index import Hit, ImageIndex
+
 
 STORE_FILE = "index.sqlite"  # the metadata store's file (duomodal.search.store)
 SORTS = ("score", "date")
@@ -27,7 +31,7 @@ SORTS = ("score", "date")
 FORMATS = {"jpeg": ("jpg", "jpeg"), "png": ("png",), "gif": ("gif",), "webp": ("webp",), "bmp": ("bmp",),
            "tiff": ("tif", "tiff")}
 EXACT_FILTER_MAX = 100_000  # admitted images scored exactly; above, the vector index is searched
-OVERSAMPLE = 8
+OVERSAMPLE = 8  # candidates per result searched when the selection is too large to score exactly
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,8 @@ def filtered_search(index: ImageIndex, vector: np.ndarray, k: int, filters: Sear
     else:
         ids = admitted_ids(index.index_dir, filters, EXACT_FILTER_MAX)
         if ids is None:
+            from duomodal.search.index import MAX_K  # lazy: the index module loads faiss
+
             found = index.search(vector, min(MAX_K, k * OVERSAMPLE))
             keep = admitted_among(index.index_dir, filters, [h.id for h in found])
             hits = [h for h in found if h.id in keep][:k]
@@ -173,7 +179,7 @@ def exact_hits(index: ImageIndex, vector: np.ndarray, ids: Sequence[int], k: int
         best.extend(zip(scores.tolist(), chunk))
         best = sorted(best, key=lambda p: (-p[0], p[1]))[:k]
     rows = {i: index.get(i) for _, i in best}
-    return [Hit(**{**rows[i].__dict__, "score": float(s)}) for s, i in best if rows[i] is not None]
+    return [dataclasses.replace(rows[i], score=float(s)) for s, i in best if rows[i] is not None]
 
 
 def cut_and_sort(hits: list[Hit], filters: SearchFilters) -> list[Hit]:

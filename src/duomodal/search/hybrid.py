@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from duomodal.search.filters import SearchFilters, admitted_among, cut_and_sort, filtered_search
-from duomodal.search.index import Hit, ImageIndex
 from duomodal.search.query import QueryError, parse_query
 from duomodal.search.text_index import TextIndex, letters, tokens
+
+if TYPE_CHECKING:  # the index module loads faiss, which the CLI's option parsing does not need
+    from duomodal.search.index import Hit, ImageIndex
 
 RRF_K = 60  # the constant of reciprocal rank fusion: how much a rank of 1 counts above a rank of 10
 DEFAULT_TEXT_WEIGHT = 1.0  # the words' share of the fusion, CLIP's being 1
@@ -128,7 +131,7 @@ def hybrid_search(
         if rows[i] is None:  # deleted since the search
             continue
         text = matches[i].text if i in matches else ""
-        hit = Hit(**{**rows[i].__dict__, "score": float(score_of[i])})
+        hit = dataclasses.replace(rows[i], score=float(score_of[i]))
         found = letters(text)
         results.append(HybridHit(hit, fused[i], clip_rank[i], matches[i].rank if i in matches else None, text,
                                  tuple(t for t in query_tokens if letters(t) in found)))

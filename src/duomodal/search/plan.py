@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from duomodal.search.sources import FolderSource, ShardSource, SourceFile, Unreadable
 from duomodal.search.store import MetadataStore, NewImage, PendingFile
+from duomodal.search.text_index import OcrReport
 
 _SCAN_CHUNK = 256
 
@@ -42,7 +42,7 @@ class BuildReport:
     index_type: str = ""
     vector_store: str = "faiss"  # "faiss" or the Milvus store spec
     seconds: float = 0.0
-    ocr: Any = None  # the OCR pass's OcrReport (text_index.py) when the run read words
+    ocr: OcrReport | None = None  # the OCR pass, when the run read the words in the images
 
 
 def skip_file(report: BuildReport, on_skip: SkipCallback | None, path: str, reason: str) -> None:
