@@ -157,7 +157,7 @@ class TextIndex:
         self,
         engine: OcrEngine,
         load_image: LoadImage,
-        batch_size: int = 8,
+        batch_size: int = 16,
         on_skip: SkipCallback | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> OcrReport:
