@@ -127,7 +127,7 @@ def test_ocr_build_update_and_hybrid_search(tmp_path, fake_clip, capsys, monkeyp
     best = result["results"][0]
     assert best["path"] == target.file and best["words"] == target.text and best["text_rank"] == 1
     assert set(best["matched_words"]) == set(target.phrase.split()) and best["why"].startswith("words ")
-    assert result["text_weight"] == 1.0 and {"fused", "clip_rank", "score"} <= set(best)
+    assert result["text_weight"] == 2.0 and {"fused", "clip_rank", "score"} <= set(best)
     assert cli.main(["search", str(index_dir), f'"{target.phrase}"']) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["rank", "score", "path", "[why]"] and len(lines) == 2

@@ -186,8 +186,11 @@ def test_hybrid_fuses_ranks_and_quoted_phrases_are_required(corpus, tmp_path):
         assert hits[0].hit.path == target.file and hits[0].text_rank == 1
         assert set(hits[0].matched) == set(target.phrase.split())
         assert hits[0].text == target.text and "words rank 1" in hits[0].reason
+        best = 2 * len(target.phrase.split()) - 1  # every word and every adjacent pair
+        matched = {m.image_id: m.score for m in text_index.search(query.words, [], 100)}
+        assert matched[hits[0].hit.id] == best
         for hit in hits:  # the documented formula, in the order returned
-            words = 2.0 / (RRF_K + hit.text_rank) if hit.text_rank else 0.0
+            words = 2.0 * (matched[hit.hit.id] / best) / (RRF_K + hit.text_rank) if hit.text_rank else 0.0
             assert hit.fused == pytest.approx(1 / (RRF_K + hit.clip_rank) + words)
         assert [h.fused for h in hits] == sorted((h.fused for h in hits), reverse=True)
         assert sorted(h.clip_rank for h in hits) == list(range(1, 13))  # every image is a candidate here

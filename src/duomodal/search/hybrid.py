@@ -2,11 +2,15 @@
 
 The two rankings are fused by weighted reciprocal rank fusion (Cormack et al., 2009):
 
-    fused(image) = 1 / (RRF_K + clip_rank) + text_weight / (RRF_K + text_rank)
+    fused(image) = 1 / (RRF_K + clip_rank) + text_weight * share / (RRF_K + text_rank)
 
 where ``text_rank`` is the image's rank among the images whose words match the query, by the number
-of query words and adjacent pairs of them found in its letters (``text_index.match_score``; the term
-is 0 when no word matches) and ``clip_rank`` its rank by CLIP similarity among the
+of query words and adjacent pairs of them found in its letters (``text_index.match_score``), and
+``share`` that score over the best possible (every query word, in order: 1 for the image holding
+the remembered words, 0.2 for one holding 1 word of 3); the term is 0 when no word matches. Plain
+RRF (share 1) ranks by position only, and with RRF_K = 60 a rank of 1 or 2 on the words counts
+nearly the same: an image holding 1 of 3 query words at CLIP rank 1 then beat the one holding all
+three (docs/search.md has the measurement) and ``clip_rank`` its rank by CLIP similarity among the
 candidates. Candidates are the CLIP top ``max(k, CANDIDATES)`` and the words' top as many; the CLIP
 similarity of a text-only candidate is computed exactly from its stored vector, so both ranks are
 over the same candidate set. Ties go to the higher CLIP score.
@@ -27,13 +31,13 @@ import numpy as np
 
 from duomodal.search.filters import SearchFilters, admitted_among, cut_and_sort, filtered_search
 from duomodal.search.query import QueryError, parse_query
-from duomodal.search.text_index import TextIndex, letters, tokens
+from duomodal.search.text_index import TextIndex, best_match_score, letters, tokens
 
 if TYPE_CHECKING:  # the index module loads faiss, which the CLI's option parsing does not need
     from duomodal.search.index import Hit, ImageIndex
 
 RRF_K = 60  # the constant of reciprocal rank fusion: how much a rank of 1 counts above a rank of 10
-DEFAULT_TEXT_WEIGHT = 1.0  # the words' share of the fusion, CLIP's being 1
+DEFAULT_TEXT_WEIGHT = 2.0  # the weight of the words in the fusion, CLIP's being 1 (docs/search.md: measured)
 MAX_TEXT_WEIGHT = 100.0
 CANDIDATES = 200  # images taken from each side before fusing (at least k)
 
@@ -118,10 +122,15 @@ def hybrid_search(
     scores = index.vectors(ids) @ np.asarray(vector, dtype=np.float32)
     order = sorted(range(len(ids)), key=lambda i: (-scores[i], ids[i]))
     clip_rank = {ids[i]: rank for rank, i in enumerate(order, start=1)}
-    fused = {
-        i: 1.0 / (RRF_K + clip_rank[i]) + (text_weight / (RRF_K + matches[i].rank) if i in matches else 0.0)
-        for i in ids
-    }
+    best_score = best_match_score(query.words)
+
+    def words_term(i: int) -> float:
+        if i not in matches:
+            return 0.0
+        share = matches[i].score / best_score if best_score else 1.0  # a phrase-only query: the phrase is the match
+        return text_weight * share / (RRF_K + matches[i].rank)
+
+    fused = {i: 1.0 / (RRF_K + clip_rank[i]) + words_term(i) for i in ids}
     score_of = dict(zip(ids, scores.tolist()))
     best = sorted(ids, key=lambda i: (-fused[i], -score_of[i], i))[:k]
     rows = {i: index.get(i) for i in best}

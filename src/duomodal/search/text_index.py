@@ -242,7 +242,7 @@ class TextIndex:
         """Images whose letters hold every phrase and, when `words` are given, at least one word;
         ranked by `match_score` (ties: BM25 of the trigram match, then id), at most `limit`."""
         phrase_letters = [letters(p) for p in phrases if letters(p)]
-        word_letters = list(dict.fromkeys(letters(t) for w in words for t in tokens(w)))
+        word_letters = query_letters(words)
         if not (phrase_letters or word_letters) or not self.engine():
             return []
         searched = [p for p in phrase_letters if len(p) >= _MIN_FTS_LETTERS]
@@ -289,6 +289,16 @@ def tokens(text: str) -> list[str]:
 def letters(text: str) -> str:
     """The letters and digits of `text`, lower case, without spaces or punctuation."""
     return "".join(c for c in text.lower() if c.isalnum())
+
+
+def query_letters(words: Sequence[str]) -> list[str]:
+    """The distinct words of a query as matching reads them (`letters` of each token), in order."""
+    return list(dict.fromkeys(letters(t) for w in words for t in tokens(w)))
+
+
+def best_match_score(words: Sequence[str]) -> int:
+    """The `match_score` of an image holding every query word, in order: n words + n - 1 pairs."""
+    return max(0, 2 * len(query_letters(words)) - 1)
 
 
 def match_score(word_letters: Sequence[str], image_letters: str) -> int:
