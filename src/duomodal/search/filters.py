@@ -207,7 +207,7 @@ def parse_size(text: str, name: str) -> int:
     except ValueError:
         raise FilterError(f"{name} {text!r} is not a size; write bytes or a number with k, M or G, like 250k") from None
     if not np.isfinite(number) or number < 0:
-        raise FilterError(f"{name} {text!r} must be a size of 0 or more")
+        raise FilterError(f"{name} {text!r} must be a finite size of 0 or more")
     return int(number * _SIZE_UNITS[unit])
 
 
@@ -218,7 +218,7 @@ def parse_date(text: str, name: str) -> float:
 
     try:
         return datetime.fromisoformat(text.strip()).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):  # not a date, or one this platform's clock cannot hold
         raise FilterError(f"{name} {text!r} is not a date; write it like 2024-05-01 or 2024-05-01T13:30") from None
 
 
