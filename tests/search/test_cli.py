@@ -170,15 +170,15 @@ def test_filters_and_cut_off(shape_dataset, tmp_path, fake_clip, capsys):
     by_date = paths("--sort", "date")  # newest first: the two files of 2020 last
     assert sorted(by_date) == sorted(everything) and set(by_date[-2:]) == {"old/red_circle_0.png", "old/red_square_0.png"}
 
-    assert cli.main(["search", str(index_dir), "red", "--format", "jpeg"]) == 0
-    assert capsys.readouterr().out.strip() == "no results (no image passes the filters)"
+    for options in (["--format", "jpeg"], ["--folder", "../etc"], ["--after", "2024-01-02", "--before", "2024-01-01"],
+                    ["--min-size", "2k", "--max-size", "1k"]):  # an empty selection is no result, not an error
+        assert cli.main(["search", str(index_dir), "red", *options]) == 0
+        assert capsys.readouterr().out.strip() == "no results (no image passes the filters)"
     for options, message in (
         (["--after", "yesterday"], "after 'yesterday' is not a date; write it like 2024-05-01 or 2024-05-01T13:30"),
         (["--min-size", "big"], "min size 'big' is not a size; write bytes or a number with k, M or G, like 250k"),
         (["--format", "svg"], "unknown format(s) svg; choose from jpeg, png, gif, webp, bmp, tiff"),
-        (["--folder", "../etc"], "folder must be a path inside the indexed folder, like 2024/cats; got '../etc'"),
         (["--min-score", "2"], "min_score must be from -1 to 1 (a cosine similarity), got 2.0"),
-        (["--after", "2024-01-02", "--before", "2024-01-01"], "the date range is empty"),
         (["--dedup", "0.9", "--folder", "old"], "--dedup does not combine with filters"),
     ):
         assert cli.main(["search", str(index_dir), "red", *options]) == 2

@@ -64,6 +64,18 @@ def test_cut_off_and_date_order(index_dir):
         assert [h.mtime_ns for h in dated] == sorted((h.mtime_ns for h in ranked), reverse=True)
 
 
+def test_the_sql_selection_and_the_python_predicate_agree(index_dir):
+    from duomodal.search.filters import admitted_ids
+
+    with ImageIndex.open(index_dir) as index:
+        hits = [index.get(i) for i in range(1, 40) if index.get(i) is not None]
+        mtimes = sorted(h.mtime_ns for h in hits)
+        for filters in (SearchFilters(folder="blues"), SearchFilters(formats=("png",), max_bytes=hits[0].size),
+                        SearchFilters(after=mtimes[len(mtimes) // 2] / 1e9), SearchFilters(before=mtimes[3] / 1e9),
+                        SearchFilters(min_bytes=10**9), SearchFilters(folder="nowhere/..")):
+            assert set(admitted_ids(index_dir, filters, 1000)) == {h.id for h in hits if filters.admits(h)}
+
+
 def test_filter_values_are_read_and_checked():
     assert parse_size("250k", "x") == 256_000 and parse_size("2M", "x") == 2 * 1024**2 and parse_size("10", "x") == 10
     filters = filters_from_text(folder="/a/b/", formats=["JPG,png", "tif"], after="2024-05-01")

@@ -73,8 +73,8 @@ def test_rest_filters_agree_with_the_cli(word_index, tmp_path, monkeypatch, caps
         assert posted["results"] and all(r["path"].endswith(".png") for r in posted["results"])
         hybrid = client.post("/api/search", json={"query": "monday", "k": 10, "format": ["jpeg"]}).json()
         assert all(r["path"].endswith(".jpg") for r in hybrid["results"])
-        bad = client.get("/api/search", params={"q": "x", "after": "yesterday"})
-        assert bad.status_code == 400 and "is not a date" in bad.json()["detail"]
+        bad = client.get("/api/search", params={"q": "x", "after": "yesterday", "min_size": "big"})
+        assert bad.status_code == 422 and "after" in bad.json()["detail"] and "min_size" in bad.json()["detail"]
         far = client.get("/api/search", params={"q": "x", "after": "9999-12-31", "text_weight": 0})
         assert far.status_code == 200 and far.json()["results"] == []
     monkeypatch.setattr(cli_search, "_search_load_clip", lambda path, device, precision: FakeEmbedder())

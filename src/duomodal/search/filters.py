@@ -11,11 +11,13 @@ Results are never filtered out of a plain top-k after the fact.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import re
 import sqlite3
 from collections.abc import Sequence
-import dataclasses
 from dataclasses import dataclass, fields
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,7 @@ SORTS = ("score", "date")
 # a format name -> the file name endings it covers
 FORMATS = {"jpeg": ("jpg", "jpeg"), "png": ("png",), "gif": ("gif",), "webp": ("webp",), "bmp": ("bmp",),
            "tiff": ("tif", "tiff")}
+FORMAT_NAMES = (*FORMATS, "jpg", "tif")  # what a request may name (jpg: jpeg, tif: tiff)
 EXACT_FILTER_MAX = 100_000  # admitted images scored exactly; above, the vector index is searched
 OVERSAMPLE = 8  # candidates per result searched when the selection is too large to score exactly
 
@@ -45,22 +48,15 @@ class SearchFilters:
     min_score: float | None = None  # CLIP cosine similarity at least (-1 to 1): the cut-off
     sort: str = "score"  # "score": best first; "date": newest first, among the results within the cut-off
 
+    # An empty selection (a date range or size range that is empty, a folder that is not there)
+    # is not an error: it selects nothing, as a query that matches nothing returns nothing.
     def __post_init__(self):
         if self.folder is not None:
-            folder = self.folder.strip("/")
-            if not folder or ".." in folder.split("/") or "\\" in folder:
-                raise ValueError(
-                    f"folder must be a path inside the indexed folder, like 2024/cats; got {self.folder!r}"
-                )
-            object.__setattr__(self, "folder", folder)
-        if self.after is not None and self.before is not None and self.after >= self.before:
-            raise ValueError(f"the date range is empty: after {self.after} is not before {self.before}")
+            object.__setattr__(self, "folder", self.folder.strip("/") or None)  # "/": the whole index
         for name in ("min_bytes", "max_bytes"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be a whole number of bytes >= 0, got {value!r}")
-        if self.min_bytes is not None and self.max_bytes is not None and self.min_bytes > self.max_bytes:
-            raise ValueError(f"min_bytes {self.min_bytes} is above max_bytes {self.max_bytes}")
         formats = tuple(dict.fromkeys(f.lower().lstrip(".") for f in self.formats))
         formats = tuple("jpeg" if f == "jpg" else "tiff" if f == "tif" else f for f in formats)
         unknown = [f for f in formats if f not in FORMATS]
@@ -80,6 +76,21 @@ class SearchFilters:
     @property
     def active(self) -> bool:
         return self.selects or self.min_score is not None or self.sort != "score"
+
+    def admits(self, hit: Hit) -> bool:
+        """Whether `hit` passes the selection (folder, date, size, format): `where` in Python, for an
+        index without a metadata store to query."""
+        path = hit.path.lower()
+        mtime = hit.mtime_ns if hit.mtime_ns is not None else 0
+        size = hit.size if hit.size is not None else 0
+        return (
+            (self.folder is None or hit.path.startswith(self.folder + "/"))
+            and (self.after is None or mtime >= _int64(self.after * 1e9))
+            and (self.before is None or mtime < _int64(self.before * 1e9))
+            and (self.min_bytes is None or size >= self.min_bytes)
+            and (self.max_bytes is None or size <= self.max_bytes)
+            and (not self.formats or any(path.endswith(f".{e}") for f in self.formats for e in FORMATS[f]))
+        )
 
     def where(self) -> tuple[str, list]:
         """The SQL condition on ``images`` and its parameters ("1" when nothing is selected)."""
@@ -151,10 +162,11 @@ def can_select(index: ImageIndex) -> bool:
 def filtered_search(index: ImageIndex, vector: np.ndarray, k: int, filters: SearchFilters) -> list[Hit]:
     """The `k` best images for `vector` among those `filters` selects, above its minimum score, in
     its order (see the module's docstring)."""
-    if filters.selects and not can_select(index):
-        raise FilterError("this index has no metadata store to filter on; search it without folder, date, "
-                          "size or format filters")
-    if not filters.selects:
+    if filters.selects and not can_select(index):  # no SQL to ask: every image's facts are in its hit
+        from duomodal.search.index import MAX_K  # lazy: the index module loads faiss
+
+        hits = [h for h in index.search(vector, min(MAX_K, max(k, index.count))) if filters.admits(h)][:k]
+    elif not filters.selects:
         hits = index.search(vector, k)
     else:
         ids = admitted_ids(index.index_dir, filters, EXACT_FILTER_MAX)
@@ -198,34 +210,43 @@ class FilterError(ValueError):
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
+# The sizes parse_size reads (the API's schema states it): a number, then k, M or G (powers of
+# 1024), optionally followed by "iB" or "B"; or bytes with a "B".
+SIZE_PATTERN = r"^[0-9]+(\.[0-9]+)?([kKmMgG](i?[bB])?|[bB])?$"
+
+
 def parse_size(text: str, name: str) -> int:
     """``"250k"`` -> 256000 bytes (units k, M, G are powers of 1024; none: bytes)."""
-    value = text.strip().lower().removesuffix("b").removesuffix("i")
-    unit = value[-1:] if value[-1:] in _SIZE_UNITS else ""
-    try:
-        number = float(value[: len(value) - len(unit)])
-    except ValueError:
-        raise FilterError(f"{name} {text!r} is not a size; write bytes or a number with k, M or G, like 250k") from None
-    if not np.isfinite(number) or number < 0:
-        raise FilterError(f"{name} {text!r} must be a finite size of 0 or more")
-    return int(number * _SIZE_UNITS[unit])
+    match = re.fullmatch(SIZE_PATTERN, text.strip())
+    if match is None:
+        raise FilterError(f"{name} {text!r} is not a size; write bytes or a number with k, M or G, like 250k")
+    number = float(text.strip().rstrip("bBiI").rstrip("kKmMgG"))
+    unit = match.group(2)[0].lower() if match.group(2) and match.group(2)[0] not in "bB" else ""
+    return _int64(number * _SIZE_UNITS[unit]) if np.isfinite(number) else 2**63 - 1
 
 
-def parse_date(text: str, name: str) -> float:
+def parse_date(text: str | date, name: str) -> float:
     """An ISO date or date-time (``2024-05-01``, ``2024-05-01T13:30``; local time unless it says
-    otherwise) as Unix seconds."""
-    from datetime import datetime
-
+    otherwise), or a date or datetime, as Unix seconds."""
+    if isinstance(text, str):
+        try:
+            text = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise FilterError(
+                f"{name} {text!r} is not a date; write it like 2024-05-01 or 2024-05-01T13:30"
+            ) from None
+    moment = text if isinstance(text, datetime) else datetime.combine(text, datetime.min.time())
     try:
-        return datetime.fromisoformat(text.strip()).timestamp()
-    except (ValueError, OverflowError, OSError):  # not a date, or one this platform's clock cannot hold
-        raise FilterError(f"{name} {text!r} is not a date; write it like 2024-05-01 or 2024-05-01T13:30") from None
+        return moment.timestamp()
+    except (OverflowError, OSError, ValueError):  # beyond what this platform's local time holds: as UTC
+        aware = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+        return (aware - datetime(1970, 1, 1, tzinfo=timezone.utc)).total_seconds()
 
 
 def filters_from_text(
     folder: str | None = None,
-    after: str | None = None,
-    before: str | None = None,
+    after: str | date | None = None,
+    before: str | date | None = None,
     min_size: str | None = None,
     max_size: str | None = None,
     formats: Sequence[str] = (),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -21,7 +22,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
 from duomodal.models.sampling import DEFAULT_GUIDANCE, DEFAULT_TOP_K
-from duomodal.search.filters import FORMATS, SORTS
+from duomodal.search.filters import FORMAT_NAMES, SIZE_PATTERN, SORTS
 from duomodal.search.hybrid import DEFAULT_TEXT_WEIGHT, MAX_TEXT_WEIGHT
 from duomodal.search.query import QUERY_PATTERN, SPACE_CHARS, QueryError, parse_query
 
@@ -115,12 +116,15 @@ class SearchFilterFields(BaseModel):
     Extra fields are allowed here: GET /api/search reads these beside q, k and text_weight."""
 
     folder: str | None = Field(default=None, max_length=1000, description="only images under this folder of the index")
-    after: str | None = Field(default=None, max_length=40, description="only files modified at or after this ISO date")
-    before: str | None = Field(default=None, max_length=40, description="only files modified before this ISO date")
-    min_size: str | None = Field(default=None, max_length=40, description="only files of at least this size (250k, 2M)")
-    max_size: str | None = Field(default=None, max_length=40, description="only files of at most this size")
-    format: list[str] = Field(default_factory=list, max_length=16,
-                              description="only these formats: " + ", ".join(FORMATS))
+    after: datetime | date | None = Field(default=None, description="only files modified at or after this "
+                                          "date or date-time (local time on the server unless it says otherwise)")
+    before: datetime | date | None = Field(default=None, description="only files modified before this")
+    min_size: str | None = Field(default=None, max_length=40, pattern=SIZE_PATTERN,
+                                 description="only files of at least this size: bytes, or 250k, 2M, 1.5G")
+    max_size: str | None = Field(default=None, max_length=40, pattern=SIZE_PATTERN,
+                                 description="only files of at most this size")
+    format: list[Literal[FORMAT_NAMES]] = Field(default_factory=list, max_length=16,
+                                                description="only these formats")
     min_score: float | None = Field(default=None, ge=-1, le=1,
                                     description="only results whose CLIP score is at least this")
     sort: Literal[SORTS] = Field(default="score", description="score (best first) or date (newest first)")
