@@ -10,4 +10,11 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
     { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
         || echo "duomodal: could not install chromium; the browser test will be skipped" >&2
 fi
+# The OCR engine tests also run Debian's tesseract (the other engine, rapidocr, comes with the dev
+# extra); without it those tests are skipped and say why.
+if ! command -v tesseract >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "duomodal: installing Debian's tesseract-ocr for the OCR engine tests" >&2
+    { apt-get update -qq && apt-get install -y -qq tesseract-ocr tesseract-ocr-eng >/dev/null; } \
+        || echo "duomodal: could not install tesseract-ocr; its tests will be skipped" >&2
+fi
 python -m pytest -q "$@"

@@ -275,3 +275,25 @@ def _serving(app):
 def serving():
     """A context manager: serving(app) runs `app` with uvicorn on a free loopback port, yields its URL."""
     return _serving
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; the browser tests are skipped without it
+
+
+@pytest.fixture
+def page():
+    """A Chromium page (Debian's, driven by Playwright) that records console errors in `page.problems`."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        page.set_default_timeout(10_000)
+        page.problems = []
+        page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
+        page.on("pageerror", lambda e: page.problems.append(str(e)))
+        yield page
+        browser.close()

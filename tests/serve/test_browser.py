@@ -13,7 +13,8 @@ import pytest
 
 from duomodal.serve.app import create_app
 
-CHROMIUM = Path("/usr/bin/chromium")
+from .conftest import CHROMIUM
+
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.timeout(60),
@@ -29,24 +30,6 @@ def server_url(fake_index, fake_clip, fake_generator, serving):
     fake_generator.seconds_per_image = 0.15  # slow enough to see the progress bar move
     with serving(create_app(fake_index, fake_clip, fake_generator)) as url:
         yield url
-
-
-@pytest.fixture
-def page():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
-        )
-        page = browser.new_page(viewport={"width": 1100, "height": 800})
-        page.set_default_timeout(10_000)
-        page.problems = []
-        page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
-        page.on("pageerror", lambda e: page.problems.append(str(e)))
-        yield page
-        browser.close()
 
 
 def card_titles(page, grid: str) -> list[str]:

@@ -223,3 +223,29 @@ def test_a_running_server_picks_up_duomodal_index_update(served, clip_dir, shape
         assert client.get("/health").json()["images"] == 25
         paths = [hit["path"] for hit in client.get("/api/search", params={"q": "square", "k": 200}).json()["results"]]
         assert len(paths) == 25 and "orange_square.png" in paths and "red_circle_0.png" not in paths
+
+
+def test_serve_watch_indexes_a_copied_file_while_answering(served, clip_dir, shape_dataset, tmp_path):
+    import shutil
+
+    photos = tmp_path / "photos"
+    shutil.copytree(shape_dataset, photos)
+    index_dir = tmp_path / "idx"
+    build_index(photos, index_dir, load_clip(clip_dir, device="cpu"), clip_path=clip_dir, progress=False)
+    status, started = served("--index", str(index_dir), "--device", "cpu", "--watch", "--interval", "0.2",
+                             "--settle", "0.1")
+    assert status == 0 and started["app"].state.duomodal.config.reload_check_s == 0.2
+    with TestClient(started["app"], base_url="http://localhost") as client:
+        time.sleep(0.5)  # the first look finds the index up to date
+        Image.new("RGB", (16, 16), (250, 120, 0)).save(photos / "orange_square.png")
+        copied = time.monotonic()
+        deadline = copied + 20
+        while time.monotonic() < deadline:
+            response = client.get("/api/search", params={"q": "square", "k": 200})
+            assert response.status_code == 200  # queries are answered throughout
+            if "orange_square.png" in [hit["path"] for hit in response.json()["results"]]:
+                break
+            time.sleep(0.05)
+        assert time.monotonic() - copied < 5  # the target: searchable within 5 s
+        assert client.get("/health").json()["images"] == 25
+    started["app"].state.watch_stop.set()

@@ -9,8 +9,20 @@ import dataclasses
 import json
 import re
 import sys
+import threading
 
 from duomodal.cli.common import _add_precision_option
+from duomodal.cli.watch import add_watch_command, watch_until_stopped
+from duomodal.cli.words import (
+    add_filter_options,
+    add_ocr_option,
+    add_text_weight_option,
+    filters_from_args,
+    hybrid_groups,
+    ocr_engine_for,
+    ocr_report_line,
+    print_hybrid,
+)
 from duomodal.launch import launch_info
 
 
@@ -33,6 +45,7 @@ def _add_search_commands(sub: argparse._SubParsersAction) -> None:
     update.add_argument("--clip", metavar="CLIP_DIR", help="CLIP directory (default: the one recorded in the index)")
     _add_index_options(update, keep_recorded=True)
     update.set_defaults(func=_cmd_index_update)
+    add_watch_command(index_sub, _cmd_index_watch)
 
     search = sub.add_parser("search", help="search an index by text, by image, or both")
     search.add_argument("index_dir", metavar="INDEX_DIR")
@@ -51,6 +64,8 @@ def _add_search_commands(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--clip", metavar="CLIP_DIR", help="CLIP directory (default: the one recorded in the index)")
     search.add_argument("--device", default="cpu", help="device for the CLIP model (default cpu)")
     _add_precision_option(search, "the CLIP model")
+    add_text_weight_option(search)
+    add_filter_options(search)
     search.set_defaults(func=_cmd_search)
 
 
@@ -76,6 +91,7 @@ def _add_index_options(parser: argparse.ArgumentParser, keep_recorded: bool = Fa
     parser.add_argument("--device", default=None, help="device for CLIP (default: this rank's GPU if any, else cpu)")
     _add_precision_option(parser, "CLIP")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_ocr_option(parser, keep_recorded)
 
 
 def _search_load_clip(path: str, device, precision: str = "auto"):
@@ -122,6 +138,7 @@ def _print_build_report(report) -> None:
         f"{'' if report.vector_store == 'faiss' else ' in ' + report.vector_store}) in {report.seconds:.1f} s; "
         f"{report.embedded} embedded, {report.reused} reused, {report.moved} moved, {report.refreshed} refreshed, "
         f"{report.removed} removed, {report.unchanged} unchanged, {len(report.skipped)} skipped"
+        + ocr_report_line(report.ocr)
     )
 
 
@@ -131,9 +148,10 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     from duomodal.search.build import build_index
 
     options = _index_options(args, None)
+    ocr = ocr_engine_for(args.ocr, None)  # fails now, before the CLIP loads, when the engine is missing
     embedder = _search_load_clip(args.clip, resolve_device(args.device), args.precision)
     report = build_index(args.dir, args.out, embedder, clip_path=args.clip, options=options,
-                         on_skip=_print_skip, progress=not args.quiet)
+                         on_skip=_print_skip, progress=not args.quiet, ocr=ocr)
     _print_build_report(report)
     return 0
 
@@ -151,9 +169,27 @@ def _cmd_index_update(args: argparse.Namespace) -> int:
     if not clip:
         raise ValueError(f"{args.index_dir} records no CLIP directory; pass --clip CLIP_DIR")
     options = _index_options(args, recorded)
+    ocr = ocr_engine_for(args.ocr, recorded)
     embedder = _search_load_clip(clip, resolve_device(args.device), args.precision)
-    report = update_index(args.index_dir, embedder, options=options, on_skip=_print_skip, progress=not args.quiet)
+    report = update_index(args.index_dir, embedder, options=options, on_skip=_print_skip, progress=not args.quiet,
+                          ocr=ocr)
     _print_build_report(report)
+    return 0
+
+
+def _cmd_index_watch(args: argparse.Namespace) -> int:
+
+    # lazy: loaded when this command runs (the CLI starts without torch, faiss or an OCR engine)
+    from duomodal.search.store import MetadataStore
+
+    store = MetadataStore.open(args.index_dir)
+    clip = args.clip or store.get_meta("clip_path")
+    store.close()
+    if not clip:
+        raise ValueError(f"{args.index_dir} records no CLIP directory; pass --clip CLIP_DIR")
+    embedder = _search_load_clip(clip, args.device, "auto")
+    print(f"duomodal: watching the folder of {args.index_dir} (Ctrl+C stops)", file=sys.stderr, flush=True)
+    watch_until_stopped(args, embedder, threading.Event())
     return 0
 
 
@@ -174,6 +210,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     # Imported here: the CLI starts without loading torch, faiss or FastAPI (lazy by design)
     from duomodal.data.images import load_image
     from duomodal.search.dedup import check_threshold, search_grouped
+    from duomodal.search.filters import filtered_search
     from duomodal.search.index import MAX_K, ImageIndex
     from duomodal.search.query import parse_query, query_vector
 
@@ -181,6 +218,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise ValueError(f"-k must be from 1 to {MAX_K}, got {args.k}")
     if args.dedup is not None:
         check_threshold(args.dedup)
+    filters = filters_from_args(args)  # a bad filter fails before the CLIP loads
     if args.query is None and not args.image:
         raise ValueError("give a text query, --image PATH, or both")
     texts = parse_query(args.query) if args.query is not None else []
@@ -192,11 +230,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.index_dir} records no CLIP directory; pass --clip CLIP_DIR")
         embedder = _search_load_clip(clip, args.device, args.precision)
         index.check_model(embedder.model_id)
+        hybrid = hybrid_groups(args, index, embedder, images)  # None: no words in the index, or none asked
+        if hybrid is not None:
+            return print_hybrid(args, hybrid, index.source, [p for _, p in image_terms])
         vector = query_vector(embedder, texts, images)
         if args.dedup is not None:
+            if filters.active:
+                raise ValueError("--dedup does not combine with filters, --min-score or --sort yet; drop one")
             groups = [(g.hit, g.duplicates) for g in search_grouped(index, vector, args.k, args.dedup)]
         else:
-            groups = [(hit, []) for hit in index.search(vector, args.k)]
+            groups = [(hit, []) for hit in filtered_search(index, vector, args.k, filters)]
         source = index.source
 
     def as_dict(hit) -> dict:
@@ -214,7 +257,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                           "results": results}, indent=2))
         return 0
     if not groups:
-        print("no results (the index is empty)")
+        print("no results (no image passes the filters)" if filters.active else "no results (the index is empty)")
         return 0
     print(f"{'rank':>4}  {'score':>7}  path")
     for rank, (hit, duplicates) in enumerate(groups, start=1):

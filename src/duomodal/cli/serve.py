@@ -12,6 +12,7 @@ import sys
 
 import duomodal.cli.search as search_cli  # (a module reference: tests replace its CLIP loader)
 from duomodal.cli.common import _add_precision_option
+from duomodal.cli.watch import add_watch_options, start_serve_watch
 
 
 def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +47,10 @@ def _add_serve_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--torch-threads", type=int, default=None, metavar="N",
                        help="CPU threads per torch (and faiss) operation (default: 1 without --dalle, since a query's "
                        "tensors are tiny and concurrent requests use the cores; torch's default with --dalle)")
+    serve.add_argument("--watch", action="store_true",
+                       help="follow the indexed folder: new, changed, renamed and deleted images are indexed as "
+                       "they come (with the recorded OCR engine) while the server answers")
+    add_watch_options(serve)
     serve.set_defaults(func=_cmd_serve)
 
 
@@ -56,6 +61,8 @@ def _serve_config(args: argparse.Namespace):
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
     limits = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if hasattr(args, f.name)}
+    if args.watch:  # the watch's updates show in search within a second of being written
+        limits["reload_check_s"] = min(args.interval, 1.0)
     return ServeConfig(**limits, access=_access_policy(args))
 
 
@@ -76,7 +83,6 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-
     # lazy: torch, faiss and FastAPI load only when serving
     from duomodal.search.index import ImageIndex
     from duomodal.serve.app import create_app
@@ -99,6 +105,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         dalle = load_dalle(args.dalle, device=args.device)
         generator = DalleGenerator(dalle, scorer=embedder, max_num=config.max_generate, precision=args.precision)
     app = create_app(index, embedder, generator, config, reopen_index=functools.partial(ImageIndex.open, args.index))
+    # with --watch: a thread that updates the index as the folder changes (a daemon: it ends with the server)
+    app.state.watch_stop = start_serve_watch(args, embedder)
     what = f"{index.count} images" + (" and generation" if generator else "")
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     access = config.access

@@ -36,11 +36,13 @@ from tqdm import tqdm
 from duomodal import __version__
 from duomodal.data.images import ImageError
 from duomodal.search.index import IndexLock
+from duomodal.search.ocr import OcrEngine
 from duomodal.search.plan import BuildReport, SkipCallback, plan_run, skip_file
 from duomodal.search.query import Embedder
 from duomodal.search.handoff import Distributed, merge_handoffs, write_handoff, write_records
 from duomodal.search.sources import ImageSource, open_source, resolve_root
 from duomodal.search.store import IndexStoreError, MetadataStore, ModelMismatchError, NewImage, PendingFile
+from duomodal.search.text_index import read_index_text
 from duomodal.search.vectors import INDEX_TYPES, FaissParams, check_vector_store, open_vectors, vector_store_spec
 
 __all__ = ["BuildOptions", "BuildReport", "build_index", "update_index"]
@@ -73,9 +75,11 @@ def build_index(
     options: BuildOptions | None = None,
     on_skip: SkipCallback | None = None,
     progress: bool = True,
+    ocr: OcrEngine | None = None,
 ) -> BuildReport:
     """Index the images under `root` (a folder, or local WebDataset shards: a packed folder or a
-    pattern) into `index_dir` (created, or resumed/updated if it exists)."""
+    pattern) into `index_dir` (created, or resumed/updated if it exists). With `ocr`, the words in
+    the images are read too (text_index.py)."""
     root = resolve_root(root)
     options = options or BuildOptions()
     meta = {
@@ -89,7 +93,7 @@ def build_index(
         "index_id": uuid.uuid4().hex,
         "vector_store": vector_store_spec(options.store or "faiss"),
     }
-    return _run(Path(index_dir), embedder, options, on_skip, progress, create_meta=meta)
+    return _run(Path(index_dir), embedder, options, on_skip, progress, create_meta=meta, ocr=ocr)
 
 
 def update_index(
@@ -98,9 +102,11 @@ def update_index(
     options: BuildOptions | None = None,
     on_skip: SkipCallback | None = None,
     progress: bool = True,
+    ocr: OcrEngine | None = None,
 ) -> BuildReport:
-    """Bring an existing index up to date with its root. `options` None keeps the recorded ones."""
-    return _run(Path(index_dir), embedder, options, on_skip, progress, create_meta=None)
+    """Bring an existing index up to date with its root. `options` None keeps the recorded ones.
+    With `ocr`, the words of new and changed images are read (and every image's, for a new engine)."""
+    return _run(Path(index_dir), embedder, options, on_skip, progress, create_meta=None, ocr=ocr)
 
 
 def _params_dict(params: FaissParams) -> dict[str, int]:
@@ -114,6 +120,7 @@ def _run(
     on_skip: SkipCallback | None,
     progress: bool,
     create_meta: dict[str, str] | None,
+    ocr: OcrEngine | None = None,
 ) -> BuildReport:
     started = time.perf_counter()
     dist = Distributed.from_env()
@@ -149,6 +156,8 @@ def _run(
                 report.index_type = vectors.index_type
                 report.vector_store = store.get_meta("vector_store") or "faiss"
                 vectors.close()
+            if ocr is not None:  # after the sync: the pictures are searchable while the words are read
+                report.ocr = read_index_text(index_dir, source, ocr, on_skip, progress)
     finally:
         if lock is not None:
             lock.release()

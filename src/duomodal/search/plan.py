@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from duomodal.search.sources import ImageSource, SourceFile, Unreadable
 from duomodal.search.store import MetadataStore, NewImage, PendingFile
+from duomodal.search.text_index import OcrReport
 
 _SCAN_CHUNK = 256
 
@@ -41,6 +42,7 @@ class BuildReport:
     index_type: str = ""
     vector_store: str = "faiss"  # "faiss" or the Milvus store spec
     seconds: float = 0.0
+    ocr: OcrReport | None = None  # the OCR pass, when the run read the words in the images
 
 
 def skip_file(report: BuildReport, on_skip: SkipCallback | None, path: str, reason: str) -> None:

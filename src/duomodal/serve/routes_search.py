@@ -12,20 +12,24 @@ from typing import Annotated, BinaryIO
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Query, UploadFile
 from fastapi.responses import Response, StreamingResponse
 
+from duomodal.search.hybrid import DEFAULT_TEXT_WEIGHT, MAX_TEXT_WEIGHT
 from duomodal.search.query import CancelledQueryError
 from duomodal.serve.media import FileChangedError, browser_media_type, encode_png
 from duomodal.serve.schemas import (
     MAX_ID,
     MAX_K,
     MAX_QUERY_CHARS,
+    TEXT_WEIGHT_HELP,
     ErrorResponse,
     QueryText,
+    SearchFilterFields,
     SearchHit,
     SearchResponse,
     TextSearchRequest,
 )
 from duomodal.serve.protocols import Hit
 from duomodal.serve.state import ServerState, server_state
+from duomodal.serve.words import filtered_text_search, has_words, hybrid_text_search, match_of, search_filters
 
 # 503: the index's vector store (a Milvus server) did not answer
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 422, 503)}
@@ -85,10 +89,22 @@ QueryString = Annotated[
 
 # The text routes are `async`: they only parse and wait for the batcher (batching.py), so they
 # need no worker thread of their own.
-async def text_search(state: ServerState, query: str, k: int) -> SearchResponse:
+async def text_search(state: ServerState, query: str, k: int, text_weight: float = DEFAULT_TEXT_WEIGHT,
+                      fields: SearchFilterFields | None = None) -> SearchResponse:
     start = time.perf_counter()
+    index = state.current_index()
+    filters = search_filters(fields)
     try:
-        hits = await state.search_text(state.current_index(), query, k)
+        if text_weight > 0 and has_words(index):
+            found = await hybrid_text_search(state, index, query, k, text_weight, filters)
+            results = [h.model_copy(update={"words": f.text, "match": match_of(f)})
+                       for h, f in zip(_hits([f.hit for f in found]), found)]
+            took_ms = (time.perf_counter() - start) * 1000
+            return SearchResponse(kind="text", query=query, took_ms=took_ms, results=results)
+        if filters.active:
+            hits = await filtered_text_search(state, index, query, k, filters)
+        else:
+            hits = await state.search_text(index, query, k)
     except CancelledQueryError as e:  # valid syntax, only the embedding shows it: an answer, not an error
         took_ms = (time.perf_counter() - start) * 1000
         return SearchResponse(kind="text", query=query, took_ms=took_ms, results=[], note=str(e))
@@ -97,15 +113,21 @@ async def text_search(state: ServerState, query: str, k: int) -> SearchResponse:
 
 
 @router.get("/search", response_model=SearchResponse, responses=ERRORS)
-async def search_get(q: QueryString, state: State, k: K = 24) -> SearchResponse:
+async def search_get(
+    q: QueryString,
+    state: State,
+    k: K = 24,
+    text_weight: Annotated[float, Query(ge=0, le=MAX_TEXT_WEIGHT, description=TEXT_WEIGHT_HELP)] = DEFAULT_TEXT_WEIGHT,
+    filters: Annotated[SearchFilterFields, Query()] = None,
+) -> SearchResponse:
     """Search by text (query string form, for links and quick tests)."""
-    return await text_search(state, q, k)
+    return await text_search(state, q, k, text_weight, filters)
 
 
 @router.post("/search", response_model=SearchResponse, responses=ERRORS)
 async def search_post(request: TextSearchRequest, state: State) -> SearchResponse:
     """Search by text."""
-    return await text_search(state, request.query, request.k)
+    return await text_search(state, request.query, request.k, request.text_weight, request)
 
 
 @router.post("/search/image", response_model=SearchResponse, responses=ERRORS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -22,6 +23,8 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
 from duomodal.models.sampling import SAMPLING, SEED, SamplingOptions, Setting, sampling_settings
+from duomodal.search.filters import FORMAT_NAMES, SIZE_PATTERN, SORTS
+from duomodal.search.hybrid import DEFAULT_TEXT_WEIGHT, MAX_TEXT_WEIGHT
 from duomodal.search.query import QUERY_PATTERN, SPACE_CHARS, QueryError, parse_query
 
 MAX_K = 200  # most results one search may ask for
@@ -106,7 +109,33 @@ class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong with the request and what to do instead")
 
 
-class TextSearchRequest(BaseModel):
+TEXT_WEIGHT_HELP = (
+    "in an index with words (--ocr): the weight of the words' ranking against CLIP's (0: pictures only)"
+)
+
+
+class SearchFilterFields(BaseModel):
+    """Filters and a cut-off on text search (duomodal.search.filters; the CLI's options of the same names).
+    Extra fields are allowed here: GET /api/search reads these beside q, k and text_weight."""
+
+    folder: str | None = Field(default=None, max_length=1000, description="only images under this folder of the index")
+    after: datetime | date | None = Field(default=None, description="only files modified at or after this "
+                                          "date or date-time (local time on the server unless it says otherwise)")
+    before: datetime | date | None = Field(default=None, description="only files modified before this")
+    min_size: str | None = Field(default=None, max_length=40, pattern=SIZE_PATTERN,
+                                 description="only files of at least this size: bytes, or 250k, 2M, 1.5G")
+    max_size: str | None = Field(default=None, max_length=40, pattern=SIZE_PATTERN,
+                                 description="only files of at most this size")
+    format: list[Literal[FORMAT_NAMES]] = Field(default_factory=list, max_length=16,
+                                                description="only these formats")
+    # (the bounds sit on the number itself, so the schema states them as minimum/maximum; not json_number:
+    # GET /api/search reads these from the query string)
+    min_score: Annotated[float, Field(ge=-1, le=1)] | None = Field(
+        default=None, description="only results whose CLIP score is at least this")
+    sort: Literal[SORTS] = Field(default="score", description="score (best first) or date (newest first)")
+
+
+class TextSearchRequest(SearchFilterFields):
     model_config = ConfigDict(extra="forbid")
 
     query: Annotated[str, QueryText] = Field(
@@ -116,6 +145,18 @@ class TextSearchRequest(BaseModel):
         examples=["a red heart icon"],
     )
     k: json_number(int, ge=1, le=MAX_K) = Field(default=24, description="number of results")  # type: ignore[valid-type]
+    text_weight: json_number(float, ge=0, le=MAX_TEXT_WEIGHT) = Field(  # type: ignore[valid-type]
+        default=DEFAULT_TEXT_WEIGHT, description=TEXT_WEIGHT_HELP)
+
+
+class SearchMatch(BaseModel):
+    """Why an image matched a text query in an index with words (built with --ocr)."""
+
+    fused: float = Field(description="the reciprocal-rank-fusion score the results are ordered by")
+    clip_rank: int = Field(description="the image's rank by CLIP similarity among the candidates")
+    text_rank: int | None = Field(description="its rank by the words (BM25), null when its words do not match")
+    matched_words: list[str] = Field(description="the query's words found in the image")
+    why: str = Field(description="the same in words")
 
 
 class SearchHit(BaseModel):
@@ -127,6 +168,8 @@ class SearchHit(BaseModel):
     caption: str | None = None
     image_url: str
     thumb_url: str
+    words: str | None = Field(default=None, description="the words read in the image (an index built with --ocr)")
+    match: SearchMatch | None = Field(default=None, description="why it matched a text query (with --ocr)")
 
 
 class SearchResponse(BaseModel):

@@ -229,6 +229,11 @@ class ServerState:
         vector = self.query_vectors.get(_cache_key(terms))
         return await self.text_batcher.search_async(index, terms, k, vector)
 
+    @staticmethod
+    def cache_key(terms: list[tuple[float, str]]) -> str:
+        """The key of a query's vector in `query_vectors`."""
+        return _cache_key(terms)
+
     def _remember_vector(self, terms: list[tuple[float, str]], vector: np.ndarray) -> None:
         self.query_vectors.put(_cache_key(terms), vector)
 

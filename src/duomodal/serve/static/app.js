@@ -55,6 +55,23 @@ function selectTab(name) {
 
 // --- search ----------------------------------------------------------------------------------
 
+// In an index with words (--ocr): the words read in the image, the query's words among them in
+// bold, and why it matched; the full words and reason in the tooltip.
+function matchLine(hit) {
+  const line = document.createElement("p");
+  line.className = "match";
+  const found = new Set(hit.match.matched_words);
+  for (const word of (hit.words || "").split(/\s+/).filter(Boolean)) {
+    const plain = word.toLowerCase().replace(/[^\p{L}\p{N}]/gu, "");
+    const part = document.createElement([...found].some((w) => plain.includes(w)) ? "strong" : "span");
+    part.textContent = word + " ";
+    line.append(part);
+  }
+  if (!hit.words) line.textContent = "no words";
+  line.title = `${hit.match.why}\nwords: ${hit.words || "(none)"}`;
+  return line;
+}
+
 function resultCard(hit) {
   const figure = document.createElement("figure");
   figure.className = "card";
@@ -76,6 +93,7 @@ function resultCard(hit) {
   score.textContent = hit.score.toFixed(3);
   caption.append(name, score);
   figure.append(img, caption);
+  if (hit.match) figure.append(matchLine(hit));
   if (health && health.generation) {
     const tools = document.createElement("div");
     tools.className = "card-tools";
@@ -118,6 +136,18 @@ async function runSearch(describe, request) {
   }
 }
 
+// The filter fields of the search form, as /api/search reads them (empty ones left out).
+function searchFilters() {
+  const filters = {};
+  const text = { folder: "filter-folder", after: "filter-after", before: "filter-before",
+                 min_size: "filter-min-size", max_size: "filter-max-size" };
+  for (const [name, id] of Object.entries(text)) if ($(id).value.trim()) filters[name] = $(id).value.trim();
+  if ($("filter-format").value) filters.format = [$("filter-format").value];
+  if ($("filter-min-score").value !== "") filters.min_score = Number($("filter-min-score").value);
+  if ($("filter-sort").value !== "score") filters.sort = $("filter-sort").value;
+  return filters;
+}
+
 function searchText(query) {
   const k = Number($("k").value);
   showQueryCard(null);
@@ -125,7 +155,7 @@ function searchText(query) {
   return runSearch(`“${query}”`, () => fetchJSON("/api/search", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ query, k }),
+    body: JSON.stringify({ query, k, ...searchFilters() }),
   }));
 }
 
