@@ -149,11 +149,14 @@ def free_port() -> int:
 
 
 def start_server(
-    index_dir: Path, clip_dir: Path, port: int, device: str, log: Path, max_decodes: int = 2
+    index_dir: Path, clip_dir: Path, port: int, device: str, log: Path, max_decodes: int = 2,
+    extra: tuple[str, ...] = (),
 ) -> subprocess.Popen:
+    """`duomodal serve` (with `extra` flags) in a process of its own, once it answers /health."""
     command = [
         sys.executable, "-m", "duomodal", "serve", "--index", str(index_dir), "--clip", str(clip_dir),
         "--host", "127.0.0.1", "--port", str(port), "--device", device, "--max-decodes", str(max_decodes),
+        *extra,
     ]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300

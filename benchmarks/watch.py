@@ -14,36 +14,13 @@ from __future__ import annotations
 import argparse
 import http.client
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from serve_load import Results, free_port, percentile, request_paths, stop_server
+from serve_load import Results, free_port, percentile, request_paths, start_server, stop_server
 from this_machine import print_header
-
-
-def start_watching_server(index_dir: Path, clip_dir: str, port: int, interval: float, settle: float,
-                          log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "duomodal", "serve", "--index", str(index_dir), "--clip", clip_dir,
-               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--watch",
-               "--interval", str(interval), "--settle", str(settle)]
-    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode}; see {log}")
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/health")
-            if connection.getresponse().status == 200:
-                return process
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise SystemExit(f"the server did not answer /health within 300 s; see {log}")
 
 
 def client(port: int, paths, stop: threading.Event, results: Results) -> None:
@@ -99,7 +76,8 @@ def main() -> None:
     build_index(work / "folder", work / "index", load_clip(args.clip, device="cpu"), clip_path=args.clip,
                 progress=False)
     port = free_port()
-    server = start_watching_server(work / "index", args.clip, port, args.interval, args.settle, work / "server.log")
+    server = start_server(work / "index", Path(args.clip), port, "cpu", work / "server.log",
+                          extra=("--watch", "--interval", str(args.interval), "--settle", str(args.settle)))
     results = Results()
     stop = threading.Event()
     paths = request_paths("text", 10, args.images)
